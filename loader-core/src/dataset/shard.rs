@@ -1,0 +1,165 @@
+//! Random access to the records of one shard.
+
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use super::Dataset;
+use crate::crypto::aead::Backend;
+use crate::crypto::chunked::{ChunkBuf, Payload, CHUNK_LEN};
+use crate::error::{Error, IntegrityKind, Result, ShardRef};
+use crate::format::index::{self, RecordIndex, PROLOGUE_LEN};
+use crate::format::ShardHeader;
+use crate::keys::Dek;
+use crate::memory::{map_file, Mapped};
+
+/// An opened shard: memory-mapped ciphertext, the payload key, and the authenticated
+/// record index. Reading a field decrypts only the chunks that cover it.
+pub struct ShardReader {
+    payload: Payload<Mapped>,
+    index: RecordIndex,
+    at: ShardRef,
+    scratch: ChunkBuf,
+    failed: Option<(IntegrityKind, Option<u64>)>,
+}
+
+impl ShardReader {
+    pub(super) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
+        let entry = ds.shard_entry(shard)?;
+        let at = ds.shard_ref(shard);
+        let path = ds.dir().join(&entry.file);
+        let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
+        let map = match map_file(&path) {
+            Ok(m) => m,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fail(IntegrityKind::MissingShard))
+            }
+            Err(e) => return Err(e),
+        };
+        if map.len() as u64 != entry.file_bytes {
+            return Err(fail(IntegrityKind::SizeMismatch));
+        }
+        let (header, header_len) = ShardHeader::decode(&map, &path).map_err(|_| fail(IntegrityKind::HeaderMismatch))?;
+        let expected = expected_header(ds, shard)?;
+        if header != expected {
+            return Err(fail(IntegrityKind::HeaderMismatch));
+        }
+        let context = map[..header_len].to_vec();
+        let payload =
+            Payload::open(backend, dek.expose(), &context, map, header_len).map_err(|e| e.at_shard(&at))?;
+        if payload.plaintext_len() != header.plaintext_len {
+            return Err(fail(IntegrityKind::Truncated));
+        }
+        payload.authenticate_length().map_err(|e| e.at_shard(&at))?;
+        let mut scratch = ChunkBuf::new();
+        let index = read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut *scratch)
+            .map_err(|e| e.at_shard(&at))?;
+        Ok(Self { payload, index, at, scratch, failed: None })
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> u64 {
+        self.index.len()
+    }
+
+    /// True if the shard holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The authenticated record index.
+    pub fn index(&self) -> &RecordIndex {
+        &self.index
+    }
+
+    /// Where this shard is, for errors.
+    pub fn shard_ref(&self) -> &ShardRef {
+        &self.at
+    }
+
+    /// Byte length of field `field` of record `record`.
+    pub fn field_len(&self, record: u64, field: usize) -> u64 {
+        let (a, b) = self.index.field_range(record, field);
+        b - a
+    }
+
+    /// Decrypts field `field` of record `record` into `out` (whose length must be
+    /// [`ShardReader::field_len`]). After an integrity failure the shard keeps failing.
+    pub fn read_field(&mut self, record: u64, field: usize, out: &mut [u8]) -> Result<()> {
+        if record >= self.index.len() {
+            return Err(Error::InvalidArgument(format!("{}: record {record} of {}", self.at, self.index.len())));
+        }
+        let (a, b) = self.index.field_range(record, field);
+        if out.len() as u64 != b - a {
+            return Err(Error::InvalidArgument(format!("output of {} bytes for a field of {}", out.len(), b - a)));
+        }
+        self.read_at(a, out)
+    }
+
+    /// Decrypts plaintext bytes at `offset` into `out` (chunks authenticated first).
+    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
+        if let Some((kind, chunk)) = self.failed {
+            return Err(Error::Integrity { shard: self.at.clone(), chunk, kind });
+        }
+        self.payload.read_at(offset, out, &mut *self.scratch).map_err(|e| {
+            if let Error::Integrity { kind, chunk, .. } = &e {
+                self.failed = Some((*kind, *chunk));
+            }
+            e.at_shard(&self.at)
+        })
+    }
+
+    /// Decrypts every field of record `record`.
+    pub fn read_record(&mut self, record: u64) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        (0..self.index.fields())
+            .map(|f| {
+                let mut v = Zeroizing::new(vec![0u8; self.field_len(record, f) as usize]);
+                self.read_field(record, f, &mut v)?;
+                Ok(v)
+            })
+            .collect()
+    }
+}
+
+/// The header the signed manifest says shard `shard` must carry.
+pub(super) fn expected_header(ds: &Dataset, shard: u32) -> Result<ShardHeader> {
+    let m = ds.manifest();
+    let e = ds.shard_entry(shard)?;
+    let at = ds.shard_ref(shard);
+    let bad = || Error::Integrity { shard: at.clone(), chunk: None, kind: IntegrityKind::HeaderMismatch };
+    let mut shard_id = [0u8; 16];
+    hex::decode_to_slice(&e.id, &mut shard_id).map_err(|_| bad())?;
+    let mut schema_digest = [0u8; 32];
+    hex::decode_to_slice(&m.schema_digest, &mut schema_digest).map_err(|_| bad())?;
+    Ok(ShardHeader {
+        dataset_id: m.dataset_id.clone(),
+        shard_index: shard,
+        shard_id,
+        schema_digest,
+        record_count: e.records,
+        plaintext_len: e.plaintext_bytes,
+    })
+}
+
+/// Decrypts and validates the record index; an inconsistent authenticated index is an
+/// integrity failure (only a buggy or malicious packer holding the DEK can cause it).
+pub(super) fn read_index<B: AsRef<[u8]>>(
+    payload: &Payload<B>,
+    schema: &crate::format::Schema,
+    records: u64,
+    path: &Path,
+    scratch: &mut [u8; CHUNK_LEN],
+) -> Result<RecordIndex> {
+    let corrupt = || Error::integrity(IntegrityKind::IndexCorrupt, None);
+    let len = index::index_len(records, schema.fields.len()).ok_or_else(corrupt)?;
+    if len > payload.plaintext_len() {
+        return Err(corrupt());
+    }
+    let mut bytes = Zeroizing::new(vec![0u8; len as usize]);
+    payload.read_at(0, &mut bytes, scratch)?;
+    let (n, _) = RecordIndex::parse_prologue(&bytes[..PROLOGUE_LEN], path)?;
+    if n != records {
+        return Err(corrupt());
+    }
+    RecordIndex::parse(&bytes, schema, payload.plaintext_len(), path).map_err(|_| corrupt())
+}

@@ -1,0 +1,225 @@
+//! The one error type of the crate.
+//!
+//! Every variant says what happened and where (file, dataset, shard, chunk, rule) and,
+//! where there is one, what to do. Decryption failures are deliberately opaque about
+//! *why* a tag did not verify (no oracle), but they always name *where*.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which shard an error concerns. Filled in as the error travels up from the
+/// primitive that detected it to the code that knows the dataset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardRef {
+    /// Dataset id from the manifest, when known.
+    pub dataset: Option<String>,
+    /// Shard index within the dataset, when known.
+    pub index: Option<u32>,
+    /// Shard file, when known.
+    pub file: Option<PathBuf>,
+}
+
+impl fmt::Display for ShardRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(d) = &self.dataset {
+            parts.push(format!("dataset {d:?}"));
+        }
+        if let Some(i) = self.index {
+            parts.push(format!("shard {i}"));
+        }
+        if let Some(p) = &self.file {
+            parts.push(format!("file {}", p.display()));
+        }
+        if parts.is_empty() {
+            f.write_str("payload")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// What kind of integrity failure was detected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IntegrityKind {
+    /// The shard header differs from what the signed manifest says (edited header,
+    /// shard moved to another dataset or position, or substituted by another shard).
+    HeaderMismatch,
+    /// The key commitment did not match: wrong key, wrong context (header) or a
+    /// modified salt/commitment. Detected before any chunk is decrypted.
+    Commitment,
+    /// The ciphertext length is not a valid Cobblestone length, or a chunk is missing.
+    Truncated,
+    /// Bytes follow the final chunk.
+    TrailingData,
+    /// A chunk failed authentication (modified, reordered, moved from elsewhere).
+    ChunkAuth,
+    /// The file size differs from the manifest.
+    SizeMismatch,
+    /// The SHA-256 of the shard file differs from the manifest.
+    DigestMismatch,
+    /// A shard listed in the manifest is missing.
+    MissingShard,
+    /// A shard file in the directory is not listed in the manifest.
+    ExtraShard,
+    /// The authenticated record index is inconsistent with the manifest or schema.
+    IndexCorrupt,
+}
+
+impl fmt::Display for IntegrityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HeaderMismatch => "shard header does not match the signed manifest",
+            Self::Commitment => "key commitment check failed (wrong key, or header/salt/commitment modified)",
+            Self::Truncated => "ciphertext truncated or of invalid length",
+            Self::TrailingData => "unexpected data after the final chunk",
+            Self::ChunkAuth => "chunk failed authentication (modified, reordered or moved)",
+            Self::SizeMismatch => "file size differs from the signed manifest",
+            Self::DigestMismatch => "SHA-256 of the shard differs from the signed manifest",
+            Self::MissingShard => "shard listed in the manifest is missing",
+            Self::ExtraShard => "shard file is not listed in the signed manifest",
+            Self::IndexCorrupt => "authenticated record index is inconsistent",
+        })
+    }
+}
+
+/// Everything that can go wrong in shardlock.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error on a named file.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("read", "write", "create", ...).
+        op: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file that is not what it claims to be: a malformed header, manifest, keyring,
+    /// key file or index. Nothing was decrypted from it.
+    #[error("malformed {what} in {path}: {detail}")]
+    Format {
+        /// Which structure ("shard header", "manifest", "keyring", ...).
+        what: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// What exactly is wrong.
+        detail: String,
+    },
+
+    /// Authentication of shard data failed. No plaintext from the failing chunk (or
+    /// any later one) is released, and the shard keeps failing if read again.
+    #[error("integrity failure in {shard}{}: {kind}", chunk.map(|c| format!(", chunk {c}")).unwrap_or_default())]
+    Integrity {
+        /// Where.
+        shard: ShardRef,
+        /// Which chunk, when the failure is tied to one.
+        chunk: Option<u64>,
+        /// What kind of failure.
+        kind: IntegrityKind,
+    },
+
+    /// The manifest signature does not verify under the trusted issuer key.
+    #[error("manifest {path}: {detail}; the dataset was not signed by the trusted issuer key or was modified after signing")]
+    ManifestSignature {
+        /// The manifest file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+
+    /// A key could not be found or used (missing KEK id, wrapped DEK that does not
+    /// unwrap under the KEK, unusable key provider).
+    #[error("key unavailable ({key_id}): {detail}")]
+    KeyUnavailable {
+        /// The key id concerned.
+        key_id: String,
+        /// What failed and what to do.
+        detail: String,
+    },
+
+    /// A secret file whose permissions let other users read it.
+    #[error("{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` and consider the key exposed")]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+
+    /// Bad input to `pack`: a `.npy` of the wrong shape, an unsupported dtype, empty input...
+    #[error("input {path}: {detail}")]
+    Input {
+        /// The input file or directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+
+    /// A sample does not fit the dataset schema.
+    #[error("sample {sample}: {detail}")]
+    Schema {
+        /// Index of the offending sample in write order.
+        sample: u64,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// The output already holds a dataset.
+    #[error("{path} already holds a dataset (manifest.json); pass --force (or `force`) to replace it")]
+    AlreadyExists {
+        /// The output directory.
+        path: PathBuf,
+    },
+
+    /// A caller error: an argument out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// An invariant of a cryptographic library was violated (should not happen).
+    #[error("cryptographic library error: {0}")]
+    Crypto(&'static str),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    pub(crate) fn integrity(kind: IntegrityKind, chunk: Option<u64>) -> Self {
+        Error::Integrity { shard: ShardRef::default(), chunk, kind }
+    }
+
+    /// Attaches shard coordinates to an integrity error that lacks them.
+    pub(crate) fn at_shard(mut self, at: &ShardRef) -> Self {
+        if let Error::Integrity { shard, .. } = &mut self {
+            if shard.dataset.is_none() {
+                shard.dataset.clone_from(&at.dataset);
+            }
+            if shard.index.is_none() {
+                shard.index = at.index;
+            }
+            if shard.file.is_none() {
+                shard.file.clone_from(&at.file);
+            }
+        }
+        self
+    }
+
+    /// The integrity kind, when this is an integrity error.
+    pub fn integrity_kind(&self) -> Option<IntegrityKind> {
+        match self {
+            Error::Integrity { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}

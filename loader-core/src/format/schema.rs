@@ -1,0 +1,172 @@
+//! Dataset schema: named fields, each a fixed dtype + shape or variable-length bytes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Element type of a fixed-shape field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum DType {
+    U8,
+    I8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F16,
+    Bf16,
+    F32,
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 | DType::I8 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::Bf16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::I64 | DType::U64 | DType::F64 => 8,
+        }
+    }
+
+    /// The lowercase name used in schemas ("u8", "bf16", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "u8",
+            DType::I8 => "i8",
+            DType::I16 => "i16",
+            DType::U16 => "u16",
+            DType::I32 => "i32",
+            DType::U32 => "u32",
+            DType::I64 => "i64",
+            DType::U64 => "u64",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        }
+    }
+
+    /// Parses a name as printed by [`DType::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+/// What a field holds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum FieldKind {
+    /// A tensor of fixed dtype and shape (an empty shape is a scalar).
+    Tensor {
+        /// Element type.
+        dtype: DType,
+        /// Shape of one sample's value.
+        shape: Vec<u64>,
+    },
+    /// Variable-length bytes.
+    Bytes,
+}
+
+/// A named field.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Field {
+    /// Field name (1..=128 bytes of `[A-Za-z0-9_.-]`).
+    pub name: String,
+    /// What it holds.
+    #[serde(flatten)]
+    pub kind: FieldKind,
+}
+
+impl Field {
+    /// A fixed-shape tensor field.
+    pub fn tensor(name: impl Into<String>, dtype: DType, shape: &[u64]) -> Self {
+        Self { name: name.into(), kind: FieldKind::Tensor { dtype, shape: shape.to_vec() } }
+    }
+
+    /// A variable-length bytes field.
+    pub fn bytes(name: impl Into<String>) -> Self {
+        Self { name: name.into(), kind: FieldKind::Bytes }
+    }
+
+    /// Byte length of one value, for fixed fields; `None` for bytes.
+    pub fn fixed_len(&self) -> Option<u64> {
+        match &self.kind {
+            FieldKind::Tensor { dtype, shape } => {
+                shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d)).or(Some(u64::MAX))
+            }
+            FieldKind::Bytes => None,
+        }
+    }
+}
+
+/// The fields of every sample of a dataset, in record order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Schema {
+    /// Fields, in the order they are stored in each record.
+    pub fields: Vec<Field>,
+}
+
+/// Upper bound on one fixed field value, to reject absurd schemas early.
+const MAX_FIXED_LEN: u64 = 1 << 40;
+
+impl Schema {
+    /// Builds and validates a schema.
+    pub fn new(fields: Vec<Field>) -> Result<Self> {
+        let s = Self { fields };
+        s.validate().map_err(|detail| Error::InvalidArgument(format!("schema: {detail}")))?;
+        Ok(s)
+    }
+
+    /// Checks names (non-empty, unique, portable) and sizes.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.fields.is_empty() {
+            return Err("a schema needs at least one field".into());
+        }
+        if self.fields.len() > 1024 {
+            return Err(format!("{} fields (at most 1024)", self.fields.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.fields {
+            let ok = !f.name.is_empty()
+                && f.name.len() <= 128
+                && f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !ok {
+                return Err(format!("field name {:?} must be 1-128 characters of [A-Za-z0-9_.-]", f.name));
+            }
+            if !seen.insert(&f.name) {
+                return Err(format!("duplicate field name {:?}", f.name));
+            }
+            if let FieldKind::Tensor { shape, .. } = &f.kind {
+                if shape.len() > 16 {
+                    return Err(format!("field {:?}: {} dimensions (at most 16)", f.name, shape.len()));
+                }
+                if f.fixed_len().is_none_or(|n| n > MAX_FIXED_LEN) {
+                    return Err(format!("field {:?}: one value would exceed 1 TiB", f.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Canonical encoding: compact JSON of this struct, field order as declared.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serialising plain structs, enums, strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// SHA-256 of [`Schema::canonical_bytes`]; bound into every shard header.
+    pub fn digest(&self) -> [u8; 32] {
+        crate::crypto::sha256(&self.canonical_bytes())
+    }
+
+    /// Position of a field by name.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|f| f.name == name)
+    }
+}

@@ -1,0 +1,254 @@
+//! Secret types and key custody.
+//!
+//! - [`Kek`], [`Dek`], [`IssuerKey`]: secrets that zeroize on drop, print no bytes and
+//!   cannot be cloned.
+//! - [`Keyring`]: the embedded default custody, a 0600 JSON file of KEKs.
+//! - [`KeyProvider`]: where a DEK is wrapped and unwrapped (keyring now, HSM later).
+
+mod files;
+mod keyring;
+
+pub use files::{read_secret_file, write_new_file};
+pub(crate) use files::write_atomic;
+pub use keyring::Keyring;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto;
+use crate::error::{Error, Result};
+
+/// A 32-byte data-encryption key: the Cobblestone input key of one shard.
+pub struct Dek(Zeroizing<[u8; 32]>);
+
+impl Dek {
+    /// A fresh random DEK.
+    pub fn generate() -> Result<Self> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        crypto::random_bytes(&mut k[..])?;
+        Ok(Self(k))
+    }
+
+    pub(crate) fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(Self(Zeroizing::new(arr)))
+    }
+
+    /// The key bytes, for the Cobblestone layer.
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dek(<redacted>)")
+    }
+}
+
+/// A 256-bit key-encryption key with its id.
+pub struct Kek {
+    id: String,
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl Kek {
+    /// A fresh random KEK with a random id `kek-<16 hex>`.
+    pub fn generate() -> Result<Self> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        crypto::random_bytes(&mut key[..])?;
+        let mut id = [0u8; 8];
+        crypto::random_bytes(&mut id)?;
+        Ok(Self { id: format!("kek-{}", hex::encode(id)), key })
+    }
+
+    /// The KEK's id (not secret).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Wraps a DEK with AES-KWP (RFC 5649).
+    pub fn wrap(&self, dek: &Dek) -> Result<Vec<u8>> {
+        crypto::kwp::wrap(&self.key[..], dek.expose())
+    }
+
+    /// Unwraps a DEK; a wrapped key that fails the KWP integrity check or is not 32
+    /// bytes is a [`Error::KeyUnavailable`] naming this KEK.
+    pub fn unwrap(&self, wrapped: &[u8]) -> Result<Dek> {
+        let fail = || Error::KeyUnavailable {
+            key_id: self.id.clone(),
+            detail: "the wrapped DEK does not unwrap under this KEK (wrong keyring, or the manifest's wrapped key was altered)".into(),
+        };
+        let raw = crypto::kwp::unwrap(&self.key[..], wrapped)?.ok_or_else(fail)?;
+        Dek::from_slice(&raw).ok_or_else(fail)
+    }
+}
+
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kek({}, <redacted>)", self.id)
+    }
+}
+
+/// Where DEKs are wrapped and unwrapped. The keyring file is the embedded default.
+pub trait KeyProvider: Send + Sync {
+    /// A human-readable name for errors and the audit log ("keyring /path", "pkcs11 ...").
+    fn describe(&self) -> String;
+    /// Id of the KEK new DEKs are wrapped under.
+    fn active_kek_id(&self) -> &str;
+    /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
+    fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
+    /// Unwraps a DEK wrapped under KEK `kek_id`.
+    fn unwrap_dek(&self, kek_id: &str, wrapped: &[u8]) -> Result<Dek>;
+}
+
+/// The data owner's Ed25519 signing key (signs manifests; roots tokens).
+pub struct IssuerKey {
+    seed: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuerFile {
+    format: String,
+    alg: String,
+    secret: String,
+}
+
+/// File format tag of issuer secret key files.
+const ISSUER_FORMAT: &str = "shardlock-issuer/1";
+/// File format tag of issuer public key files.
+const TRUST_FORMAT: &str = "shardlock-issuer-pub/1";
+
+impl IssuerKey {
+    /// A fresh random issuer key.
+    pub fn generate() -> Result<Self> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        crypto::random_bytes(&mut seed[..])?;
+        let public = crypto::sign::public_key(&seed)?;
+        Ok(Self { seed, public })
+    }
+
+    /// Loads a secret key file written by [`IssuerKey::save`] (must be 0600).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = read_secret_file(path)?;
+        let bad = |detail: &str| Error::Format { what: "issuer key file", path: path.to_owned(), detail: detail.into() };
+        let mut f: IssuerFile = serde_json::from_slice(&text).map_err(|_| bad("not an issuer key file (JSON with format, alg, secret)"))?;
+        let secret = Zeroizing::new(std::mem::take(&mut f.secret));
+        if f.format != ISSUER_FORMAT || f.alg != "ed25519" {
+            return Err(bad("unknown format or algorithm"));
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(secret.as_bytes(), &mut seed[..]).map_err(|_| bad("secret is not 64 hex digits"))?;
+        let public = crypto::sign::public_key(&seed)?;
+        Ok(Self { seed, public })
+    }
+
+    /// Writes the secret key to `path` (0600, refusing to overwrite) and the public
+    /// key to `path.pub`.
+    pub fn save(&self, path: &Path) -> Result<std::path::PathBuf> {
+        let secret = Zeroizing::new(hex::encode(&self.seed[..]));
+        let body = Zeroizing::new(format!(
+            "{{\"format\":\"{ISSUER_FORMAT}\",\"alg\":\"ed25519\",\"secret\":\"{}\"}}\n",
+            secret.as_str()
+        ));
+        write_new_file(path, body.as_bytes(), 0o600)?;
+        let mut pub_path = path.as_os_str().to_owned();
+        pub_path.push(".pub");
+        let pub_path = std::path::PathBuf::from(pub_path);
+        write_new_file(&pub_path, &self.trust_anchor().to_file_bytes(), 0o644)?;
+        Ok(pub_path)
+    }
+
+    /// The matching public trust anchor.
+    pub fn trust_anchor(&self) -> TrustAnchor {
+        TrustAnchor { public: self.public }
+    }
+
+    /// Signs `msg`.
+    pub fn sign(&self, msg: &[u8]) -> Result<[u8; 64]> {
+        crypto::sign::sign(&self.seed, msg)
+    }
+
+    /// The raw 32-byte seed, for token libraries rooted in the same key.
+    #[allow(dead_code)]
+    pub(crate) fn seed(&self) -> &[u8; 32] {
+        &self.seed
+    }
+}
+
+impl fmt::Debug for IssuerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IssuerKey({}, <redacted>)", self.trust_anchor().key_id())
+    }
+}
+
+/// The issuer's public key: the trust anchor every reader is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustAnchor {
+    public: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFile {
+    format: String,
+    alg: String,
+    public: String,
+    key_id: String,
+}
+
+impl TrustAnchor {
+    /// From raw public key bytes.
+    pub fn from_bytes(public: [u8; 32]) -> Self {
+        Self { public }
+    }
+
+    /// The raw public key.
+    pub fn public_bytes(&self) -> &[u8; 32] {
+        &self.public
+    }
+
+    /// Short id: hex of the first 8 bytes of SHA-256(public key).
+    pub fn key_id(&self) -> String {
+        hex::encode(&crypto::sha256(&self.public)[..8])
+    }
+
+    /// Verifies an Ed25519 signature.
+    pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        crypto::sign::verify(&self.public, msg, sig)
+    }
+
+    fn to_file_bytes(self) -> Vec<u8> {
+        let f = TrustFile {
+            format: TRUST_FORMAT.into(),
+            alg: "ed25519".into(),
+            public: hex::encode(self.public),
+            key_id: self.key_id(),
+        };
+        let mut v = serde_json::to_vec_pretty(&f).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Loads a `.pub` file written by `shardlock keygen issuer`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(Error::io("read trust anchor", path))?;
+        let bad = |detail: &str| Error::Format { what: "issuer public key file", path: path.to_owned(), detail: detail.into() };
+        let f: TrustFile = serde_json::from_slice(&bytes).map_err(|_| bad("not an issuer public key file"))?;
+        if f.format != TRUST_FORMAT || f.alg != "ed25519" {
+            return Err(bad("unknown format or algorithm"));
+        }
+        let mut public = [0u8; 32];
+        hex::decode_to_slice(&f.public, &mut public).map_err(|_| bad("public key is not 64 hex digits"))?;
+        let t = Self { public };
+        if t.key_id() != f.key_id {
+            return Err(bad("key_id does not match the public key"));
+        }
+        Ok(t)
+    }
+}

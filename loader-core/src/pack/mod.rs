@@ -1,0 +1,246 @@
+//! Packing: samples -> records -> index -> Cobblestone-256 payload per shard, DEKs
+//! wrapped by the key provider, manifest signed by the issuer key.
+
+mod inputs;
+mod npy;
+
+pub use inputs::{pack_paths, InputSource};
+pub use npy::NpyArray;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::crypto::aead::Backend;
+use crate::crypto::chunked::Encryptor;
+use crate::crypto::{self, Sha256};
+use crate::error::{Error, Result};
+use crate::format::header::validate_dataset_id;
+use crate::format::manifest::{Manifest, ShardEntry, FILE_NAME};
+use crate::format::{index, Schema, ShardHeader};
+use crate::keys::{Dek, IssuerKey, KeyProvider};
+
+/// Default shard plaintext size: 256 MiB.
+pub const DEFAULT_SHARD_SIZE: u64 = 256 << 20;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Options of a [`DatasetWriter`].
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// Dataset id, bound into every shard header.
+    pub dataset_id: String,
+    /// Target plaintext bytes per shard (a shard always holds at least one record).
+    pub shard_size: u64,
+    /// Replace a dataset already in the output directory.
+    pub force: bool,
+    /// AEAD backend.
+    pub backend: Backend,
+}
+
+impl PackOptions {
+    /// Options with defaults for `dataset_id`.
+    pub fn new(dataset_id: impl Into<String>) -> Self {
+        Self { dataset_id: dataset_id.into(), shard_size: DEFAULT_SHARD_SIZE, force: false, backend: Backend::default() }
+    }
+}
+
+/// Writes a dataset: call [`DatasetWriter::write_sample`] per sample, then
+/// [`DatasetWriter::finish`]. Until `finish` writes the signed manifest, the output
+/// does not read as a dataset.
+pub struct DatasetWriter<'a> {
+    dir: PathBuf,
+    opts: PackOptions,
+    schema: Schema,
+    keys: &'a dyn KeyProvider,
+    issuer: &'a IssuerKey,
+    fixed: Vec<Option<u64>>,
+    field_lens: Vec<u64>,
+    data: Zeroizing<Vec<u8>>,
+    shards: Vec<ShardEntry>,
+    samples: u64,
+    bytes_in: u64,
+}
+
+impl<'a> DatasetWriter<'a> {
+    /// Prepares `dir` (created if missing). Refuses a directory that already holds a
+    /// dataset unless `opts.force`, in which case the old manifest is removed first so
+    /// that a half-replaced dataset never reads as complete.
+    pub fn create(dir: &Path, schema: Schema, opts: PackOptions, keys: &'a dyn KeyProvider, issuer: &'a IssuerKey) -> Result<Self> {
+        validate_dataset_id(&opts.dataset_id).map_err(Error::InvalidArgument)?;
+        schema.validate().map_err(|e| Error::InvalidArgument(format!("schema: {e}")))?;
+        if opts.shard_size == 0 {
+            return Err(Error::InvalidArgument("shard size must be > 0".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        let manifest = dir.join(FILE_NAME);
+        if manifest.exists() {
+            if !opts.force {
+                return Err(Error::AlreadyExists { path: dir.to_owned() });
+            }
+            std::fs::remove_file(&manifest).map_err(Error::io("remove", &manifest))?;
+        }
+        if opts.force {
+            for e in std::fs::read_dir(dir).map_err(Error::io("list", dir))?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".slk") || name.ends_with(".slk.partial") {
+                    let p = e.path();
+                    std::fs::remove_file(&p).map_err(Error::io("remove", &p))?;
+                }
+            }
+        }
+        let fixed = schema.fields.iter().map(|f| f.fixed_len()).collect();
+        Ok(Self {
+            dir: dir.to_owned(),
+            opts,
+            schema,
+            keys,
+            issuer,
+            fixed,
+            field_lens: Vec::new(),
+            data: Zeroizing::new(Vec::new()),
+            shards: Vec::new(),
+            samples: 0,
+            bytes_in: 0,
+        })
+    }
+
+    /// The dataset schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Samples written so far.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Plaintext sample bytes written so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
+    }
+
+    /// Appends one sample: one value per schema field, in schema order.
+    pub fn write_sample(&mut self, values: &[&[u8]]) -> Result<()> {
+        if values.len() != self.fixed.len() {
+            return Err(Error::Schema {
+                sample: self.samples,
+                detail: format!("{} values for a schema of {} fields", values.len(), self.fixed.len()),
+            });
+        }
+        for (i, (v, want)) in values.iter().zip(&self.fixed).enumerate() {
+            if let Some(n) = want {
+                if v.len() as u64 != *n {
+                    return Err(Error::Schema {
+                        sample: self.samples,
+                        detail: format!("field {:?} has {} bytes, schema needs {n}", self.schema.fields[i].name, v.len()),
+                    });
+                }
+            }
+        }
+        let size: u64 = values.iter().map(|v| v.len() as u64).sum();
+        if !self.field_lens.is_empty() && self.data.len() as u64 + size > self.opts.shard_size {
+            self.seal_shard()?;
+        }
+        for v in values {
+            self.data.extend_from_slice(v);
+            self.field_lens.push(v.len() as u64);
+        }
+        self.samples += 1;
+        self.bytes_in += size;
+        Ok(())
+    }
+
+    fn seal_shard(&mut self) -> Result<()> {
+        let shard_index = u32::try_from(self.shards.len()).map_err(|_| Error::InvalidArgument("more than 2^32 shards".into()))?;
+        let fields = self.fixed.len();
+        let records = (self.field_lens.len() / fields) as u64;
+        let idx = index::encode(records, fields, &self.field_lens);
+        let plaintext_len = idx.len() as u64 + self.data.len() as u64;
+        let mut shard_id = [0u8; 16];
+        crypto::random_bytes(&mut shard_id)?;
+        let header = ShardHeader {
+            dataset_id: self.opts.dataset_id.clone(),
+            shard_index,
+            shard_id,
+            schema_digest: self.schema.digest(),
+            record_count: records,
+            plaintext_len,
+        };
+        let header_bytes = header.encode();
+        let file = format!("shard-{shard_index:05}.slk");
+        let final_path = self.dir.join(&file);
+        let tmp = self.dir.join(format!("{file}.partial"));
+        let f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+        let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
+        out.write_all(&header_bytes).map_err(Error::io("write", &tmp))?;
+        let dek = Dek::generate()?;
+        let mut enc = Encryptor::new(self.opts.backend, dek.expose(), &header_bytes, out)?;
+        enc.write(&idx)?;
+        enc.write(&self.data)?;
+        let (out, ct_len) = enc.finish()?;
+        let HashingWriter { inner, hash, .. } = out;
+        let f = inner.into_inner().map_err(|e| Error::Io { op: "write", path: tmp.clone(), source: e.into_error() })?;
+        f.sync_all().map_err(Error::io("sync", &tmp))?;
+        std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
+        let (kek_id, wrapped) = self.keys.wrap_dek(&dek)?;
+        self.shards.push(ShardEntry {
+            index: shard_index,
+            id: hex::encode(shard_id),
+            file,
+            records,
+            plaintext_bytes: plaintext_len,
+            file_bytes: header_bytes.len() as u64 + ct_len,
+            sha256: hex::encode(hash.finish()),
+            kek_id,
+            wrapped_dek: hex::encode(wrapped),
+        });
+        self.field_lens.clear();
+        // Keep the allocation for the next shard but wipe its contents.
+        zeroize::Zeroize::zeroize(&mut *self.data);
+        self.data.clear();
+        Ok(())
+    }
+
+    /// Seals the last shard and writes the signed manifest (atomically, last).
+    pub fn finish(mut self) -> Result<Manifest> {
+        if !self.field_lens.is_empty() {
+            self.seal_shard()?;
+        }
+        let records = self.shards.iter().map(|s| s.records).sum();
+        let m = Manifest {
+            dataset_id: self.opts.dataset_id.clone(),
+            generation: 1,
+            created_unix: unix_now(),
+            issuer_key_id: self.issuer.trust_anchor().key_id(),
+            schema_digest: hex::encode(self.schema.digest()),
+            schema: self.schema.clone(),
+            records,
+            shards: std::mem::take(&mut self.shards),
+        };
+        crate::dataset::write_signed_manifest(&self.dir, &m, self.issuer)?;
+        Ok(m)
+    }
+}
+
+struct HashingWriter<'p, W> {
+    inner: W,
+    hash: Sha256,
+    path: &'p Path,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+}
