@@ -1,1 +1,327 @@
-fn main(){}
+//! The `shardlock` command-line tool: a thin layer over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardlock::dataset::{self, VerifyOptions};
+use shardlock::keys::{IssuerKey, Keyring, TrustAnchor};
+use shardlock::pack::{self, PackOptions};
+use shardlock::{Backend, Error};
+
+#[derive(Parser)]
+#[command(name = "shardlock", version, about = "Encrypted, authenticated dataset shards for training", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create keys: a keyring with one KEK, or an Ed25519 issuer key pair.
+    #[command(subcommand)]
+    Keygen(Keygen),
+    /// Pack .npy files (one per field) or a directory of files into an encrypted dataset.
+    Pack(PackArgs),
+    /// Summarise a dataset's manifest without any key.
+    Inspect(InspectArgs),
+    /// Check the manifest signature and authenticate every chunk of every shard.
+    Verify(VerifyArgs),
+    /// Rewrap every DEK under a new keyring's KEK and re-sign the manifest.
+    Rotate(RotateArgs),
+}
+
+#[derive(Subcommand)]
+enum Keygen {
+    /// A new keyring file (mode 0600) holding one fresh 256-bit KEK.
+    Kek {
+        /// Keyring file to create (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A new Ed25519 issuer key: secret in FILE (0600), public trust anchor in FILE.pub.
+    Issuer {
+        /// Secret key file to create (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// Keyring whose active KEK wraps the shard DEKs.
+    #[arg(long)]
+    keyring: PathBuf,
+    /// The data owner's issuer secret key; signs the manifest.
+    #[arg(long)]
+    issuer_key: PathBuf,
+    /// Dataset id bound into every shard ([A-Za-z0-9_.:/-], 1-255 characters).
+    #[arg(long)]
+    dataset_id: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Target plaintext bytes per shard (e.g. 268435456, 64MiB, 512k).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    shard_size: u64,
+    /// Replace a dataset already in the output directory.
+    #[arg(long)]
+    force: bool,
+    /// AEAD backend.
+    #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
+    backend: Backend,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+    /// `.npy` files (field = file stem) or one directory (one sample per file, field `data`).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Issuer public key (.pub) to check the signature against.
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Keyring holding the KEK the DEKs are wrapped under.
+    #[arg(long)]
+    keyring: PathBuf,
+    /// Issuer public key (.pub): the trust anchor.
+    #[arg(long)]
+    trust: PathBuf,
+    /// Refuse a manifest older than this generation (rollback protection).
+    #[arg(long)]
+    min_generation: Option<u64>,
+    /// AEAD backend.
+    #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
+    backend: Backend,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Current keyring.
+    #[arg(long)]
+    keyring: PathBuf,
+    /// Keyring whose active KEK will wrap the DEKs.
+    #[arg(long)]
+    new_keyring: PathBuf,
+    /// The issuer secret key that signed the manifest.
+    #[arg(long)]
+    issuer_key: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 268435456, 64MiB, 512k)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use k, MiB, GiB)")),
+    };
+    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    Backend::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Backend::ALL.iter().map(|b| b.name()).collect();
+        format!("unknown backend {s:?}; this build has: {}", names.join(", "))
+    })
+}
+
+fn bar(len: u64, json: bool, template: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if json {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Keygen(Keygen::Kek { out }) => {
+            let ring = Keyring::create(&out)?;
+            let id = ring.kek_ids().next().unwrap_or_default().to_owned();
+            println!("wrote keyring {} (mode 0600) with KEK {id}", out.display());
+        }
+        Command::Keygen(Keygen::Issuer { out }) => {
+            let key = IssuerKey::generate()?;
+            let public = key.save(&out)?;
+            println!(
+                "wrote issuer secret key {} (mode 0600) and trust anchor {} (key id {})",
+                out.display(),
+                public.display(),
+                key.trust_anchor().key_id()
+            );
+        }
+        Command::Pack(a) => pack_cmd(a)?,
+        Command::Inspect(a) => return inspect_cmd(a),
+        Command::Verify(a) => return verify_cmd(a),
+        Command::Rotate(a) => {
+            let old = Keyring::load(&a.keyring)?;
+            let new = Keyring::load(&a.new_keyring)?;
+            let issuer = IssuerKey::load(&a.issuer_key)?;
+            let m = dataset::rotate(&a.dir, &old, &new, &issuer)?;
+            if a.json {
+                print_json(&serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": shardlock::KeyProvider::active_kek_id(&new)}));
+            } else {
+                println!(
+                    "rotated {} shards of {:?} to KEK {}; manifest generation {}",
+                    m.shards.len(),
+                    m.dataset_id,
+                    shardlock::KeyProvider::active_kek_id(&new),
+                    m.generation
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pack_cmd(a: PackArgs) -> Result<(), Error> {
+    let keys = Keyring::load(&a.keyring)?;
+    let issuer = IssuerKey::load(&a.issuer_key)?;
+    let src = pack::InputSource::from_paths(&a.inputs)?;
+    let opts = PackOptions { dataset_id: a.dataset_id, shard_size: a.shard_size, force: a.force, backend: a.backend };
+    let mut w = pack::DatasetWriter::create(&a.out, src.schema()?, opts, &keys, &issuer)?;
+    let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
+    let t = std::time::Instant::now();
+    src.write_into(&mut w, &mut |n| pb.set_position(n))?;
+    let bytes = w.bytes_in();
+    let m = w.finish()?;
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        print_json(&serde_json::json!({
+            "dataset": m.dataset_id, "out": a.out, "records": m.records, "shards": m.shards.len(),
+            "plaintext_bytes": bytes, "seconds": secs, "gb_per_s": bytes as f64 / secs / 1e9,
+        }));
+    } else {
+        println!(
+            "packed {} records ({:.1} MB) into {} shard(s) in {} ({:.2} GB/s); manifest signed by issuer {}",
+            m.records,
+            bytes as f64 / 1e6,
+            m.shards.len(),
+            a.out.display(),
+            bytes as f64 / secs / 1e9,
+            m.issuer_key_id
+        );
+    }
+    Ok(())
+}
+
+fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
+    let trust = a.trust.as_deref().map(TrustAnchor::load).transpose()?;
+    let i = dataset::inspect(&a.dir, trust.as_ref())?;
+    let m = &i.manifest;
+    let signature = match i.signature_valid {
+        Some(true) => "valid",
+        Some(false) => "INVALID",
+        None => "not checked (pass --trust FILE.pub)",
+    };
+    let bytes: u64 = m.shards.iter().map(|s| s.file_bytes).sum();
+    let plain: u64 = m.shards.iter().map(|s| s.plaintext_bytes).sum();
+    if a.json {
+        print_json(&serde_json::json!({
+            "dataset": m.dataset_id, "generation": m.generation, "created_unix": m.created_unix,
+            "issuer_key_id": m.issuer_key_id, "signature": i.signature_valid, "consistency_error": i.consistency_error,
+            "schema": m.schema, "records": m.records, "plaintext_bytes": plain, "file_bytes": bytes,
+            "shards": m.shards.iter().map(|s| serde_json::json!({
+                "index": s.index, "file": s.file, "records": s.records, "plaintext_bytes": s.plaintext_bytes,
+                "file_bytes": s.file_bytes, "sha256": s.sha256, "kek_id": s.kek_id,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("dataset     {}", m.dataset_id);
+        println!("generation  {} (signed {} by issuer {})", m.generation, m.created_unix, m.issuer_key_id);
+        println!("signature   {signature}");
+        if let Some(e) = &i.consistency_error {
+            println!("consistency {e}");
+        }
+        println!("records     {} in {} shard(s), {:.1} MB plaintext, {:.1} MB on disk", m.records, m.shards.len(), plain as f64 / 1e6, bytes as f64 / 1e6);
+        println!("fields");
+        for f in &m.schema.fields {
+            match &f.kind {
+                shardlock::format::FieldKind::Tensor { dtype, shape } => println!("  {:<16} {} {:?}", f.name, dtype.name(), shape),
+                shardlock::format::FieldKind::Bytes => println!("  {:<16} bytes", f.name),
+            }
+        }
+        println!("shards");
+        for s in &m.shards {
+            println!("  {:>5} {}  {:>9} records  {:>12} bytes  kek {}", s.index, s.file, s.records, s.file_bytes, s.kek_id);
+        }
+    }
+    Ok(if i.signature_valid == Some(false) || i.consistency_error.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
+    let keys = Keyring::load(&a.keyring)?;
+    let trust = TrustAnchor::load(&a.trust)?;
+    let total = total_bytes(&a.dir);
+    let pb = bar(total, a.json, "verifying {bar:40} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]");
+    let opts = VerifyOptions { backend: a.backend, min_generation: a.min_generation };
+    let report = dataset::verify(&a.dir, &trust, &keys, &opts, &mut |n| pb.inc(n))?;
+    pb.finish_and_clear();
+    if a.json {
+        print_json(&serde_json::to_value(&report).unwrap_or_default());
+    } else {
+        for s in report.shards.iter().filter(|s| !s.ok) {
+            println!("FAIL {}", s.error.as_deref().unwrap_or("unknown error"));
+        }
+        let bad = report.shards.iter().filter(|s| !s.ok).count();
+        println!(
+            "{}: dataset {:?} generation {}, {} shard(s), {} records, {:.1} MB authenticated{}",
+            if report.ok { "OK" } else { "FAILED" },
+            report.dataset,
+            report.generation,
+            report.shards.len(),
+            report.records,
+            report.bytes as f64 / 1e6,
+            if bad > 0 { format!("; {bad} shard(s) failed") } else { String::new() }
+        );
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn total_bytes(dir: &Path) -> u64 {
+    dataset::inspect(dir, None).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
+}

@@ -189,6 +189,11 @@ impl<B: AsRef<[u8]>> Payload<B> {
         Ok(Self { key: MessageKey { aead: backend.key(aead_key), base_nonce }, buf, body: 0, chunks, last_len })
     }
 
+    /// The whole buffer given to [`Payload::open`].
+    pub fn buffer(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
     /// Number of chunks (at least 1).
     pub fn chunk_count(&self) -> u64 {
         self.chunks

@@ -131,13 +131,6 @@ fn verify_shard(ds: &Dataset, index: u32, keys: &dyn KeyProvider, backend: Backe
     if map.len() as u64 != e.file_bytes {
         return Err(fail(IntegrityKind::SizeMismatch));
     }
-    let mut h = Sha256::default();
-    for c in map.chunks(1 << 22) {
-        h.update(c);
-    }
-    if hex::encode(h.finish()) != e.sha256 {
-        return Err(fail(IntegrityKind::DigestMismatch));
-    }
     let (header, header_len) = ShardHeader::decode(&map, &path).map_err(|_| fail(IntegrityKind::HeaderMismatch))?;
     if header != expected_header(ds, index)? {
         return Err(fail(IntegrityKind::HeaderMismatch));
@@ -164,5 +157,14 @@ fn verify_shard(ds: &Dataset, index: u32, keys: &dyn KeyProvider, backend: Backe
     }
     progress(done + header_len as u64);
     read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut *scratch).map_err(|err| err.at_shard(&at))?;
+    // Authentication above names the failing chunk; the digest additionally pins the
+    // exact file bytes the manifest was signed over.
+    let mut h = Sha256::default();
+    for c in payload.buffer().chunks(1 << 22) {
+        h.update(c);
+    }
+    if hex::encode(h.finish()) != e.sha256 {
+        return Err(fail(IntegrityKind::DigestMismatch));
+    }
     Ok(())
 }
