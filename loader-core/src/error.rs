@@ -128,12 +128,26 @@ pub enum Error {
     },
 
     /// The manifest signature does not verify under the trusted issuer key.
-    #[error("manifest {path}: {detail}; the dataset was not signed by the trusted issuer key or was modified after signing")]
+    #[error(
+        "manifest {path}: {detail}; the dataset was not signed by the trusted issuer key or was modified after signing"
+    )]
     ManifestSignature {
         /// The manifest file.
         path: PathBuf,
         /// What failed.
         detail: String,
+    },
+
+    /// The manifest is older than the generation the reader requires: a rolled-back
+    /// dataset (its signature is valid, it is just not the newest).
+    #[error("manifest {path} has generation {generation}, older than the required {min}: the dataset was rolled back to an earlier signed version")]
+    Rollback {
+        /// The manifest file.
+        path: PathBuf,
+        /// Its generation.
+        generation: u64,
+        /// The minimum the reader asked for.
+        min: u64,
     },
 
     /// A key could not be found or used (missing KEK id, wrapped DEK that does not
@@ -147,7 +161,9 @@ pub enum Error {
     },
 
     /// A secret file whose permissions let other users read it.
-    #[error("{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` and consider the key exposed")]
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` and consider the key exposed"
+    )]
     InsecurePermissions {
         /// The file.
         path: PathBuf,

@@ -202,7 +202,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let issuer = IssuerKey::load(&a.issuer_key)?;
             let m = dataset::rotate(&a.dir, &old, &new, &issuer)?;
             if a.json {
-                print_json(&serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": shardlock::KeyProvider::active_kek_id(&new)}));
+                print_json(
+                    &serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": shardlock::KeyProvider::active_kek_id(&new)}),
+                );
             } else {
                 println!(
                     "rotated {} shards of {:?} to KEK {}; manifest generation {}",
@@ -277,20 +279,35 @@ fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
         if let Some(e) = &i.consistency_error {
             println!("consistency {e}");
         }
-        println!("records     {} in {} shard(s), {:.1} MB plaintext, {:.1} MB on disk", m.records, m.shards.len(), plain as f64 / 1e6, bytes as f64 / 1e6);
+        println!(
+            "records     {} in {} shard(s), {:.1} MB plaintext, {:.1} MB on disk",
+            m.records,
+            m.shards.len(),
+            plain as f64 / 1e6,
+            bytes as f64 / 1e6
+        );
         println!("fields");
         for f in &m.schema.fields {
             match &f.kind {
-                shardlock::format::FieldKind::Tensor { dtype, shape } => println!("  {:<16} {} {:?}", f.name, dtype.name(), shape),
+                shardlock::format::FieldKind::Tensor { dtype, shape } => {
+                    println!("  {:<16} {} {:?}", f.name, dtype.name(), shape)
+                }
                 shardlock::format::FieldKind::Bytes => println!("  {:<16} bytes", f.name),
             }
         }
         println!("shards");
         for s in &m.shards {
-            println!("  {:>5} {}  {:>9} records  {:>12} bytes  kek {}", s.index, s.file, s.records, s.file_bytes, s.kek_id);
+            println!(
+                "  {:>5} {}  {:>9} records  {:>12} bytes  kek {}",
+                s.index, s.file, s.records, s.file_bytes, s.kek_id
+            );
         }
     }
-    Ok(if i.signature_valid == Some(false) || i.consistency_error.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if i.signature_valid == Some(false) || i.consistency_error.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {

@@ -30,7 +30,8 @@ pub trait AeadKey: Send + Sync {
     ) -> Result<(), AeadError>;
 
     /// Encrypts `in_out` in place and returns the tag.
-    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], in_out: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError>;
+    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], in_out: &mut [u8])
+        -> Result<[u8; TAG_LEN], AeadError>;
 }
 
 /// The AES-256-GCM implementation to use.
@@ -112,7 +113,12 @@ impl AeadKey for AwsLcKey {
         Ok(())
     }
 
-    fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], in_out: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError> {
+    fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], AeadError> {
         use aws_lc_rs::aead::{Aad, Nonce};
         let tag = self
             .0
@@ -160,7 +166,12 @@ mod rustcrypto {
             Ok(())
         }
 
-        fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], in_out: &mut [u8]) -> Result<[u8; TAG_LEN], AeadError> {
+        fn seal_in_place(
+            &self,
+            nonce: &[u8; NONCE_LEN],
+            aad: &[u8],
+            in_out: &mut [u8],
+        ) -> Result<[u8; TAG_LEN], AeadError> {
             let tag = self.0.encrypt_in_place_detached(Nonce::from_slice(nonce), aad, in_out).map_err(|_| AeadError)?;
             let mut t = [0u8; TAG_LEN];
             t.copy_from_slice(&tag);

@@ -85,10 +85,7 @@ impl Dataset {
     /// remember the last generation they saw).
     pub fn require_generation(&self, min: u64) -> Result<()> {
         if self.manifest.generation < min {
-            return Err(Error::ManifestSignature {
-                path: manifest_path(&self.dir),
-                detail: format!("generation {} is older than the required {min} (rolled-back manifest)", self.manifest.generation),
-            });
+            return Err(Error::Rollback { path: manifest_path(&self.dir), generation: self.manifest.generation, min });
         }
         Ok(())
     }
@@ -106,7 +103,11 @@ impl Dataset {
     /// The manifest entry of shard `index`.
     pub fn shard_entry(&self, index: u32) -> Result<&ShardEntry> {
         self.manifest.shards.get(index as usize).ok_or_else(|| {
-            Error::InvalidArgument(format!("dataset {:?} has {} shards, no shard {index}", self.manifest.dataset_id, self.manifest.shards.len()))
+            Error::InvalidArgument(format!(
+                "dataset {:?} has {} shards, no shard {index}",
+                self.manifest.dataset_id,
+                self.manifest.shards.len()
+            ))
         })
     }
 

@@ -45,14 +45,13 @@ impl ShardReader {
             return Err(fail(IntegrityKind::HeaderMismatch));
         }
         let context = map[..header_len].to_vec();
-        let payload =
-            Payload::open(backend, dek.expose(), &context, map, header_len).map_err(|e| e.at_shard(&at))?;
+        let payload = Payload::open(backend, dek.expose(), &context, map, header_len).map_err(|e| e.at_shard(&at))?;
         if payload.plaintext_len() != header.plaintext_len {
             return Err(fail(IntegrityKind::Truncated));
         }
         payload.authenticate_length().map_err(|e| e.at_shard(&at))?;
         let mut scratch = ChunkBuf::new();
-        let index = read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut *scratch)
+        let index = read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut scratch)
             .map_err(|e| e.at_shard(&at))?;
         Ok(Self { payload, index, at, scratch, failed: None })
     }
@@ -77,8 +76,11 @@ impl ShardReader {
         &self.at
     }
 
-    /// Byte length of field `field` of record `record`.
+    /// Byte length of field `field` of record `record` (0 when out of range).
     pub fn field_len(&self, record: u64, field: usize) -> u64 {
+        if record >= self.index.len() || field >= self.index.fields() {
+            return 0;
+        }
         let (a, b) = self.index.field_range(record, field);
         b - a
     }
@@ -86,8 +88,13 @@ impl ShardReader {
     /// Decrypts field `field` of record `record` into `out` (whose length must be
     /// [`ShardReader::field_len`]). After an integrity failure the shard keeps failing.
     pub fn read_field(&mut self, record: u64, field: usize, out: &mut [u8]) -> Result<()> {
-        if record >= self.index.len() {
-            return Err(Error::InvalidArgument(format!("{}: record {record} of {}", self.at, self.index.len())));
+        if record >= self.index.len() || field >= self.index.fields() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: record {record} field {field} out of range ({} records x {} fields)",
+                self.at,
+                self.index.len(),
+                self.index.fields()
+            )));
         }
         let (a, b) = self.index.field_range(record, field);
         if out.len() as u64 != b - a {
@@ -101,7 +108,7 @@ impl ShardReader {
         if let Some((kind, chunk)) = self.failed {
             return Err(Error::Integrity { shard: self.at.clone(), chunk, kind });
         }
-        self.payload.read_at(offset, out, &mut *self.scratch).map_err(|e| {
+        self.payload.read_at(offset, out, &mut self.scratch).map_err(|e| {
             if let Error::Integrity { kind, chunk, .. } = &e {
                 self.failed = Some((*kind, *chunk));
             }

@@ -55,7 +55,7 @@ pub struct VerifyReport {
     pub signature_ok: bool,
     /// Total records.
     pub records: u64,
-    /// Bytes of shard files authenticated.
+    /// Bytes of shard files that passed every check.
     pub bytes: u64,
     /// One entry per manifest shard, then one per unexpected shard file.
     pub shards: Vec<ShardReport>,
@@ -83,9 +83,18 @@ pub fn verify(
     let mut bytes = 0;
     for e in &m.shards {
         let r = verify_shard(&ds, e.index, keys, opts.backend, progress);
-        bytes += e.file_bytes;
+        if r.is_ok() {
+            bytes += e.file_bytes;
+        }
         shards.push(match r {
-            Ok(()) => ShardReport { index: Some(e.index), file: e.file.clone(), ok: true, failure: None, chunk: None, error: None },
+            Ok(()) => ShardReport {
+                index: Some(e.index),
+                file: e.file.clone(),
+                ok: true,
+                failure: None,
+                chunk: None,
+                error: None,
+            },
             Err(err) => report_error(Some(e.index), &e.file, &err),
         });
     }
@@ -99,14 +108,26 @@ pub fn verify(
     extra.sort();
     for name in extra {
         let err = Error::Integrity {
-            shard: crate::error::ShardRef { dataset: Some(m.dataset_id.clone()), index: None, file: Some(dir.join(&name)) },
+            shard: crate::error::ShardRef {
+                dataset: Some(m.dataset_id.clone()),
+                index: None,
+                file: Some(dir.join(&name)),
+            },
             chunk: None,
             kind: IntegrityKind::ExtraShard,
         };
         shards.push(report_error(None, &name, &err));
     }
     let ok = shards.iter().all(|s| s.ok);
-    Ok(VerifyReport { dataset: m.dataset_id.clone(), generation: m.generation, signature_ok: true, records: m.records, bytes, shards, ok })
+    Ok(VerifyReport {
+        dataset: m.dataset_id.clone(),
+        generation: m.generation,
+        signature_ok: true,
+        records: m.records,
+        bytes,
+        shards,
+        ok,
+    })
 }
 
 fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
@@ -118,14 +139,22 @@ fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
     ShardReport { index, file: file.to_owned(), ok: false, failure, chunk, error: Some(err.to_string()) }
 }
 
-fn verify_shard(ds: &Dataset, index: u32, keys: &dyn KeyProvider, backend: Backend, progress: &mut dyn FnMut(u64)) -> Result<()> {
+fn verify_shard(
+    ds: &Dataset,
+    index: u32,
+    keys: &dyn KeyProvider,
+    backend: Backend,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
     let e = ds.shard_entry(index)?;
     let at = ds.shard_ref(index);
     let path = ds.dir().join(&e.file);
     let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
     let map = match map_file(&path) {
         Ok(m) => m,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Err(fail(IntegrityKind::MissingShard)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(fail(IntegrityKind::MissingShard))
+        }
         Err(err) => return Err(err),
     };
     if map.len() as u64 != e.file_bytes {
@@ -156,7 +185,8 @@ fn verify_shard(ds: &Dataset, index: u32, keys: &dyn KeyProvider, backend: Backe
         }
     }
     progress(done + header_len as u64);
-    read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut *scratch).map_err(|err| err.at_shard(&at))?;
+    read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut scratch)
+        .map_err(|err| err.at_shard(&at))?;
     // Authentication above names the failing chunk; the digest additionally pins the
     // exact file bytes the manifest was signed over.
     let mut h = Sha256::default();

@@ -55,6 +55,11 @@ pub fn validate_dataset_id(id: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Encoded header length for a dataset id.
+pub fn encoded_len(dataset_id: &str) -> usize {
+    FIXED_LEN + dataset_id.len()
+}
+
 impl ShardHeader {
     /// Canonical encoding; this exact byte string is the Cobblestone context.
     pub fn encode(&self) -> Vec<u8> {

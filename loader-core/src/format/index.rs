@@ -51,6 +51,9 @@ impl RecordIndex {
     pub fn parse(bytes: &[u8], schema: &Schema, plaintext_len: u64, path: &Path) -> Result<Self> {
         let bad = |detail: String| Error::Format { what: "record index", path: path.to_owned(), detail };
         let (records, fields) = Self::parse_prologue(bytes, path)?;
+        if bytes[12..16] != [0, 0, 0, 0] {
+            return Err(bad("reserved prologue bytes are not zero".into()));
+        }
         if fields != schema.fields.len() {
             return Err(bad(format!("index has {fields} fields, schema has {}", schema.fields.len())));
         }
@@ -81,7 +84,7 @@ impl RecordIndex {
                 }
             }
         }
-        if len + offsets[count - 1] != plaintext_len {
+        if len.checked_add(offsets[count - 1]) != Some(plaintext_len) {
             return Err(bad("record area length disagrees with the payload length".into()));
         }
         Ok(Self { records, fields, offsets, data_start: len })

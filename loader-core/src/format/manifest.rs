@@ -128,7 +128,29 @@ impl SignedManifest {
             return Err(bad("schema digest does not match the schema".into()));
         }
         let mut total = 0u64;
+        let mut names = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
+        let lower_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         for (i, s) in m.shards.iter().enumerate() {
+            if !lower_hex(&s.id, 32)
+                || !lower_hex(&s.sha256, 64)
+                || s.wrapped_dek.is_empty()
+                || !lower_hex(&s.wrapped_dek, s.wrapped_dek.len())
+            {
+                return Err(bad(format!(
+                    "shard {i}: id, sha256 and wrapped_dek must be lowercase hex (32, 64, even digits)"
+                )));
+            }
+            if !names.insert(s.file.as_str()) || !ids.insert(s.id.as_str()) {
+                return Err(bad(format!("shard {i}: file name or id listed twice")));
+            }
+            let header_len = super::header::encoded_len(&m.dataset_id) as u64;
+            let expected = super::index::index_len(s.records, m.schema.fields.len())
+                .filter(|&ix| ix <= s.plaintext_bytes)
+                .map(|_| header_len + crate::crypto::chunked::ciphertext_len(s.plaintext_bytes));
+            if expected != Some(s.file_bytes) {
+                return Err(bad(format!("shard {i}: file_bytes/plaintext_bytes/records are inconsistent")));
+            }
             if s.index as usize != i {
                 return Err(bad(format!("shard entry {i} has index {}", s.index)));
             }

@@ -107,6 +107,7 @@ impl Field {
 
 /// The fields of every sample of a dataset, in record order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schema {
     /// Fields, in the order they are stored in each record.
     pub fields: Vec<Field>,

@@ -104,7 +104,10 @@ impl Keyring {
     fn kek(&self, id: &str) -> Result<&Kek> {
         self.keks.iter().find(|k| k.id == id).ok_or_else(|| Error::KeyUnavailable {
             key_id: id.to_owned(),
-            detail: format!("keyring {} has no such KEK; use the keyring the dataset was packed or rotated with", self.path.display()),
+            detail: format!(
+                "keyring {} has no such KEK; use the keyring the dataset was packed or rotated with",
+                self.path.display()
+            ),
         })
     }
 }

@@ -8,8 +8,8 @@
 mod files;
 mod keyring;
 
-pub use files::{read_secret_file, write_new_file};
 pub(crate) use files::write_atomic;
+pub use files::{read_secret_file, write_new_file};
 pub use keyring::Keyring;
 
 use std::fmt;
@@ -78,9 +78,11 @@ impl Kek {
     /// Unwraps a DEK; a wrapped key that fails the KWP integrity check or is not 32
     /// bytes is a [`Error::KeyUnavailable`] naming this KEK.
     pub fn unwrap(&self, wrapped: &[u8]) -> Result<Dek> {
-        let fail = || Error::KeyUnavailable {
+        let fail = || {
+            Error::KeyUnavailable {
             key_id: self.id.clone(),
             detail: "the wrapped DEK does not unwrap under this KEK (wrong keyring, or the manifest's wrapped key was altered)".into(),
+        }
         };
         let raw = crypto::kwp::unwrap(&self.key[..], wrapped)?.ok_or_else(fail)?;
         Dek::from_slice(&raw).ok_or_else(fail)
@@ -136,8 +138,10 @@ impl IssuerKey {
     /// Loads a secret key file written by [`IssuerKey::save`] (must be 0600).
     pub fn load(path: &Path) -> Result<Self> {
         let text = read_secret_file(path)?;
-        let bad = |detail: &str| Error::Format { what: "issuer key file", path: path.to_owned(), detail: detail.into() };
-        let mut f: IssuerFile = serde_json::from_slice(&text).map_err(|_| bad("not an issuer key file (JSON with format, alg, secret)"))?;
+        let bad =
+            |detail: &str| Error::Format { what: "issuer key file", path: path.to_owned(), detail: detail.into() };
+        let mut f: IssuerFile =
+            serde_json::from_slice(&text).map_err(|_| bad("not an issuer key file (JSON with format, alg, secret)"))?;
         let secret = Zeroizing::new(std::mem::take(&mut f.secret));
         if f.format != ISSUER_FORMAT || f.alg != "ed25519" {
             return Err(bad("unknown format or algorithm"));
@@ -238,7 +242,11 @@ impl TrustAnchor {
     /// Loads a `.pub` file written by `shardlock keygen issuer`.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(Error::io("read trust anchor", path))?;
-        let bad = |detail: &str| Error::Format { what: "issuer public key file", path: path.to_owned(), detail: detail.into() };
+        let bad = |detail: &str| Error::Format {
+            what: "issuer public key file",
+            path: path.to_owned(),
+            detail: detail.into(),
+        };
         let f: TrustFile = serde_json::from_slice(&bytes).map_err(|_| bad("not an issuer public key file"))?;
         if f.format != TRUST_FORMAT || f.alg != "ed25519" {
             return Err(bad("unknown format or algorithm"));

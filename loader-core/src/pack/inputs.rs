@@ -23,10 +23,14 @@ impl InputSource {
     /// Classifies and checks the inputs: either only `.npy` files with equal first-axis
     /// lengths, or exactly one directory holding at least one file.
     pub fn from_paths(paths: &[PathBuf]) -> Result<Self> {
-        let first = paths.first().ok_or_else(|| Error::Input { path: PathBuf::from("."), detail: "no input given".into() })?;
+        let first =
+            paths.first().ok_or_else(|| Error::Input { path: PathBuf::from("."), detail: "no input given".into() })?;
         if first.is_dir() {
             if paths.len() != 1 {
-                return Err(Error::Input { path: first.clone(), detail: "give one directory, or only .npy files".into() });
+                return Err(Error::Input {
+                    path: first.clone(),
+                    detail: "give one directory, or only .npy files".into(),
+                });
             }
             let mut files: Vec<PathBuf> = std::fs::read_dir(first)
                 .map_err(Error::io("list", first))?
@@ -36,7 +40,10 @@ impl InputSource {
                 .collect();
             files.sort();
             if files.is_empty() {
-                return Err(Error::Input { path: first.clone(), detail: "empty input: the directory holds no files".into() });
+                return Err(Error::Input {
+                    path: first.clone(),
+                    detail: "empty input: the directory holds no files".into(),
+                });
             }
             return Ok(Self::Dir(first.clone(), files));
         }
@@ -74,7 +81,9 @@ impl InputSource {
     /// The schema these inputs produce.
     pub fn schema(&self) -> Result<Schema> {
         match self {
-            Self::Npy(a) => Schema::new(a.iter().map(|(n, arr)| Field::tensor(n.clone(), arr.dtype, &arr.shape[1..])).collect()),
+            Self::Npy(a) => {
+                Schema::new(a.iter().map(|(n, arr)| Field::tensor(n.clone(), arr.dtype, &arr.shape[1..])).collect())
+            }
             Self::Dir(..) => Schema::new(vec![Field::bytes("data")]),
         }
     }

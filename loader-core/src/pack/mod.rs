@@ -46,7 +46,12 @@ pub struct PackOptions {
 impl PackOptions {
     /// Options with defaults for `dataset_id`.
     pub fn new(dataset_id: impl Into<String>) -> Self {
-        Self { dataset_id: dataset_id.into(), shard_size: DEFAULT_SHARD_SIZE, force: false, backend: Backend::default() }
+        Self {
+            dataset_id: dataset_id.into(),
+            shard_size: DEFAULT_SHARD_SIZE,
+            force: false,
+            backend: Backend::default(),
+        }
     }
 }
 
@@ -71,7 +76,13 @@ impl<'a> DatasetWriter<'a> {
     /// Prepares `dir` (created if missing). Refuses a directory that already holds a
     /// dataset unless `opts.force`, in which case the old manifest is removed first so
     /// that a half-replaced dataset never reads as complete.
-    pub fn create(dir: &Path, schema: Schema, opts: PackOptions, keys: &'a dyn KeyProvider, issuer: &'a IssuerKey) -> Result<Self> {
+    pub fn create(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: &'a dyn KeyProvider,
+        issuer: &'a IssuerKey,
+    ) -> Result<Self> {
         validate_dataset_id(&opts.dataset_id).map_err(Error::InvalidArgument)?;
         schema.validate().map_err(|e| Error::InvalidArgument(format!("schema: {e}")))?;
         if opts.shard_size == 0 {
@@ -138,7 +149,11 @@ impl<'a> DatasetWriter<'a> {
                 if v.len() as u64 != *n {
                     return Err(Error::Schema {
                         sample: self.samples,
-                        detail: format!("field {:?} has {} bytes, schema needs {n}", self.schema.fields[i].name, v.len()),
+                        detail: format!(
+                            "field {:?} has {} bytes, schema needs {n}",
+                            self.schema.fields[i].name,
+                            v.len()
+                        ),
                     });
                 }
             }
@@ -147,6 +162,7 @@ impl<'a> DatasetWriter<'a> {
         if !self.field_lens.is_empty() && self.data.len() as u64 + size > self.opts.shard_size {
             self.seal_shard()?;
         }
+        reserve_zeroizing(&mut self.data, size as usize);
         for v in values {
             self.data.extend_from_slice(v);
             self.field_lens.push(v.len() as u64);
@@ -157,7 +173,8 @@ impl<'a> DatasetWriter<'a> {
     }
 
     fn seal_shard(&mut self) -> Result<()> {
-        let shard_index = u32::try_from(self.shards.len()).map_err(|_| Error::InvalidArgument("more than 2^32 shards".into()))?;
+        let shard_index =
+            u32::try_from(self.shards.len()).map_err(|_| Error::InvalidArgument("more than 2^32 shards".into()))?;
         let fields = self.fixed.len();
         let records = (self.field_lens.len() / fields) as u64;
         let idx = index::encode(records, fields, &self.field_lens);
@@ -177,7 +194,8 @@ impl<'a> DatasetWriter<'a> {
         let final_path = self.dir.join(&file);
         let tmp = self.dir.join(format!("{file}.partial"));
         let f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-        let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
+        let mut out =
+            HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
         out.write_all(&header_bytes).map_err(Error::io("write", &tmp))?;
         let dek = Dek::generate()?;
         let mut enc = Encryptor::new(self.opts.backend, dek.expose(), &header_bytes, out)?;
@@ -226,6 +244,18 @@ impl<'a> DatasetWriter<'a> {
         crate::dataset::write_signed_manifest(&self.dir, &m, self.issuer)?;
         Ok(m)
     }
+}
+
+/// Grows `buf` for `additional` more bytes without leaving plaintext in a freed
+/// allocation: a larger buffer is allocated, filled, and the old one zeroized on drop.
+fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, additional: usize) {
+    let need = buf.len().saturating_add(additional);
+    if need <= buf.capacity() {
+        return;
+    }
+    let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(buf.capacity().saturating_mul(2)).max(1 << 16)));
+    bigger.extend_from_slice(buf);
+    std::mem::swap(buf, &mut bigger);
 }
 
 struct HashingWriter<'p, W> {

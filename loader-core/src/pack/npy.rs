@@ -52,7 +52,8 @@ impl NpyArray {
                 )))
             }
         };
-        let fortran = dict_value(header, "fortran_order").ok_or_else(|| bad("no 'fortran_order' in .npy header".into()))?;
+        let fortran =
+            dict_value(header, "fortran_order").ok_or_else(|| bad("no 'fortran_order' in .npy header".into()))?;
         if fortran.trim() != "False" {
             return Err(bad("Fortran-ordered array; save a C-contiguous copy (np.ascontiguousarray)".into()));
         }

@@ -1,0 +1,55 @@
+# shardlock: every set-up step a fresh machine needs lives here.
+#   make demo   keygen, pack, verify (and, as the loader lands, stream into torch)
+#   make test   install what the tests need, then run every check and test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+CARGO   ?= cargo
+PY_DEPS := numpy pytest
+FUZZ_TARGETS := shard_header manifest record_index payload
+
+.PHONY: all demo test setup lint rust-test fuzz-build bench clean
+
+all: test
+
+# Python environment for the demo's data generation and the Python tests.
+$(VENV)/.deps-ok: Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(PY_DEPS)
+	touch $@
+
+setup: $(VENV)/.deps-ok
+
+demo: setup
+	$(CARGO) build --release -q -p shardlock
+	PATH="$(CURDIR)/target/release:$$PATH" PY="$(PY)" bash examples/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --all-features -q -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+
+rust-test:
+	$(CARGO) test --workspace --all-features
+	# The default feature set (aws-lc-rs only) must build and pass on its own too.
+	$(CARGO) test -p shardlock --lib
+
+# Fuzz targets must keep building; libFuzzer needs nightly flags, which cargo-fuzz
+# passes on stable with RUSTC_BOOTSTRAP=1 (see shared/NOTES-crates.md).
+fuzz-build:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install -q cargo-fuzz --locked
+	cd loader-core/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O 2>&1 | tail -n 3
+	cd loader-core/fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t corpus/$$t -- -runs=2000 -seed=1 2>&1 | tail -n 1; done
+
+test: setup lint rust-test fuzz-build
+	@echo "make test: all checks passed"
+
+bench:
+	$(CARGO) bench -p shardlock-benches --bench cobblestone
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) demo-out loader-core/fuzz/target

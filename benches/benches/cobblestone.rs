@@ -1,0 +1,80 @@
+//! Single-thread Cobblestone-256 decryption of a page-cached shard payload versus the
+//! raw AES-256-GCM calls on a buffer of the same layout (16 KiB chunks + tags), per
+//! AEAD backend. The ratio of the two medians is the cost of the chunked layer
+//! (commitment check, nonce derivation, bounds checks). Run: `make bench`.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::io::Write;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use shardlock::crypto::aead::Backend;
+use shardlock::crypto::chunked::{ChunkBuf, Encryptor, Payload, CHUNK_LEN, ENC_CHUNK_LEN, HEADER_LEN};
+
+const PLAINTEXT: usize = 64 << 20;
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = [0x42u8; 32];
+    let context = b"bench shard header";
+    let plaintext: Vec<u8> = (0..PLAINTEXT).map(|i| (i * 7 % 251) as u8).collect();
+
+    let mut g = c.benchmark_group("decrypt_64MiB_single_thread");
+    g.throughput(Throughput::Bytes(PLAINTEXT as u64));
+    g.sample_size(20);
+    for &backend in Backend::ALL {
+        // The shard payload, written to a file and read back through mmap (page cache).
+        let path = dir.path().join(format!("payload-{}", backend.name()));
+        let mut enc = Encryptor::new(backend, &key, context, std::fs::File::create(&path).unwrap()).unwrap();
+        enc.write(&plaintext).unwrap();
+        enc.finish().unwrap().0.flush().unwrap();
+        let map = shardlock::memory::map_file(&path).unwrap();
+
+        // Raw AEAD baseline on the same layout: chunk i sealed with nonce i.
+        let raw_key = backend.key(&key);
+        let mut raw = vec![0u8; map.len() - HEADER_LEN];
+        for (i, chunk) in raw.chunks_mut(ENC_CHUNK_LEN).enumerate() {
+            let n = chunk.len() - 16;
+            let src = &plaintext[(i * CHUNK_LEN).min(PLAINTEXT)..(i * CHUNK_LEN + n).min(PLAINTEXT)];
+            chunk[..n].copy_from_slice(src);
+            let tag = raw_key.seal_in_place(&nonce(i as u64), &[], &mut chunk[..n]).unwrap();
+            chunk[n..].copy_from_slice(&tag);
+        }
+
+        let mut out = vec![0u8; PLAINTEXT];
+        g.bench_function(BenchmarkId::new("raw_aead", backend.name()), |b| {
+            b.iter(|| {
+                let mut pos = 0;
+                for (i, chunk) in raw.chunks(ENC_CHUNK_LEN).enumerate() {
+                    let n = chunk.len() - 16;
+                    raw_key.open_to(&nonce(i as u64), &[], &chunk[..n], &chunk[n..], &mut out[pos..pos + n]).unwrap();
+                    pos += n;
+                }
+            })
+        });
+        g.bench_function(BenchmarkId::new("cobblestone", backend.name()), |b| {
+            b.iter(|| {
+                let p = Payload::open(backend, &key, context, &map[..], 0).unwrap();
+                let mut pos = 0;
+                for k in 0..p.chunk_count() {
+                    pos += p.decrypt_chunk(k, &mut out[pos..]).unwrap();
+                }
+                assert_eq!(pos, PLAINTEXT);
+            })
+        });
+        let p = Payload::open(backend, &key, context, &map[..], 0).unwrap();
+        let mut scratch = ChunkBuf::new();
+        g.bench_function(BenchmarkId::new("cobblestone_read_at", backend.name()), |b| {
+            b.iter(|| p.read_at(0, &mut out, &mut scratch).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn nonce(i: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&i.to_be_bytes());
+    n
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,1 @@
+//! Benchmarks of shardlock live under `benches/`; this library is empty.

@@ -1,0 +1,114 @@
+//! Shared fixtures for integration tests: keys, small datasets, a `.npy` writer.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use shardlock::dataset::Dataset;
+use shardlock::format::{DType, Field, Schema};
+use shardlock::keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
+use shardlock::pack::{DatasetWriter, PackOptions};
+use shardlock::Backend;
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub keyring: Keyring,
+    pub issuer: IssuerKey,
+    pub trust: TrustAnchor,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::create(&dir.path().join("keyring.json")).unwrap();
+        let issuer = IssuerKey::generate().unwrap();
+        let trust = issuer.trust_anchor();
+        Self { dir, keyring, issuer, trust }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Packs `samples` (one Vec per field) with `schema` into `name`.
+    pub fn pack(
+        &self,
+        name: &str,
+        dataset_id: &str,
+        schema: Schema,
+        samples: &[Vec<Vec<u8>>],
+        shard_size: u64,
+    ) -> PathBuf {
+        let out = self.path(name);
+        let mut opts = PackOptions::new(dataset_id);
+        opts.shard_size = shard_size;
+        opts.force = true;
+        let mut w = DatasetWriter::create(&out, schema, opts, &self.keyring, &self.issuer).unwrap();
+        for s in samples {
+            let refs: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
+            w.write_sample(&refs).unwrap();
+        }
+        w.finish().unwrap();
+        out
+    }
+
+    /// A dataset of `n` records: a fixed `u8[700]` field `x` and a bytes field `tag`,
+    /// 4 records per shard, so shards have equal sizes and span several chunks.
+    pub fn standard(&self, name: &str, dataset_id: &str, n: usize) -> (PathBuf, Vec<Vec<Vec<u8>>>) {
+        let schema = Schema::new(vec![Field::tensor("x", DType::U8, &[700]), Field::bytes("tag")]).unwrap();
+        let samples: Vec<Vec<Vec<u8>>> = (0..n)
+            .map(|i| vec![(0..700).map(|j| ((i * 7 + j) % 251) as u8).collect(), format!("s{i:04}").into_bytes()])
+            .collect();
+        // 4 records of 705 bytes = 2820 bytes per shard; large shards of several chunks below.
+        let out = self.pack(name, dataset_id, schema, &samples, 4 * 705);
+        (out, samples)
+    }
+
+    pub fn open(&self, dir: &Path) -> shardlock::Result<Dataset> {
+        Dataset::open(dir, &self.trust)
+    }
+
+    /// Opens shard `i` after unwrapping its DEK with the fixture's keyring.
+    pub fn open_shard(&self, ds: &Dataset, i: u32) -> shardlock::Result<shardlock::ShardReader> {
+        let e = ds.shard_entry(i)?;
+        let dek = self.keyring.unwrap_dek(&e.kek_id, &hex::decode(&e.wrapped_dek).unwrap())?;
+        ds.open_shard(i, &dek, Backend::default())
+    }
+
+    /// Reads every record of every shard.
+    pub fn read_all(&self, dir: &Path) -> shardlock::Result<Vec<Vec<Vec<u8>>>> {
+        let ds = self.open(dir)?;
+        let mut out = Vec::new();
+        for i in 0..ds.manifest().shards.len() as u32 {
+            let mut r = self.open_shard(&ds, i)?;
+            for rec in 0..r.len() {
+                out.push(r.read_record(rec)?.into_iter().map(|v| v.to_vec()).collect());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a little-endian C-order `.npy` (version 1.0).
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let shape_s = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Flips one bit of a file at `offset`.
+pub fn flip(path: &Path, offset: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[offset] ^= 0x01;
+    std::fs::write(path, b).unwrap();
+}
