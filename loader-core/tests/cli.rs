@@ -1,0 +1,110 @@
+//! The `shardlock` binary end to end: keygen, pack, inspect, verify, rotate.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn shardlock(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardlock")).current_dir(dir).args(args).output().unwrap()
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = shardlock(dir, args);
+    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn keygen_pack_inspect_verify_rotate() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    common::write_npy(&d.join("x.npy"), "<f4", &[300, 8], &(0..300 * 8 * 4).map(|i| i as u8).collect::<Vec<_>>());
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(d.join("kr.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(d.join("iss")).unwrap().permissions().mode() & 0o777, 0o600);
+    // keygen never overwrites a key.
+    assert!(!shardlock(d, &["keygen", "kek", "--out", "kr.json"]).status.success());
+
+    ok(
+        d,
+        &[
+            "pack",
+            "--keyring",
+            "kr.json",
+            "--issuer-key",
+            "iss",
+            "--dataset-id",
+            "cli",
+            "--out",
+            "ds",
+            "--shard-size",
+            "4k",
+            "x.npy",
+        ],
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(d, &["inspect", "ds", "--json", "--trust", "iss.pub"])).unwrap();
+    assert_eq!(inspect["records"], 300);
+    assert_eq!(inspect["signature"], true);
+    assert_eq!(inspect["schema"]["fields"][0]["dtype"], "f32");
+    let shards = inspect["shards"].as_array().unwrap().len();
+    assert!(shards >= 2);
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub", "--json"]))
+            .unwrap();
+    assert_eq!(report["ok"], true);
+
+    // Rotation: payload bytes unchanged, new keyring opens it, old keyring no longer does.
+    let before: Vec<Vec<u8>> =
+        (0..shards).map(|i| std::fs::read(d.join(format!("ds/shard-{i:05}.slk"))).unwrap()).collect();
+    ok(d, &["keygen", "kek", "--out", "kr2.json"]);
+    ok(d, &["rotate", "ds", "--keyring", "kr.json", "--new-keyring", "kr2.json", "--issuer-key", "iss"]);
+    let after: Vec<Vec<u8>> =
+        (0..shards).map(|i| std::fs::read(d.join(format!("ds/shard-{i:05}.slk"))).unwrap()).collect();
+    assert_eq!(before, after);
+    ok(d, &["verify", "ds", "--keyring", "kr2.json", "--trust", "iss.pub", "--min-generation", "2"]);
+    let old = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    assert!(!old.status.success());
+    assert!(String::from_utf8_lossy(&old.stdout).contains("key unavailable"));
+    // No temporary manifest left behind by the atomic replace.
+    assert!(std::fs::read_dir(d.join("ds")).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp")));
+
+    // A flipped chunk byte: non-zero exit naming dataset, shard and chunk.
+    let shard = d.join("ds/shard-00001.slk");
+    common::flip(&shard, 200);
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr2.json", "--trust", "iss.pub"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("dataset \"cli\"") && out.contains("shard 1") && out.contains("chunk 0"), "{out}");
+
+    // Bad arguments are usage errors, not panics.
+    let o = shardlock(
+        d,
+        &[
+            "pack",
+            "--keyring",
+            "kr.json",
+            "--issuer-key",
+            "iss",
+            "--dataset-id",
+            "x",
+            "--out",
+            "o",
+            "--shard-size",
+            "12zz",
+            "x.npy",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let o = shardlock(d, &["verify", "nope", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no manifest.json"));
+}
