@@ -70,6 +70,24 @@ pub enum IntegrityKind {
     IndexCorrupt,
 }
 
+impl IntegrityKind {
+    /// Stable snake_case name for logs and bindings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HeaderMismatch => "header_mismatch",
+            Self::Commitment => "commitment",
+            Self::Truncated => "truncated",
+            Self::TrailingData => "trailing_data",
+            Self::ChunkAuth => "chunk_auth",
+            Self::SizeMismatch => "size_mismatch",
+            Self::DigestMismatch => "digest_mismatch",
+            Self::MissingShard => "missing_shard",
+            Self::ExtraShard => "extra_shard",
+            Self::IndexCorrupt => "index_corrupt",
+        }
+    }
+}
+
 impl fmt::Display for IntegrityKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -148,6 +166,32 @@ pub enum Error {
         generation: u64,
         /// The minimum the reader asked for.
         min: u64,
+    },
+
+    /// Authorization denied access to a shard. No DEK was unwrapped.
+    #[error("access denied ({reason}){}{}{}: {rule}; {}", dataset.as_ref().map(|d| format!(" to dataset {d:?}")).unwrap_or_default(), shard.map(|s| format!(" shard {s}")).unwrap_or_default(), operation.map(|o| format!(" for {o}")).unwrap_or_default(), reason.hint())]
+    AccessDenied {
+        /// Dataset requested.
+        dataset: Option<String>,
+        /// Shard requested.
+        shard: Option<u32>,
+        /// Operation requested.
+        operation: Option<crate::auth::Operation>,
+        /// Why.
+        reason: crate::auth::DenyReason,
+        /// The rule (Datalog check, deny-list entry, signature) that failed.
+        rule: String,
+    },
+
+    /// The audit log could not be written, or does not verify.
+    #[error("audit log {path}{}: {detail}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Audit {
+        /// The log file.
+        path: PathBuf,
+        /// First bad line (1-based), when verifying.
+        line: Option<u64>,
+        /// What is wrong.
+        detail: String,
     },
 
     /// A key could not be found or used (missing KEK id, wrapped DEK that does not

@@ -10,6 +10,9 @@
 //! - [`crypto`]: AEAD backends, Cobblestone-256, AES-KWP, Ed25519;
 //! - [`keys`]: secret types, keyring file, the [`keys::KeyProvider`] trait;
 //! - [`pack`]: writing datasets;
+//! - [`auth`]: Biscuit tokens, the authorizer, revocation, and [`auth::Access`], the
+//!   only path from a token to a shard's DEK;
+//! - [`audit`]: the hash-chained audit log;
 //! - [`dataset`]: opening, reading, verifying and rotating datasets;
 //! - [`memory`]: mapped and locked memory (the only place with `unsafe`).
 //!
@@ -18,6 +21,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
+pub mod auth;
 pub mod crypto;
 pub mod dataset;
 pub mod error;
@@ -26,6 +31,7 @@ pub mod keys;
 pub mod memory;
 pub mod pack;
 
+pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
 pub use crypto::aead::Backend;
 pub use dataset::{Dataset, ShardReader};
 pub use error::{Error, IntegrityKind, Result, ShardRef};

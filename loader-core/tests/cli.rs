@@ -53,9 +53,41 @@ fn keygen_pack_inspect_verify_rotate() {
     assert_eq!(inspect["schema"]["fields"][0]["dtype"], "f32");
     let shards = inspect["shards"].as_array().unwrap().len();
     assert!(shards >= 2);
-    let report: serde_json::Value =
-        serde_json::from_str(&ok(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub", "--json"]))
-            .unwrap();
+    ok(
+        d,
+        &[
+            "token",
+            "issue",
+            "--issuer-key",
+            "iss",
+            "--dataset",
+            "cli",
+            "--principal",
+            "ci",
+            "--ops",
+            "read,verify",
+            "--out",
+            "tok",
+        ],
+    );
+    assert_eq!(std::fs::metadata(d.join("tok")).unwrap().permissions().mode() & 0o777, 0o600);
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &[
+            "verify",
+            "ds",
+            "--keyring",
+            "kr.json",
+            "--token",
+            "tok",
+            "--trust",
+            "iss.pub",
+            "--json",
+            "--audit-log",
+            "audit.jsonl",
+        ],
+    ))
+    .unwrap();
     assert_eq!(report["ok"], true);
 
     // Rotation: payload bytes unchanged, new keyring opens it, old keyring no longer does.
@@ -66,8 +98,8 @@ fn keygen_pack_inspect_verify_rotate() {
     let after: Vec<Vec<u8>> =
         (0..shards).map(|i| std::fs::read(d.join(format!("ds/shard-{i:05}.slk"))).unwrap()).collect();
     assert_eq!(before, after);
-    ok(d, &["verify", "ds", "--keyring", "kr2.json", "--trust", "iss.pub", "--min-generation", "2"]);
-    let old = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    ok(d, &["verify", "ds", "--keyring", "kr2.json", "--token", "tok", "--trust", "iss.pub", "--min-generation", "2"]);
+    let old = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--token", "tok", "--trust", "iss.pub"]);
     assert!(!old.status.success());
     assert!(String::from_utf8_lossy(&old.stdout).contains("key unavailable"));
     // No temporary manifest left behind by the atomic replace.
@@ -80,7 +112,7 @@ fn keygen_pack_inspect_verify_rotate() {
     // A flipped chunk byte: non-zero exit naming dataset, shard and chunk.
     let shard = d.join("ds/shard-00001.slk");
     common::flip(&shard, 200);
-    let o = shardlock(d, &["verify", "ds", "--keyring", "kr2.json", "--trust", "iss.pub"]);
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr2.json", "--token", "tok", "--trust", "iss.pub"]);
     assert_eq!(o.status.code(), Some(1));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("dataset \"cli\"") && out.contains("shard 1") && out.contains("chunk 0"), "{out}");
@@ -104,7 +136,7 @@ fn keygen_pack_inspect_verify_rotate() {
         ],
     );
     assert_eq!(o.status.code(), Some(2));
-    let o = shardlock(d, &["verify", "nope", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    let o = shardlock(d, &["verify", "nope", "--keyring", "kr.json", "--token", "tok", "--trust", "iss.pub"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no manifest.json"));
 }

@@ -72,7 +72,7 @@ fn roundtrip_reads_back_every_record() {
     let fx = Fixture::new();
     let (ds, samples) = fx.standard("ds", "ds1", 10);
     assert_eq!(fx.read_all(&ds).unwrap(), samples);
-    let r = verify(&ds, &fx.trust, &fx.keyring, &VerifyOptions::default(), &mut |_| {}).unwrap();
+    let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(r.ok);
     assert_eq!(r.shards.len(), 3);
 }
@@ -116,7 +116,7 @@ fn chunk_body_and_tag_flips_fail_that_chunk() {
     for (off, chunk) in [(hl + HEADER_LEN + ENC_CHUNK_LEN + 5, 1), (hl + HEADER_LEN + 2 * ENC_CHUNK_LEN - 1, 1)] {
         flip(&shard, off);
         assert_read_fails_at(&fx, &ds, 2, chunk);
-        let r = verify(&ds, &fx.trust, &fx.keyring, &VerifyOptions::default(), &mut |_| {}).unwrap();
+        let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
         assert!(!r.ok);
         assert_eq!(r.shards[2].chunk, Some(chunk));
         std::fs::write(&shard, &orig).unwrap();
@@ -228,7 +228,7 @@ fn removed_added_and_rolled_back_shards_are_detected() {
 
     std::fs::remove_file(&s1).unwrap();
     assert_open_fails(&fx, &ds, 1, IntegrityKind::MissingShard);
-    let r = verify(&ds, &fx.trust, &fx.keyring, &VerifyOptions::default(), &mut |_| {}).unwrap();
+    let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(r.shards[1].failure.as_deref(), Some("MissingShard"));
 
     std::fs::copy(old.join("shard-00001.slk"), &s1).unwrap();
@@ -236,7 +236,7 @@ fn removed_added_and_rolled_back_shards_are_detected() {
 
     std::fs::write(&s1, &orig).unwrap();
     std::fs::copy(old.join("shard-00002.slk"), ds.join("shard-00003.slk")).unwrap();
-    let r = verify(&ds, &fx.trust, &fx.keyring, &VerifyOptions::default(), &mut |_| {}).unwrap();
+    let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(!r.ok);
     let extra = r.shards.iter().find(|s| s.index.is_none()).unwrap();
     assert_eq!((extra.file.as_str(), extra.failure.as_deref()), ("shard-00003.slk", Some("ExtraShard")));
@@ -269,12 +269,12 @@ fn rolled_back_manifest_is_refused_with_min_generation() {
     let ds = big(&fx, "ds", "ds1");
     let old_manifest = std::fs::read(ds.join("manifest.json")).unwrap();
     let new_ring = Keyring::create(&fx.path("new.json")).unwrap();
-    let m = shardlock::dataset::rotate(&ds, &fx.keyring, &new_ring, &fx.issuer).unwrap();
+    let m = shardlock::dataset::rotate(&ds, &*fx.keyring, &new_ring, &fx.issuer).unwrap();
     assert_eq!(m.generation, 2);
     std::fs::write(ds.join("manifest.json"), old_manifest).unwrap();
     let opts = VerifyOptions { min_generation: Some(2), ..Default::default() };
     assert!(matches!(
-        verify(&ds, &fx.trust, &fx.keyring, &opts, &mut |_| {}),
+        verify(&ds, &fx.trust, &fx.access("ds1"), &opts, &mut |_| {}),
         Err(Error::Rollback { generation: 1, min: 2, .. })
     ));
 }
@@ -283,8 +283,8 @@ fn rolled_back_manifest_is_refused_with_min_generation() {
 fn wrong_kek_and_bad_keyrings_are_key_errors() {
     let fx = Fixture::new();
     let ds = big(&fx, "ds", "ds1");
-    let other = Keyring::create(&fx.path("other.json")).unwrap();
-    let e = verify(&ds, &fx.trust, &other, &VerifyOptions::default(), &mut |_| {}).unwrap();
+    let other = std::sync::Arc::new(Keyring::create(&fx.path("other.json")).unwrap());
+    let e = verify(&ds, &fx.trust, &fx.access_with("ds1", other), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(e.shards[0].failure.as_deref(), Some("KeyUnavailable"));
     // Same KEK id, different key bytes: the KWP integrity check refuses the unwrap.
     let text = std::fs::read_to_string(fx.path("keyring.json")).unwrap();
@@ -292,8 +292,8 @@ fn wrong_kek_and_bad_keyrings_are_key_errors() {
     let forged = text.replace(&key_hex, &"ab".repeat(32));
     let forged_path = fx.path("forged.json");
     shardlock::keys::write_new_file(&forged_path, forged.as_bytes(), 0o600).unwrap();
-    let ring = Keyring::load(&forged_path).unwrap();
-    let r = verify(&ds, &fx.trust, &ring, &VerifyOptions::default(), &mut |_| {}).unwrap();
+    let ring = std::sync::Arc::new(Keyring::load(&forged_path).unwrap());
+    let r = verify(&ds, &fx.trust, &fx.access_with("ds1", ring), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(r.shards.iter().all(|s| s.failure.as_deref() == Some("KeyUnavailable")));
     assert!(!r.shards[0].error.as_ref().unwrap().contains(&key_hex));
     // Corrupted keyring file.
@@ -314,7 +314,7 @@ fn bad_pack_inputs_are_input_errors() {
     write_npy(&a, "<f4", &[4, 2], &[0u8; 32]);
     write_npy(&b, "<i8", &[3], &[0u8; 24]);
     let pack = |inputs: &[std::path::PathBuf]| {
-        pack_paths(&fx.path("out"), inputs, PackOptions::new("d"), &fx.keyring, &fx.issuer, &mut |_| {})
+        pack_paths(&fx.path("out"), inputs, PackOptions::new("d"), &*fx.keyring, &fx.issuer, &mut |_| {})
     };
     let e = pack(&[a.clone(), b.clone()]).unwrap_err();
     assert!(matches!(&e, Error::Input { path, .. } if path == &b), "{e}");
@@ -349,7 +349,7 @@ fn existing_dataset_is_refused_unless_forced_and_failed_packs_leave_no_dataset()
     let run = |force| {
         let mut o = PackOptions::new("d");
         o.force = force;
-        pack_paths(&out, std::slice::from_ref(&a), o, &fx.keyring, &fx.issuer, &mut |_| {})
+        pack_paths(&out, std::slice::from_ref(&a), o, &*fx.keyring, &fx.issuer, &mut |_| {})
     };
     run(false).unwrap();
     assert!(matches!(run(false), Err(Error::AlreadyExists { .. })));
@@ -362,7 +362,7 @@ fn existing_dataset_is_refused_unless_forced_and_failed_packs_leave_no_dataset()
     let mut o = PackOptions::new("d");
     o.force = true;
     o.shard_size = 8;
-    let mut w = shardlock::DatasetWriter::create(&out, schema, o, &fx.keyring, &fx.issuer).unwrap();
+    let mut w = shardlock::DatasetWriter::create(&out, schema, o, &*fx.keyring, &fx.issuer).unwrap();
     for _ in 0..5 {
         w.write_sample(&[&[1, 2, 3, 4]]).unwrap();
     }

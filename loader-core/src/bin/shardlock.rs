@@ -5,10 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shardlock::audit::AuditLog;
+use shardlock::auth::{self, Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::dataset::{self, VerifyOptions};
 use shardlock::keys::{IssuerKey, Keyring, TrustAnchor};
 use shardlock::pack::{self, PackOptions};
 use shardlock::{Backend, Error};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "shardlock", version, about = "Encrypted, authenticated dataset shards for training", long_about = None)]
@@ -30,6 +33,135 @@ enum Command {
     Verify(VerifyArgs),
     /// Rewrap every DEK under a new keyring's KEK and re-sign the manifest.
     Rotate(RotateArgs),
+    /// Issue, attenuate, inspect and revoke access tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Check the audit log's hash chain.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a token with the data owner's issuer key.
+    Issue {
+        /// Issuer secret key file.
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// Dataset id the token is for.
+        #[arg(long)]
+        dataset: String,
+        /// Who the token is for (recorded in the audit log).
+        #[arg(long)]
+        principal: String,
+        /// Shards covered: "all" or a list like 0-3,7,10-12.
+        #[arg(long, default_value = "all")]
+        shards: String,
+        /// Operations granted: read, verify.
+        #[arg(long, default_value = "read")]
+        ops: String,
+        /// Lifetime (e.g. 90s, 30m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Not valid before this time (RFC 3339 or Unix seconds); default now.
+        #[arg(long)]
+        not_before: Option<String>,
+        /// Token file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Narrow a token offline (no key needed): fewer shards, fewer operations, sooner expiry.
+    Attenuate {
+        /// Token file to narrow.
+        token: PathBuf,
+        /// Issuer public key (.pub), to check the token before narrowing it.
+        #[arg(long)]
+        trust: PathBuf,
+        /// Keep only these shards.
+        #[arg(long)]
+        shards: Option<String>,
+        /// Keep only these operations.
+        #[arg(long)]
+        ops: Option<String>,
+        /// Expire within this duration from now.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Token file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a token's blocks, checks and revocation ids (never the token itself).
+    Inspect {
+        /// Token file.
+        token: PathBuf,
+        /// Issuer public key (.pub) to verify the signature chain.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a token's revocation id to a deny list (revokes it and everything attenuated from it).
+    Revoke {
+        /// Token file.
+        token: PathBuf,
+        /// Deny-list file to append to (created if missing).
+        #[arg(long)]
+        deny_list: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify every line's hash and the chain; print the record count and head hash.
+    Verify {
+        /// Audit log file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options every reader takes.
+#[derive(Args)]
+struct ReaderArgs {
+    /// Keyring holding the KEK the DEKs are wrapped under.
+    #[arg(long)]
+    keyring: PathBuf,
+    /// Access token file (from `shardlock token issue`).
+    #[arg(long)]
+    token: Option<PathBuf>,
+    /// Issuer public key (.pub): the trust anchor for manifest and token.
+    #[arg(long)]
+    trust: PathBuf,
+    /// Deny-list file of revoked token ids, re-read when it changes.
+    #[arg(long)]
+    deny_list: Option<PathBuf>,
+    /// Append every decision to this hash-chained audit log.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Allowed clock skew for token validity (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    clock_skew: String,
+}
+
+impl ReaderArgs {
+    fn access(&self) -> Result<(TrustAnchor, Access), Error> {
+        let keys = Keyring::load(&self.keyring)?;
+        let trust = TrustAnchor::load(&self.trust)?;
+        let cfg = AuthorizerConfig {
+            skew: auth::parse_ttl(&self.clock_skew)?,
+            deny_list: self.deny_list.clone(),
+            ..Default::default()
+        };
+        let authorizer = Authorizer::from_file(&trust, self.token.as_deref(), cfg)?;
+        let mut access = Access::new(authorizer, Arc::new(keys));
+        if let Some(p) = &self.audit_log {
+            access = access.with_audit(Arc::new(AuditLog::open(p)?));
+        }
+        Ok((trust, access))
+    }
 }
 
 #[derive(Subcommand)]
@@ -95,12 +227,8 @@ struct InspectArgs {
 struct VerifyArgs {
     /// Dataset directory.
     dir: PathBuf,
-    /// Keyring holding the KEK the DEKs are wrapped under.
-    #[arg(long)]
-    keyring: PathBuf,
-    /// Issuer public key (.pub): the trust anchor.
-    #[arg(long)]
-    trust: PathBuf,
+    #[command(flatten)]
+    reader: ReaderArgs,
     /// Refuse a manifest older than this generation (rollback protection).
     #[arg(long)]
     min_generation: Option<u64>,
@@ -194,6 +322,29 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             );
         }
         Command::Pack(a) => pack_cmd(a)?,
+        Command::Token(t) => token_cmd(t)?,
+        Command::Audit(AuditCmd::Verify { file, json }) => {
+            return match shardlock::audit::verify_log(&file) {
+                Ok(s) => {
+                    if json {
+                        print_json(&serde_json::json!({"ok": true, "records": s.records, "head": s.head}));
+                    } else {
+                        println!("OK: {} records, chain intact; head hash {} (record it elsewhere to detect later truncation)", s.records, s.head);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ Error::Audit { .. }) => {
+                    if json {
+                        let line = if let Error::Audit { line, .. } = &e { *line } else { None };
+                        print_json(&serde_json::json!({"ok": false, "line": line, "error": e.to_string()}));
+                    } else {
+                        println!("FAILED: {e}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e),
+            };
+        }
         Command::Inspect(a) => return inspect_cmd(a),
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => {
@@ -311,12 +462,12 @@ fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
-    let keys = Keyring::load(&a.keyring)?;
-    let trust = TrustAnchor::load(&a.trust)?;
+    let (trust, access) = a.reader.access()?;
     let total = total_bytes(&a.dir);
     let pb = bar(total, a.json, "verifying {bar:40} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]");
     let opts = VerifyOptions { backend: a.backend, min_generation: a.min_generation };
-    let report = dataset::verify(&a.dir, &trust, &keys, &opts, &mut |n| pb.inc(n))?;
+    let access = access.with_backend(a.backend);
+    let report = dataset::verify(&a.dir, &trust, &access, &opts, &mut |n| pb.inc(n))?;
     pb.finish_and_clear();
     if a.json {
         print_json(&serde_json::to_value(&report).unwrap_or_default());
@@ -341,4 +492,89 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
 
 fn total_bytes(dir: &Path) -> u64 {
     dataset::inspect(dir, None).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
+}
+
+fn token_cmd(t: TokenCmd) -> Result<(), Error> {
+    match t {
+        TokenCmd::Issue { issuer_key, dataset, principal, shards, ops, ttl, not_before, out } => {
+            let issuer = IssuerKey::load(&issuer_key)?;
+            let expires = std::time::SystemTime::now() + auth::parse_ttl(&ttl)?;
+            let spec = TokenSpec {
+                dataset,
+                principal,
+                shards: ShardSet::parse(&shards)?,
+                ops: Operation::parse_list(&ops)?,
+                expires,
+                not_before: not_before.as_deref().map(auth::parse_time).transpose()?,
+            };
+            let token = Token::issue(&issuer, &spec)?;
+            token.save(&out)?;
+            println!(
+                "wrote token {} (mode 0600) for {:?} on dataset {:?}, shards {shards}, ops {ops}, expires {}; revocation id {}",
+                out.display(),
+                spec.principal,
+                spec.dataset,
+                humantime::format_rfc3339_seconds(expires),
+                token.revocation_id()
+            );
+        }
+        TokenCmd::Attenuate { token, trust, shards, ops, ttl, out } => {
+            let trust = TrustAnchor::load(&trust)?;
+            let t = Token::load(&token, &trust)?;
+            let shards = shards.as_deref().map(ShardSet::parse).transpose()?;
+            let ops = ops.as_deref().map(Operation::parse_list).transpose()?;
+            let expires = ttl.as_deref().map(auth::parse_ttl).transpose()?.map(|d| std::time::SystemTime::now() + d);
+            if shards.is_none() && ops.is_none() && expires.is_none() {
+                return Err(Error::InvalidArgument("nothing to narrow: give --shards, --ops and/or --ttl".into()));
+            }
+            let narrowed = t.attenuate(shards.as_ref(), ops.as_deref(), expires)?;
+            narrowed.save(&out)?;
+            println!(
+                "wrote attenuated token {} (mode 0600); revocation id {}",
+                out.display(),
+                narrowed.revocation_id()
+            );
+        }
+        TokenCmd::Inspect { token, trust, json } => {
+            let (blocks, ids, verified) = match trust {
+                Some(tp) => {
+                    let t = Token::load(&token, &TrustAnchor::load(&tp)?)?;
+                    (t.blocks(), t.revocation_ids(), Some(true))
+                }
+                None => {
+                    let (b, i) = auth::inspect_unverified(&token)?;
+                    (b, i, None)
+                }
+            };
+            if json {
+                print_json(&serde_json::json!({"verified": verified, "blocks": blocks, "revocation_ids": ids}));
+            } else {
+                println!(
+                    "signature: {}",
+                    if verified.is_some() {
+                        "valid (verified against the trust anchor)"
+                    } else {
+                        "not verified (pass --trust FILE.pub)"
+                    }
+                );
+                for (i, (b, id)) in blocks.iter().zip(&ids).enumerate() {
+                    println!("block {i} ({}) revocation id {id}", if i == 0 { "authority" } else { "attenuation" });
+                    for line in b.lines().filter(|l| !l.trim().is_empty()) {
+                        println!("    {line}");
+                    }
+                }
+            }
+        }
+        TokenCmd::Revoke { token, deny_list } => {
+            let (_, ids) = auth::inspect_unverified(&token)?;
+            let id = ids.last().cloned().ok_or_else(|| Error::InvalidArgument("token has no blocks".into()))?;
+            auth::DenyList::append(
+                &deny_list,
+                &id,
+                &format!("revoked {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
+            )?;
+            println!("revoked {id} in {} (this token and every token attenuated from it)", deny_list.display());
+        }
+    }
+    Ok(())
 }

@@ -19,7 +19,8 @@ pub fn rotate(dir: &Path, old: &dyn KeyProvider, new: &dyn KeyProvider, issuer: 
             key_id: e.kek_id.clone(),
             detail: format!("shard {}: wrapped DEK in the manifest is not hex", e.index),
         })?;
-        let dek = old.unwrap_dek(&e.kek_id, &wrapped)?;
+        let grant = crate::auth::Grant::owner(issuer, ds.manifest(), e.index)?;
+        let dek = old.unwrap_dek(grant, &e.kek_id, &wrapped)?;
         let (kek_id, rewrapped) = new.wrap_dek(&dek)?;
         e.kek_id = kek_id;
         e.wrapped_dek = hex::encode(rewrapped);

@@ -7,12 +7,13 @@ use serde::Serialize;
 
 use super::shard::{expected_header, read_index};
 use super::Dataset;
+use crate::auth::{Access, Operation};
 use crate::crypto::aead::Backend;
 use crate::crypto::chunked::{ChunkBuf, Payload, CHUNK_LEN};
 use crate::crypto::Sha256;
 use crate::error::{Error, IntegrityKind, Result};
 use crate::format::ShardHeader;
-use crate::keys::{KeyProvider, TrustAnchor};
+use crate::keys::TrustAnchor;
 use crate::memory::map_file;
 
 /// Options of [`verify`].
@@ -63,14 +64,15 @@ pub struct VerifyReport {
     pub ok: bool,
 }
 
-/// Verifies the manifest signature, then for each shard: presence, size, SHA-256,
-/// header, DEK unwrap, commitment, every chunk, and the record index. Every shard is
-/// checked even after a failure; the report lists them all. `progress` is called with
-/// the number of bytes finished as work proceeds.
+/// Verifies the manifest signature, then for each shard: presence, size, header,
+/// authorization of `verify` for the shard, DEK unwrap, commitment, every chunk, the
+/// record index and the SHA-256 of the file. Every shard is checked even after a
+/// failure; the report lists them all. `progress` is called with the number of bytes
+/// finished as work proceeds. Decisions and failures go to `access`'s audit log.
 pub fn verify(
     dir: &Path,
     trust: &TrustAnchor,
-    keys: &dyn KeyProvider,
+    access: &Access,
     opts: &VerifyOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport> {
@@ -82,7 +84,10 @@ pub fn verify(
     let mut shards = Vec::with_capacity(m.shards.len());
     let mut bytes = 0;
     for e in &m.shards {
-        let r = verify_shard(&ds, e.index, keys, opts.backend, progress);
+        let r = verify_shard(&ds, e.index, access, opts.backend, progress);
+        if let Err(err) = &r {
+            access.record_failure(&ds, e.index, Operation::Verify, err)?;
+        }
         if r.is_ok() {
             bytes += e.file_bytes;
         }
@@ -134,6 +139,7 @@ fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
     let (failure, chunk) = match err {
         Error::Integrity { kind, chunk, .. } => (Some(format!("{kind:?}")), *chunk),
         Error::KeyUnavailable { .. } => (Some("KeyUnavailable".to_owned()), None),
+        Error::AccessDenied { reason, .. } => (Some(format!("AccessDenied:{}", reason.name())), None),
         _ => (Some("Error".to_owned()), None),
     };
     ShardReport { index, file: file.to_owned(), ok: false, failure, chunk, error: Some(err.to_string()) }
@@ -142,7 +148,7 @@ fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
 fn verify_shard(
     ds: &Dataset,
     index: u32,
-    keys: &dyn KeyProvider,
+    access: &Access,
     backend: Backend,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
@@ -164,11 +170,7 @@ fn verify_shard(
     if header != expected_header(ds, index)? {
         return Err(fail(IntegrityKind::HeaderMismatch));
     }
-    let wrapped = hex::decode(&e.wrapped_dek).map_err(|_| Error::KeyUnavailable {
-        key_id: e.kek_id.clone(),
-        detail: format!("{at}: wrapped DEK in the manifest is not hex"),
-    })?;
-    let dek = keys.unwrap_dek(&e.kek_id, &wrapped)?;
+    let dek = access.release_dek(ds, index, Operation::Verify)?;
     let context = map[..header_len].to_vec();
     let payload = Payload::open(backend, dek.expose(), &context, map, header_len).map_err(|err| err.at_shard(&at))?;
     if payload.plaintext_len() != header.plaintext_len {

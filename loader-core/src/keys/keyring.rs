@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{files, Dek, Kek, KeyProvider};
+use crate::auth::Grant;
 use crate::error::{Error, Result};
 
 const FORMAT: &str = "shardlock-keyring/1";
@@ -126,7 +127,8 @@ impl KeyProvider for Keyring {
         Ok((kek.id.clone(), kek.wrap(dek)?))
     }
 
-    fn unwrap_dek(&self, kek_id: &str, wrapped: &[u8]) -> Result<Dek> {
+    fn unwrap_dek(&self, grant: Grant, kek_id: &str, wrapped: &[u8]) -> Result<Dek> {
+        drop(grant);
         self.kek(kek_id)?.unwrap(wrapped)
     }
 }

@@ -18,6 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::auth::Grant;
 use crate::crypto;
 use crate::error::{Error, Result};
 
@@ -25,8 +26,8 @@ use crate::error::{Error, Result};
 pub struct Dek(Zeroizing<[u8; 32]>);
 
 impl Dek {
-    /// A fresh random DEK.
-    pub fn generate() -> Result<Self> {
+    /// A fresh random DEK (for packing a new shard).
+    pub(crate) fn generate() -> Result<Self> {
         let mut k = Zeroizing::new([0u8; 32]);
         crypto::random_bytes(&mut k[..])?;
         Ok(Self(k))
@@ -103,8 +104,9 @@ pub trait KeyProvider: Send + Sync {
     fn active_kek_id(&self) -> &str;
     /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
-    /// Unwraps a DEK wrapped under KEK `kek_id`.
-    fn unwrap_dek(&self, kek_id: &str, wrapped: &[u8]) -> Result<Dek>;
+    /// Unwraps a DEK wrapped under KEK `kek_id`. Requires the [`Grant`] of a passing
+    /// authorization for the shard, so no DEK can be unwrapped without one.
+    fn unwrap_dek(&self, grant: Grant, kek_id: &str, wrapped: &[u8]) -> Result<Dek>;
 }
 
 /// The data owner's Ed25519 signing key (signs manifests; roots tokens).

@@ -3,6 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use shardlock::auth::{Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::dataset::Dataset;
 use shardlock::format::{DType, Field, Schema};
 use shardlock::keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
@@ -11,7 +15,7 @@ use shardlock::Backend;
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,
-    pub keyring: Keyring,
+    pub keyring: Arc<Keyring>,
     pub issuer: IssuerKey,
     pub trust: TrustAnchor,
 }
@@ -19,7 +23,7 @@ pub struct Fixture {
 impl Fixture {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let keyring = Keyring::create(&dir.path().join("keyring.json")).unwrap();
+        let keyring = Arc::new(Keyring::create(&dir.path().join("keyring.json")).unwrap());
         let issuer = IssuerKey::generate().unwrap();
         let trust = issuer.trust_anchor();
         Self { dir, keyring, issuer, trust }
@@ -42,7 +46,7 @@ impl Fixture {
         let mut opts = PackOptions::new(dataset_id);
         opts.shard_size = shard_size;
         opts.force = true;
-        let mut w = DatasetWriter::create(&out, schema, opts, &self.keyring, &self.issuer).unwrap();
+        let mut w = DatasetWriter::create(&out, schema, opts, &*self.keyring, &self.issuer).unwrap();
         for s in samples {
             let refs: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
             w.write_sample(&refs).unwrap();
@@ -67,11 +71,33 @@ impl Fixture {
         Dataset::open(dir, &self.trust)
     }
 
-    /// Opens shard `i` after unwrapping its DEK with the fixture's keyring.
+    /// A token for every shard of `dataset`, read and verify, valid for an hour.
+    pub fn token(&self, dataset: &str) -> Token {
+        let spec = TokenSpec {
+            dataset: dataset.into(),
+            principal: "tester".into(),
+            shards: ShardSet::All,
+            ops: vec![Operation::Read, Operation::Verify],
+            expires: SystemTime::now() + Duration::from_secs(3600),
+            not_before: None,
+        };
+        Token::issue(&self.issuer, &spec).unwrap()
+    }
+
+    /// A gate over `keys` with a full token for `dataset`.
+    pub fn access_with(&self, dataset: &str, keys: Arc<dyn KeyProvider>) -> Access {
+        let auth = Authorizer::new(&self.trust, Some(self.token(dataset)), AuthorizerConfig::default()).unwrap();
+        Access::new(auth, keys).with_backend(Backend::default())
+    }
+
+    /// A gate over the fixture's keyring with a full token for `dataset`.
+    pub fn access(&self, dataset: &str) -> Access {
+        self.access_with(dataset, self.keyring.clone())
+    }
+
+    /// Opens shard `i` through the access gate.
     pub fn open_shard(&self, ds: &Dataset, i: u32) -> shardlock::Result<shardlock::ShardReader> {
-        let e = ds.shard_entry(i)?;
-        let dek = self.keyring.unwrap_dek(&e.kek_id, &hex::decode(&e.wrapped_dek).unwrap())?;
-        ds.open_shard(i, &dek, Backend::default())
+        self.access(&ds.manifest().dataset_id).open_shard(ds, i, Operation::Read)
     }
 
     /// Reads every record of every shard.

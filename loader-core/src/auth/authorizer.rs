@@ -1,0 +1,231 @@
+//! The authorizer: runs the token's Datalog against one request.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use biscuit_auth::builder as bb;
+use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
+use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits};
+
+use super::revocation::DenyList;
+use super::token::Token;
+use super::{DenyReason, Grant, Operation};
+use crate::error::{Error, Result};
+use crate::keys::TrustAnchor;
+
+/// Source of the current time (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Authorizer settings.
+#[derive(Clone)]
+pub struct AuthorizerConfig {
+    /// Allowed clock difference between issuer and reader, applied to the issuer's
+    /// expiry and not-before (not to attenuations, which are checked strictly).
+    pub skew: Duration,
+    /// Deny-list file of revocation ids, re-read whenever it changes.
+    pub deny_list: Option<std::path::PathBuf>,
+    /// The clock.
+    pub clock: Clock,
+}
+
+impl Default for AuthorizerConfig {
+    fn default() -> Self {
+        Self { skew: Duration::from_secs(30), deny_list: None, clock: Arc::new(SystemTime::now) }
+    }
+}
+
+impl std::fmt::Debug for AuthorizerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizerConfig").field("skew", &self.skew).field("deny_list", &self.deny_list).finish()
+    }
+}
+
+enum TokenState {
+    Valid(Token),
+    Missing,
+    Invalid(String),
+}
+
+/// Authorizes requests for one token against one trust anchor. A missing or invalid
+/// token is not an error at construction: every request is then denied (and
+/// audited), so a job that starts without a usable token leaves a record.
+pub struct Authorizer {
+    token: TokenState,
+    deny: Option<DenyList>,
+    cfg: AuthorizerConfig,
+    principal: String,
+    token_id: String,
+}
+
+/// The request-side Datalog: facts the authorizer asserts, and the checks that map
+/// one-to-one to deny reasons.
+const POLICY: &str = r#"
+dataset({dataset}); shard({shard}); operation({op});
+time({now}); now_early({early}); now_late({late});
+check if allowed_dataset($d), dataset($d);
+check if operation($op), allowed_op($op);
+check if shard($s), allowed_shards($lo, $hi), $s >= $lo, $s <= $hi;
+check if expires($e), now_early($t), $t < $e;
+check if not_before($n), now_late($t), $t >= $n;
+allow if true;
+"#;
+
+impl Authorizer {
+    /// An authorizer for `token` (if any) under `trust`.
+    pub fn new(trust: &TrustAnchor, token: Option<Token>, cfg: AuthorizerConfig) -> Result<Self> {
+        let _ = trust;
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let state = match token {
+            Some(t) => TokenState::Valid(t),
+            None => TokenState::Missing,
+        };
+        Self::with_state(state, deny, cfg)
+    }
+
+    /// An authorizer from a token file; an unreadable or invalid token is kept as a
+    /// reason to deny every request rather than failing here.
+    pub fn from_file(trust: &TrustAnchor, token: Option<&Path>, cfg: AuthorizerConfig) -> Result<Self> {
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let state = match token {
+            None => TokenState::Missing,
+            Some(p) => match Token::load(p, trust) {
+                Ok(t) => TokenState::Valid(t),
+                Err(Error::AccessDenied { rule, .. }) => TokenState::Invalid(rule),
+                Err(e) => TokenState::Invalid(e.to_string()),
+            },
+        };
+        Self::with_state(state, deny, cfg)
+    }
+
+    fn with_state(token: TokenState, deny: Option<DenyList>, cfg: AuthorizerConfig) -> Result<Self> {
+        let (principal, token_id) = match &token {
+            TokenState::Valid(t) => (principal_of(t), t.revocation_id()),
+            _ => (String::new(), String::new()),
+        };
+        Ok(Self { token, deny, cfg, principal, token_id })
+    }
+
+    /// The token's principal ("" without a valid token).
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
+    /// The token's revocation id ("" without a valid token). Safe to log.
+    pub fn token_id(&self) -> &str {
+        &self.token_id
+    }
+
+    /// Authorizes one request at the current time. On success returns the [`Grant`]
+    /// that unlocks the shard's DEK; on failure `Error::AccessDenied` naming the
+    /// dataset, shard, operation, reason and failing rule.
+    pub fn authorize(&self, dataset: &str, shard: u32, op: Operation) -> Result<Grant> {
+        let deny = |reason: DenyReason, rule: String| Error::AccessDenied {
+            dataset: Some(dataset.to_owned()),
+            shard: Some(shard),
+            operation: Some(op),
+            reason,
+            rule,
+        };
+        let token = match &self.token {
+            TokenState::Valid(t) => t,
+            TokenState::Missing => return Err(deny(DenyReason::MissingToken, "no token given".into())),
+            TokenState::Invalid(why) => return Err(deny(DenyReason::InvalidToken, why.clone())),
+        };
+        if let Some(list) = &self.deny {
+            if let Some(id) = list.find_any(&token.revocation_ids())? {
+                return Err(deny(
+                    DenyReason::Revoked,
+                    format!("revocation id {id} is on deny list {}", list.path().display()),
+                ));
+            }
+        }
+        let now = (self.cfg.clock)();
+        let mut params = HashMap::new();
+        params.insert("dataset".to_owned(), bb::string(dataset));
+        params.insert("shard".to_owned(), bb::int(shard.into()));
+        params.insert("op".to_owned(), bb::string(op.name()));
+        params.insert("now".to_owned(), bb::date(&now));
+        params.insert("early".to_owned(), bb::date(&now.checked_sub(self.cfg.skew).unwrap_or(SystemTime::UNIX_EPOCH)));
+        params.insert("late".to_owned(), bb::date(&(now + self.cfg.skew)));
+        let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: Duration::from_millis(50) };
+        let built = AuthorizerBuilder::new()
+            .code_with_params(POLICY, params, HashMap::new())
+            .map(|b| b.set_limits(limits))
+            .and_then(|b| b.build(&token.biscuit));
+        let mut authorizer = match built {
+            Ok(a) => a,
+            Err(e) => return Err(deny(DenyReason::InvalidToken, format!("token cannot be evaluated: {e}"))),
+        };
+        match authorizer.authorize() {
+            Ok(_) => Ok(Grant::new(dataset, shard, op)),
+            Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. } | Logic::NoMatchingPolicy { checks })) => {
+                let (reason, rule) = classify(&checks);
+                Err(deny(reason, rule))
+            }
+            Err(e) => Err(deny(DenyReason::InvalidToken, format!("token evaluation failed: {e}"))),
+        }
+    }
+}
+
+fn principal_of(t: &Token) -> String {
+    let Ok(mut a) = AuthorizerBuilder::new().build(&t.biscuit) else { return String::new() };
+    let r: std::result::Result<Vec<(String,)>, _> = a.query("data($p) <- principal($p)");
+    r.ok().and_then(|v| v.into_iter().next()).map(|(p,)| p).unwrap_or_default()
+}
+
+/// Maps failed checks to the most specific reason, in a fixed priority order.
+fn classify(checks: &[FailedCheck]) -> (DenyReason, String) {
+    let mut found: Vec<(DenyReason, String)> = checks
+        .iter()
+        .map(|c| match c {
+            FailedCheck::Authorizer(a) => {
+                let r = &a.rule;
+                let reason = if r.contains("allowed_dataset") {
+                    DenyReason::WrongDataset
+                } else if r.contains("allowed_op") {
+                    DenyReason::OperationNotGranted
+                } else if r.contains("allowed_shards") {
+                    DenyReason::ShardOutOfScope
+                } else if r.contains("not_before") {
+                    DenyReason::NotYetValid
+                } else if r.contains("expires") {
+                    DenyReason::TokenExpired
+                } else {
+                    DenyReason::AttenuationCheck
+                };
+                (reason, format!("authorizer: {r}"))
+            }
+            FailedCheck::Block(b) => {
+                let r = &b.rule;
+                let reason = if r.contains("time(") {
+                    DenyReason::TokenExpired
+                } else if r.contains("shard(") {
+                    DenyReason::ShardOutOfScope
+                } else if r.contains("operation(") {
+                    DenyReason::OperationNotGranted
+                } else if r.contains("dataset(") {
+                    DenyReason::WrongDataset
+                } else {
+                    DenyReason::AttenuationCheck
+                };
+                (reason, format!("block {}: {r}", b.block_id))
+            }
+        })
+        .collect();
+    let rank = |r: &DenyReason| match r {
+        DenyReason::WrongDataset => 0,
+        DenyReason::OperationNotGranted => 1,
+        DenyReason::ShardOutOfScope => 2,
+        DenyReason::TokenExpired => 3,
+        DenyReason::NotYetValid => 4,
+        _ => 5,
+    };
+    found.sort_by_key(|(r, _)| rank(r));
+    let rules: Vec<String> = found.iter().map(|(_, s)| s.clone()).collect();
+    match found.first() {
+        Some((r, _)) => (*r, rules.join("; ")),
+        None => (DenyReason::AttenuationCheck, "no policy matched".into()),
+    }
+}
