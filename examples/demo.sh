@@ -21,5 +21,15 @@ shardlock pack --keyring "$OUT/keyring.json" --issuer-key "$OUT/issuer.key" \
   --dataset-id demo/cifar-like --shard-size 32MiB --out "$OUT/dataset" "$OUT/input/image.npy" "$OUT/input/label.npy"
 echo "== inspect (no key needed)"
 shardlock inspect "$OUT/dataset" --trust "$OUT/issuer.key.pub"
-echo "== verify (authenticates every chunk)"
-shardlock verify "$OUT/dataset" --keyring "$OUT/keyring.json" --trust "$OUT/issuer.key.pub"
+echo "== token: the data owner grants 'demo-job' read+verify on every shard for 1 hour"
+shardlock token issue --issuer-key "$OUT/issuer.key" --dataset demo/cifar-like --principal demo-job \
+  --ops read,verify --ttl 1h --out "$OUT/job.token"
+shardlock token inspect "$OUT/job.token" --trust "$OUT/issuer.key.pub"
+echo "== verify (authorizes each shard, then authenticates every chunk; decisions go to the audit log)"
+shardlock verify "$OUT/dataset" --keyring "$OUT/keyring.json" --token "$OUT/job.token" \
+  --trust "$OUT/issuer.key.pub" --audit-log "$OUT/audit.jsonl"
+echo "== a token narrowed offline to shard 0 is denied the other shards (and the denials are audited)"
+shardlock token attenuate "$OUT/job.token" --trust "$OUT/issuer.key.pub" --shards 0 --out "$OUT/narrow.token"
+shardlock verify "$OUT/dataset" --keyring "$OUT/keyring.json" --token "$OUT/narrow.token" \
+  --trust "$OUT/issuer.key.pub" --audit-log "$OUT/audit.jsonl" || echo "(denied as expected)"
+shardlock audit verify "$OUT/audit.jsonl"

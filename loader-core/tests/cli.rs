@@ -140,3 +140,123 @@ fn keygen_pack_inspect_verify_rotate() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no manifest.json"));
 }
+
+#[test]
+fn token_and_audit_commands() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    common::write_npy(&d.join("x.npy"), "|u1", &[64, 1000], &vec![9u8; 64_000]);
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    ok(
+        d,
+        &[
+            "pack",
+            "--keyring",
+            "kr.json",
+            "--issuer-key",
+            "iss",
+            "--dataset-id",
+            "tok",
+            "--out",
+            "ds",
+            "--shard-size",
+            "16k",
+            "x.npy",
+        ],
+    );
+    ok(
+        d,
+        &[
+            "token",
+            "issue",
+            "--issuer-key",
+            "iss",
+            "--dataset",
+            "tok",
+            "--principal",
+            "bob",
+            "--shards",
+            "0-1",
+            "--ops",
+            "read,verify",
+            "--ttl",
+            "2h",
+            "--out",
+            "t0",
+        ],
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(d, &["token", "inspect", "t0", "--trust", "iss.pub", "--json"])).unwrap();
+    assert_eq!(inspect["verified"], true);
+    let authority = inspect["blocks"][0].as_str().unwrap();
+    assert!(authority.contains("allowed_dataset(\"tok\")") && authority.contains("principal(\"bob\")"), "{authority}");
+    let token_text = std::fs::read_to_string(d.join("t0")).unwrap();
+    let shown = ok(d, &["token", "inspect", "t0"]);
+    assert!(!shown.contains(token_text.trim()), "inspect must not print the token");
+    assert!(shown.contains("not verified"));
+
+    // Attenuate without any key, then verify: shards outside the narrowed set are denied.
+    ok(
+        d,
+        &[
+            "token",
+            "attenuate",
+            "t0",
+            "--trust",
+            "iss.pub",
+            "--shards",
+            "0",
+            "--ops",
+            "verify",
+            "--ttl",
+            "10m",
+            "--out",
+            "t1",
+        ],
+    );
+    let args = |tok: &'static str| -> Vec<&'static str> {
+        vec![
+            "verify",
+            "ds",
+            "--keyring",
+            "kr.json",
+            "--token",
+            tok,
+            "--trust",
+            "iss.pub",
+            "--audit-log",
+            "audit.jsonl",
+            "--json",
+        ]
+    };
+    let o = shardlock(d, &args("t1"));
+    assert_eq!(o.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["shards"][0]["ok"], true);
+    assert_eq!(report["shards"][1]["failure"], "AccessDenied:shard_out_of_scope");
+
+    // Revoke the parent: the child is denied too, and the audit chain verifies.
+    ok(d, &["token", "revoke", "t0", "--deny-list", "deny.txt"]);
+    let mut a = args("t1");
+    a.extend(["--deny-list", "deny.txt"]);
+    let o = shardlock(d, &a);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["shards"][0]["failure"], "AccessDenied:revoked");
+    let v: serde_json::Value = serde_json::from_str(&ok(d, &["audit", "verify", "audit.jsonl", "--json"])).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["records"].as_u64().unwrap() >= 4);
+
+    // An edited line is named.
+    let log = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    let edited = log.replacen("\"decision\":\"allow\"", "\"decision\":\"deny\"", 1);
+    std::fs::write(d.join("audit.jsonl"), edited).unwrap();
+    let o = shardlock(d, &["audit", "verify", "audit.jsonl"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("line 1"), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // Missing token: every shard denied, exit 1.
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("missing_token"));
+}
