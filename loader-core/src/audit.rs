@@ -81,7 +81,7 @@ struct Line<'a> {
 /// An open audit log.
 pub struct AuditLog {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<(File, u32)>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -97,14 +97,7 @@ fn audit_err(path: &Path, line: Option<u64>, detail: impl Into<String>) -> Error
 impl AuditLog {
     /// Opens (creating with mode 0600) the log at `path` for appending.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(Error::io("open audit log", path))?;
-        Ok(Self { path: path.to_owned(), file: Mutex::new(file) })
+        Ok(Self { path: path.to_owned(), file: Mutex::new((open_log(path)?, std::process::id())) })
     }
 
     /// The file.
@@ -115,14 +108,24 @@ impl AuditLog {
     /// Appends one record, chained to the current last line. Fails closed: callers
     /// treat an unwritable log as a denial.
     pub fn record(&self, event: &AuditEvent) -> Result<()> {
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // A forked child (a DataLoader worker) shares the parent's open file
+        // description and so its flock: give it its own before appending.
+        if g.1 != std::process::id() {
+            *g = (open_log(&self.path)?, std::process::id());
+        }
+        let f = &mut g.0;
         f.lock().map_err(Error::io("lock audit log", &self.path))?;
-        let r = self.append_locked(&mut f, event);
+        let r = self.append_locked(f, event);
         let _ = f.unlock();
         r
     }
 
     fn append_locked(&self, f: &mut File, event: &AuditEvent) -> Result<()> {
+        let clip = |s: &Option<String>| {
+            s.as_ref().map(|t| t.chars().map(|c| if c.is_control() { ' ' } else { c }).take(2048).collect::<String>())
+        };
+        let event = &AuditEvent { rule: clip(&event.rule), detail: clip(&event.detail), ..event.clone() };
         let (seq, prev) = last_link(f, &self.path)?;
         let line = Line {
             seq: seq + 1,
@@ -136,9 +139,25 @@ impl AuditLog {
         body.push_str(HASH_SEP);
         body.push_str(&hash);
         body.push_str("\"}\n");
+        if body.len() > MAX_LINE {
+            return Err(audit_err(&self.path, None, "record too long"));
+        }
         f.write_all(body.as_bytes()).map_err(Error::io("append audit log", &self.path))?;
-        f.flush().map_err(Error::io("append audit log", &self.path))
+        f.sync_data().map_err(Error::io("sync audit log", &self.path))
     }
+}
+
+/// Longest record line accepted (event fields are bounded well below this).
+const MAX_LINE: usize = 32 * 1024;
+
+fn open_log(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("open audit log", path))
 }
 
 /// Reads the last line's (seq, hash); (0, genesis) for an empty log.
@@ -147,12 +166,15 @@ fn last_link(f: &mut File, path: &Path) -> Result<(u64, String)> {
     if len == 0 {
         return Ok((0, GENESIS.to_owned()));
     }
-    let take = len.min(64 * 1024);
+    let take = len.min(2 * MAX_LINE as u64);
     f.seek(SeekFrom::Start(len - take)).map_err(Error::io("read audit log", path))?;
     let mut tail = Vec::with_capacity(take as usize);
     Read::by_ref(f).take(take).read_to_end(&mut tail).map_err(Error::io("read audit log", path))?;
     let text = String::from_utf8_lossy(&tail);
-    let last = text.trim_end_matches('\n').rsplit('\n').next().unwrap_or("");
+    let corrupt_tail =
+        || audit_err(path, None, "the log does not end with a complete record; run `shardlock audit verify`");
+    let body = text.strip_suffix('\n').ok_or_else(corrupt_tail)?;
+    let last = body.rsplit('\n').next().unwrap_or("");
     let corrupt =
         || audit_err(path, None, "the last line is not a valid record; run `shardlock audit verify` before appending");
     let (seq, _, hash) = parse_line(last).ok_or_else(corrupt)?;

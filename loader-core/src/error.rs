@@ -240,6 +240,21 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// Batch memory could not be locked in RAM.
+    #[error("cannot lock {bytes} bytes of batch memory in RAM (RLIMIT_MEMLOCK soft limit {}; {detail}): raise it (`ulimit -l unlimited`, systemd LimitMEMLOCK=infinity, docker --ulimit memlock=-1), lower the memory budget, or explicitly allow unlocked memory (recorded in the audit log)", if *limit == u64::MAX { "unlimited".to_string() } else { format!("{limit} bytes") })]
+    MemoryLock {
+        /// Bytes requested.
+        bytes: u64,
+        /// The soft limit in bytes.
+        limit: u64,
+        /// The OS error.
+        detail: String,
+    },
+
+    /// A worker thread panicked; the pipeline stopped. This is a bug.
+    #[error("internal error in a pipeline worker: {0}")]
+    Internal(String),
+
     /// A caller error: an argument out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -250,6 +265,49 @@ pub enum Error {
 }
 
 impl Error {
+    /// A copy of this error for a second recipient (an I/O source is rebuilt from its
+    /// kind and message).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { op, path, source } => {
+                Error::Io { op, path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            Error::Format { what, path, detail } => Error::Format { what, path: path.clone(), detail: detail.clone() },
+            Error::Integrity { shard, chunk, kind } => {
+                Error::Integrity { shard: shard.clone(), chunk: *chunk, kind: *kind }
+            }
+            Error::ManifestSignature { path, detail } => {
+                Error::ManifestSignature { path: path.clone(), detail: detail.clone() }
+            }
+            Error::Rollback { path, generation, min } => {
+                Error::Rollback { path: path.clone(), generation: *generation, min: *min }
+            }
+            Error::AccessDenied { dataset, shard, operation, reason, rule } => Error::AccessDenied {
+                dataset: dataset.clone(),
+                shard: *shard,
+                operation: *operation,
+                reason: *reason,
+                rule: rule.clone(),
+            },
+            Error::Audit { path, line, detail } => {
+                Error::Audit { path: path.clone(), line: *line, detail: detail.clone() }
+            }
+            Error::KeyUnavailable { key_id, detail } => {
+                Error::KeyUnavailable { key_id: key_id.clone(), detail: detail.clone() }
+            }
+            Error::InsecurePermissions { path, mode } => Error::InsecurePermissions { path: path.clone(), mode: *mode },
+            Error::Input { path, detail } => Error::Input { path: path.clone(), detail: detail.clone() },
+            Error::Schema { sample, detail } => Error::Schema { sample: *sample, detail: detail.clone() },
+            Error::AlreadyExists { path } => Error::AlreadyExists { path: path.clone() },
+            Error::MemoryLock { bytes, limit, detail } => {
+                Error::MemoryLock { bytes: *bytes, limit: *limit, detail: detail.clone() }
+            }
+            Error::Internal(s) => Error::Internal(s.clone()),
+            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+            Error::Crypto(s) => Error::Crypto(s),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Error::Io { op, path, source }

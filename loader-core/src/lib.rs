@@ -30,6 +30,7 @@ pub mod format;
 pub mod keys;
 pub mod memory;
 pub mod pack;
+pub mod pipeline;
 
 pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
 pub use crypto::aead::Backend;
@@ -38,6 +39,7 @@ pub use error::{Error, IntegrityKind, Result, ShardRef};
 pub use format::{DType, Field, Manifest, Schema};
 pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 pub use pack::{DatasetWriter, PackOptions};
+pub use pipeline::{Batch, Loader, LoaderBuilder, LoaderState, Remainder, Shuffle};
 
 /// Entry points for `cargo fuzz` targets (loader-core/fuzz). Not a stable API.
 #[doc(hidden)]

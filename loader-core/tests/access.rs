@@ -31,9 +31,9 @@ impl KeyProvider for Counting {
     fn wrap_dek(&self, dek: &Dek) -> shardlock::Result<(String, Vec<u8>)> {
         self.inner.wrap_dek(dek)
     }
-    fn unwrap_dek(&self, grant: Grant, kek_id: &str, wrapped: &[u8]) -> shardlock::Result<Dek> {
+    fn unwrap_dek(&self, grant: Grant) -> shardlock::Result<Dek> {
         self.unwraps.fetch_add(1, Ordering::SeqCst);
-        self.inner.unwrap_dek(grant, kek_id, wrapped)
+        self.inner.unwrap_dek(grant)
     }
 }
 
@@ -77,16 +77,39 @@ impl Setup {
     /// denial is in the audit log with the rule.
     fn denied(&self, access: &Access, shard: u32, op: Operation, reason: DenyReason) -> String {
         let before = self.keys.unwraps.load(Ordering::SeqCst);
-        let e = access.open_shard(&self.ds, shard, op).err().expect("access should be denied");
-        match &e {
-            Error::AccessDenied { reason: r, shard: s, dataset, rule, .. } => {
-                assert_eq!(*r, reason, "{e}");
-                assert_eq!(*s, Some(shard));
-                assert_eq!(dataset.as_deref(), Some("ds1"));
-                assert!(!rule.is_empty());
+        let msg = match op {
+            Operation::Read => {
+                let e = access.open_shard(&self.ds, shard).err().expect("access should be denied");
+                match &e {
+                    Error::AccessDenied { reason: r, shard: s, dataset, rule, .. } => {
+                        assert_eq!(*r, reason, "{e}");
+                        assert_eq!(*s, Some(shard));
+                        assert_eq!(dataset.as_deref(), Some("ds1"));
+                        assert!(!rule.is_empty());
+                    }
+                    other => panic!("expected AccessDenied({reason:?}), got {other}"),
+                }
+                e.to_string()
             }
-            other => panic!("expected AccessDenied({reason:?}), got {other}"),
-        }
+            Operation::Verify => {
+                // Verify reports per shard; only `shard` is checked here.
+                let r =
+                    shardlock::dataset::verify(self.ds.dir(), &self.fx.trust, access, &Default::default(), &mut |_| {})
+                        .unwrap();
+                let rep = &r.shards[shard as usize];
+                assert_eq!(rep.failure.as_deref(), Some(format!("AccessDenied:{}", reason.name()).as_str()), "{rep:?}");
+                let msg = rep.error.clone().unwrap_or_default();
+                let log = std::fs::read_to_string(&self.log).unwrap();
+                assert!(
+                    log.contains(&format!(
+                        "\"shard\":{shard},\"operation\":\"verify\",\"decision\":\"deny\",\"reason\":\"{}\"",
+                        reason.name()
+                    )),
+                    "{log}"
+                );
+                return msg;
+            }
+        };
         assert_eq!(self.keys.unwraps.load(Ordering::SeqCst), before, "a DEK was unwrapped for a denied shard");
         let log = std::fs::read_to_string(&self.log).unwrap();
         let last = log.lines().last().unwrap();
@@ -94,7 +117,7 @@ impl Setup {
             last.contains("\"decision\":\"deny\"") && last.contains(&format!("\"reason\":\"{}\"", reason.name())),
             "{last}"
         );
-        e.to_string()
+        msg
     }
 }
 
@@ -104,7 +127,7 @@ fn a_valid_token_opens_every_shard_and_is_audited() {
     let access =
         s.access(Some(s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], 3600))), AuthorizerConfig::default());
     for i in 0..3 {
-        let mut r = access.open_shard(&s.ds, i, Operation::Read).unwrap();
+        let mut r = access.open_shard(&s.ds, i).unwrap();
         assert_eq!(r.read_record(0).unwrap().len(), 2);
     }
     assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 3);
@@ -130,7 +153,7 @@ fn wrong_dataset_shard_and_operation_are_denied() {
         Some(s.token(&spec("ds1", ShardSet::parse("0,2").unwrap(), vec![Operation::Read], 3600))),
         AuthorizerConfig::default(),
     );
-    assert!(narrow.open_shard(&s.ds, 0, Operation::Read).is_ok());
+    assert!(narrow.open_shard(&s.ds, 0).is_ok());
     let msg = s.denied(&narrow, 1, Operation::Read, DenyReason::ShardOutOfScope);
     assert!(msg.contains("allowed_shards"), "the message names the rule: {msg}");
     s.denied(&narrow, 0, Operation::Verify, DenyReason::OperationNotGranted);
@@ -141,7 +164,7 @@ fn expired_and_not_yet_valid_tokens_are_denied_with_explicit_skew() {
     let s = setup();
     let expired = s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], -10));
     // 10 s past expiry: allowed under the default 30 s skew, denied with none.
-    assert!(s.access(Some(expired.clone()), AuthorizerConfig::default()).open_shard(&s.ds, 0, Operation::Read).is_ok());
+    assert!(s.access(Some(expired.clone()), AuthorizerConfig::default()).open_shard(&s.ds, 0).is_ok());
     let strict = AuthorizerConfig { skew: Duration::ZERO, ..Default::default() };
     s.denied(&s.access(Some(expired), strict.clone()), 0, Operation::Read, DenyReason::TokenExpired);
     let mut future = spec("ds1", ShardSet::All, vec![Operation::Read], 7200);
@@ -164,7 +187,7 @@ fn expiry_mid_epoch_stops_at_the_next_shard_open() {
     sp.expires = start + Duration::from_secs(60);
     sp.not_before = Some(start - Duration::from_secs(1));
     let access = s.access(Some(s.token(&sp)), cfg);
-    let mut r0 = access.open_shard(&s.ds, 0, Operation::Read).unwrap();
+    let mut r0 = access.open_shard(&s.ds, 0).unwrap();
     *now.lock().unwrap() = start + Duration::from_secs(61);
     // A shard already open keeps serving authenticated records; the next open is denied.
     assert!(r0.read_record(3).is_ok());
@@ -180,14 +203,14 @@ fn revocation_takes_effect_at_the_next_shard_open_of_a_running_job() {
     let child = token.attenuate(Some(&ShardSet::parse("0-1").unwrap()), None, None).unwrap();
     let cfg = AuthorizerConfig { deny_list: Some(deny.clone()), ..Default::default() };
     let access = s.access(Some(child.clone()), cfg.clone());
-    assert!(access.open_shard(&s.ds, 0, Operation::Read).is_ok());
+    assert!(access.open_shard(&s.ds, 0).is_ok());
     // Revoking the parent revokes the attenuated child too (shared first block id).
     DenyList::append(&deny, &token.revocation_id(), "test").unwrap();
     let msg = s.denied(&access, 1, Operation::Read, DenyReason::Revoked);
     assert!(msg.contains(&token.revocation_id()));
     // Revoking a child leaves its parent usable.
     std::fs::write(&deny, format!("{}\n", child.revocation_id())).unwrap();
-    assert!(s.access(Some(token), cfg.clone()).open_shard(&s.ds, 2, Operation::Read).is_ok());
+    assert!(s.access(Some(token), cfg.clone()).open_shard(&s.ds, 2).is_ok());
     s.denied(&s.access(Some(child), cfg), 0, Operation::Read, DenyReason::Revoked);
 }
 
@@ -197,7 +220,7 @@ fn attenuation_narrows_and_never_widens() {
     let token = s.token(&spec("ds1", ShardSet::parse("0-1").unwrap(), vec![Operation::Read], 3600));
     let narrow = token.attenuate(Some(&ShardSet::parse("1").unwrap()), Some(&[Operation::Read]), None).unwrap();
     let a = s.access(Some(narrow), AuthorizerConfig::default());
-    assert!(a.open_shard(&s.ds, 1, Operation::Read).is_ok());
+    assert!(a.open_shard(&s.ds, 1).is_ok());
     s.denied(&a, 0, Operation::Read, DenyReason::ShardOutOfScope);
     // An attenuated expiry is enforced without skew.
     let soon = token.attenuate(None, None, Some(SystemTime::now() - Duration::from_secs(1))).unwrap();
@@ -214,7 +237,7 @@ fn attenuation_narrows_and_never_widens() {
         .unwrap();
     let widened = Token::from_base64(&parsed.append(widen).unwrap().to_base64().unwrap(), &s.fx.trust).unwrap();
     let a = s.access(Some(widened), AuthorizerConfig::default());
-    assert!(a.open_shard(&s.ds, 0, Operation::Read).is_ok());
+    assert!(a.open_shard(&s.ds, 0).is_ok());
     s.denied(&a, 2, Operation::Read, DenyReason::ShardOutOfScope);
     s.denied(&a, 0, Operation::Verify, DenyReason::OperationNotGranted);
 }
@@ -275,6 +298,67 @@ fn forged_foreign_truncated_garbage_and_block_removed_tokens_are_invalid() {
     assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 0);
 }
 
+#[test]
+fn a_token_from_another_anchor_or_for_verify_only_gets_no_plaintext() {
+    let s = setup();
+    // A token the attacker issued and verified under their own key, used against a
+    // dataset verified with the real anchor.
+    let mallory = shardlock::IssuerKey::generate().unwrap();
+    let own = Token::issue(&mallory, &spec("ds1", ShardSet::All, vec![Operation::Read], 3600)).unwrap();
+    let a = Authorizer::new(&mallory.trust_anchor(), Some(own), AuthorizerConfig::default()).unwrap();
+    let access = Access::new(a, s.keys.clone());
+    let e = access.open_shard(&s.ds, 0).err().unwrap();
+    assert!(matches!(e, Error::AccessDenied { reason: DenyReason::InvalidToken, .. }), "{e}");
+    // The same token handed to an authorizer for the real anchor is invalid too.
+    let own = Token::issue(&mallory, &spec("ds1", ShardSet::All, vec![Operation::Read], 3600)).unwrap();
+    s.denied(&s.access(Some(own), AuthorizerConfig::default()), 0, Operation::Read, DenyReason::InvalidToken);
+    // A verify-only token authenticates every shard but cannot open one for reading.
+    let verify_only = s
+        .access(Some(s.token(&spec("ds1", ShardSet::All, vec![Operation::Verify], 3600))), AuthorizerConfig::default());
+    assert!(
+        shardlock::dataset::verify(s.ds.dir(), &s.fx.trust, &verify_only, &Default::default(), &mut |_| {}).unwrap().ok
+    );
+    s.denied(&verify_only, 0, Operation::Read, DenyReason::OperationNotGranted);
+    assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 3, "only verify's three unwraps");
+}
+
+#[test]
+fn deny_lists_fail_closed() {
+    let s = setup();
+    let p = s.fx.path("deny.txt");
+    std::fs::write(&p, "not-an-id\n").unwrap();
+    let cfg = |p: &Path| AuthorizerConfig { deny_list: Some(p.to_owned()), ..Default::default() };
+    assert!(Authorizer::new(&s.fx.trust, None, cfg(&p)).err().unwrap().to_string().contains("line 1"));
+    std::fs::write(&p, "").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(Authorizer::new(&s.fx.trust, None, cfg(&p)).err().unwrap().to_string().contains("writable"));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let token = s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], 3600));
+    let access = s.access(Some(token.clone()), cfg(&p));
+    DenyList::append(&p, &token.revocation_id(), "x").unwrap();
+    s.denied(&access, 0, Operation::Read, DenyReason::Revoked);
+    // Rewriting the file without the id does not un-revoke it in a running process.
+    std::fs::write(&p, "# emptied\n").unwrap();
+    s.denied(&access, 1, Operation::Read, DenyReason::Revoked);
+    assert!(matches!(
+        Authorizer::new(&s.fx.trust, None, AuthorizerConfig { skew: Duration::from_secs(3600), ..Default::default() }),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn an_audit_log_without_a_final_newline_is_not_appended_to() {
+    let s = setup();
+    let token = s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], 3600));
+    let access = s.access(Some(token), AuthorizerConfig::default());
+    access.open_shard(&s.ds, 0).unwrap();
+    let mut log = std::fs::read(&s.log).unwrap();
+    log.pop();
+    std::fs::write(&s.log, &log).unwrap();
+    assert!(matches!(access.open_shard(&s.ds, 1).err().unwrap(), Error::Audit { .. }));
+}
+
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 fn base64_decode_url(s: &str) -> Vec<u8> {
@@ -310,7 +394,7 @@ fn audit_log_holds_no_secrets_and_catches_edits() {
     let access = s.access(Some(token), AuthorizerConfig::default());
     let mut samples = Vec::new();
     for i in 0..3 {
-        let mut r = access.open_shard(&s.ds, i, Operation::Read).unwrap();
+        let mut r = access.open_shard(&s.ds, i).unwrap();
         for rec in 0..r.len() {
             samples.push(r.read_record(rec).unwrap()[0].to_vec());
         }
@@ -385,7 +469,7 @@ fn an_unwritable_audit_log_fails_closed() {
     )
     .unwrap();
     let access = Access::new(a, s.keys.clone()).with_audit(Arc::new(log));
-    let e = access.open_shard(&s.ds, 0, Operation::Read).err().unwrap();
+    let e = access.open_shard(&s.ds, 0).err().unwrap();
     assert!(matches!(e, Error::Audit { .. }), "{e}");
     assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 0);
 }

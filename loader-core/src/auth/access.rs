@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use super::{Authorizer, Operation};
+use super::{Authorizer, Grant, Operation};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::crypto::aead::Backend;
-use crate::dataset::{Dataset, ShardReader};
+use crate::dataset::{Dataset, OpenShard, ShardReader};
 use crate::error::{Error, Result};
 use crate::keys::{Dek, KeyProvider};
 
@@ -66,31 +66,44 @@ impl Access {
     }
 
     /// Authorizes `op` on shard `shard` now, and only then unwraps its DEK. Both the
-    /// decision and the key release are audited before the DEK is returned.
+    /// decision and the key release are audited before the DEK is returned; an error
+    /// writing the audit log denies (fail closed).
     pub(crate) fn release_dek(&self, ds: &Dataset, shard: u32, op: Operation) -> Result<Dek> {
         let entry = ds.shard_entry(shard)?;
         let dataset = &ds.manifest().dataset_id;
-        let grant = match self.authorizer.authorize(dataset, shard, op) {
-            Ok(g) => g,
-            Err(e) => {
-                if let Error::AccessDenied { reason, rule, .. } = &e {
-                    let mut ev = self.event("authorize", ds, shard, op);
-                    ev.decision = Some("deny");
-                    ev.reason = Some(reason.name());
-                    ev.rule = Some(rule.clone());
-                    self.record(&ev)?;
-                }
-                return Err(e);
-            }
+        let decision = if ds.trust_anchor() != self.authorizer.trust_anchor() {
+            Err(Error::AccessDenied {
+                dataset: Some(dataset.clone()),
+                shard: Some(shard),
+                operation: Some(op),
+                reason: super::DenyReason::InvalidToken,
+                rule: format!(
+                    "the dataset was verified with issuer key {}, the token with {}",
+                    ds.trust_anchor().key_id(),
+                    self.authorizer.trust_anchor().key_id()
+                ),
+            })
+        } else {
+            self.authorizer.authorize(dataset, shard, op)
         };
         let mut ev = self.event("authorize", ds, shard, op);
-        ev.decision = Some("allow");
+        match &decision {
+            Ok(()) => ev.decision = Some("allow"),
+            Err(e) => {
+                ev.decision = Some("deny");
+                match e {
+                    Error::AccessDenied { reason, rule, .. } => {
+                        ev.reason = Some(reason.name());
+                        ev.rule = Some(rule.clone());
+                    }
+                    other => ev.detail = Some(other.to_string()),
+                }
+            }
+        }
         self.record(&ev)?;
-        let wrapped = hex::decode(&entry.wrapped_dek).map_err(|_| Error::KeyUnavailable {
-            key_id: entry.kek_id.clone(),
-            detail: format!("{}: wrapped DEK in the manifest is not hex", ds.shard_ref(shard)),
-        })?;
-        let dek = self.keys.unwrap_dek(grant, &entry.kek_id, &wrapped);
+        decision?;
+        let grant = Grant::for_entry(dataset, entry, Some(op))?;
+        let dek = self.keys.unwrap_dek(grant);
         let mut ev = self.event("key_release", ds, shard, op);
         ev.key_id = Some(entry.kek_id.clone());
         ev.provider = Some(self.keys.describe());
@@ -117,8 +130,20 @@ impl Access {
         Ok(())
     }
 
-    /// Authorizes, unwraps and opens shard `shard` for `op`.
-    pub fn open_shard(&self, ds: &Dataset, shard: u32, op: Operation) -> Result<ShardReader> {
+    /// Authorizes `read`, unwraps and opens shard `shard`, for sharing between
+    /// pipeline workers.
+    pub fn open_shared(&self, ds: &Dataset, shard: u32) -> Result<Arc<OpenShard>> {
+        let op = Operation::Read;
+        let dek = self.release_dek(ds, shard, op)?;
+        OpenShard::open(ds, shard, &dek, self.backend).map(Arc::new).inspect_err(|e| {
+            let _ = self.record_failure(ds, shard, op, e);
+        })
+    }
+
+    /// Authorizes `read`, unwraps and opens shard `shard`. (Plaintext is only ever
+    /// released for `read`; `verify` authenticates without releasing it.)
+    pub fn open_shard(&self, ds: &Dataset, shard: u32) -> Result<ShardReader> {
+        let op = Operation::Read;
         let dek = self.release_dek(ds, shard, op)?;
         ds.open_shard(shard, &dek, self.backend).inspect_err(|e| {
             let _ = self.record_failure(ds, shard, op, e);

@@ -11,7 +11,7 @@ use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits};
 
 use super::revocation::DenyList;
 use super::token::Token;
-use super::{DenyReason, Grant, Operation};
+use super::{DenyReason, Operation};
 use crate::error::{Error, Result};
 use crate::keys::TrustAnchor;
 
@@ -43,15 +43,32 @@ impl std::fmt::Debug for AuthorizerConfig {
 }
 
 enum TokenState {
-    Valid(Token),
+    Valid(Box<Token>),
     Missing,
     Invalid(String),
+}
+
+/// Longest rule text kept in an error or audit record.
+const MAX_RULE: usize = 1024;
+
+/// Largest accepted clock skew.
+pub const MAX_SKEW: Duration = Duration::from_secs(600);
+
+/// Printable, bounded text for errors and the audit log (token contents are chosen
+/// by whoever wrote or attenuated the token).
+fn bounded(s: &str) -> String {
+    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_RULE).collect();
+    if s.chars().count() > MAX_RULE {
+        out.push('…');
+    }
+    out
 }
 
 /// Authorizes requests for one token against one trust anchor. A missing or invalid
 /// token is not an error at construction: every request is then denied (and
 /// audited), so a job that starts without a usable token leaves a record.
 pub struct Authorizer {
+    trust: TrustAnchor,
     token: TokenState,
     deny: Option<DenyList>,
     cfg: AuthorizerConfig,
@@ -74,14 +91,19 @@ allow if true;
 
 impl Authorizer {
     /// An authorizer for `token` (if any) under `trust`.
+    /// A token verified under another issuer key than `trust` is kept as invalid.
     pub fn new(trust: &TrustAnchor, token: Option<Token>, cfg: AuthorizerConfig) -> Result<Self> {
-        let _ = trust;
         let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
         let state = match token {
-            Some(t) => TokenState::Valid(t),
+            Some(t) if t.anchor == *trust => TokenState::Valid(Box::new(t)),
+            Some(t) => TokenState::Invalid(format!(
+                "token was issued under issuer key {}, but the trust anchor is {}",
+                t.anchor.key_id(),
+                trust.key_id()
+            )),
             None => TokenState::Missing,
         };
-        Self::with_state(state, deny, cfg)
+        Self::with_state(*trust, state, deny, cfg)
     }
 
     /// An authorizer from a token file; an unreadable or invalid token is kept as a
@@ -91,20 +113,36 @@ impl Authorizer {
         let state = match token {
             None => TokenState::Missing,
             Some(p) => match Token::load(p, trust) {
-                Ok(t) => TokenState::Valid(t),
+                Ok(t) => TokenState::Valid(Box::new(t)),
                 Err(Error::AccessDenied { rule, .. }) => TokenState::Invalid(rule),
                 Err(e) => TokenState::Invalid(e.to_string()),
             },
         };
-        Self::with_state(state, deny, cfg)
+        Self::with_state(*trust, state, deny, cfg)
     }
 
-    fn with_state(token: TokenState, deny: Option<DenyList>, cfg: AuthorizerConfig) -> Result<Self> {
+    fn with_state(
+        trust: TrustAnchor,
+        token: TokenState,
+        deny: Option<DenyList>,
+        cfg: AuthorizerConfig,
+    ) -> Result<Self> {
+        if cfg.skew > MAX_SKEW {
+            return Err(Error::InvalidArgument(format!(
+                "clock skew {:?} is larger than the maximum {:?}",
+                cfg.skew, MAX_SKEW
+            )));
+        }
         let (principal, token_id) = match &token {
-            TokenState::Valid(t) => (principal_of(t), t.revocation_id()),
+            TokenState::Valid(t) => (bounded(&principal_of(t)), t.revocation_id()),
             _ => (String::new(), String::new()),
         };
-        Ok(Self { token, deny, cfg, principal, token_id })
+        Ok(Self { trust, token, deny, cfg, principal, token_id })
+    }
+
+    /// The trust anchor tokens are checked against.
+    pub fn trust_anchor(&self) -> &TrustAnchor {
+        &self.trust
     }
 
     /// The token's principal ("" without a valid token).
@@ -117,16 +155,16 @@ impl Authorizer {
         &self.token_id
     }
 
-    /// Authorizes one request at the current time. On success returns the [`Grant`]
-    /// that unlocks the shard's DEK; on failure `Error::AccessDenied` naming the
-    /// dataset, shard, operation, reason and failing rule.
-    pub fn authorize(&self, dataset: &str, shard: u32, op: Operation) -> Result<Grant> {
+    /// Authorizes one request at the current time; on failure `Error::AccessDenied`
+    /// naming the dataset, shard, operation, reason and failing rule. Only
+    /// [`super::Access`] turns a success into a key-releasing [`super::Grant`].
+    pub fn authorize(&self, dataset: &str, shard: u32, op: Operation) -> Result<()> {
         let deny = |reason: DenyReason, rule: String| Error::AccessDenied {
             dataset: Some(dataset.to_owned()),
             shard: Some(shard),
             operation: Some(op),
             reason,
-            rule,
+            rule: bounded(&rule),
         };
         let token = match &self.token {
             TokenState::Valid(t) => t,
@@ -148,7 +186,7 @@ impl Authorizer {
         params.insert("op".to_owned(), bb::string(op.name()));
         params.insert("now".to_owned(), bb::date(&now));
         params.insert("early".to_owned(), bb::date(&now.checked_sub(self.cfg.skew).unwrap_or(SystemTime::UNIX_EPOCH)));
-        params.insert("late".to_owned(), bb::date(&(now + self.cfg.skew)));
+        params.insert("late".to_owned(), bb::date(&now.checked_add(self.cfg.skew).unwrap_or(now)));
         let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: Duration::from_millis(50) };
         let built = AuthorizerBuilder::new()
             .code_with_params(POLICY, params, HashMap::new())
@@ -159,7 +197,7 @@ impl Authorizer {
             Err(e) => return Err(deny(DenyReason::InvalidToken, format!("token cannot be evaluated: {e}"))),
         };
         match authorizer.authorize() {
-            Ok(_) => Ok(Grant::new(dataset, shard, op)),
+            Ok(_) => Ok(()),
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. } | Logic::NoMatchingPolicy { checks })) => {
                 let (reason, rule) = classify(&checks);
                 Err(deny(reason, rule))
@@ -170,43 +208,39 @@ impl Authorizer {
 }
 
 fn principal_of(t: &Token) -> String {
-    let Ok(mut a) = AuthorizerBuilder::new().build(&t.biscuit) else { return String::new() };
+    let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: Duration::from_millis(50) };
+    let Ok(mut a) = AuthorizerBuilder::new().set_limits(limits).build(&t.biscuit) else { return String::new() };
     let r: std::result::Result<Vec<(String,)>, _> = a.query("data($p) <- principal($p)");
     r.ok().and_then(|v| v.into_iter().next()).map(|(p,)| p).unwrap_or_default()
 }
 
 /// Maps failed checks to the most specific reason, in a fixed priority order.
+/// Authorizer checks are identified by their position in [`POLICY`]; block checks by
+/// the exact templates [`Token::attenuate`] writes. Anything else is an
+/// attenuation check.
 fn classify(checks: &[FailedCheck]) -> (DenyReason, String) {
     let mut found: Vec<(DenyReason, String)> = checks
         .iter()
         .map(|c| match c {
             FailedCheck::Authorizer(a) => {
-                let r = &a.rule;
-                let reason = if r.contains("allowed_dataset") {
-                    DenyReason::WrongDataset
-                } else if r.contains("allowed_op") {
-                    DenyReason::OperationNotGranted
-                } else if r.contains("allowed_shards") {
-                    DenyReason::ShardOutOfScope
-                } else if r.contains("not_before") {
-                    DenyReason::NotYetValid
-                } else if r.contains("expires") {
-                    DenyReason::TokenExpired
-                } else {
-                    DenyReason::AttenuationCheck
+                let reason = match a.check_id {
+                    0 => DenyReason::WrongDataset,
+                    1 => DenyReason::OperationNotGranted,
+                    2 => DenyReason::ShardOutOfScope,
+                    3 => DenyReason::TokenExpired,
+                    4 => DenyReason::NotYetValid,
+                    _ => DenyReason::AttenuationCheck,
                 };
-                (reason, format!("authorizer: {r}"))
+                (reason, format!("authorizer: {}", a.rule))
             }
             FailedCheck::Block(b) => {
                 let r = &b.rule;
-                let reason = if r.contains("time(") {
+                let reason = if r.starts_with("check if time($t), $t < ") && !r.contains(" or ") {
                     DenyReason::TokenExpired
-                } else if r.contains("shard(") {
+                } else if r.starts_with("check if shard($s), $s >= ") {
                     DenyReason::ShardOutOfScope
-                } else if r.contains("operation(") {
+                } else if r.starts_with("check if operation($op), [") {
                     DenyReason::OperationNotGranted
-                } else if r.contains("dataset(") {
-                    DenyReason::WrongDataset
                 } else {
                     DenyReason::AttenuationCheck
                 };
@@ -225,7 +259,7 @@ fn classify(checks: &[FailedCheck]) -> (DenyReason, String) {
     found.sort_by_key(|(r, _)| rank(r));
     let rules: Vec<String> = found.iter().map(|(_, s)| s.clone()).collect();
     match found.first() {
-        Some((r, _)) => (*r, rules.join("; ")),
+        Some((r, _)) => (*r, bounded(&rules.join("; "))),
         None => (DenyReason::AttenuationCheck, "no policy matched".into()),
     }
 }

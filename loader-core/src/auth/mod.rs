@@ -4,8 +4,8 @@
 //!
 //! The only way to obtain a [`crate::keys::Dek`] for an existing shard is
 //! [`crate::keys::KeyProvider::unwrap_dek`], which takes a [`Grant`] by value; a
-//! `Grant` can only be made by a passing [`Authorizer::authorize`] (or by the data
-//! owner's issuer key for rotation). The type system, not a convention, keeps DEKs
+//! `Grant` is made only by [`Access`] after a passing authorization (or from the data
+//! owner's issuer key, for rotation) and names exactly one shard's wrapped DEK. The type system, not a convention, keeps DEKs
 //! behind authorization.
 
 mod access;
@@ -16,7 +16,7 @@ mod token;
 pub use access::Access;
 pub use authorizer::{Authorizer, AuthorizerConfig, Clock};
 pub use revocation::DenyList;
-pub use token::{inspect_unverified, parse_time, parse_ttl, ShardSet, Token, TokenSpec};
+pub use token::{inspect_unverified, max_time, parse_time, parse_ttl, time_after, ShardSet, Token, TokenSpec};
 
 use std::fmt;
 
@@ -130,36 +130,40 @@ impl fmt::Display for DenyReason {
     }
 }
 
-/// Proof that an authorization for one (dataset, shard, operation) passed. It cannot
-/// be constructed outside this crate, cannot be cloned, and is consumed by
-/// [`crate::keys::KeyProvider::unwrap_dek`].
+/// Proof that an authorization for one (dataset, shard, operation) passed, bound to
+/// that shard's wrapped DEK from the verified manifest. It cannot be constructed
+/// outside this crate, cannot be cloned, and is consumed by
+/// [`crate::keys::KeyProvider::unwrap_dek`], which can only unwrap the key it names.
 #[derive(Debug)]
 pub struct Grant {
     dataset: String,
     shard: u32,
     op: Option<Operation>,
+    kek_id: String,
+    wrapped: Vec<u8>,
 }
 
 impl Grant {
-    pub(crate) fn new(dataset: &str, shard: u32, op: Operation) -> Self {
-        Self { dataset: dataset.to_owned(), shard, op: Some(op) }
+    /// Built by [`Access`] after a passing authorization, from the verified manifest.
+    pub(crate) fn for_entry(dataset: &str, entry: &crate::format::ShardEntry, op: Option<Operation>) -> Result<Self> {
+        let wrapped = hex::decode(&entry.wrapped_dek).map_err(|_| Error::KeyUnavailable {
+            key_id: entry.kek_id.clone(),
+            detail: format!("dataset {dataset:?} shard {}: wrapped DEK in the manifest is not hex", entry.index),
+        })?;
+        Ok(Self { dataset: dataset.to_owned(), shard: entry.index, op, kek_id: entry.kek_id.clone(), wrapped })
     }
 
     /// A grant for the data owner rotating keys: proven by holding the issuer key
-    /// that signed the manifest.
-    pub(crate) fn owner(
-        issuer: &crate::keys::IssuerKey,
-        manifest: &crate::format::Manifest,
-        shard: u32,
-    ) -> Result<Self> {
-        if issuer.trust_anchor().key_id() != manifest.issuer_key_id {
+    /// whose public key verified the manifest.
+    pub(crate) fn owner(issuer: &crate::keys::IssuerKey, ds: &crate::dataset::Dataset, shard: u32) -> Result<Self> {
+        if issuer.trust_anchor() != *ds.trust_anchor() {
             return Err(Error::InvalidArgument(format!(
                 "issuer key {} did not sign this manifest (signed by {})",
                 issuer.trust_anchor().key_id(),
-                manifest.issuer_key_id
+                ds.manifest().issuer_key_id
             )));
         }
-        Ok(Self { dataset: manifest.dataset_id.clone(), shard, op: None })
+        Self::for_entry(&ds.manifest().dataset_id, ds.shard_entry(shard)?, None)
     }
 
     /// Dataset the grant covers.
@@ -175,5 +179,15 @@ impl Grant {
     /// Operation granted (`None` for the owner's rotation grant).
     pub fn operation(&self) -> Option<Operation> {
         self.op
+    }
+
+    /// Id of the KEK the granted DEK is wrapped under.
+    pub fn kek_id(&self) -> &str {
+        &self.kek_id
+    }
+
+    /// The granted wrapped DEK.
+    pub fn wrapped_dek(&self) -> &[u8] {
+        &self.wrapped
     }
 }

@@ -101,6 +101,8 @@ pub struct TokenSpec {
 #[derive(Clone)]
 pub struct Token {
     pub(super) biscuit: Biscuit,
+    /// The issuer key the signature chain was verified against (or issued with).
+    pub(super) anchor: TrustAnchor,
 }
 
 impl std::fmt::Debug for Token {
@@ -151,17 +153,20 @@ impl Token {
         let nbf = spec.not_before.unwrap_or_else(SystemTime::now);
         b = b.fact(bb::fact("not_before", &[bb::date(&nbf)])).map_err(lang)?;
         let biscuit = b.build(&root).map_err(lang)?;
-        Ok(Self { biscuit })
+        Ok(Self { biscuit, anchor: issuer.trust_anchor() })
     }
 
     /// Parses and verifies a base64 token against the trust anchor. Garbage, a
     /// truncated token, a removed block, a forged signature or another issuer's key
     /// all give `AccessDenied { reason: InvalidToken }`.
     pub fn from_base64(text: &str, trust: &TrustAnchor) -> Result<Self> {
+        if text.len() > 64 * 1024 {
+            return Err(invalid("token larger than 64 KiB"));
+        }
         let root = biscuit_public(trust)?;
         let biscuit = Biscuit::from_base64(text.trim(), root)
             .map_err(|e| invalid(format!("token does not verify under trust anchor {} ({e})", trust.key_id())))?;
-        Ok(Self { biscuit })
+        Ok(Self { biscuit, anchor: *trust })
     }
 
     /// Loads a token file.
@@ -207,7 +212,7 @@ impl Token {
             block = block.code_with_params("check if time($t), $t < {exp};", params, HashMap::new()).map_err(lang)?;
         }
         let biscuit = self.biscuit.append(block).map_err(lang)?;
-        Ok(Self { biscuit })
+        Ok(Self { biscuit, anchor: self.anchor })
     }
 
     /// Revocation id of the last block: revoking it revokes this token and every
@@ -250,16 +255,33 @@ fn read_token_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     Ok(text)
 }
 
-/// Parses a duration like "90s", "30m", "1h", "7d".
+/// Parses a duration like "90s", "30m", "1h", "7d" (at most 100 years).
 pub fn parse_ttl(s: &str) -> Result<Duration> {
-    humantime::parse_duration(s)
-        .map_err(|e| Error::InvalidArgument(format!("duration {s:?}: {e} (e.g. 90s, 30m, 1h, 7d)")))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| Error::InvalidArgument(format!("duration {s:?}: {e} (e.g. 90s, 30m, 1h, 7d)")))?;
+    if d > Duration::from_secs(100 * 365 * 86400) {
+        return Err(Error::InvalidArgument(format!("duration {s:?} is longer than 100 years")));
+    }
+    Ok(d)
+}
+
+/// Latest time tokens may name (RFC 3339 dates end before year 10000).
+pub fn max_time() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
+}
+
+/// `now + d`, refusing times past [`max_time`].
+pub fn time_after(now: SystemTime, d: Duration) -> Result<SystemTime> {
+    now.checked_add(d).filter(|t| *t <= max_time()).ok_or_else(|| Error::InvalidArgument("time out of range".into()))
 }
 
 /// Parses an RFC 3339 time ("2026-11-26T10:00:00Z") or Unix seconds.
 pub fn parse_time(s: &str) -> Result<SystemTime> {
     if let Ok(secs) = s.parse::<u64>() {
-        return Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        return SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .filter(|t| *t < max_time())
+            .ok_or_else(|| Error::InvalidArgument(format!("time {s:?} is out of range")));
     }
     humantime::parse_rfc3339_weak(s)
         .map_err(|e| Error::InvalidArgument(format!("time {s:?}: {e} (RFC 3339, e.g. 2026-11-26T10:00:00Z)")))

@@ -498,7 +498,7 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
     match t {
         TokenCmd::Issue { issuer_key, dataset, principal, shards, ops, ttl, not_before, out } => {
             let issuer = IssuerKey::load(&issuer_key)?;
-            let expires = std::time::SystemTime::now() + auth::parse_ttl(&ttl)?;
+            let expires = auth::time_after(std::time::SystemTime::now(), auth::parse_ttl(&ttl)?)?;
             let spec = TokenSpec {
                 dataset,
                 principal,
@@ -523,7 +523,12 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
             let t = Token::load(&token, &trust)?;
             let shards = shards.as_deref().map(ShardSet::parse).transpose()?;
             let ops = ops.as_deref().map(Operation::parse_list).transpose()?;
-            let expires = ttl.as_deref().map(auth::parse_ttl).transpose()?.map(|d| std::time::SystemTime::now() + d);
+            let expires = ttl
+                .as_deref()
+                .map(auth::parse_ttl)
+                .transpose()?
+                .map(|d| auth::time_after(std::time::SystemTime::now(), d))
+                .transpose()?;
             if shards.is_none() && ops.is_none() && expires.is_none() {
                 return Err(Error::InvalidArgument("nothing to narrow: give --shards, --ops and/or --ttl".into()));
             }

@@ -6,7 +6,7 @@ mod verify;
 
 pub use rotate::rotate;
 pub(crate) use rotate::write_signed as write_signed_manifest;
-pub use shard::ShardReader;
+pub use shard::{OpenShard, ShardReader};
 pub use verify::{verify, ShardReport, VerifyOptions, VerifyReport};
 
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use crate::keys::{Dek, TrustAnchor};
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
+    trust: TrustAnchor,
 }
 
 /// What `inspect` can say about a manifest without any key.
@@ -78,7 +79,7 @@ impl Dataset {
             return Err(Error::ManifestSignature { path, detail });
         }
         signed.check_consistency(&path)?;
-        Ok(Self { dir: dir.to_owned(), manifest: signed.manifest })
+        Ok(Self { dir: dir.to_owned(), manifest: signed.manifest, trust: *trust })
     }
 
     /// Refuses a manifest older than `min` (rollback protection for readers that
@@ -88,6 +89,11 @@ impl Dataset {
             return Err(Error::Rollback { path: manifest_path(&self.dir), generation: self.manifest.generation, min });
         }
         Ok(())
+    }
+
+    /// The trust anchor that verified the manifest.
+    pub fn trust_anchor(&self) -> &TrustAnchor {
+        &self.trust
     }
 
     /// The verified manifest.

@@ -15,12 +15,8 @@ pub fn rotate(dir: &Path, old: &dyn KeyProvider, new: &dyn KeyProvider, issuer: 
     let ds = Dataset::open(dir, &trust)?;
     let mut m = ds.manifest().clone();
     for e in &mut m.shards {
-        let wrapped = hex::decode(&e.wrapped_dek).map_err(|_| Error::KeyUnavailable {
-            key_id: e.kek_id.clone(),
-            detail: format!("shard {}: wrapped DEK in the manifest is not hex", e.index),
-        })?;
-        let grant = crate::auth::Grant::owner(issuer, ds.manifest(), e.index)?;
-        let dek = old.unwrap_dek(grant, &e.kek_id, &wrapped)?;
+        let grant = crate::auth::Grant::owner(issuer, &ds, e.index)?;
+        let dek = old.unwrap_dek(grant)?;
         let (kek_id, rewrapped) = new.wrap_dek(&dek)?;
         e.kek_id = kek_id;
         e.wrapped_dek = hex::encode(rewrapped);

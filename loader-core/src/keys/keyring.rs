@@ -127,8 +127,7 @@ impl KeyProvider for Keyring {
         Ok((kek.id.clone(), kek.wrap(dek)?))
     }
 
-    fn unwrap_dek(&self, grant: Grant, kek_id: &str, wrapped: &[u8]) -> Result<Dek> {
-        drop(grant);
-        self.kek(kek_id)?.unwrap(wrapped)
+    fn unwrap_dek(&self, grant: Grant) -> Result<Dek> {
+        self.kek(grant.kek_id())?.unwrap(grant.wrapped_dek())
     }
 }

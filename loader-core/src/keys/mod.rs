@@ -104,9 +104,10 @@ pub trait KeyProvider: Send + Sync {
     fn active_kek_id(&self) -> &str;
     /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
-    /// Unwraps a DEK wrapped under KEK `kek_id`. Requires the [`Grant`] of a passing
-    /// authorization for the shard, so no DEK can be unwrapped without one.
-    fn unwrap_dek(&self, grant: Grant, kek_id: &str, wrapped: &[u8]) -> Result<Dek>;
+    /// Unwraps the DEK named by `grant` (its KEK id and wrapped bytes come from the
+    /// verified manifest entry the grant was issued for). Only a passing authorization
+    /// creates a grant, so no DEK can be unwrapped without one.
+    fn unwrap_dek(&self, grant: Grant) -> Result<Dek>;
 }
 
 /// The data owner's Ed25519 signing key (signs manifests; roots tokens).

@@ -1,5 +1,13 @@
 //! Memory that holds ciphertext or plaintext. The crate's `unsafe` is confined here
 //! (and, later, to `device/`), each block with the reason it holds.
+//!
+//! - [`map_file`]: read-only maps of shard files (ciphertext);
+//! - [`LockedBuf`] / [`BatchPool`]: page-locked, never-dumped, zeroize-on-release
+//!   buffers that hold plaintext batches.
+
+mod pool;
+
+pub use pool::{BatchPool, LockedBuf, MemoryPolicy};
 
 use std::path::Path;
 

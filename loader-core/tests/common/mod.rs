@@ -97,7 +97,7 @@ impl Fixture {
 
     /// Opens shard `i` through the access gate.
     pub fn open_shard(&self, ds: &Dataset, i: u32) -> shardlock::Result<shardlock::ShardReader> {
-        self.access(&ds.manifest().dataset_id).open_shard(ds, i, Operation::Read)
+        self.access(&ds.manifest().dataset_id).open_shard(ds, i)
     }
 
     /// Reads every record of every shard.

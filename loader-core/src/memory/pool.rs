@@ -1,0 +1,233 @@
+//! Page-locked batch buffers.
+//!
+//! Plaintext lives only in buffers that are `mlock`ed (never swapped), marked
+//! `MADV_DONTDUMP` (never in a core dump), and zeroized whenever they return to the
+//! pool and when they are freed. If the memory-lock limit stops locking, allocation
+//! fails closed with an error naming the limit, unless the caller explicitly accepted
+//! unlocked memory ([`MemoryPolicy::AllowUnlocked`]), which the loader audits.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroize;
+
+use crate::error::{Error, Result};
+
+/// What to do when memory cannot be locked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryPolicy {
+    /// Fail with [`Error::MemoryLock`] (the default).
+    #[default]
+    RequireLocked,
+    /// Continue with unlocked (but still never-dumped, zeroized) memory.
+    AllowUnlocked,
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    #[allow(unsafe_code)]
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+/// An anonymous, page-aligned mapping that is locked (when possible), excluded from
+/// core dumps, and zeroized on drop.
+pub struct LockedBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+    locked: bool,
+}
+
+// SAFETY: LockedBuf owns its mapping exclusively (like a Box<[u8]>); the raw pointer
+// is never shared outside borrows tied to &self / &mut self.
+#[allow(unsafe_code)]
+unsafe impl Send for LockedBuf {}
+// SAFETY: shared access only hands out `&[u8]`, which is Sync for u8.
+#[allow(unsafe_code)]
+unsafe impl Sync for LockedBuf {}
+
+impl LockedBuf {
+    /// Maps `len` bytes (rounded up to whole pages), zero-filled.
+    pub fn new(len: usize, policy: MemoryPolicy) -> Result<Self> {
+        let page = page_size();
+        let cap = len.max(1).div_ceil(page) * page;
+        #[allow(unsafe_code)]
+        // SAFETY: a private anonymous mapping with no address hint has no
+        // preconditions; the result is checked against MAP_FAILED before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::Io {
+                op: "mmap",
+                path: "<batch buffer>".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::Crypto("mmap returned null"))?;
+        let mut buf = Self { ptr, cap, locked: false };
+        #[allow(unsafe_code)]
+        // SAFETY: [ptr, ptr+cap) is the mapping just created and owned by `buf`.
+        unsafe {
+            // Best effort: a kernel without MADV_DONTDUMP still gets a locked buffer.
+            libc::madvise(raw, cap, libc::MADV_DONTDUMP);
+            if libc::mlock(raw, cap) == 0 {
+                buf.locked = true;
+            }
+        }
+        if !buf.locked && policy == MemoryPolicy::RequireLocked {
+            let err = std::io::Error::last_os_error();
+            let (soft, _) = memlock_limit();
+            return Err(Error::MemoryLock { bytes: cap as u64, limit: soft, detail: err.to_string() });
+        }
+        Ok(buf)
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether the pages are locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The whole buffer.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is valid, initialised (zero-filled by the kernel, then
+        // written only through &mut self) and lives as long as `self`.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap)
+        }
+    }
+
+    /// The whole buffer, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` guarantees exclusive access.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap)
+        }
+    }
+}
+
+impl Drop for LockedBuf {
+    fn drop(&mut self) {
+        self.as_mut_slice().zeroize();
+        #[allow(unsafe_code)]
+        // SAFETY: unmapping exactly the mapping created in `new`, once; no borrow of
+        // it can outlive `self`.
+        unsafe {
+            if self.locked {
+                libc::munlock(self.ptr.as_ptr().cast(), self.cap);
+            }
+            libc::munmap(self.ptr.as_ptr().cast(), self.cap);
+        }
+    }
+}
+
+/// The soft and hard RLIMIT_MEMLOCK in bytes (`u64::MAX` for unlimited).
+pub fn memlock_limit() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass; no other preconditions.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } == 0;
+    if !ok {
+        return (0, 0);
+    }
+    let conv = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v };
+    (conv(r.rlim_cur), conv(r.rlim_max))
+}
+
+/// A pool of reusable locked buffers. Buffers come back zeroized; in steady state no
+/// allocation happens per batch.
+#[derive(Clone)]
+pub struct BatchPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    free: Mutex<Vec<LockedBuf>>,
+    policy: MemoryPolicy,
+    allocated: std::sync::atomic::AtomicUsize,
+}
+
+impl BatchPool {
+    /// An empty pool.
+    pub fn new(policy: MemoryPolicy) -> Self {
+        Self { inner: Arc::new(PoolInner { free: Mutex::new(Vec::new()), policy, allocated: Default::default() }) }
+    }
+
+    /// A buffer of at least `len` bytes: a free one if one is large enough, else a new one.
+    pub fn take(&self, len: usize) -> Result<LockedBuf> {
+        {
+            let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+                return Ok(free.swap_remove(i));
+            }
+        }
+        let b = LockedBuf::new(len, self.inner.policy)?;
+        self.inner.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
+    }
+
+    /// Returns a buffer, zeroizing it first.
+    pub fn give(&self, mut buf: LockedBuf) {
+        buf.as_mut_slice().zeroize();
+        let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.push(buf);
+    }
+
+    /// Buffers allocated so far (a steady-state pool stops growing).
+    pub fn allocated(&self) -> usize {
+        self.inner.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_zeroed_on_return_and_reused() {
+        let pool = BatchPool::new(MemoryPolicy::AllowUnlocked);
+        let mut b = pool.take(10_000).unwrap();
+        assert!(b.capacity() >= 10_000);
+        b.as_mut_slice()[..5].copy_from_slice(b"plain");
+        let ptr = b.as_slice().as_ptr();
+        pool.give(b);
+        let b = pool.take(100).unwrap();
+        assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer is reused");
+        assert!(b.as_slice().iter().all(|&x| x == 0), "returned buffers are zeroized");
+        assert_eq!(pool.allocated(), 1);
+    }
+
+    #[test]
+    fn locking_beyond_the_limit_fails_closed_or_succeeds_with_privilege() {
+        // 64 MiB is above the usual 8 MiB soft limit: without CAP_IPC_LOCK this must
+        // be a MemoryLock error naming the limit, never a silently unlocked buffer.
+        match LockedBuf::new(64 << 20, MemoryPolicy::RequireLocked) {
+            Ok(b) => assert!(b.is_locked()),
+            Err(e) => {
+                assert!(matches!(e, Error::MemoryLock { .. }));
+                assert!(e.to_string().contains("RLIMIT_MEMLOCK"));
+            }
+        }
+        let b = LockedBuf::new(64 << 20, MemoryPolicy::AllowUnlocked).unwrap();
+        assert_eq!(b.capacity(), 64 << 20);
+    }
+}

@@ -1,0 +1,269 @@
+//! The streaming Loader: one epoch exactly, deterministic order, rank split, resume,
+//! field selection, early drop, errors and re-authorization mid-epoch.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use common::Fixture;
+use shardlock::auth::{AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{DType, DenyReason, Error, Field, IntegrityKind, Loader, LoaderBuilder, Remainder, Schema, Shuffle};
+
+/// 10 shards x 37 records: `x` = u16[3] holding (id, id*3, 7), `blob` = id as text.
+fn dataset(fx: &Fixture) -> std::path::PathBuf {
+    let schema = Schema::new(vec![Field::tensor("x", DType::U16, &[3]), Field::bytes("blob")]).unwrap();
+    let samples: Vec<Vec<Vec<u8>>> = (0..370u16)
+        .map(|i| {
+            let x: Vec<u8> = [i, i.wrapping_mul(3), 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+            vec![x, format!("sample-{i}-{}", "z".repeat(i as usize % 50)).into_bytes()]
+        })
+        .collect();
+    fx.pack("ds", "loader", schema, &samples, 1500)
+}
+
+/// First global sample id of every shard.
+fn prefix(fx: &Fixture, dir: &std::path::Path) -> Vec<u64> {
+    let m = fx.open(dir).unwrap().manifest().clone();
+    m.shards
+        .iter()
+        .scan(0, |acc, s| {
+            let p = *acc;
+            *acc += s.records;
+            Some(p)
+        })
+        .collect()
+}
+
+fn builder(fx: &Fixture, dir: &std::path::Path) -> LoaderBuilder {
+    Loader::builder(dir)
+        .key_provider(fx.keyring.clone())
+        .token_value(fx.token("loader"))
+        .trust_anchor(fx.trust)
+        .batch_size(16)
+}
+
+fn ids_of(loader: Loader) -> Vec<u64> {
+    let mut out = Vec::new();
+    for b in loader {
+        let b = b.unwrap();
+        let x = b.tensor::<u16>("x").unwrap();
+        assert_eq!(x.shape, vec![b.len(), 3]);
+        for (j, &id) in b.sample_ids().iter().enumerate() {
+            assert_eq!(x.data[3 * j], id as u16);
+            assert_eq!(x.data[3 * j + 1], (id as u16).wrapping_mul(3));
+            let blob = b.bytes("blob", j).unwrap();
+            assert!(blob.starts_with(format!("sample-{id}-").as_bytes()));
+        }
+        out.extend_from_slice(b.sample_ids());
+    }
+    out
+}
+
+#[test]
+fn every_shuffle_mode_yields_each_sample_once_with_exact_values() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    assert!(fx.open(&dir).unwrap().manifest().shards.len() >= 8);
+    for mode in [Shuffle::None, Shuffle::Window, Shuffle::Global] {
+        let ids = ids_of(builder(&fx, &dir).shuffle(mode).drop_last(false).build().unwrap());
+        assert_eq!(ids.len(), 370, "{mode:?}");
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 370, "{mode:?}");
+        if mode == Shuffle::None {
+            assert_eq!(ids, (0..370).collect::<Vec<_>>());
+        }
+    }
+}
+
+#[test]
+fn order_depends_on_seed_and_epoch_but_not_on_workers() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let one = ids_of(builder(&fx, &dir).workers(1).seed(5).build().unwrap());
+    let three = ids_of(builder(&fx, &dir).workers(3).seed(5).memory_budget(1 << 16).build().unwrap());
+    assert_eq!(one, three);
+    assert_ne!(one, ids_of(builder(&fx, &dir).seed(6).build().unwrap()));
+    let mut l = builder(&fx, &dir).seed(5).build().unwrap();
+    let e0: Vec<u64> = l.by_ref().flat_map(|b| b.unwrap().sample_ids().to_vec()).collect();
+    let e1: Vec<u64> = l.by_ref().flat_map(|b| b.unwrap().sample_ids().to_vec()).collect();
+    assert_eq!(e0, one);
+    assert_ne!(e0, e1, "the next iteration is the next epoch");
+    l.set_epoch(0);
+    assert_eq!(l.flat_map(|b| b.unwrap().sample_ids().to_vec()).collect::<Vec<_>>(), one);
+}
+
+#[test]
+fn ranks_are_disjoint_equal_and_cover_the_epoch() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    for rem in [Remainder::Drop, Remainder::Pad] {
+        let lists: Vec<Vec<u64>> = (0..3)
+            .map(|r| ids_of(builder(&fx, &dir).rank(r, 3).remainder(rem).drop_last(false).build().unwrap()))
+            .collect();
+        assert!(lists.iter().all(|l| l.len() == lists[0].len()));
+        let all: HashSet<u64> = lists.iter().flatten().copied().collect();
+        match rem {
+            Remainder::Drop => assert_eq!(all.len(), lists[0].len() * 3),
+            Remainder::Pad => assert_eq!(all.len(), 370),
+        }
+    }
+}
+
+#[test]
+fn resume_in_a_new_loader_with_other_world_and_workers_is_one_epoch() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let mut seen = Vec::new();
+    // World 2: each rank reads 3 batches and saves (ranks move in lockstep).
+    let mut state = None;
+    for r in 0..2 {
+        let mut l = builder(&fx, &dir).rank(r, 2).workers(2).seed(9).build().unwrap();
+        for _ in 0..3 {
+            seen.extend_from_slice(l.next().unwrap().unwrap().sample_ids());
+        }
+        state = Some(l.state());
+    }
+    let state = state.unwrap();
+    let json = serde_json::to_string(&state).unwrap();
+    // World 1, one worker, a fresh loader: the rest of the epoch.
+    let mut l = builder(&fx, &dir).workers(1).seed(9).drop_last(false).build().unwrap();
+    l.load_state(&serde_json::from_str(&json).unwrap()).unwrap();
+    seen.extend(ids_of(l));
+    assert_eq!(seen.len(), 370);
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 370);
+    // A state from another seed is refused.
+    let mut other = builder(&fx, &dir).seed(1).build().unwrap();
+    assert!(other.load_state(&state).is_err());
+}
+
+#[test]
+fn field_selection_and_partial_last_batch() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let l =
+        builder(&fx, &dir).fields(["blob"]).batch_size(100).drop_last(false).shuffle(Shuffle::None).build().unwrap();
+    assert_eq!(l.len().unwrap(), 4);
+    let batches: Vec<_> = l.map(|b| b.unwrap()).collect();
+    assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![100, 100, 100, 70]);
+    assert!(batches[0].tensor::<u16>("x").is_err());
+    assert_eq!(batches[3].bytes("blob", 69).unwrap(), format!("sample-369-{}", "z".repeat(369 % 50)).as_bytes());
+    assert!(batches[0].tensor::<u8>("blob").is_err());
+    let e = builder(&fx, &dir).fields(["nope"]).build().err().unwrap();
+    assert!(e.to_string().contains("no field \"nope\""));
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn early_drop_stops_workers_and_steady_state_does_not_allocate() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let before = threads();
+    {
+        let mut l = builder(&fx, &dir).workers(3).build().unwrap();
+        let b = l.next().unwrap().unwrap();
+        assert_eq!(b.len(), 16);
+        assert!(threads() > before);
+    }
+    let t = std::time::Instant::now();
+    while threads() > before && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(threads() <= before, "worker threads leaked");
+    let mut l = builder(&fx, &dir).workers(2).memory_budget(16 * 1024).build().unwrap();
+    for _ in 0..3 {
+        for b in l.by_ref() {
+            drop(b.unwrap());
+        }
+    }
+    assert!(l.buffers_allocated() <= 8, "allocated {} buffers over 3 epochs", l.buffers_allocated());
+}
+
+#[test]
+fn a_tampered_chunk_stops_the_stream_with_a_sticky_typed_error() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let shard = dir.join("shard-00004.slk");
+    let len = std::fs::metadata(&shard).unwrap().len() as usize;
+    common::flip(&shard, len - 40);
+    let mut l = builder(&fx, &dir).shuffle(Shuffle::None).batch_size(1).build().unwrap();
+    // Every sample of shards 0-3 arrives; the first batch touching shard 4 fails.
+    for _ in 0..prefix(&fx, &dir)[4] {
+        l.next().unwrap().unwrap();
+    }
+    let e = l.next().unwrap().unwrap_err();
+    assert!(
+        matches!(&e, Error::Integrity { shard, kind: IntegrityKind::ChunkAuth, .. } if shard.index == Some(4)),
+        "{e}"
+    );
+    assert!(l.next().unwrap().is_err(), "no clean end after an integrity failure");
+}
+
+#[test]
+fn expiry_mid_epoch_stops_at_the_next_shard() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let start = SystemTime::now();
+    let now = Arc::new(Mutex::new(start));
+    let c = now.clone();
+    let cfg =
+        AuthorizerConfig { skew: Duration::ZERO, clock: Arc::new(move || *c.lock().unwrap()), ..Default::default() };
+    let spec = TokenSpec {
+        dataset: "loader".into(),
+        principal: "p".into(),
+        shards: ShardSet::All,
+        ops: vec![Operation::Read],
+        expires: start + Duration::from_secs(60),
+        not_before: Some(start - Duration::from_secs(5)),
+    };
+    let token = Token::issue(&fx.issuer, &spec).unwrap();
+    let mut l = Loader::builder(&dir)
+        .key_provider(fx.keyring.clone())
+        .token_value(token)
+        .trust_anchor(fx.trust)
+        .authorizer_config(cfg)
+        .shuffle(Shuffle::None)
+        .batch_size(1)
+        .workers(1)
+        .memory_budget(1)
+        .build()
+        .unwrap();
+    let first = l.next().unwrap().unwrap();
+    assert_eq!(first.sample_ids()[0], 0);
+    *now.lock().unwrap() = start + Duration::from_secs(120);
+    // Batches of shards already authorized may still arrive; then the next shard open fails.
+    let mut got = 1;
+    let e = loop {
+        match l.next().unwrap() {
+            Ok(_) => got += 1,
+            Err(e) => break e,
+        }
+    };
+    // At most the shard that was open when the clock jumped, plus the batches in flight.
+    assert!(got <= prefix(&fx, &dir)[2] as usize, "{got}");
+    assert!(matches!(e, Error::AccessDenied { reason: DenyReason::TokenExpired, .. }), "{e}");
+}
+
+#[test]
+fn a_token_for_some_shards_only_reads_those_then_is_denied() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    let t = fx.token("loader").attenuate(Some(&ShardSet::parse("0-1").unwrap()), None, None).unwrap();
+    let mut l = Loader::builder(&dir)
+        .key_provider(fx.keyring.clone())
+        .token_value(t)
+        .trust_anchor(fx.trust)
+        .shuffle(Shuffle::None)
+        .batch_size(1)
+        .build()
+        .unwrap();
+    for _ in 0..prefix(&fx, &dir)[2] {
+        assert!(l.next().unwrap().is_ok());
+    }
+    let e = l.next().unwrap().unwrap_err();
+    assert!(matches!(e, Error::AccessDenied { reason: DenyReason::ShardOutOfScope, shard: Some(2), .. }), "{e}");
+}
