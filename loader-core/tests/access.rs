@@ -380,7 +380,7 @@ fn base64_encode_url(b: &[u8]) -> String {
             s.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
     }
-    while s.len() % 4 != 0 {
+    while !s.len().is_multiple_of(4) {
         s.push('=');
     }
     s

@@ -83,7 +83,7 @@ pub fn wrap(kek_bytes: &[u8], key: &[u8]) -> Result<Vec<u8>> {
 pub fn unwrap(kek_bytes: &[u8], wrapped: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>> {
     let k = Kek::new(kek_bytes)?;
     // Also keeps `aes-kw` away from its 8-byte input, on which it underflows.
-    if wrapped.len() < 16 || wrapped.len() % 8 != 0 {
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) {
         return Ok(None);
     }
     let mut out = Zeroizing::new(vec![0u8; wrapped.len() - 8]);
