@@ -30,3 +30,25 @@ pub fn map_file(path: &Path) -> Result<Mapped> {
     let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(Error::io("mmap", path))?;
     Ok(map)
 }
+
+/// CPU seconds (user + system) used by this process so far.
+pub fn process_cpu_seconds() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    #[allow(unsafe_code)]
+    // SAFETY: getrusage fills the struct it is given; it is zero-initialised, so it
+    // is valid to read even if the call failed.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Resident anonymous memory of this process in bytes (`RssAnon`), if readable.
+pub fn rss_anon() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

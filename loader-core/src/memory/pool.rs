@@ -9,8 +9,6 @@
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use zeroize::Zeroize;
-
 use crate::error::{Error, Result};
 
 /// What to do when memory cannot be locked.
@@ -40,6 +38,8 @@ pub struct LockedBuf {
     ptr: NonNull<u8>,
     cap: usize,
     locked: bool,
+    /// Bytes from the start that may hold data (everything past it is zero).
+    dirty: usize,
 }
 
 // SAFETY: LockedBuf owns its mapping exclusively (like a Box<[u8]>); the raw pointer
@@ -76,7 +76,7 @@ impl LockedBuf {
             });
         }
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::Crypto("mmap returned null"))?;
-        let mut buf = Self { ptr, cap, locked: false };
+        let mut buf = Self { ptr, cap, locked: false, dirty: 0 };
         #[allow(unsafe_code)]
         // SAFETY: [ptr, ptr+cap) is the mapping just created and owned by `buf`.
         unsafe {
@@ -114,8 +114,31 @@ impl LockedBuf {
         }
     }
 
-    /// The whole buffer, mutably.
+    /// Zeroes the bytes that may hold data, at memset speed (`explicit_bzero`, which
+    /// the compiler may not elide), and marks the buffer clean.
+    pub fn wipe(&mut self) {
+        let n = self.dirty.min(self.cap);
+        if n > 0 {
+            #[allow(unsafe_code)]
+            // SAFETY: [ptr, ptr+n) lies inside the mapping owned by `self`, which
+            // `&mut self` borrows exclusively.
+            unsafe {
+                libc::explicit_bzero(self.ptr.as_ptr().cast(), n);
+            }
+        }
+        self.dirty = 0;
+    }
+
+    /// The first `len` bytes, mutably; they are wiped when the buffer is returned.
+    pub fn prefix_mut(&mut self, len: usize) -> &mut [u8] {
+        let len = len.min(self.cap);
+        self.dirty = self.dirty.max(len);
+        &mut self.as_mut_slice()[..len]
+    }
+
+    /// The whole buffer, mutably (all of it is wiped on return).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.dirty = self.cap;
         // SAFETY: as in `as_slice`, and `&mut self` guarantees exclusive access.
         #[allow(unsafe_code)]
         unsafe {
@@ -126,7 +149,7 @@ impl LockedBuf {
 
 impl Drop for LockedBuf {
     fn drop(&mut self) {
-        self.as_mut_slice().zeroize();
+        self.wipe();
         #[allow(unsafe_code)]
         // SAFETY: unmapping exactly the mapping created in `new`, once; no borrow of
         // it can outlive `self`.
@@ -184,9 +207,9 @@ impl BatchPool {
         Ok(b)
     }
 
-    /// Returns a buffer, zeroizing it first.
+    /// Returns a buffer, wiping the bytes it was given out with first.
     pub fn give(&self, mut buf: LockedBuf) {
-        buf.as_mut_slice().zeroize();
+        buf.wipe();
         let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
         free.push(buf);
     }

@@ -763,7 +763,8 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
         }
     }
     let ids: Vec<u64> = refs.iter().map(|r| shared.prefix[r.shard() as usize] + u64::from(r.record())).collect();
-    let buf = shared.pool.take(off.max(1))?;
+    let total = off.max(1);
+    let buf = shared.pool.take(total)?;
     let mut batch = Batch {
         buf: Some(buf),
         pool: shared.pool.clone(),
@@ -773,25 +774,32 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
         epoch: job.epoch,
     };
     let slots = batch.slots.clone();
-    let Some(out) = batch.buf.as_mut().map(|b| b.as_mut_slice()) else {
+    let Some(out) = batch.buf.as_mut().map(|b| b.prefix_mut(total)) else {
         return Err(Error::Internal("batch without a buffer".into()));
     };
+    // Decrypt in storage order (shard, record) so neighbouring samples share the
+    // worker's cached chunk, while each sample lands in its shuffled slot.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_unstable_by_key(|&j| refs[j].0);
     for slot in slots.iter() {
+        // Destination of each sample: fixed stride, or prefix sums of byte lengths.
+        let mut dest = Vec::with_capacity(n + 1);
         let mut w = slot.offset;
-        for (j, (r, &p)) in refs.iter().zip(&shard_of).enumerate() {
-            let (sid, shard) = (&open[p].0, &open[p].1);
-            let (a, z) = shard.index().field_range(u64::from(r.record()), slot.schema_pos);
-            let len = (z - a) as usize;
-            if let Some(at) = slot.offsets_at {
-                let rel = (w - slot.offset) as u64;
-                out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&rel.to_le_bytes());
-            }
-            copy_plain(shard, *sid, a, z, &mut out[w..w + len], cc)?;
-            w += len;
+        for (r, &p) in refs.iter().zip(&shard_of) {
+            dest.push(w);
+            let (a, z) = open[p].1.index().field_range(u64::from(r.record()), slot.schema_pos);
+            w += (z - a) as usize;
         }
+        dest.push(w);
         if let Some(at) = slot.offsets_at {
-            let rel = (w - slot.offset) as u64;
-            out[at + 8 * n..at + 8 * n + 8].copy_from_slice(&rel.to_le_bytes());
+            for (j, d) in dest.iter().enumerate() {
+                out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&((d - slot.offset) as u64).to_le_bytes());
+            }
+        }
+        for &j in &order {
+            let (sid, shard) = (&open[shard_of[j]].0, &open[shard_of[j]].1);
+            let (a, z) = shard.index().field_range(u64::from(refs[j].record()), slot.schema_pos);
+            copy_plain(shard, *sid, a, z, &mut out[dest[j]..dest[j + 1]], cc)?;
         }
     }
     Ok(batch)

@@ -18,6 +18,7 @@
 //! ```
 
 mod batch;
+pub mod bench;
 mod loader;
 pub mod plan;
 

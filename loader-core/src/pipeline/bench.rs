@@ -1,0 +1,110 @@
+//! Throughput measurement shared by `shardlock bench` and the Python binding.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::loader::Loader;
+use crate::error::Result;
+use crate::memory::{process_cpu_seconds, rss_anon};
+
+/// Numbers of one epoch.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochReport {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Batches yielded.
+    pub batches: u64,
+    /// Samples yielded.
+    pub samples: u64,
+    /// Plaintext bytes of the selected fields delivered into batches.
+    pub bytes: u64,
+    /// Wall time in seconds, first request to last batch.
+    pub seconds: f64,
+    /// Plaintext GB/s (10^9 bytes per second).
+    pub gb_per_s: f64,
+    /// Samples per second.
+    pub samples_per_s: f64,
+    /// Time to the first batch, milliseconds.
+    pub first_batch_ms: f64,
+    /// Median wait for a batch, milliseconds.
+    pub p50_batch_ms: f64,
+    /// 99th percentile wait for a batch, milliseconds.
+    pub p99_batch_ms: f64,
+    /// CPU seconds / wall seconds (2.0 = two cores busy).
+    pub cpu_utilisation: f64,
+}
+
+/// Numbers of a whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Per epoch.
+    pub epochs: Vec<EpochReport>,
+    /// Peak RssAnon seen between batches, bytes.
+    pub peak_rss_anon: u64,
+    /// RssAnon before the first epoch, bytes.
+    pub baseline_rss_anon: u64,
+    /// Batch buffers allocated over the run.
+    pub buffers_allocated: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Streams `epochs` epochs, touching nothing but the batch metadata, and reports.
+/// `progress(epoch, batches_done)` is called after every batch.
+pub fn run(loader: &mut Loader, epochs: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<BenchReport> {
+    let baseline = rss_anon().unwrap_or(0);
+    let mut peak = baseline;
+    let mut reports = Vec::new();
+    for _ in 0..epochs {
+        let epoch = loader.epoch();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
+        let mut last = t0;
+        let mut waits = Vec::new();
+        let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
+        for b in loader.by_ref() {
+            let b = b?;
+            let now = Instant::now();
+            waits.push((now - last).as_secs_f64() * 1e3);
+            last = now;
+            batches += 1;
+            samples += b.len() as u64;
+            bytes += b.fields().iter().map(|f| f.len as u64).sum::<u64>();
+            drop(b);
+            if batches % 8 == 0 {
+                peak = peak.max(rss_anon().unwrap_or(0));
+            }
+            progress(epoch, batches);
+        }
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let cpu = process_cpu_seconds() - c0;
+        let first = waits.first().copied().unwrap_or(0.0);
+        waits.sort_by(|a, b| a.total_cmp(b));
+        peak = peak.max(rss_anon().unwrap_or(0));
+        reports.push(EpochReport {
+            epoch,
+            batches,
+            samples,
+            bytes,
+            seconds: secs,
+            gb_per_s: bytes as f64 / secs / 1e9,
+            samples_per_s: samples as f64 / secs,
+            first_batch_ms: first,
+            p50_batch_ms: percentile(&waits, 0.5),
+            p99_batch_ms: percentile(&waits, 0.99),
+            cpu_utilisation: cpu / secs,
+        });
+    }
+    Ok(BenchReport {
+        epochs: reports,
+        peak_rss_anon: peak,
+        baseline_rss_anon: baseline,
+        buffers_allocated: loader.buffers_allocated(),
+    })
+}
