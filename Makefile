@@ -8,9 +8,11 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
 PY_DEPS := numpy pytest
+# Debian packages the tests need (strace: the plaintext-never-touches-disk test).
+APT_DEPS := strace
 FUZZ_TARGETS := shard_header manifest record_index payload
 
-.PHONY: all demo test setup lint rust-test fuzz-build bench clean
+.PHONY: all demo test setup system-deps lint rust-test examples fuzz-build bench clean
 
 all: test
 
@@ -20,7 +22,13 @@ $(VENV)/.deps-ok: Makefile
 	$(PIP) install -q --disable-pip-version-check $(PY_DEPS)
 	touch $@
 
-setup: $(VENV)/.deps-ok
+system-deps:
+	@missing=""; for p in $(APT_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
+
+setup: $(VENV)/.deps-ok system-deps
 
 demo: setup
 	$(CARGO) build --release -q -p shardlock
@@ -44,11 +52,14 @@ fuzz-build:
 	cd loader-core/fuzz && for t in $(FUZZ_TARGETS); do \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t corpus/$$t -- -runs=2000 -seed=1 2>&1 | tail -n 1; done
 
-test: setup lint rust-test fuzz-build
+examples:
+	$(CARGO) run -q -p shardlock-examples --example train_native
+
+test: setup lint rust-test examples fuzz-build
 	@echo "make test: all checks passed"
 
 bench:
-	$(CARGO) bench -p shardlock-benches --bench cobblestone
+	$(CARGO) bench -p shardlock-benches --bench cobblestone --bench pipeline
 
 clean:
 	$(CARGO) clean

@@ -33,3 +33,6 @@ shardlock token attenuate "$OUT/job.token" --trust "$OUT/issuer.key.pub" --shard
 shardlock verify "$OUT/dataset" --keyring "$OUT/keyring.json" --token "$OUT/narrow.token" \
   --trust "$OUT/issuer.key.pub" --audit-log "$OUT/audit.jsonl" || echo "(denied as expected)"
 shardlock audit verify "$OUT/audit.jsonl"
+echo "== stream 2 epochs through the loader (authorize each shard, decrypt on worker threads into locked batches)"
+shardlock bench "$OUT/dataset" --keyring "$OUT/keyring.json" --token "$OUT/job.token" \
+  --trust "$OUT/issuer.key.pub" --batch-size 256 --epochs 2
