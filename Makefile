@@ -7,12 +7,12 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
-PY_DEPS := numpy pytest
+PY_DEPS := numpy pytest torch mypy maturin
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test).
 APT_DEPS := strace
 FUZZ_TARGETS := shard_header manifest record_index payload
 
-.PHONY: all demo test setup system-deps lint rust-test examples fuzz-build bench clean
+.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release py-test fuzz-build bench clean
 
 all: test
 
@@ -30,7 +30,7 @@ system-deps:
 
 setup: $(VENV)/.deps-ok system-deps
 
-demo: setup
+demo: setup py-build-release
 	$(CARGO) build --release -q -p shardlock
 	PATH="$(CURDIR)/target/release:$$PATH" PY="$(PY)" bash examples/demo.sh
 
@@ -55,7 +55,18 @@ fuzz-build:
 examples:
 	$(CARGO) run -q -p shardlock-examples --example train_native
 
-test: setup lint rust-test examples fuzz-build
+# The Python module, installed editable into the venv.
+py-build:
+	cd loader-py && VIRTUAL_ENV=$(CURDIR)/$(VENV) $(CURDIR)/$(VENV)/bin/maturin develop -q
+
+py-build-release:
+	cd loader-py && VIRTUAL_ENV=$(CURDIR)/$(VENV) $(CURDIR)/$(VENV)/bin/maturin develop -q --release
+
+py-test: py-build
+	$(PY) -m mypy.stubtest shardlock._native
+	$(PY) -m pytest -q loader-py/tests
+
+test: setup lint rust-test examples py-test fuzz-build
 	@echo "make test: all checks passed"
 
 bench:

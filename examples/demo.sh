@@ -36,3 +36,5 @@ shardlock audit verify "$OUT/audit.jsonl"
 echo "== stream 2 epochs through the loader (authorize each shard, decrypt on worker threads into locked batches)"
 shardlock bench "$OUT/dataset" --keyring "$OUT/keyring.json" --token "$OUT/job.token" \
   --trust "$OUT/issuer.key.pub" --batch-size 256 --epochs 2
+echo "== stream an epoch into torch tensors from Python (import shardlock)"
+"$PY" examples/demo_stream.py "$OUT/dataset" "$OUT/keyring.json" "$OUT/job.token" "$OUT/issuer.key.pub"

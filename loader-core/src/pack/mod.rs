@@ -62,8 +62,8 @@ pub struct DatasetWriter<'a> {
     dir: PathBuf,
     opts: PackOptions,
     schema: Schema,
-    keys: &'a dyn KeyProvider,
-    issuer: &'a IssuerKey,
+    keys: Held<'a, dyn KeyProvider + 'a>,
+    issuer: Held<'a, IssuerKey>,
     fixed: Vec<Option<u64>>,
     field_lens: Vec<u64>,
     data: Zeroizing<Vec<u8>>,
@@ -82,6 +82,16 @@ impl<'a> DatasetWriter<'a> {
         opts: PackOptions,
         keys: &'a dyn KeyProvider,
         issuer: &'a IssuerKey,
+    ) -> Result<Self> {
+        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Held::Borrowed(issuer))
+    }
+
+    fn create_held(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: Held<'a, dyn KeyProvider + 'a>,
+        issuer: Held<'a, IssuerKey>,
     ) -> Result<Self> {
         validate_dataset_id(&opts.dataset_id).map_err(Error::InvalidArgument)?;
         schema.validate().map_err(|e| Error::InvalidArgument(format!("schema: {e}")))?;
@@ -241,8 +251,38 @@ impl<'a> DatasetWriter<'a> {
             records,
             shards: std::mem::take(&mut self.shards),
         };
-        crate::dataset::write_signed_manifest(&self.dir, &m, self.issuer)?;
+        crate::dataset::write_signed_manifest(&self.dir, &m, &self.issuer)?;
         Ok(m)
+    }
+}
+
+impl DatasetWriter<'static> {
+    /// As [`DatasetWriter::create`], owning shared handles to the key provider and
+    /// issuer key (for bindings that cannot borrow).
+    pub fn create_owned(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: std::sync::Arc<dyn KeyProvider>,
+        issuer: std::sync::Arc<IssuerKey>,
+    ) -> Result<Self> {
+        Self::create_held(dir, schema, opts, Held::Shared(keys), Held::Shared(issuer))
+    }
+}
+
+/// A borrowed or shared handle.
+enum Held<'a, T: ?Sized> {
+    Borrowed(&'a T),
+    Shared(std::sync::Arc<T>),
+}
+
+impl<T: ?Sized> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Borrowed(r) => r,
+            Held::Shared(a) => a,
+        }
     }
 }
 

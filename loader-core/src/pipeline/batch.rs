@@ -104,6 +104,11 @@ impl Batch {
         })
     }
 
+    /// The whole batch buffer (bindings use it for the offsets of bytes fields).
+    pub fn buffer_bytes(&self) -> &[u8] {
+        self.bytes_of()
+    }
+
     fn bytes_of(&self) -> &[u8] {
         self.buf.as_ref().map(|b| b.as_slice()).unwrap_or(&[])
     }

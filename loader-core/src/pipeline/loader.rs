@@ -313,6 +313,7 @@ impl LoaderBuilder {
             history: Vec::new(),
             run: None,
             ended: false,
+            pid: std::process::id(),
         })
     }
 }
@@ -373,9 +374,75 @@ pub struct Loader {
     history: Vec<Consumed>,
     run: Option<EpochRun>,
     ended: bool,
+    /// Process that built the loader: its worker threads do not exist after a fork.
+    pid: u32,
+}
+
+/// Outcome of [`Loader::next_within`].
+#[derive(Debug)]
+pub enum Next {
+    /// A batch, or the error that stopped the epoch.
+    Batch(Result<Batch>),
+    /// The epoch is over.
+    End,
+    /// Nothing arrived within the timeout; call again.
+    Pending,
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.abandon_if_forked();
+    }
 }
 
 impl Loader {
+    /// In a forked child the run's threads are gone and its locks may be held
+    /// forever: leak the run instead of joining or touching it.
+    fn abandon_if_forked(&mut self) -> bool {
+        if std::process::id() == self.pid {
+            return false;
+        }
+        if let Some(r) = self.run.take() {
+            std::mem::forget(r);
+        }
+        true
+    }
+
+    fn forked_error(&self) -> Error {
+        Error::InvalidArgument(
+            "this Loader was created in another process (before a fork); create the Loader inside the worker process \
+             (shardlock.torch.IterableDataset does this for DataLoader workers)"
+                .into(),
+        )
+    }
+
+    /// Like [`Iterator::next`], but waits at most `timeout` for the next batch, so a
+    /// caller can service signals (Ctrl-C in Python) while the pipeline works.
+    pub fn next_within(&mut self, timeout: std::time::Duration) -> Next {
+        if self.abandon_if_forked() {
+            return Next::Batch(Err(self.forked_error()));
+        }
+        if self.run.is_none() {
+            self.ended = false;
+            match self.start() {
+                Ok(r) => self.run = Some(r),
+                Err(e) => return Next::Batch(Err(e)),
+            }
+        }
+        let Some(run) = self.run.as_mut() else { return Next::End };
+        match run.poll(Some(timeout)) {
+            Poll::Pending => Next::Pending,
+            Poll::Ready(Some(b)) => Next::Batch(b),
+            Poll::Ready(None) => {
+                self.run = None;
+                self.history.clear();
+                self.epoch += 1;
+                self.ended = true;
+                Next::End
+            }
+        }
+    }
+
     /// Starts building a loader for the dataset at `path`.
     pub fn builder(path: impl AsRef<Path>) -> LoaderBuilder {
         LoaderBuilder::new(path.as_ref())
@@ -398,6 +465,7 @@ impl Loader {
 
     /// Sets the epoch of the next iteration (stops one in progress).
     pub fn set_epoch(&mut self, epoch: u64) {
+        self.abandon_if_forked();
         if self.run.is_some() || self.epoch != epoch {
             self.run = None;
             self.history.clear();
@@ -467,6 +535,9 @@ impl Iterator for Loader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
+        if self.abandon_if_forked() {
+            return Some(Err(self.forked_error()));
+        }
         if self.run.is_none() {
             if self.ended {
                 // The previous call ended an epoch; this one starts the next.
@@ -489,6 +560,11 @@ impl Iterator for Loader {
             }
         }
     }
+}
+
+enum Poll {
+    Ready(Option<Result<Batch>>),
+    Pending,
 }
 
 struct Flow {
@@ -590,22 +666,35 @@ impl EpochRun {
     }
 
     fn next(&mut self) -> Option<Result<Batch>> {
+        match self.poll(None) {
+            Poll::Ready(r) => r,
+            Poll::Pending => None,
+        }
+    }
+
+    /// The next batch in plan order, waiting at most `timeout` (forever if `None`).
+    fn poll(&mut self, timeout: Option<std::time::Duration>) -> Poll {
         if let Some(e) = &self.failed {
-            return Some(Err(e.duplicate()));
+            return Poll::Ready(Some(Err(e.duplicate())));
         }
         if self.consumed_batches >= self.n_batches {
-            return None;
+            return Poll::Ready(None);
         }
         let k = self.consumed_batches;
         let r = loop {
             if let Some(r) = self.reorder.remove(&k) {
                 break r;
             }
-            match self.rx.recv() {
+            let got = match timeout {
+                None => self.rx.recv().map_err(|_| true),
+                Some(t) => self.rx.recv_timeout(t).map_err(|e| e.is_disconnected()),
+            };
+            match got {
                 Ok((i, r)) => {
                     self.reorder.insert(i, r);
                 }
-                Err(_) => break Err(Error::Internal("decrypt workers exited early".into())),
+                Err(false) => return Poll::Pending,
+                Err(true) => break Err(Error::Internal("decrypt workers exited early".into())),
             }
         };
         self.consumed_batches += 1;
@@ -622,12 +711,12 @@ impl EpochRun {
         match r {
             Ok(b) => {
                 self.consumed_samples += b.len() as u64;
-                Some(Ok(b))
+                Poll::Ready(Some(Ok(b)))
             }
             Err(e) => {
                 self.failed = Some(e.duplicate());
                 self.stop();
-                Some(Err(e))
+                Poll::Ready(Some(Err(e)))
             }
         }
     }

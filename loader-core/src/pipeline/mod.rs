@@ -23,5 +23,5 @@ mod loader;
 pub mod plan;
 
 pub use batch::{Batch, Element, FieldSlot, TensorView};
-pub use loader::{Loader, LoaderBuilder, LoaderState, DEFAULT_MEMORY_BUDGET};
+pub use loader::{Loader, LoaderBuilder, LoaderState, Next, DEFAULT_MEMORY_BUDGET};
 pub use plan::{Remainder, Shuffle};

@@ -1,0 +1,60 @@
+"""shardlock: an encrypted streaming data loader for GPU training.
+
+Data owners pack datasets into encrypted shards (:class:`Writer`, :func:`pack_numpy`);
+training jobs stream them with :class:`Loader`, which authorizes a signed access token
+for every shard before its key is unwrapped, authenticates every 16 KiB chunk, and
+yields batches as torch tensors (or NumPy arrays) that share the page-locked batch
+buffer without copying.
+
+    >>> import shardlock
+    >>> loader = shardlock.Loader("dataset/", keyring="keyring.json",
+    ...                           token="job.token", trust="issuer.key.pub",
+    ...                           batch_size=256)
+    >>> for batch in loader:
+    ...     x = batch["image"]          # torch.Tensor, shape [256, 3, 224, 224]
+"""
+
+from shardlock._lib import (
+    AccessDenied,
+    AuditError,
+    FormatError,
+    IntegrityError,
+    InvalidToken,
+    KeyUnavailable,
+    MemoryLockError,
+    OutOfScope,
+    ShardlockError,
+    TokenExpired,
+    TokenRevoked,
+    __version__,
+    attenuate_token,
+    create_issuer_key,
+    create_keyring,
+    issue_token,
+    revoke_token,
+)
+from shardlock.loader import Loader
+from shardlock.writer import Writer, pack_numpy
+
+__all__ = [
+    "AccessDenied",
+    "AuditError",
+    "FormatError",
+    "IntegrityError",
+    "InvalidToken",
+    "KeyUnavailable",
+    "Loader",
+    "MemoryLockError",
+    "OutOfScope",
+    "ShardlockError",
+    "TokenExpired",
+    "TokenRevoked",
+    "Writer",
+    "__version__",
+    "attenuate_token",
+    "create_issuer_key",
+    "create_keyring",
+    "issue_token",
+    "pack_numpy",
+    "revoke_token",
+]

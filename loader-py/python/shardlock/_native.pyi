@@ -1,0 +1,116 @@
+"""Type stubs of the native extension (checked against the built module by stubtest)."""
+
+from os import PathLike
+from typing import Any, Dict, List, Optional, Tuple, Union, final
+
+import numpy as np
+
+__all__ = [
+    "AccessDenied",
+    "AuditError",
+    "BatchOwner",
+    "FormatError",
+    "IntegrityError",
+    "InvalidToken",
+    "KeyUnavailable",
+    "MemoryLockError",
+    "NativeLoader",
+    "NativeWriter",
+    "OutOfScope",
+    "ShardlockError",
+    "TokenExpired",
+    "TokenRevoked",
+    "attenuate_token",
+    "create_issuer_key",
+    "create_keyring",
+    "issue_token",
+    "revoke_token",
+    "__version__",
+]
+
+__version__: str
+
+class ShardlockError(Exception): ...
+class AccessDenied(ShardlockError): ...
+class TokenExpired(AccessDenied): ...
+class TokenRevoked(AccessDenied): ...
+class OutOfScope(AccessDenied): ...
+class InvalidToken(AccessDenied): ...
+class IntegrityError(ShardlockError): ...
+class KeyUnavailable(ShardlockError): ...
+class FormatError(ShardlockError): ...
+class MemoryLockError(ShardlockError): ...
+class AuditError(ShardlockError): ...
+
+_Path = Union[str, PathLike[str]]
+
+def create_keyring(path: _Path) -> str: ...
+def create_issuer_key(path: _Path) -> str: ...
+def issue_token(
+    issuer_key: _Path,
+    out: _Path,
+    *,
+    dataset: str,
+    principal: str,
+    shards: str = "all",
+    ops: str = "read",
+    ttl: str = "1h",
+    not_before: Optional[str] = None,
+) -> str: ...
+def attenuate_token(
+    token: _Path, trust: _Path, out: _Path, *, shards: Optional[str] = None, ops: Optional[str] = None, ttl: Optional[str] = None
+) -> str: ...
+def revoke_token(token: _Path, deny_list: _Path) -> str: ...
+
+@final
+class NativeWriter:
+    def __new__(
+        cls,
+        out_dir: _Path,
+        keyring: _Path,
+        issuer_key: _Path,
+        dataset_id: str,
+        fields: List[Tuple[str, str, List[int]]],
+        shard_size: int,
+        force: bool = False,
+    ) -> NativeWriter: ...
+    def write_sample(self, values: List[bytes]) -> None: ...
+    def write_columns(self, columns: List[bytes], n: int) -> None: ...
+    def finish(self) -> int: ...
+    def abort(self) -> None: ...
+
+@final
+class BatchOwner: ...
+
+@final
+class NativeLoader:
+    def __new__(
+        cls,
+        path: _Path,
+        *,
+        keyring: _Path,
+        token: Optional[_Path],
+        trust: _Path,
+        batch_size: int,
+        shuffle: str,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        fields: Optional[List[str]] = None,
+        workers: Optional[int] = None,
+        deny_list: Optional[_Path] = None,
+        audit_log: Optional[_Path] = None,
+        memory_budget: Optional[int] = None,
+        allow_unlocked_memory: bool = False,
+        pad: bool = False,
+        window_shards: Optional[int] = None,
+    ) -> NativeLoader: ...
+    def next_batch(self) -> Optional[Tuple[Dict[str, Tuple[Any, ...]], np.ndarray]]: ...
+    def __len__(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def field_names(self) -> List[str]: ...
+    def state_json(self) -> str: ...
+    def load_state_json(self, state: str) -> None: ...

@@ -1,0 +1,167 @@
+"""Streaming batches: :class:`Loader`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from shardlock._lib import NativeLoader, ShardlockError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _dist_rank_world() -> Tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except Exception:  # torch missing or built without distributed
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Loader:
+    """Streams batches of an encrypted dataset.
+
+    Every shard is opened only after the access ``token`` is authorized for it (and
+    re-authorized every epoch); its data key is unwrapped from ``keyring`` only
+    then; every 16 KiB chunk is authenticated before a byte of it is released.
+    Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
+    arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
+    the buffer is wiped and reused only after every tensor built on it is freed. A
+    bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``.
+
+    One pass over the loader is one epoch; the next pass reads the next epoch (or the
+    one given to :meth:`set_epoch`). ``rank``/``world_size`` default to
+    ``torch.distributed`` when it is initialised, else 0 / 1. Errors raise
+    subclasses of :class:`shardlock.ShardlockError` naming the dataset, shard, chunk
+    or rule.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        keyring: PathLike,
+        token: Optional[PathLike],
+        trust: PathLike,
+        batch_size: int,
+        shuffle: str = "window",
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        drop_last: bool = True,
+        fields: Optional[Sequence[str]] = None,
+        device: str = "cpu",
+        workers: Optional[int] = None,
+        deny_list: Optional[PathLike] = None,
+        audit_log: Optional[PathLike] = None,
+        output: str = "torch",
+        sample_ids: bool = False,
+        memory_budget: Optional[int] = None,
+        allow_unlocked_memory: bool = False,
+        pad: bool = False,
+    ) -> None:
+        if output not in ("torch", "numpy"):
+            raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None:
+            rank, world_size = _dist_rank_world()
+        assert world_size is not None
+        self._device = device
+        if device != "cpu":
+            if output != "torch":
+                raise ValueError("device= needs output='torch'")
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ShardlockError(f"device {device!r} requested but no CUDA device is available to torch")
+        self._output = output
+        self._sample_ids = sample_ids
+        self._pid = os.getpid()
+        self._native = NativeLoader(
+            os.fspath(path),
+            keyring=os.fspath(keyring),
+            token=None if token is None else os.fspath(token),
+            trust=os.fspath(trust),
+            batch_size=int(batch_size),
+            shuffle=shuffle,
+            seed=int(seed),
+            rank=int(rank),
+            world_size=int(world_size),
+            drop_last=bool(drop_last),
+            fields=None if fields is None else list(fields),
+            workers=workers,
+            deny_list=None if deny_list is None else os.fspath(deny_list),
+            audit_log=None if audit_log is None else os.fspath(audit_log),
+            memory_budget=memory_budget,
+            allow_unlocked_memory=allow_unlocked_memory,
+            pad=pad,
+        )
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if self._output == "numpy":
+            for name, v in fields.items():
+                out[name] = (v[1], v[2]) if v[0] == "bytes" else v[1]
+        else:
+            import torch
+
+            for name, v in fields.items():
+                if v[0] == "bytes":
+                    out[name] = (torch.from_dlpack(v[1]), torch.from_dlpack(v[2]))
+                    continue
+                t = torch.from_dlpack(v[1])
+                if v[0] == "bf16":
+                    t = t.view(torch.bfloat16)
+                if self._device != "cpu":
+                    t = t.to(self._device, non_blocking=False)
+                out[name] = t
+            ids = torch.from_numpy(ids)
+        if self._sample_ids:
+            if "sample_id" in out:
+                raise ValueError("the dataset has a field named 'sample_id'; cannot also add sample ids")
+            out["sample_id"] = ids
+        return out
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        if os.getpid() != self._pid:
+            raise ShardlockError(
+                "this Loader was created in another process (before a fork); create it inside the worker, "
+                "or use shardlock.torch.IterableDataset, which does"
+            )
+        while True:
+            nxt = self._native.next_batch()
+            if nxt is None:
+                return
+            yield self._convert(nxt[0], nxt[1])
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (after a restore: left in this epoch)."""
+        return len(self._native)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return self._native.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the next iteration (and stops one in progress)."""
+        self._native.set_epoch(int(epoch))
+
+    @property
+    def fields(self) -> List[str]:
+        """Names of the fields each batch holds."""
+        return list(self._native.field_names())
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Resume state: restore it with :meth:`load_state_dict` in a new process,
+        with any worker count and (for lockstep ranks) any world size."""
+        return dict(json.loads(self._native.state_json()))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continues the epoch recorded in ``state``: no duplicates, no gaps."""
+        self._native.load_state_json(json.dumps(state))

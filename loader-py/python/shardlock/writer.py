@@ -1,0 +1,187 @@
+"""Packing datasets from Python: :class:`Writer` and :func:`pack_numpy`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from shardlock._lib import NativeWriter
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: NumPy dtype -> shardlock dtype name.
+_NP_TO_DTYPE = {
+    np.dtype("uint8"): "u8",
+    np.dtype("int8"): "i8",
+    np.dtype("int16"): "i16",
+    np.dtype("uint16"): "u16",
+    np.dtype("int32"): "i32",
+    np.dtype("uint32"): "u32",
+    np.dtype("int64"): "i64",
+    np.dtype("uint64"): "u64",
+    np.dtype("float16"): "f16",
+    np.dtype("float32"): "f32",
+    np.dtype("float64"): "f64",
+}
+
+#: A field spec: ``"bytes"`` or ``(dtype_name, shape)``.
+FieldSpec = Union[str, Tuple[str, Sequence[int]]]
+
+
+def _to_numpy(value: Any) -> Tuple[Any, Optional[str]]:
+    """A NumPy array (or bytes) for a sample value, and its dtype name if forced."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), "bytes"
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        if value.dtype == torch.bfloat16:
+            return value.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16), "bf16"
+        return value.detach().cpu().contiguous().numpy(), None
+    return np.ascontiguousarray(value), None
+
+
+def _field_of(value: Any) -> Tuple[str, Tuple[int, ...]]:
+    arr, forced = _to_numpy(value)
+    if forced == "bytes":
+        return "bytes", ()
+    if forced is not None:
+        return forced, tuple(arr.shape)
+    dt = _NP_TO_DTYPE.get(arr.dtype.newbyteorder("=")) if arr.dtype.byteorder in "=|<" else None
+    if dt is None:
+        raise TypeError(f"unsupported dtype {arr.dtype}; use one of {sorted(str(d) for d in _NP_TO_DTYPE)}, torch.bfloat16 or bytes")
+    return dt, tuple(arr.shape)
+
+
+class Writer:
+    """Writes an encrypted dataset: one shard per ``shard_size`` bytes of plaintext,
+    a fresh data key per shard wrapped by the keyring's KEK, and a manifest signed by
+    the issuer key. Until :meth:`close` (or the end of a ``with`` block) succeeds,
+    the output does not read as a dataset; an exception inside ``with`` abandons it.
+
+    ``schema`` maps field names to ``"bytes"`` or ``(dtype, shape)`` (dtype names:
+    u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64); by default it is inferred from
+    the first sample written.
+
+        >>> with shardlock.Writer("out/", keyring="kr.json", issuer_key="issuer.key",
+        ...                       dataset_id="my/data") as w:
+        ...     w.write({"image": img, "label": np.int64(3)})
+    """
+
+    def __init__(
+        self,
+        out_dir: PathLike,
+        *,
+        keyring: PathLike,
+        issuer_key: PathLike,
+        dataset_id: str,
+        schema: Optional[Mapping[str, FieldSpec]] = None,
+        shard_size: int = 256 << 20,
+        force: bool = False,
+    ) -> None:
+        self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, int(shard_size), bool(force))
+        self._native: Optional[NativeWriter] = None
+        self._names: List[str] = []
+        self._specs: List[Tuple[str, Tuple[int, ...]]] = []
+        self._closed = False
+        if schema is not None:
+            self._open({k: ("bytes", ()) if v == "bytes" else (v[0], tuple(v[1])) for k, v in schema.items()})
+
+    def _open(self, fields: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> None:
+        out, kr, ik, ds, size, force = self._args
+        self._names = list(fields)
+        self._specs = [fields[n] for n in self._names]
+        self._native = NativeWriter(out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force)
+
+    def _check_names(self, keys: Any) -> None:
+        if set(keys) != set(self._names):
+            raise ValueError(f"sample fields {sorted(keys)} do not match the schema {self._names}")
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Appends one sample: a dict of field name -> array, tensor, scalar or bytes."""
+        if self._closed:
+            raise ValueError("this Writer is closed")
+        if self._native is None:
+            self._open({k: _field_of(v) for k, v in sample.items()})
+        self._check_names(sample.keys())
+        values = []
+        for name, (dt, shape) in zip(self._names, self._specs):
+            arr, forced = _to_numpy(sample[name])
+            if dt == "bytes":
+                if forced != "bytes":
+                    raise TypeError(f"field {name!r} holds bytes; got {type(sample[name]).__name__}")
+                values.append(arr)
+            else:
+                values.append(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        assert self._native is not None
+        self._native.write_sample(values)
+
+    def write_batch(self, arrays: Mapping[str, Any]) -> None:
+        """Appends many samples of fixed-shape fields: a dict of arrays whose first
+        axis is the sample axis. (Use :meth:`write` for bytes fields.)"""
+        if self._closed:
+            raise ValueError("this Writer is closed")
+        cols = {k: _to_numpy(v) for k, v in arrays.items()}
+        lengths = {k: (len(a) if f != "bytes" else -1) for k, (a, f) in cols.items()}
+        if any(f == "bytes" for _, f in cols.values()):
+            raise TypeError("write_batch takes arrays; write bytes fields one sample at a time with write()")
+        n = next(iter(lengths.values()), 0)
+        if any(v != n for v in lengths.values()):
+            raise ValueError(f"arrays have different first-axis lengths: {lengths}")
+        if self._native is None:
+            fields = {}
+            for k, (a, forced) in cols.items():
+                if forced is None:
+                    dt, _ = _field_of(np.empty((0,), dtype=a.dtype))
+                else:
+                    dt = forced
+                fields[k] = (dt, tuple(a.shape[1:]))
+            self._open(fields)
+        self._check_names(cols.keys())
+        data = [np.ascontiguousarray(cols[name][0]).tobytes() for name in self._names]
+        assert self._native is not None
+        self._native.write_columns(data, n)
+
+    def close(self) -> int:
+        """Seals the last shard and writes the signed manifest; returns the record count."""
+        if self._closed:
+            raise ValueError("this Writer is already closed")
+        self._closed = True
+        if self._native is None:
+            raise ValueError("nothing was written: a dataset needs a schema (pass schema= or write a sample)")
+        return self._native.finish()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._closed = True
+            if self._native is not None:
+                self._native.abort()
+            return
+        self.close()
+
+
+def pack_numpy(
+    out_dir: PathLike,
+    arrays: Dict[str, Any],
+    *,
+    keyring: PathLike,
+    issuer_key: PathLike,
+    dataset_id: str,
+    shard_size: int = 256 << 20,
+    force: bool = False,
+) -> int:
+    """Packs a dict of arrays (first axis = samples) into an encrypted dataset;
+    returns the record count."""
+    w = Writer(out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force)
+    try:
+        w.write_batch(arrays)
+    except BaseException:
+        w.__exit__(Exception, None, None)
+        raise
+    return w.close()

@@ -1,0 +1,25 @@
+//! `shardlock._native`: thin bindings over the `shardlock` crate. Python-facing API
+//! lives in the `shardlock` package (python/shardlock), which imports this module
+//! in exactly one place (`shardlock/_lib.py`).
+//!
+//! One file per core module: `errors.rs` (error mapping), `keys.rs` (keys and
+//! tokens), `writer.rs` (pack), `loader.rs` (pipeline).
+
+#![deny(unsafe_code)]
+
+mod errors;
+mod keys;
+mod loader;
+mod writer;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    keys::register(m)?;
+    writer::register(m)?;
+    loader::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The streaming loader (mirrors `shardlock::pipeline`). Batches come back as NumPy
+//! arrays that borrow the locked batch buffer: no copy, and the buffer is returned to
+//! the pool (zeroized) only when the last array or tensor built on it is gone.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use numpy::ndarray::{ArrayView, IxDyn};
+use numpy::{Element, PyArray};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use shardlock::format::{DType, FieldKind};
+use shardlock::pipeline::{Batch, Next};
+use shardlock::{Loader, LoaderState, Remainder, Shuffle};
+
+use crate::errors::{to_py, IntoPy};
+
+/// Owns one batch; every array of the batch keeps it alive as its NumPy base.
+#[pyclass(frozen, name = "BatchOwner", module = "shardlock._native")]
+pub struct BatchOwner {
+    batch: Batch,
+}
+
+/// The native loader behind `shardlock.Loader`.
+#[pyclass(name = "NativeLoader", module = "shardlock._native")]
+pub struct NativeLoader {
+    inner: Loader,
+}
+
+fn array<'py, T: Element + bytemuck::Pod>(
+    owner: &Bound<'py, BatchOwner>,
+    bytes: &[u8],
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    let data: &[T] = bytemuck::try_cast_slice(bytes)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("batch view: {e}")))?;
+    let view = ArrayView::from_shape(IxDyn(shape), data)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("batch view: {e}")))?;
+    #[allow(unsafe_code)]
+    // SAFETY: `data` points into the page-locked buffer owned by the `Batch` inside
+    // `owner`. That buffer is an mmap with a stable address, the `BatchOwner` is frozen
+    // (no &mut access, so the batch is never mutated or moved out), and NumPy keeps
+    // `owner` alive as the array's base for as long as the array (or any tensor built
+    // on it) exists. The buffer is zeroized and reused only after `owner` is dropped.
+    let arr = unsafe { PyArray::<T, IxDyn>::borrow_from_array(&view, owner.clone().into_any()) };
+    Ok(arr.into_any())
+}
+
+fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTuple>> {
+    let owner = Bound::new(py, BatchOwner { batch })?;
+    let out = PyDict::new(py);
+    let b = &owner.get().batch;
+    let n = b.len();
+    for slot in b.fields() {
+        let raw = b.field_bytes(&slot.name).py()?;
+        match &slot.kind {
+            FieldKind::Tensor { dtype, shape } => {
+                let mut full = vec![n];
+                full.extend(shape.iter().map(|&d| d as usize));
+                let arr = match dtype {
+                    DType::U8 => array::<u8>(&owner, raw, &full)?,
+                    DType::I8 => array::<i8>(&owner, raw, &full)?,
+                    DType::I16 => array::<i16>(&owner, raw, &full)?,
+                    DType::U16 | DType::Bf16 => array::<u16>(&owner, raw, &full)?,
+                    DType::I32 => array::<i32>(&owner, raw, &full)?,
+                    DType::U32 => array::<u32>(&owner, raw, &full)?,
+                    DType::I64 => array::<i64>(&owner, raw, &full)?,
+                    DType::U64 => array::<u64>(&owner, raw, &full)?,
+                    DType::F16 => array::<half::f16>(&owner, raw, &full)?,
+                    DType::F32 => array::<f32>(&owner, raw, &full)?,
+                    DType::F64 => array::<f64>(&owner, raw, &full)?,
+                };
+                out.set_item(&*slot.name, (dtype.name(), arr))?;
+            }
+            FieldKind::Bytes => {
+                let at = slot.offsets_at.unwrap_or(0);
+                let all = b.buffer_bytes();
+                let values = array::<u8>(&owner, raw, &[raw.len()])?;
+                let offsets = array::<i64>(&owner, &all[at..at + 8 * (n + 1)], &[n + 1])?;
+                out.set_item(&*slot.name, ("bytes", values, offsets))?;
+            }
+        }
+    }
+    let ids = numpy::PyArray1::from_slice(py, b.sample_ids());
+    PyTuple::new(py, [out.into_any(), ids.into_any()])
+}
+
+#[pymethods]
+impl NativeLoader {
+    #[new]
+    #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
+        fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
+        pad=false, window_shards=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        keyring: PathBuf,
+        token: Option<PathBuf>,
+        trust: PathBuf,
+        batch_size: usize,
+        shuffle: &str,
+        seed: u64,
+        rank: u32,
+        world_size: u32,
+        drop_last: bool,
+        fields: Option<Vec<String>>,
+        workers: Option<usize>,
+        deny_list: Option<PathBuf>,
+        audit_log: Option<PathBuf>,
+        memory_budget: Option<u64>,
+        allow_unlocked_memory: bool,
+        pad: bool,
+        window_shards: Option<usize>,
+    ) -> PyResult<Self> {
+        let shuffle = Shuffle::parse(shuffle).py()?;
+        py.detach(|| {
+            let mut b = Loader::builder(&path)
+                .keyring(&keyring)
+                .trust(&trust)
+                .batch_size(batch_size)
+                .shuffle(shuffle)
+                .seed(seed)
+                .rank(rank, world_size)
+                .drop_last(drop_last)
+                .remainder(if pad { Remainder::Pad } else { Remainder::Drop })
+                .allow_unlocked_memory(allow_unlocked_memory);
+            if let Some(t) = &token {
+                b = b.token(t);
+            }
+            if let Some(f) = fields {
+                b = b.fields(f);
+            }
+            if let Some(w) = workers {
+                b = b.workers(w);
+            }
+            if let Some(d) = &deny_list {
+                b = b.deny_list(d);
+            }
+            if let Some(a) = &audit_log {
+                b = b.audit_log(a);
+            }
+            if let Some(m) = memory_budget {
+                b = b.memory_budget(m);
+            }
+            if let Some(w) = window_shards {
+                b = b.window(w, None);
+            }
+            b.build()
+        })
+        .py()
+        .map(|inner| Self { inner })
+    }
+
+    /// The next batch as `(fields, sample_ids)`, or `None` at the end of the epoch.
+    /// Waits with the GIL released, waking every 100 ms to let Ctrl-C through.
+    fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        loop {
+            let inner = &mut self.inner;
+            match py.detach(|| inner.next_within(Duration::from_millis(100))) {
+                Next::Pending => py.check_signals()?,
+                Next::End => return Ok(None),
+                Next::Batch(Ok(b)) => return batch_to_py(py, b).map(Some),
+                Next::Batch(Err(e)) => return Err(to_py(e)),
+            }
+        }
+    }
+
+    /// Batches per epoch for this rank.
+    fn __len__(&self) -> PyResult<usize> {
+        self.inner.len().py()
+    }
+
+    /// The epoch the next iteration reads.
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+
+    /// Sets the epoch of the next iteration.
+    fn set_epoch(&mut self, epoch: u64) {
+        self.inner.set_epoch(epoch);
+    }
+
+    /// Names of the fields each batch holds.
+    fn field_names(&self) -> Vec<String> {
+        self.inner.field_names().into_iter().map(str::to_owned).collect()
+    }
+
+    /// Resume state as JSON.
+    fn state_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.state()).map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Restores a state from `state_json`.
+    fn load_state_json(&mut self, state: &str) -> PyResult<()> {
+        let s: LoaderState = serde_json::from_str(state)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("loader state: {e}")))?;
+        self.inner.load_state(&s).py()
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeLoader>()?;
+    m.add_class::<BatchOwner>()
+}

@@ -1,0 +1,73 @@
+"""Every error class raised from Python for its cause."""
+
+import numpy as np
+import pytest
+
+import shardlock
+
+
+def test_class_hierarchy():
+    for cls in (shardlock.TokenExpired, shardlock.TokenRevoked, shardlock.OutOfScope, shardlock.InvalidToken):
+        assert issubclass(cls, shardlock.AccessDenied)
+    for cls in (shardlock.AccessDenied, shardlock.IntegrityError, shardlock.KeyUnavailable, shardlock.FormatError):
+        assert issubclass(cls, shardlock.ShardlockError)
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def test_token_errors(env, numbers):
+    path, _, _ = numbers
+    with pytest.raises(shardlock.InvalidToken) as e:
+        first_batch(env.loader(path, token=env.root / "missing.token"))
+    assert e.value.reason in ("invalid_token", "missing_token")
+    with pytest.raises(shardlock.OutOfScope) as e:
+        first_batch(env.loader(path, token=env.token("another-dataset")))
+    assert e.value.reason == "wrong_dataset" and e.value.dataset == "numbers" and e.value.shard is not None
+    narrow = env.token("numbers", "narrow.token", shards="1-2")
+    with pytest.raises(shardlock.OutOfScope) as e:
+        first_batch(env.loader(path, token=narrow, shuffle="none"))
+    assert e.value.shard == 0 and e.value.reason == "shard_out_of_scope"
+    future = env.token("numbers", "future.token", not_before="4000000000")
+    with pytest.raises(shardlock.TokenExpired):
+        first_batch(env.loader(path, token=future))
+    deny = env.root / "deny.txt"
+    tok = env.token("numbers", "revoked.token")
+    shardlock.revoke_token(tok, deny)
+    with pytest.raises(shardlock.TokenRevoked):
+        first_batch(env.loader(path, token=tok, deny_list=deny))
+
+
+def test_tamper_is_an_integrity_error_naming_shard_and_chunk(env, numbers):
+    path, _, _ = numbers
+    shard = path / "shard-00001.slk"
+    data = bytearray(shard.read_bytes())
+    data[-30] ^= 1
+    shard.write_bytes(bytes(data))
+    loader = env.loader(path, shuffle="none", batch_size=1)
+    with pytest.raises(shardlock.IntegrityError) as e:
+        for _ in loader:
+            pass
+    assert e.value.shard == 1 and e.value.kind == "chunk_auth" and e.value.chunk is not None
+
+
+def test_wrong_keyring_is_key_unavailable(env, numbers):
+    path, _, _ = numbers
+    other = env.root / "other.json"
+    shardlock.create_keyring(other)
+    loader = shardlock.Loader(path, keyring=other, token=env.token("numbers"), trust=env.trust, batch_size=4)
+    with pytest.raises(shardlock.KeyUnavailable):
+        first_batch(loader)
+
+
+def test_bad_arguments_are_value_errors(env, numbers):
+    path, _, _ = numbers
+    with pytest.raises(ValueError):
+        env.loader(path, shuffle="sideways")
+    with pytest.raises(ValueError):
+        env.loader(path, fields=["nope"])
+    # An empty dataset is valid: it has no shards and yields no batch.
+    n = shardlock.pack_numpy(env.root / "e", {"a": np.zeros((0, 2))}, keyring=env.keyring, issuer_key=env.issuer, dataset_id="e")
+    assert n == 0
+    assert len(env.loader(env.root / "e")) == 0 and list(env.loader(env.root / "e")) == []

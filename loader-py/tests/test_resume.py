@@ -1,0 +1,40 @@
+"""Resume mid-epoch in a new process, also with world size 2 -> 1."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, capture_output=True, text=True).stdout
+
+
+def test_resume_in_a_new_process_with_a_smaller_world(env, numbers):
+    path, _, _ = numbers
+    token = env.token("numbers")
+    common = f"""
+        import json, shardlock
+        def make(rank, world):
+            return shardlock.Loader({str(path)!r}, keyring={str(env.keyring)!r}, token={str(token)!r},
+                                    trust={str(env.trust)!r}, batch_size=16, seed=11, rank=rank, world_size=world,
+                                    sample_ids=True, drop_last=False)
+    """
+    first = run(common + """
+        seen, state = [], None
+        for r in (0, 1):
+            l = make(r, 2)
+            it = iter(l)
+            for _ in range(5):
+                seen += next(it)["sample_id"].tolist()
+            state = l.state_dict()
+        print(json.dumps({"seen": seen, "state": state}))
+    """)
+    data = json.loads(first)
+    rest = json.loads(run(common + f"""
+        l = make(0, 1)
+        l.load_state_dict(json.loads({json.dumps(json.dumps(data["state"]))}))
+        print(json.dumps([i for b in l for i in b["sample_id"].tolist()]))
+    """))
+    allids = data["seen"] + rest
+    assert len(allids) == len(set(allids)) == 1000

@@ -1,0 +1,73 @@
+"""PyTorch integration: zero-copy lifetime, DataLoader workers, epochs, len."""
+
+import numpy as np
+import torch
+
+import shardlock
+import shardlock.torch as sltorch
+
+
+def test_a_tensor_held_past_the_next_batch_keeps_its_data(env, numbers):
+    path, x, _ = numbers
+    loader = env.loader(path, batch_size=10, shuffle="none", sample_ids=True, workers=2)
+    it = iter(loader)
+    first = next(it)
+    held = first["x"]
+    expect = x[first["sample_id"].numpy()].copy()
+    del first
+    for _ in range(30):  # the pool recycles buffers; the held one must not be reused
+        nxt = next(it)
+        assert not torch.equal(nxt["x"], held)
+    np.testing.assert_array_equal(held.numpy(), expect)
+
+
+def test_len_epochs_and_set_epoch(env, numbers):
+    path, _, _ = numbers
+    loader = env.loader(path, batch_size=64, shuffle="window", seed=3, sample_ids=True)
+    assert len(loader) == 1000 // 64
+    e0 = [int(i) for b in loader for i in b["sample_id"]]
+    e1 = [int(i) for b in loader for i in b["sample_id"]]
+    assert len(e0) == len(e1) == (1000 // 64) * 64 and e0 != e1
+    loader.set_epoch(0)
+    assert [int(i) for b in loader for i in b["sample_id"]] == e0
+
+
+def ids_via_dataloader(env, path, num_workers):
+    ds = sltorch.IterableDataset(
+        path, keyring=env.keyring, token=env.token("numbers", f"dl{num_workers}.token"), trust=env.trust,
+        batch_size=25, shuffle="global", sample_ids=True, drop_last=False,
+    )
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    return [int(i) for b in dl for i in b["sample_id"]]
+
+
+def test_dataloader_workers_split_without_duplicates(env, numbers):
+    path, _, _ = numbers
+    for workers in (0, 2):
+        ids = ids_via_dataloader(env, path, workers)
+        assert len(ids) == len(set(ids)), workers
+        assert len(ids) >= 998 and set(ids) <= set(range(1000)), workers
+
+
+def test_a_loader_used_after_fork_raises_instead_of_hanging(env, numbers):
+    import multiprocessing as mp
+
+    path, _, _ = numbers
+    loader = env.loader(path, batch_size=10)
+    next(iter(loader))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        try:
+            next(iter(loader))
+            q.put("no error")
+        except shardlock.ShardlockError as e:
+            q.put(f"error: {e}")
+
+    p = ctx.Process(target=child)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    msg = q.get(timeout=5)
+    assert msg.startswith("error:") and "fork" in msg
