@@ -3,9 +3,10 @@
 //! 1. A global order `O` of every sample for (seed, epoch, shuffle mode):
 //!    - `None`: shards in order, records in order;
 //!    - `Window`: shard order permuted; within each window of `window_shards` shards,
-//!      *runs* of `run` consecutive records are permuted, and so are the records
-//!      inside each run. Reads stay mostly sequential (a chunk is decrypted about
-//!      once), at some cost in shuffle quality;
+//!      *runs* of `run` consecutive records are permuted, then samples are shuffled
+//!      within each batch-sized block. Reads stay mostly sequential (a chunk is
+//!      decrypted about once: workers decrypt a batch in storage order), at some cost
+//!      in shuffle quality (a batch holds a few runs);
 //!    - `Global`: a uniform permutation of all samples (each sample decrypts the
 //!      chunks that cover it; small samples pay for whole chunks).
 //! 2. Samples already consumed before a resume are removed from `O`.
@@ -171,9 +172,14 @@ pub fn global_order(spec: &PlanSpec, epoch: u64) -> Vec<SampleRef> {
                     }
                 }
                 rng.shuffle(&mut runs);
-                for mut r in runs {
-                    rng.shuffle(&mut r);
+                let start = order.len();
+                for r in runs {
                     order.extend(r);
+                }
+                // Mix samples across each batch-sized block of runs too: workers decrypt
+                // a batch in storage order, so this costs no extra decryption.
+                for block in order[start..].chunks_mut(spec.block.max(1)) {
+                    rng.shuffle(block);
                 }
             }
         }
