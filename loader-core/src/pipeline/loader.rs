@@ -885,10 +885,26 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
                 out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&((d - slot.offset) as u64).to_le_bytes());
             }
         }
+        // Coalesce samples that are contiguous both in the shard and in the batch
+        // (sequential reads of one field): whole chunks then decrypt straight into
+        // the batch instead of through the chunk cache.
+        let mut run: Option<(usize, u64, u64, usize)> = None; // (open idx, a, z, dest start)
         for &j in &order {
-            let (sid, shard) = (&open[shard_of[j]].0, &open[shard_of[j]].1);
-            let (a, z) = shard.index().field_range(u64::from(refs[j].record()), slot.schema_pos);
-            copy_plain(shard, *sid, a, z, &mut out[dest[j]..dest[j + 1]], cc)?;
+            let p = shard_of[j];
+            let (a, z) = open[p].1.index().field_range(u64::from(refs[j].record()), slot.schema_pos);
+            if let Some((rp, ra, rz, rd)) = run {
+                if rp == p && rz == a && rd + (rz - ra) as usize == dest[j] {
+                    run = Some((rp, ra, z, rd));
+                    continue;
+                }
+                let (sid, shard) = (&open[rp].0, &open[rp].1);
+                copy_plain(shard, *sid, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
+            }
+            run = Some((p, a, z, dest[j]));
+        }
+        if let Some((rp, ra, rz, rd)) = run {
+            let (sid, shard) = (&open[rp].0, &open[rp].1);
+            copy_plain(shard, *sid, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
         }
     }
     Ok(batch)
