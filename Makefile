@@ -7,7 +7,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
-PY_DEPS := numpy pytest torch mypy maturin
+PY_DEPS := numpy pytest torch torchdata mypy maturin
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test).
 APT_DEPS := strace
 FUZZ_TARGETS := shard_header manifest record_index payload
