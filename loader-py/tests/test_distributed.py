@@ -16,18 +16,21 @@ def torchrun(env, path, token, out):
     script.write_text(textwrap.dedent(f"""
         import json, os, torch.distributed as dist, shardlock
         dist.init_process_group("gloo")
+        dist.barrier()  # both ranks connected before either can finish and tear down
         l = shardlock.Loader({str(path)!r}, keyring={str(env.keyring)!r}, token={str(token)!r},
                              trust={str(env.trust)!r}, batch_size=10, seed=5, sample_ids=True)
         assert (l.rank, l.world_size) == (dist.get_rank(), 2)
         ids = [i for b in l for i in b["sample_id"].tolist()]
         with open(f"{out}.{{dist.get_rank()}}", "w") as f:
             json.dump(ids, f)
+        dist.barrier()
         dist.destroy_process_group()
     """))
     # --standalone picks a free port; gloo on loopback needs no network.
     run_env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                   check=True, capture_output=True, timeout=300, env=run_env)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=300, env=run_env)
+    assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(pathlib.Path(f"{out}.{r}").read_text()) for r in (0, 1)]
 
 
