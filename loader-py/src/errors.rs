@@ -4,53 +4,39 @@
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::{BoundObject, IntoPyObject};
 use shardlock::{DenyReason, Error};
 
-create_exception!(shardlock, ShardlockError, PyException, "Base class of every shardlock error.");
-create_exception!(
-    shardlock,
-    AccessDenied,
-    ShardlockError,
-    "Authorization denied access to a shard; no key was unwrapped."
-);
-create_exception!(shardlock, TokenExpired, AccessDenied, "The access token expired (or is not valid yet).");
-create_exception!(shardlock, TokenRevoked, AccessDenied, "The access token was revoked.");
-create_exception!(shardlock, OutOfScope, AccessDenied, "The token does not cover this dataset, shard or operation.");
-create_exception!(
-    shardlock,
-    InvalidToken,
-    AccessDenied,
-    "The token is missing, corrupt, forged, or from another issuer."
-);
-create_exception!(
-    shardlock,
-    IntegrityError,
-    ShardlockError,
-    "Data failed authentication (tamper, truncation, substitution)."
-);
-create_exception!(shardlock, KeyUnavailable, ShardlockError, "A key could not be found, read or used.");
-create_exception!(shardlock, FormatError, ShardlockError, "A file or input is malformed or does not fit the schema.");
-create_exception!(shardlock, MemoryLockError, ShardlockError, "Batch memory could not be locked in RAM.");
-create_exception!(shardlock, AuditError, ShardlockError, "The audit log could not be written or does not verify.");
+/// Declares each exception once and registers all of them in the module.
+macro_rules! exceptions {
+    ($($name:ident($base:ty) => $doc:literal;)*) => {
+        $(create_exception!(shardlock, $name, $base, $doc);)*
 
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    for (name, ty) in [
-        ("ShardlockError", py.get_type::<ShardlockError>()),
-        ("AccessDenied", py.get_type::<AccessDenied>()),
-        ("TokenExpired", py.get_type::<TokenExpired>()),
-        ("TokenRevoked", py.get_type::<TokenRevoked>()),
-        ("OutOfScope", py.get_type::<OutOfScope>()),
-        ("InvalidToken", py.get_type::<InvalidToken>()),
-        ("IntegrityError", py.get_type::<IntegrityError>()),
-        ("KeyUnavailable", py.get_type::<KeyUnavailable>()),
-        ("FormatError", py.get_type::<FormatError>()),
-        ("MemoryLockError", py.get_type::<MemoryLockError>()),
-        ("AuditError", py.get_type::<AuditError>()),
-    ] {
-        m.add(name, ty)?;
-    }
-    Ok(())
+        pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            let py = m.py();
+            $(m.add(stringify!($name), py.get_type::<$name>())?;)*
+            Ok(())
+        }
+    };
+}
+
+exceptions! {
+    ShardlockError(PyException) => "Base class of every shardlock error.";
+    AccessDenied(ShardlockError) => "Authorization denied access to a shard; no key was unwrapped.";
+    TokenExpired(AccessDenied) => "The access token expired (or is not valid yet).";
+    TokenRevoked(AccessDenied) => "The access token was revoked.";
+    OutOfScope(AccessDenied) => "The token does not cover this dataset, shard or operation.";
+    InvalidToken(AccessDenied) => "The token is missing, corrupt, forged, or from another issuer.";
+    IntegrityError(ShardlockError) => "Data failed authentication (tamper, truncation, substitution).";
+    KeyUnavailable(ShardlockError) => "A key could not be found, read or used.";
+    FormatError(ShardlockError) => "A file or input is malformed or does not fit the schema.";
+    MemoryLockError(ShardlockError) => "Batch memory could not be locked in RAM.";
+    AuditError(ShardlockError) => "The audit log could not be written or does not verify.";
+}
+
+/// A Python object for an attribute value (None if it cannot be converted).
+fn obj<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> Py<PyAny> {
+    v.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())
 }
 
 /// Converts a core error into its Python exception, with attributes naming where.
@@ -68,68 +54,28 @@ pub(crate) fn to_py(e: Error) -> PyErr {
                     DenyReason::MissingToken | DenyReason::InvalidToken => InvalidToken::new_err(msg),
                     _ => AccessDenied::new_err(msg),
                 };
-                (
-                    err,
-                    vec![
-                        (
-                            "reason",
-                            reason
-                                .name()
-                                .into_pyobject(py)
-                                .map(|o| o.into_any().unbind())
-                                .unwrap_or_else(|_| py.None()),
-                        ),
-                        (
-                            "dataset",
-                            dataset
-                                .clone()
-                                .into_pyobject(py)
-                                .map(|o| o.into_any().unbind())
-                                .unwrap_or_else(|_| py.None()),
-                        ),
-                        ("shard", shard.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())),
-                        (
-                            "operation",
-                            operation
-                                .map(|o| o.name())
-                                .into_pyobject(py)
-                                .map(|o| o.into_any().unbind())
-                                .unwrap_or_else(|_| py.None()),
-                        ),
-                        (
-                            "rule",
-                            rule.clone().into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()),
-                        ),
-                    ],
-                )
+                let attrs = vec![
+                    ("reason", obj(py, reason.name())),
+                    ("dataset", obj(py, dataset.clone())),
+                    ("shard", obj(py, *shard)),
+                    ("operation", obj(py, operation.map(|o| o.name()))),
+                    ("rule", obj(py, rule.clone())),
+                ];
+                (err, attrs)
             }
             Error::Integrity { shard, chunk, kind } => (
                 IntegrityError::new_err(msg),
                 vec![
-                    (
-                        "kind",
-                        kind.name().into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()),
-                    ),
-                    (
-                        "dataset",
-                        shard
-                            .dataset
-                            .clone()
-                            .into_pyobject(py)
-                            .map(|o| o.into_any().unbind())
-                            .unwrap_or_else(|_| py.None()),
-                    ),
-                    (
-                        "shard",
-                        shard.index.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()),
-                    ),
-                    ("chunk", chunk.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())),
+                    ("kind", obj(py, kind.name())),
+                    ("dataset", obj(py, shard.dataset.clone())),
+                    ("shard", obj(py, shard.index)),
+                    ("chunk", obj(py, *chunk)),
                 ],
             ),
             Error::ManifestSignature { .. } => {
-                (IntegrityError::new_err(msg), vec![("kind", kind_obj(py, "manifest_signature"))])
+                (IntegrityError::new_err(msg), vec![("kind", obj(py, "manifest_signature"))])
             }
-            Error::Rollback { .. } => (IntegrityError::new_err(msg), vec![("kind", kind_obj(py, "rollback"))]),
+            Error::Rollback { .. } => (IntegrityError::new_err(msg), vec![("kind", obj(py, "rollback"))]),
             Error::KeyUnavailable { .. } | Error::InsecurePermissions { .. } => (KeyUnavailable::new_err(msg), vec![]),
             Error::Format { .. } | Error::Input { .. } | Error::Schema { .. } => (FormatError::new_err(msg), vec![]),
             Error::MemoryLock { .. } => (MemoryLockError::new_err(msg), vec![]),
@@ -143,10 +89,6 @@ pub(crate) fn to_py(e: Error) -> PyErr {
         }
         err
     })
-}
-
-fn kind_obj(py: Python<'_>, s: &str) -> Py<PyAny> {
-    s.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())
 }
 
 /// `?`-friendly conversion.
