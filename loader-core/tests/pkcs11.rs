@@ -634,6 +634,37 @@ fn cli_keygen_pack_verify_bench_rotate_with_a_pkcs11_uri() {
     assert!(!o.status.success() && err.contains("PIN incorrect") && !err.contains("999999"), "{err}");
 }
 
+/// Time to first batch of a fresh loader over `dir` and the unwrap time (summed over
+/// workers) spent before it: medians over 10 runs of (ms, unwraps, % of TTFB).
+fn first_batch(fx: &Fixture, dir: &Path, hsm: &Arc<Pkcs11Provider>, batch: usize) -> (f64, f64, f64) {
+    let (mut ms, mut n, mut share) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let before = hsm.stats();
+        let t = Instant::now();
+        let mut loader = Loader::builder(dir)
+            .key_provider(hsm.clone())
+            .token_value(fx.token("bench"))
+            .trust_anchor(fx.trust)
+            .batch_size(batch)
+            .workers(2)
+            .memory_budget(16 << 20)
+            .build()
+            .unwrap();
+        loader.next().unwrap().unwrap();
+        let total = t.elapsed().as_secs_f64();
+        let after = hsm.stats();
+        ms.push(total * 1e3);
+        n.push((after.unwraps - before.unwraps) as f64);
+        share.push((after.unwrap_nanos - before.unwrap_nanos) as f64 / 1e9 / total * 100.0);
+    }
+    (median(&mut ms), median(&mut n), median(&mut share))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
 /// Median unwrap latency per shard through SoftHSM and its share of time-to-first-batch.
 /// `cargo test -p shardlock --test pkcs11 -- --ignored --nocapture unwrap_latency`
 #[test]
@@ -651,10 +682,6 @@ fn unwrap_latency_through_softhsm() {
     let n = ds.manifest().shards.len() as u32;
     let access = fx.access_with("bench", hsm.clone());
     let kaccess = fx.access("bench");
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     let (mut unwrap_us, mut open_hsm_us, mut open_kr_us) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..6 {
         for i in 0..n {
@@ -672,34 +699,25 @@ fn unwrap_latency_through_softhsm() {
             }
         }
     }
-    let samples = unwrap_us.len();
-    let (u, oh, ok) = (median(&mut unwrap_us), median(&mut open_hsm_us), median(&mut open_kr_us));
-    // Time to first batch from a cold loader, and the unwrap time spent before it.
-    let mut ttfb = Vec::new();
-    let mut share = Vec::new();
-    for _ in 0..10 {
-        let before = hsm.stats();
-        let t = Instant::now();
-        let mut loader = Loader::builder(&dir)
-            .key_provider(hsm.clone())
-            .token_value(fx.token("bench"))
-            .trust_anchor(fx.trust)
-            .batch_size(32)
-            .workers(2)
-            .memory_budget(1 << 20)
-            .build()
-            .unwrap();
-        loader.next().unwrap().unwrap();
-        let total = t.elapsed().as_secs_f64();
-        let spent = (hsm.stats().unwrap_nanos - before.unwrap_nanos) as f64 / 1e9;
-        ttfb.push(total * 1e3);
-        share.push(spent / total * 100.0);
-    }
     println!(
-        "SoftHSM2 unwrap per shard: median {u:.1} us over {samples} unwraps; open_shard (authorize + unwrap + \
-         open) median {oh:.1} us via HSM vs {ok:.1} us via keyring file; time to first batch median {:.2} ms, \
-         unwrap share median {:.1} % ({n} shards of 4 records, batch 32, 2 workers)",
-        median(&mut ttfb),
-        median(&mut share)
+        "SoftHSM2 unwrap per shard: median {:.1} us over {} unwraps (C_UnwrapKey + read + C_DestroyObject); \
+         open_shard (authorize + unwrap + open) median {:.1} us via the HSM, {:.1} us via the keyring file",
+        median(&mut unwrap_us),
+        unwrap_us.len(),
+        median(&mut open_hsm_us),
+        median(&mut open_kr_us)
     );
+    // Worst case: tiny shards (4 records of 705 B), so a batch of 32 touches many shards.
+    let (ms, k, share) = first_batch(&fx, &dir, &hsm, 32);
+    println!("  tiny shards ({n} x 2.8 KB), batch 32: time to first batch {ms:.2} ms, {k} unwraps, unwrap share {share:.1} %");
+    // Shards of 2 MiB (512 records of 4 KiB), batch 256, window shuffle.
+    let schema = shardlock::Schema::new(vec![shardlock::Field::tensor("x", shardlock::DType::U8, &[4096])]).unwrap();
+    let samples: Vec<Vec<Vec<u8>>> = (0..8192).map(|i: usize| vec![vec![(i % 251) as u8; 4096]]).collect();
+    let big = fx.pack_with(&*hsm, "big", "bench", schema, &samples, 512 * 4096);
+    let shards = fx.open(&big).unwrap().manifest().shards.len();
+    let (ms, k, share) = first_batch(&fx, &big, &hsm, 256);
+    println!(
+        "  2 MiB shards ({shards}), batch 256: time to first batch {ms:.2} ms, {k} unwraps, unwrap share {share:.1} %"
+    );
+    println!("  (unwrap share: unwrap time summed over the 2 workers before the first batch / time to first batch)");
 }
