@@ -33,7 +33,8 @@
 //! shard's DEK (a wrapped DEK that does not unwrap, an HSM that disappears mid-run) are
 //! [`Error::KeyUnavailable`] naming the provider.
 
-use std::collections::HashMap;
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -160,7 +161,7 @@ impl Pkcs11Uri {
     pub fn parse(s: &str) -> Result<Self> {
         let rest = s.strip_prefix("pkcs11:").ok_or_else(|| bad_uri("does not start with \"pkcs11:\""))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut seen: HashMap<&str, ()> = HashMap::new();
+        let mut seen: HashSet<&str> = HashSet::new();
         let text = |k: &str, v: Vec<u8>| {
             String::from_utf8(v).map_err(|_| bad_uri(format!("attribute {k} is not UTF-8 after percent-decoding")))
         };
@@ -168,7 +169,7 @@ impl Pkcs11Uri {
             (None, None, None, None, None, None);
         for attr in path.split(';').filter(|a| !a.is_empty()) {
             let (k, v) = attr.split_once('=').ok_or_else(|| bad_uri(format!("path attribute {attr:?} has no '='")))?;
-            if seen.insert(k, ()).is_some() {
+            if !seen.insert(k) {
                 return Err(bad_uri(format!("attribute {k} given twice")));
             }
             let v = pct_decode(v)?;
@@ -197,7 +198,7 @@ impl Pkcs11Uri {
         let (mut module_path, mut module_name, mut pin, mut allow_extractable) = (None, None, None, false);
         for attr in query.split('&').filter(|a| !a.is_empty()) {
             let (k, v) = attr.split_once('=').ok_or_else(|| bad_uri(format!("query attribute {attr:?} has no '='")))?;
-            if seen.insert(k, ()).is_some() {
+            if !seen.insert(k) {
                 return Err(bad_uri(format!("attribute {k} given twice")));
             }
             match k {
@@ -616,39 +617,47 @@ fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<TokenPool>> {
     Ok(p)
 }
 
-/// A session taken from a pool; it goes back when dropped unless it failed.
+/// A session taken from a pool for one call on one thread; it goes back to the pool when
+/// dropped, unless it was discarded (then it is closed).
 struct Lease<'a> {
     pool: &'a TokenPool,
+    /// `Some` until the lease is dropped.
     session: Option<Session>,
+    keep: Cell<bool>,
 }
 
-impl Lease<'_> {
+impl<'a> Lease<'a> {
+    fn new(pool: &'a TokenPool, s: Session) -> Self {
+        Self { pool, session: Some(s), keep: Cell::new(true) }
+    }
+
     fn session(&self) -> &Session {
-        // Present from checkout until drop.
-        self.session.as_ref().unwrap_or_else(|| unreachable!("lease without a session"))
+        self.session.as_ref().unwrap_or_else(|| unreachable!("a lease holds its session until dropped"))
     }
 
     /// The session (and, as the token probably went with it, every idle one) is dead.
-    fn discard_all(&mut self) {
-        self.session = None;
+    fn discard_all(&self) {
+        self.keep.set(false);
         let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(idle);
     }
 
-    /// This session alone must not be reused (a session object could not be destroyed:
-    /// closing the session destroys it).
-    fn discard(&mut self) {
-        self.session = None;
+    /// Close this session instead of reusing it (a session object could not be
+    /// destroyed: closing the session destroys it).
+    fn discard(&self) {
+        self.keep.set(false);
     }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if std::process::id() != self.pool.pid {
-                std::mem::forget(s);
-                return;
-            }
+        let Some(s) = self.session.take() else { return };
+        if std::process::id() != self.pool.pid {
+            // The parent's session: not ours to close.
+            std::mem::forget(s);
+            return;
+        }
+        if self.keep.get() {
             let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < MAX_IDLE_SESSIONS {
                 idle.push(s);
@@ -699,10 +708,10 @@ impl TokenPool {
         }
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         if let Some(s) = idle {
-            return Ok(Lease { pool: self, session: Some(s) });
+            return Ok(Lease::new(self, s));
         }
         let s = self.ctx().open_ro_session(self.slot).map_err(|e| self.unavailable(provider, "C_OpenSession", &e))?;
-        let lease = Lease { pool: self, session: Some(s) };
+        let lease = Lease::new(self, s);
         let state = lease
             .session()
             .get_session_info()
@@ -796,22 +805,14 @@ impl TokenPool {
     }
 }
 
-/// Destroys a session object when dropped (also on error paths).
-struct Destroy<'a>(&'a Session, Option<ObjectHandle>);
+/// Destroys a session object holding a DEK as soon as it is dropped, on every path; if
+/// the token refuses, the session is closed instead of reused (which destroys it).
+struct Destroy<'l, 'a>(&'l Lease<'a>, ObjectHandle);
 
-impl Destroy<'_> {
-    fn now(mut self) -> std::result::Result<(), CkError> {
-        match self.1.take() {
-            Some(h) => self.0.destroy_object(h),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Destroy<'_> {
+impl Drop for Destroy<'_, '_> {
     fn drop(&mut self) {
-        if let Some(h) = self.1.take() {
-            let _ = self.0.destroy_object(h);
+        if self.0.session().destroy_object(self.1).is_err() {
+            self.0.discard();
         }
     }
 }
@@ -1052,13 +1053,13 @@ impl Pkcs11Provider {
     fn with_kek<T>(
         &self,
         what: &str,
-        mut op: impl FnMut(&mut Lease<'_>, ObjectHandle) -> std::result::Result<T, CkError>,
+        mut op: impl FnMut(&Lease<'_>, ObjectHandle) -> std::result::Result<T, CkError>,
     ) -> Result<T> {
         let unavailable = |detail: String| Error::KeyUnavailable { key_id: self.kek_id.clone(), detail };
         for attempt in 0..2 {
-            let mut lease = self.pool.checkout(&self.uri.pin, &self.name).map_err(|e| unavailable(e.to_string()))?;
+            let lease = self.pool.checkout(&self.uri.pin, &self.name).map_err(|e| unavailable(e.to_string()))?;
             let kek = *self.kek.lock().unwrap_or_else(|p| p.into_inner());
-            let err = match op(&mut lease, kek) {
+            let err = match op(&lease, kek) {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
@@ -1120,13 +1121,9 @@ impl KeyProvider for Pkcs11Provider {
             let mut t = dek_template(Some(dek.expose().to_vec()));
             let created = s.create_object(&t);
             zeroize_template(&mut t);
-            let obj = Destroy(s, Some(created?));
-            let h = obj.1.unwrap_or_else(|| unreachable!());
-            let w = s.wrap_key(&Mechanism::AesKeyWrapPad, kek, h);
-            if obj.now().is_err() {
-                lease.discard();
-            }
-            w
+            let h = created?;
+            let _destroy = Destroy(lease, h);
+            s.wrap_key(&Mechanism::AesKeyWrapPad, kek, h)
         })?;
         self.wraps.fetch_add(1, Ordering::Relaxed);
         Ok((self.kek_id.clone(), wrapped))
@@ -1169,7 +1166,7 @@ impl KeyProvider for Pkcs11Provider {
                 }
                 Err(e) => return Err(e),
             };
-            let obj = Destroy(s, Some(h));
+            let destroy = Destroy(lease, h);
             // cryptoki copies the value out of its own buffer, which it frees without
             // zeroizing (see docs/HSM.md); every copy made here is zeroized.
             let mut attrs = s.get_attributes(h, &[AttributeType::Value])?;
@@ -1180,10 +1177,7 @@ impl KeyProvider for Pkcs11Provider {
                 }
             }
             zeroize_template(&mut attrs);
-            if obj.now().is_err() {
-                // Closing the session destroys its session objects.
-                lease.discard();
-            }
+            drop(destroy);
             Ok(Some(out))
         })?;
         let fail = |why: &str| Error::KeyUnavailable {
