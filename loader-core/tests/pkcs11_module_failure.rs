@@ -17,7 +17,7 @@ use shardlock::{Error, Loader};
 
 #[test]
 fn a_module_that_fails_mid_run_is_key_unavailable() {
-    let _hsm = hsm::setup(&["modfail"], &[]);
+    let _hsm = hsm::setup(&["modfail"]);
     let uri = hsm::uri("modfail", "kek");
     pkcs11::generate_kek(&Pkcs11Uri::parse(&uri).unwrap()).unwrap();
     let provider = Arc::new(Pkcs11Provider::open_uri(&uri).unwrap());

@@ -712,11 +712,13 @@ impl TokenPool {
         }
         let s = self.ctx().open_ro_session(self.slot).map_err(|e| self.unavailable(provider, "C_OpenSession", &e))?;
         let lease = Lease::new(self, s);
-        let state = lease
-            .session()
-            .get_session_info()
-            .map_err(|e| self.unavailable(provider, "C_GetSessionInfo", &e))?
-            .session_state();
+        let state = match lease.session().get_session_info() {
+            Ok(i) => i.session_state(),
+            Err(e) => {
+                lease.discard();
+                return Err(self.unavailable(provider, "C_GetSessionInfo", &e));
+            }
+        };
         if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
             self.login(lease.session(), pin, provider)?;
         }
@@ -957,6 +959,7 @@ impl Pkcs11Provider {
                 h,
                 &[
                     AttributeType::KeyType,
+                    AttributeType::ValueLen,
                     AttributeType::Extractable,
                     AttributeType::Sensitive,
                     AttributeType::Unwrap,
@@ -965,11 +968,12 @@ impl Pkcs11Provider {
                 ],
             )
             .map_err(|e| pool.unavailable(&name, "C_GetAttributeValue", &e))?;
-        let (mut key_type, mut extractable, mut sensitive, mut unwrap, mut wrap, mut id) =
-            (None, None, None, None, None, Vec::new());
+        let (mut key_type, mut len, mut extractable, mut sensitive, mut unwrap, mut wrap, mut id) =
+            (None, None, None, None, None, None, Vec::new());
         for a in attrs {
             match a {
                 Attribute::KeyType(k) => key_type = Some(k),
+                Attribute::ValueLen(l) => len = Some(u64::from(l)),
                 Attribute::Extractable(b) => extractable = Some(b),
                 Attribute::Sensitive(b) => sensitive = Some(b),
                 Attribute::Unwrap(b) => unwrap = Some(b),
@@ -982,6 +986,17 @@ impl Pkcs11Provider {
             return Err(fail(
                 ProviderFailure::KekUnusable,
                 format!("key {:?} is not an AES key; create a KEK with `shardlock keygen kek --pkcs11`", uri.object),
+            ));
+        }
+        if !matches!(len, Some(16 | 24 | 32)) {
+            return Err(fail(
+                ProviderFailure::KekUnusable,
+                format!(
+                    "key {:?} is not a 128-, 192- or 256-bit AES key (CKA_VALUE_LEN {}); create a KEK with \
+                     `shardlock keygen kek --pkcs11`",
+                    uri.object,
+                    len.map_or("unreadable".into(), |l| l.to_string())
+                ),
             ));
         }
         if unwrap != Some(true) {
@@ -1162,7 +1177,7 @@ impl KeyProvider for Pkcs11Provider {
                         )
                     ) =>
                 {
-                    return Ok(None)
+                    return Ok(Err(ck_name(&e)))
                 }
                 Err(e) => return Err(e),
             };
@@ -1178,7 +1193,7 @@ impl KeyProvider for Pkcs11Provider {
             }
             zeroize_template(&mut attrs);
             drop(destroy);
-            Ok(Some(out))
+            Ok(Ok(out))
         })?;
         let fail = |why: &str| Error::KeyUnavailable {
             key_id: self.kek_id.clone(),
@@ -1191,7 +1206,7 @@ impl KeyProvider for Pkcs11Provider {
                 grant.shard()
             ),
         };
-        let raw = raw.ok_or_else(|| fail("does not unwrap"))?;
+        let raw = raw.map_err(|rv| fail(&format!("does not unwrap ({rv})")))?;
         let dek = Dek::from_slice(&raw).ok_or_else(|| fail("unwraps to a key that is not 32 bytes"))?;
         self.unwraps.fetch_add(1, Ordering::Relaxed);
         self.unwrap_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

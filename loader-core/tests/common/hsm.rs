@@ -37,9 +37,8 @@ fn softhsm_util(conf: &Path, args: &[&str]) {
 }
 
 /// Creates the SoftHSM2 configuration and one token per label, and sets `SOFTHSM2_CONF`
-/// and the PIN variables for this process. `imports`: (token, label, CKA_ID hex, AES key)
-/// imported with `softhsm2-util --import --aes` before anything opens the module.
-pub fn setup(tokens: &[&str], imports: &[(&str, &str, String, Vec<u8>)]) -> Hsm {
+/// and the PIN variables for this process.
+pub fn setup(tokens: &[&str]) -> Hsm {
     assert!(
         Path::new(MODULE).is_file(),
         "SoftHSM2 is not installed ({MODULE} is missing): run `apt-get install softhsm2` (make test installs it)"
@@ -59,15 +58,6 @@ pub fn setup(tokens: &[&str], imports: &[(&str, &str, String, Vec<u8>)]) -> Hsm 
         softhsm_util(&conf, &["--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN]);
         let new = std::fs::read_dir(&tokendir).unwrap().map(|e| e.unwrap().path()).find(|p| !before.contains(p));
         token_dirs.insert(label.to_string(), new.unwrap());
-    }
-    for (token, label, id, key) in imports {
-        let f = root.path().join(format!("{label}.key"));
-        std::fs::write(&f, key).unwrap();
-        softhsm_util(
-            &conf,
-            &["--import", f.to_str().unwrap(), "--aes", "--token", token, "--label", label, "--id", id, "--pin", PIN],
-        );
-        std::fs::remove_file(&f).unwrap();
     }
     std::env::set_var("SOFTHSM2_CONF", &conf);
     std::env::set_var(PIN_ENV, PIN);
