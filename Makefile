@@ -8,8 +8,11 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
 PY_DEPS := numpy pytest torch torchdata mypy maturin
-# Debian packages the tests need (strace: the plaintext-never-touches-disk test).
-APT_DEPS := strace
+# Debian packages the tests need (strace: the plaintext-never-touches-disk test;
+# softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
+# directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python
+# (loader-py/tests/test_pkcs11.py)).
+APT_DEPS := strace softhsm2
 FUZZ_TARGETS := shard_header manifest record_index payload
 
 .PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release py-test fuzz-build bench clean
@@ -71,6 +74,8 @@ test: setup lint rust-test examples py-test fuzz-build
 
 bench:
 	$(CARGO) bench -p shardlock-benches --bench cobblestone --bench pipeline
+	# DEK unwrap latency through SoftHSM2 and its share of time to first batch (docs/HSM.md).
+	$(CARGO) test -q -p shardlock --test pkcs11 -- --ignored --nocapture unwrap_latency
 
 clean:
 	$(CARGO) clean

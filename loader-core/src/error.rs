@@ -105,6 +105,75 @@ impl fmt::Display for IntegrityKind {
     }
 }
 
+/// Which part of a key provider (a PKCS#11 HSM) could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProviderFailure {
+    /// The PKCS#11 module (shared library) could not be loaded or initialised.
+    ModuleLoad,
+    /// No token with the label (serial, ...) given in the URI.
+    TokenNotFound,
+    /// No PIN could be read from the URI's `pin-source` (or none was given).
+    PinSource,
+    /// The token rejected the PIN. It is never retried in the same process.
+    PinIncorrect,
+    /// The token's user PIN is locked.
+    PinLocked,
+    /// No key with the URI's `object` label (and `id`) is on the token.
+    KekNotFound,
+    /// More than one key matches the URI.
+    KekAmbiguous,
+    /// The KEK can leave the HSM (extractable or not sensitive) and was not explicitly allowed.
+    KekExtractable,
+    /// The key exists but cannot serve as a KEK (not AES, no unwrap permission, no CKA_ID).
+    KekUnusable,
+    /// The token lacks a mechanism shardlock needs (AES key wrap with padding).
+    Unsupported,
+    /// `keygen` found a key with that label already on the token.
+    AlreadyExists,
+    /// The module or token failed (removed, device error, not initialised).
+    Unavailable,
+}
+
+impl ProviderFailure {
+    /// Stable snake_case name, for logs and bindings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ModuleLoad => "module_load",
+            Self::TokenNotFound => "token_not_found",
+            Self::PinSource => "pin_source",
+            Self::PinIncorrect => "pin_incorrect",
+            Self::PinLocked => "pin_locked",
+            Self::KekNotFound => "kek_not_found",
+            Self::KekAmbiguous => "kek_ambiguous",
+            Self::KekExtractable => "kek_extractable",
+            Self::KekUnusable => "kek_unusable",
+            Self::Unsupported => "unsupported",
+            Self::AlreadyExists => "already_exists",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for ProviderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ModuleLoad => "cannot load the PKCS#11 module",
+            Self::TokenNotFound => "token not found",
+            Self::PinSource => "no PIN",
+            Self::PinIncorrect => "PIN incorrect",
+            Self::PinLocked => "PIN locked",
+            Self::KekNotFound => "KEK not found",
+            Self::KekAmbiguous => "KEK ambiguous",
+            Self::KekExtractable => "KEK is extractable",
+            Self::KekUnusable => "key cannot be used as a KEK",
+            Self::Unsupported => "mechanism not supported",
+            Self::AlreadyExists => "key already exists",
+            Self::Unavailable => "HSM unavailable",
+        })
+    }
+}
+
 /// Everything that can go wrong in shardlock.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -204,6 +273,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// A key provider (a PKCS#11 HSM) could not be opened or set up: which part failed
+    /// and what to do. (Failures while unwrapping a shard's DEK, including an HSM that
+    /// disappears mid-run, are [`Error::KeyUnavailable`] naming the provider.)
+    #[error("{provider}: {kind}: {detail}")]
+    KeyProvider {
+        /// The provider, as [`crate::keys::KeyProvider::describe`] names it (never a PIN).
+        provider: String,
+        /// What failed.
+        kind: ProviderFailure,
+        /// Details and what to do.
+        detail: String,
+    },
+
     /// A secret file whose permissions let other users read it.
     #[error(
         "{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` and consider the key exposed"
@@ -294,6 +376,9 @@ impl Error {
             }
             Error::KeyUnavailable { key_id, detail } => {
                 Error::KeyUnavailable { key_id: key_id.clone(), detail: detail.clone() }
+            }
+            Error::KeyProvider { provider, kind, detail } => {
+                Error::KeyProvider { provider: provider.clone(), kind: *kind, detail: detail.clone() }
             }
             Error::InsecurePermissions { path, mode } => Error::InsecurePermissions { path: path.clone(), mode: *mode },
             Error::Input { path, detail } => Error::Input { path: path.clone(), detail: detail.clone() },

@@ -35,7 +35,7 @@ pub mod pipeline;
 pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
 pub use crypto::aead::Backend;
 pub use dataset::{Dataset, ShardReader};
-pub use error::{Error, IntegrityKind, Result, ShardRef};
+pub use error::{Error, IntegrityKind, ProviderFailure, Result, ShardRef};
 pub use format::{DType, Field, Manifest, Schema};
 pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 pub use pack::{DatasetWriter, PackOptions};

@@ -77,6 +77,10 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             }
             Error::Rollback { .. } => (IntegrityError::new_err(msg), vec![("kind", obj(py, "rollback"))]),
             Error::KeyUnavailable { .. } | Error::InsecurePermissions { .. } => (KeyUnavailable::new_err(msg), vec![]),
+            Error::KeyProvider { provider, kind, .. } => (
+                KeyUnavailable::new_err(msg),
+                vec![("kind", kind_obj(py, kind.name())), ("provider", kind_obj(py, provider))],
+            ),
             Error::Format { .. } | Error::Input { .. } | Error::Schema { .. } => (FormatError::new_err(msg), vec![]),
             Error::MemoryLock { .. } => (MemoryLockError::new_err(msg), vec![]),
             Error::Audit { .. } => (AuditError::new_err(msg), vec![]),

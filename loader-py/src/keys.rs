@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use shardlock::auth::{self, Operation, ShardSet, Token, TokenSpec};
-use shardlock::keys::{IssuerKey, Keyring, TrustAnchor};
+use shardlock::keys::{pkcs11, IssuerKey, Keyring, TrustAnchor};
 
 use crate::errors::IntoPy;
 
@@ -12,6 +12,14 @@ use crate::errors::IntoPy;
 #[pyfunction]
 fn create_keyring(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     py.detach(|| Keyring::create(&path).map(|k| shardlock::KeyProvider::active_kek_id(&k).to_owned())).py()
+}
+
+/// Generates a non-extractable AES-256 KEK inside the PKCS#11 token the URI names
+/// (`pkcs11:token=...;object=LABEL?module-path=...&pin-source=env:VAR`); returns the KEK
+/// id. Refuses a label that already exists.
+#[pyfunction]
+fn create_hsm_kek(py: Python<'_>, uri: &str) -> PyResult<String> {
+    py.detach(|| pkcs11::Pkcs11Uri::parse(uri).and_then(|u| pkcs11::generate_kek(&u))).py()
 }
 
 /// Creates an Ed25519 issuer key (mode 0600) and its trust anchor `path.pub`;
@@ -85,6 +93,7 @@ fn revoke_token(token: PathBuf, deny_list: PathBuf) -> PyResult<String> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create_keyring, m)?)?;
     m.add_function(wrap_pyfunction!(create_issuer_key, m)?)?;
+    m.add_function(wrap_pyfunction!(create_hsm_kek, m)?)?;
     m.add_function(wrap_pyfunction!(issue_token, m)?)?;
     m.add_function(wrap_pyfunction!(attenuate_token, m)?)?;
     m.add_function(wrap_pyfunction!(revoke_token, m)?)?;

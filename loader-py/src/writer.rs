@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use shardlock::format::{DType, Field, Schema};
-use shardlock::keys::{IssuerKey, Keyring};
+use shardlock::keys::{self, IssuerKey};
 use shardlock::pack::{DatasetWriter, PackOptions};
 
 use crate::errors::IntoPy;
@@ -50,7 +50,7 @@ impl NativeWriter {
         force: bool,
     ) -> PyResult<Self> {
         py.detach(|| {
-            let keys: Arc<dyn shardlock::KeyProvider> = Arc::new(Keyring::load(&keyring)?);
+            let keys = keys::open_provider_path(&keyring)?;
             let issuer = Arc::new(IssuerKey::load(&issuer_key)?);
             let mut opts = PackOptions::new(dataset_id);
             opts.shard_size = shard_size;

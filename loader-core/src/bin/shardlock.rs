@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardlock::audit::AuditLog;
 use shardlock::auth::{self, Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::dataset::{self, VerifyOptions};
-use shardlock::keys::{IssuerKey, Keyring, TrustAnchor};
+use shardlock::keys::{self, IssuerKey, Keyring, TrustAnchor};
 use shardlock::pack::{self, PackOptions};
 use shardlock::{Backend, Error};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ enum Command {
     Inspect(InspectArgs),
     /// Check the manifest signature and authenticate every chunk of every shard.
     Verify(VerifyArgs),
-    /// Rewrap every DEK under a new keyring's KEK and re-sign the manifest.
+    /// Rewrap every DEK under another provider's KEK (keyring file or HSM) and re-sign the manifest.
     Rotate(RotateArgs),
     /// Stream a dataset through the loader and report throughput, latency, CPU and memory.
     Bench(BenchArgs),
@@ -128,9 +128,10 @@ enum AuditCmd {
 /// Options every reader takes.
 #[derive(Args)]
 struct ReaderArgs {
-    /// Keyring holding the KEK the DEKs are wrapped under.
+    /// Keyring file holding the KEK the DEKs are wrapped under, or the pkcs11: URI of an
+    /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI).
     #[arg(long)]
-    keyring: PathBuf,
+    keyring: String,
     /// Access token file (from `shardlock token issue`).
     #[arg(long)]
     token: Option<PathBuf>,
@@ -150,7 +151,7 @@ struct ReaderArgs {
 
 impl ReaderArgs {
     fn access(&self) -> Result<(TrustAnchor, Access), Error> {
-        let keys = Keyring::load(&self.keyring)?;
+        let keys = keys::open_provider(&self.keyring)?;
         let trust = TrustAnchor::load(&self.trust)?;
         let cfg = AuthorizerConfig {
             skew: auth::parse_ttl(&self.clock_skew)?,
@@ -158,7 +159,7 @@ impl ReaderArgs {
             ..Default::default()
         };
         let authorizer = Authorizer::from_file(&trust, self.token.as_deref(), cfg)?;
-        let mut access = Access::new(authorizer, Arc::new(keys));
+        let mut access = Access::new(authorizer, keys);
         if let Some(p) = &self.audit_log {
             access = access.with_audit(Arc::new(AuditLog::open(p)?));
         }
@@ -168,11 +169,17 @@ impl ReaderArgs {
 
 #[derive(Subcommand)]
 enum Keygen {
-    /// A new keyring file (mode 0600) holding one fresh 256-bit KEK.
+    /// A new KEK: a keyring file (mode 0600) holding one fresh 256-bit KEK, or a
+    /// non-extractable AES-256 KEK generated inside a PKCS#11 HSM.
+    #[command(group(clap::ArgGroup::new("dest").required(true).args(["out", "pkcs11"])))]
     Kek {
         /// Keyring file to create (refuses to overwrite).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
+        /// pkcs11: URI (RFC 7512) naming the token and the new KEK's label (object=);
+        /// the PIN comes from pin-source=env:VAR or file:PATH. Refuses an existing label.
+        #[arg(long)]
+        pkcs11: Option<String>,
     },
     /// A new Ed25519 issuer key: secret in FILE (0600), public trust anchor in FILE.pub.
     Issuer {
@@ -184,9 +191,9 @@ enum Keygen {
 
 #[derive(Args)]
 struct PackArgs {
-    /// Keyring whose active KEK wraps the shard DEKs.
+    /// Keyring file whose active KEK wraps the shard DEKs, or a pkcs11: URI of an HSM KEK.
     #[arg(long)]
-    keyring: PathBuf,
+    keyring: String,
     /// The data owner's issuer secret key; signs the manifest.
     #[arg(long)]
     issuer_key: PathBuf,
@@ -281,12 +288,12 @@ struct BenchArgs {
 struct RotateArgs {
     /// Dataset directory.
     dir: PathBuf,
-    /// Current keyring.
+    /// Current key provider: keyring file or pkcs11: URI.
     #[arg(long)]
-    keyring: PathBuf,
-    /// Keyring whose active KEK will wrap the DEKs.
+    keyring: String,
+    /// Key provider whose active KEK will wrap the DEKs: keyring file or pkcs11: URI.
     #[arg(long)]
-    new_keyring: PathBuf,
+    new_keyring: String,
     /// The issuer secret key that signed the manifest.
     #[arg(long)]
     issuer_key: PathBuf,
@@ -343,10 +350,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
-        Command::Keygen(Keygen::Kek { out }) => {
+        Command::Keygen(Keygen::Kek { out: Some(out), pkcs11: None }) => {
             let ring = Keyring::create(&out)?;
             let id = ring.kek_ids().next().unwrap_or_default().to_owned();
             println!("wrote keyring {} (mode 0600) with KEK {id}", out.display());
+        }
+        Command::Keygen(Keygen::Kek { pkcs11: Some(uri), out: None }) => keygen_pkcs11(&uri)?,
+        Command::Keygen(Keygen::Kek { .. }) => {
+            return Err(Error::InvalidArgument("give either --out FILE or --pkcs11 URI".into()));
         }
         Command::Keygen(Keygen::Issuer { out }) => {
             let key = IssuerKey::generate()?;
@@ -386,20 +397,21 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Inspect(a) => return inspect_cmd(a),
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => {
-            let old = Keyring::load(&a.keyring)?;
-            let new = Keyring::load(&a.new_keyring)?;
+            let old = keys::open_provider(&a.keyring)?;
+            let new = keys::open_provider(&a.new_keyring)?;
             let issuer = IssuerKey::load(&a.issuer_key)?;
-            let m = dataset::rotate(&a.dir, &old, &new, &issuer)?;
+            let m = dataset::rotate(&a.dir, &*old, &*new, &issuer)?;
             if a.json {
                 print_json(
-                    &serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": shardlock::KeyProvider::active_kek_id(&new)}),
+                    &serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": new.active_kek_id(), "provider": new.describe()}),
                 );
             } else {
                 println!(
-                    "rotated {} shards of {:?} to KEK {}; manifest generation {}",
+                    "rotated {} shards of {:?} to KEK {} ({}); manifest generation {}",
                     m.shards.len(),
                     m.dataset_id,
-                    shardlock::KeyProvider::active_kek_id(&new),
+                    new.active_kek_id(),
+                    new.describe(),
                     m.generation
                 );
             }
@@ -408,12 +420,25 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "pkcs11")]
+fn keygen_pkcs11(uri: &str) -> Result<(), Error> {
+    let uri = keys::pkcs11::Pkcs11Uri::parse(uri)?;
+    let id = keys::pkcs11::generate_kek(&uri)?;
+    println!("generated non-extractable AES-256 KEK {id} as {} inside the HSM", uri.describe());
+    Ok(())
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn keygen_pkcs11(_uri: &str) -> Result<(), Error> {
+    Err(Error::InvalidArgument("this build of shardlock has no PKCS#11 support (cargo feature `pkcs11`)".into()))
+}
+
 fn pack_cmd(a: PackArgs) -> Result<(), Error> {
-    let keys = Keyring::load(&a.keyring)?;
+    let keys = keys::open_provider(&a.keyring)?;
     let issuer = IssuerKey::load(&a.issuer_key)?;
     let src = pack::InputSource::from_paths(&a.inputs)?;
     let opts = PackOptions { dataset_id: a.dataset_id, shard_size: a.shard_size, force: a.force, backend: a.backend };
-    let mut w = pack::DatasetWriter::create(&a.out, src.schema()?, opts, &keys, &issuer)?;
+    let mut w = pack::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
     let t = std::time::Instant::now();
     src.write_into(&mut w, &mut |n| pb.set_position(n))?;

@@ -3,10 +3,14 @@
 //! - [`Kek`], [`Dek`], [`IssuerKey`]: secrets that zeroize on drop, print no bytes and
 //!   cannot be cloned.
 //! - [`Keyring`]: the embedded default custody, a 0600 JSON file of KEKs.
-//! - [`KeyProvider`]: where a DEK is wrapped and unwrapped (keyring now, HSM later).
+//! - [`KeyProvider`]: where a DEK is wrapped and unwrapped: the keyring file, or a
+//!   PKCS#11 HSM ([`pkcs11`], feature `pkcs11`). [`open_provider`] opens either from one
+//!   string (a file path or a `pkcs11:` URI).
 
 mod files;
 mod keyring;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
 
 pub(crate) use files::write_atomic;
 pub use files::{read_secret_file, write_new_file};
@@ -14,6 +18,7 @@ pub use keyring::Keyring;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -108,6 +113,36 @@ pub trait KeyProvider: Send + Sync {
     /// verified manifest entry the grant was issued for). Only a passing authorization
     /// creates a grant, so no DEK can be unwrapped without one.
     fn unwrap_dek(&self, grant: Grant) -> Result<Dek>;
+}
+
+/// True when `spec` names a PKCS#11 provider (an RFC 7512 `pkcs11:` URI) rather than a
+/// keyring file.
+pub fn is_pkcs11_uri(spec: &str) -> bool {
+    spec.starts_with("pkcs11:")
+}
+
+/// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see [`pkcs11`]) or
+/// the path of a keyring file. (A keyring file whose path starts with `pkcs11:` is
+/// reached as `./pkcs11:...`.)
+pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
+    if is_pkcs11_uri(spec) {
+        #[cfg(feature = "pkcs11")]
+        return Ok(Arc::new(pkcs11::Pkcs11Provider::open_uri(spec)?));
+        #[cfg(not(feature = "pkcs11"))]
+        return Err(Error::InvalidArgument(
+            "this build of shardlock has no PKCS#11 support (cargo feature `pkcs11`)".into(),
+        ));
+    }
+    Ok(Arc::new(Keyring::load(Path::new(spec))?))
+}
+
+/// [`open_provider`] for a path-like argument (a keyring file, or a `pkcs11:` URI passed
+/// where a path is expected).
+pub fn open_provider_path(spec: &Path) -> Result<Arc<dyn KeyProvider>> {
+    match spec.to_str() {
+        Some(s) if is_pkcs11_uri(s) => open_provider(s),
+        _ => Ok(Arc::new(Keyring::load(spec)?)),
+    }
 }
 
 /// The data owner's Ed25519 signing key (signs manifests; roots tokens).

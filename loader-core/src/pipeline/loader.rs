@@ -18,7 +18,7 @@ use crate::crypto::chunked::CHUNK_LEN;
 use crate::dataset::{Dataset, OpenShard};
 use crate::error::{Error, Result};
 use crate::format::{FieldKind, Schema};
-use crate::keys::{KeyProvider, Keyring, TrustAnchor};
+use crate::keys::{KeyProvider, TrustAnchor};
 use crate::memory::{BatchPool, LockedBuf, MemoryPolicy};
 
 /// Default in-flight memory budget for batch buffers.
@@ -87,7 +87,9 @@ impl LoaderBuilder {
         }
     }
 
-    /// Keyring file (the embedded default key custody).
+    /// Keyring file (the embedded default key custody), or a PKCS#11 URI
+    /// (`pkcs11:token=...;object=...?module-path=...&pin-source=...`, see
+    /// [`crate::keys::pkcs11`]): anything [`crate::keys::open_provider`] accepts.
     pub fn keyring(mut self, path: impl AsRef<Path>) -> Self {
         self.keyring_path = Some(path.as_ref().to_owned());
         self
@@ -238,7 +240,7 @@ impl LoaderBuilder {
         };
         let keys: Arc<dyn KeyProvider> = match (self.keys, &self.keyring_path) {
             (Some(k), _) => k,
-            (None, Some(p)) => Arc::new(Keyring::load(p)?),
+            (None, Some(p)) => crate::keys::open_provider_path(p)?,
             (None, None) => return Err(Error::InvalidArgument("a keyring or key provider is required".into())),
         };
         let ds = Dataset::open(&self.path, &trust)?;

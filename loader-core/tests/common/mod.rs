@@ -42,11 +42,24 @@ impl Fixture {
         samples: &[Vec<Vec<u8>>],
         shard_size: u64,
     ) -> PathBuf {
+        self.pack_with(&*self.keyring, name, dataset_id, schema, samples, shard_size)
+    }
+
+    /// [`Fixture::pack`] with DEKs wrapped by `keys`.
+    pub fn pack_with(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        dataset_id: &str,
+        schema: Schema,
+        samples: &[Vec<Vec<u8>>],
+        shard_size: u64,
+    ) -> PathBuf {
         let out = self.path(name);
         let mut opts = PackOptions::new(dataset_id);
         opts.shard_size = shard_size;
         opts.force = true;
-        let mut w = DatasetWriter::create(&out, schema, opts, &*self.keyring, &self.issuer).unwrap();
+        let mut w = DatasetWriter::create(&out, schema, opts, keys, &self.issuer).unwrap();
         for s in samples {
             let refs: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
             w.write_sample(&refs).unwrap();
@@ -58,12 +71,23 @@ impl Fixture {
     /// A dataset of `n` records: a fixed `u8[700]` field `x` and a bytes field `tag`,
     /// 4 records per shard, so shards have equal sizes and span several chunks.
     pub fn standard(&self, name: &str, dataset_id: &str, n: usize) -> (PathBuf, Vec<Vec<Vec<u8>>>) {
+        self.standard_with(&*self.keyring, name, dataset_id, n)
+    }
+
+    /// [`Fixture::standard`] with DEKs wrapped by `keys`.
+    pub fn standard_with(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        dataset_id: &str,
+        n: usize,
+    ) -> (PathBuf, Vec<Vec<Vec<u8>>>) {
         let schema = Schema::new(vec![Field::tensor("x", DType::U8, &[700]), Field::bytes("tag")]).unwrap();
         let samples: Vec<Vec<Vec<u8>>> = (0..n)
             .map(|i| vec![(0..700).map(|j| ((i * 7 + j) % 251) as u8).collect(), format!("s{i:04}").into_bytes()])
             .collect();
         // 4 records of 705 bytes = 2820 bytes per shard; large shards of several chunks below.
-        let out = self.pack(name, dataset_id, schema, &samples, 4 * 705);
+        let out = self.pack_with(keys, name, dataset_id, schema, &samples, 4 * 705);
         (out, samples)
     }
 
@@ -102,10 +126,16 @@ impl Fixture {
 
     /// Reads every record of every shard.
     pub fn read_all(&self, dir: &Path) -> shardlock::Result<Vec<Vec<Vec<u8>>>> {
+        self.read_all_with(dir, self.keyring.clone())
+    }
+
+    /// [`Fixture::read_all`] with DEKs unwrapped by `keys`.
+    pub fn read_all_with(&self, dir: &Path, keys: Arc<dyn KeyProvider>) -> shardlock::Result<Vec<Vec<Vec<u8>>>> {
         let ds = self.open(dir)?;
+        let access = self.access_with(&ds.manifest().dataset_id, keys);
         let mut out = Vec::new();
         for i in 0..ds.manifest().shards.len() as u32 {
-            let mut r = self.open_shard(&ds, i)?;
+            let mut r = access.open_shard(&ds, i)?;
             for rec in 0..r.len() {
                 out.push(r.read_record(rec)?.into_iter().map(|v| v.to_vec()).collect());
             }

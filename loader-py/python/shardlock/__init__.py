@@ -12,6 +12,10 @@ buffer without copying.
     ...                           batch_size=256)
     >>> for batch in loader:
     ...     x = batch["image"]          # torch.Tensor, shape [256, 3, 224, 224]
+
+``keyring=`` is a keyring file or the RFC 7512 URI of a KEK held in a PKCS#11 HSM,
+e.g. ``"pkcs11:token=shardlock;object=kek?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:HSM_PIN"``
+(create one with :func:`create_hsm_kek`; see docs/HSM.md).
 """
 
 from shardlock._lib import (
@@ -28,6 +32,7 @@ from shardlock._lib import (
     TokenRevoked,
     __version__,
     attenuate_token,
+    create_hsm_kek,
     create_issuer_key,
     create_keyring,
     issue_token,
@@ -52,6 +57,7 @@ __all__ = [
     "Writer",
     "__version__",
     "attenuate_token",
+    "create_hsm_kek",
     "create_issuer_key",
     "create_keyring",
     "issue_token",

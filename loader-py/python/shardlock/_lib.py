@@ -17,6 +17,7 @@ from shardlock._native import (  # noqa: F401
     TokenRevoked,
     __version__,
     attenuate_token,
+    create_hsm_kek,
     create_issuer_key,
     create_keyring,
     issue_token,

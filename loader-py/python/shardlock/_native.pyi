@@ -21,6 +21,7 @@ __all__ = [
     "TokenExpired",
     "TokenRevoked",
     "attenuate_token",
+    "create_hsm_kek",
     "create_issuer_key",
     "create_keyring",
     "issue_token",
@@ -46,6 +47,7 @@ _Path = Union[str, PathLike[str]]
 
 def create_keyring(path: _Path) -> str: ...
 def create_issuer_key(path: _Path) -> str: ...
+def create_hsm_kek(uri: str) -> str: ...
 def issue_token(
     issuer_key: _Path,
     out: _Path,

@@ -25,8 +25,9 @@ class Loader:
     """Streams batches of an encrypted dataset.
 
     Every shard is opened only after the access ``token`` is authorized for it (and
-    re-authorized every epoch); its data key is unwrapped from ``keyring`` only
-    then; every 16 KiB chunk is authenticated before a byte of it is released.
+    re-authorized every epoch); its data key is unwrapped from ``keyring`` (a keyring
+    file, or a ``pkcs11:`` URI of a KEK in an HSM, which unwraps it inside the token)
+    only then; every 16 KiB chunk is authenticated before a byte of it is released.
     Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
     arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
     the buffer is wiped and reused only after every tensor built on it is freed. A

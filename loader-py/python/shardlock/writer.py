@@ -58,8 +58,9 @@ def _field_of(value: Any) -> Tuple[str, Tuple[int, ...]]:
 
 class Writer:
     """Writes an encrypted dataset: one shard per ``shard_size`` bytes of plaintext,
-    a fresh data key per shard wrapped by the keyring's KEK, and a manifest signed by
-    the issuer key. Until :meth:`close` (or the end of a ``with`` block) succeeds,
+    a fresh data key per shard wrapped by the keyring's KEK (``keyring`` is a keyring
+    file or a ``pkcs11:`` URI of a KEK in an HSM), and a manifest signed by the issuer
+    key. Until :meth:`close` (or the end of a ``with`` block) succeeds,
     the output does not read as a dataset; an exception inside ``with`` abandons it.
 
     ``schema`` maps field names to ``"bytes"`` or ``(dtype, shape)`` (dtype names:
