@@ -41,8 +41,14 @@ fn main() {
                         let mut out = vec![0u8; 4 << 20];
                         for (i, c) in map.chunks(ENC_CHUNK_LEN).enumerate().filter(|(i, _)| i % threads == th) {
                             let pos = (i * CHUNK_LEN) % out.len();
-                            key.open_to(&nonce(i as u64), &[], &c[..CHUNK_LEN], &c[CHUNK_LEN..], &mut out[pos..pos + CHUNK_LEN])
-                                .unwrap();
+                            key.open_to(
+                                &nonce(i as u64),
+                                &[],
+                                &c[..CHUNK_LEN],
+                                &c[CHUNK_LEN..],
+                                &mut out[pos..pos + CHUNK_LEN],
+                            )
+                            .unwrap();
                         }
                     });
                 }

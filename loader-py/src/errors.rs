@@ -79,7 +79,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             Error::KeyUnavailable { .. } | Error::InsecurePermissions { .. } => (KeyUnavailable::new_err(msg), vec![]),
             Error::KeyProvider { provider, kind, .. } => (
                 KeyUnavailable::new_err(msg),
-                vec![("kind", kind_obj(py, kind.name())), ("provider", kind_obj(py, provider))],
+                vec![("kind", obj(py, kind.name())), ("provider", obj(py, provider.clone()))],
             ),
             Error::Format { .. } | Error::Input { .. } | Error::Schema { .. } => (FormatError::new_err(msg), vec![]),
             Error::MemoryLock { .. } => (MemoryLockError::new_err(msg), vec![]),
