@@ -71,3 +71,28 @@ def test_a_loader_used_after_fork_raises_instead_of_hanging(env, numbers):
     assert p.exitcode == 0
     msg = q.get(timeout=5)
     assert msg.startswith("error:") and "fork" in msg
+
+
+def test_a_tensor_freed_in_a_forked_child_leaves_the_parent_intact(env, numbers):
+    import gc
+    import multiprocessing as mp
+
+    path, x, _ = numbers
+    loader = env.loader(path, batch_size=10, shuffle="none", sample_ids=True)
+    batch = next(iter(loader))
+    held, ids = batch["x"], batch["sample_id"].numpy().copy()
+    del batch
+    ctx = mp.get_context("fork")
+
+    def child(t=held):
+        del t
+        gc.collect()
+
+    procs = [ctx.Process(target=child) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    np.testing.assert_array_equal(held.numpy(), x[ids])
+    assert len(list(loader)) > 0

@@ -54,6 +54,8 @@ pub struct Batch {
     pub(super) samples: Vec<u64>,
     pub(super) index: u64,
     pub(super) epoch: u64,
+    /// Process that filled the batch.
+    pub(super) pid: u32,
 }
 
 impl std::fmt::Debug for Batch {
@@ -158,7 +160,14 @@ impl Batch {
 impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.give(b);
+            if std::process::id() == self.pid {
+                self.pool.give(b);
+            } else {
+                // Dropped in a forked child (a tensor that outlived fork): the pool's
+                // lock may have been held by a parent thread at fork time, so touching
+                // it could deadlock. The child's copy-on-write pages go with the child.
+                std::mem::forget(b);
+            }
         }
     }
 }

@@ -618,6 +618,8 @@ struct EpochRun {
 }
 
 struct Job {
+    /// Process that runs the workers.
+    pid: u32,
     shared: Arc<Shared>,
     samples: Arc<Vec<SampleRef>>,
     cache: Arc<ShardCache>,
@@ -640,7 +642,13 @@ impl EpochRun {
         let flow = Arc::new((Mutex::new(Flow { next: 0, consumed: 0, stop: false }), Condvar::new()));
         let (tx, rx) = crossbeam_channel::bounded(shared.depth + shared.workers);
         let cache = Arc::new(ShardCache::default());
-        let job = Arc::new(Job { shared: shared.clone(), samples: Arc::new(samples), cache: cache.clone(), epoch });
+        let job = Arc::new(Job {
+            pid: std::process::id(),
+            shared: shared.clone(),
+            samples: Arc::new(samples),
+            cache: cache.clone(),
+            epoch,
+        });
         let mut workers = Vec::with_capacity(shared.workers);
         for i in 0..shared.workers.min(n_batches.max(1)) {
             let (job, flow, tx) = (job.clone(), flow.clone(), tx.clone());
@@ -863,6 +871,7 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
         samples: ids,
         index: k as u64,
         epoch: job.epoch,
+        pid: job.pid,
     };
     let slots = batch.slots.clone();
     let Some(out) = batch.buf.as_mut().map(|b| b.prefix_mut(total)) else {
