@@ -333,6 +333,27 @@ pub enum Error {
         detail: String,
     },
 
+    /// No usable GPU for the device stage: the CUDA driver library is missing, the
+    /// device does not exist, or the driver failed to start. Nothing was read.
+    #[error("device {device} is unavailable: {detail}")]
+    DeviceUnavailable {
+        /// The device asked for (`cuda:0`).
+        device: String,
+        /// Why, and what to do.
+        detail: String,
+    },
+
+    /// A CUDA driver or NVRTC call failed while the device stage ran.
+    #[error("CUDA {op} failed on {device}: {detail}")]
+    Device {
+        /// The device (`cuda:0`).
+        device: String,
+        /// The operation ("cuMemHostRegister", "H2D copy", "NVRTC compile", ...).
+        op: &'static str,
+        /// The driver's message and what to do.
+        detail: String,
+    },
+
     /// A worker thread panicked; the pipeline stopped. This is a bug.
     #[error("internal error in a pipeline worker: {0}")]
     Internal(String),
@@ -386,6 +407,12 @@ impl Error {
             Error::AlreadyExists { path } => Error::AlreadyExists { path: path.clone() },
             Error::MemoryLock { bytes, limit, detail } => {
                 Error::MemoryLock { bytes: *bytes, limit: *limit, detail: detail.clone() }
+            }
+            Error::DeviceUnavailable { device, detail } => {
+                Error::DeviceUnavailable { device: device.clone(), detail: detail.clone() }
+            }
+            Error::Device { device, op, detail } => {
+                Error::Device { device: device.clone(), op, detail: detail.clone() }
             }
             Error::Internal(s) => Error::Internal(s.clone()),
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),

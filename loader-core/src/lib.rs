@@ -14,7 +14,11 @@
 //!   only path from a token to a shard's DEK;
 //! - [`audit`]: the hash-chained audit log;
 //! - [`dataset`]: opening, reading, verifying and rotating datasets;
-//! - [`memory`]: mapped and locked memory (the only place with `unsafe`).
+//! - [`pipeline`]: the streaming [`Loader`];
+//! - [`device`]: the CUDA device stage (feature `cuda`) and [`kernels`], NVRTC decode
+//!   kernels with their CPU references;
+//! - [`memory`]: mapped and locked memory (with `device/` and `kernels/`, the only
+//!   places with `unsafe`).
 //!
 //! The normative format description is `docs/FORMAT.md`.
 
@@ -25,8 +29,10 @@ pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod dataset;
+pub mod device;
 pub mod error;
 pub mod format;
+pub mod kernels;
 pub mod keys;
 pub mod memory;
 pub mod pack;

@@ -279,6 +279,15 @@ struct BenchArgs {
     /// Allow batch memory that is not locked in RAM (audited).
     #[arg(long)]
     allow_unlocked_memory: bool,
+    /// Deliver batches to this GPU ("cuda:N") instead of host memory; the numbers
+    /// count a batch once its copy to the device completed (needs the `cuda` feature
+    /// and an NVIDIA driver).
+    #[arg(long)]
+    device: Option<String>,
+    /// With --device: copy from pageable memory instead of registering the locked
+    /// batch buffers (for confidential-computing GPUs).
+    #[arg(long, requires = "device")]
+    pageable: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -647,6 +656,26 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
     Ok(())
 }
 
+/// The loader itself, or the device stage in front of it for `--device`.
+fn bench_source(
+    loader: shardlock::Loader,
+    a: &BenchArgs,
+) -> Result<Box<dyn shardlock::pipeline::bench::Source>, Error> {
+    let Some(spec) = &a.device else { return Ok(Box::new(loader)) };
+    let ordinal = shardlock::device::parse_device(spec)?;
+    #[cfg(feature = "cuda")]
+    {
+        let opts = shardlock::device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
+        Ok(Box::new(shardlock::device::DeviceLoader::new(loader, opts)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (loader, a.pageable);
+        shardlock::device::open(ordinal)?;
+        Err(Error::Internal("no device stage in this build".into()))
+    }
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let r = &a.reader;
     let mut b = shardlock::Loader::builder(&a.dir)
@@ -674,10 +703,11 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     if let Some(f) = &a.fields {
         b = b.fields(f.split(',').map(str::trim).filter(|s| !s.is_empty()));
     }
-    let mut loader = b.build()?;
+    let loader = b.build()?;
     let per_epoch = loader.len()? as u64;
+    let mut source = bench_source(loader, &a)?;
     let pb = bar(per_epoch * a.epochs, a.json, "streaming {bar:40} {pos}/{len} batches [{elapsed_precise}]");
-    let report = shardlock::pipeline::bench::run(&mut loader, a.epochs, &mut |_, _| pb.inc(1))?;
+    let report = shardlock::pipeline::bench::run(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
     pb.finish_and_clear();
     if a.json {
         print_json(&serde_json::to_value(&report).unwrap_or_default());

@@ -115,6 +115,18 @@ impl Batch {
         self.buf.as_ref().map(|b| b.as_slice()).unwrap_or(&[])
     }
 
+    /// Bytes of the buffer that hold this batch's data (values and offsets of every
+    /// field); the rest is zero. A copy of this prefix is a copy of the batch.
+    pub fn used_len(&self) -> usize {
+        let n = self.len();
+        self.slots
+            .iter()
+            .map(|s| (s.offset + s.len).max(s.offsets_at.map(|a| a + 8 * (n + 1)).unwrap_or(0)))
+            .max()
+            .unwrap_or(0)
+            .min(self.bytes_of().len())
+    }
+
     /// The raw bytes of a field's values (for a tensor field, `samples * value bytes`).
     pub fn field_bytes(&self, name: &str) -> Result<&[u8]> {
         let s = self.slot(name)?;

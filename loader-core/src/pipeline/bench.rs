@@ -56,9 +56,35 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// What the benchmark streams: the [`Loader`], or the device stage.
+pub trait Source {
+    /// The epoch the next batch belongs to.
+    fn epoch(&self) -> u64;
+    /// The next batch as `(samples, bytes of the selected fields)`, once it is
+    /// delivered (in host memory; on the device, after its copy completed); `None`
+    /// at the end of the epoch.
+    fn next_delivered(&mut self) -> Option<Result<(u64, u64)>>;
+    /// Batch buffers allocated so far.
+    fn buffers_allocated(&self) -> usize;
+}
+
+impl Source for Loader {
+    fn epoch(&self) -> u64 {
+        Loader::epoch(self)
+    }
+
+    fn next_delivered(&mut self) -> Option<Result<(u64, u64)>> {
+        self.next().map(|b| b.map(|b| (b.len() as u64, b.fields().iter().map(|f| f.len as u64).sum())))
+    }
+
+    fn buffers_allocated(&self) -> usize {
+        Loader::buffers_allocated(self)
+    }
+}
+
 /// Streams `epochs` epochs, touching nothing but the batch metadata, and reports.
 /// `progress(epoch, batches_done)` is called after every batch.
-pub fn run(loader: &mut Loader, epochs: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<BenchReport> {
+pub fn run(loader: &mut dyn Source, epochs: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<BenchReport> {
     let baseline = rss_anon().unwrap_or(0);
     let mut peak = baseline;
     let mut reports = Vec::new();
@@ -68,15 +94,14 @@ pub fn run(loader: &mut Loader, epochs: u64, progress: &mut dyn FnMut(u64, u64))
         let mut last = t0;
         let mut waits = Vec::new();
         let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
-        for b in loader.by_ref() {
-            let b = b?;
+        while let Some(b) = loader.next_delivered() {
+            let (n, size) = b?;
             let now = Instant::now();
             waits.push((now - last).as_secs_f64() * 1e3);
             last = now;
             batches += 1;
-            samples += b.len() as u64;
-            bytes += b.fields().iter().map(|f| f.len as u64).sum::<u64>();
-            drop(b);
+            samples += n;
+            bytes += size;
             if batches % 8 == 0 {
                 peak = peak.max(rss_anon().unwrap_or(0));
             }

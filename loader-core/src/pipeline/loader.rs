@@ -506,6 +506,29 @@ impl Loader {
         LoaderState { epoch: self.epoch(), seed: self.shared.spec.seed, consumed }
     }
 
+    /// Like [`Loader::state`], but as if the last `unconsumed` samples this loader
+    /// yielded in the current epoch had not been yielded: for a stage that reads ahead
+    /// of its own consumer (the device stage), so a resume re-reads what the consumer
+    /// never saw.
+    pub fn state_excluding(&self, unconsumed: u64) -> LoaderState {
+        let mut s = self.state();
+        if unconsumed > 0 && self.run.is_some() {
+            if let Some(last) = s.consumed.last_mut() {
+                last.per_rank = last.per_rank.saturating_sub(unconsumed);
+                if last.per_rank == 0 {
+                    s.consumed.pop();
+                }
+            }
+        }
+        s
+    }
+
+    /// Batches of the epoch in progress not yet yielded; `None` before its first batch
+    /// was asked for (and after its end).
+    pub fn batches_left(&self) -> Option<usize> {
+        self.run.as_ref().map(|r| r.n_batches.saturating_sub(r.consumed_batches))
+    }
+
     /// Restores a state from [`Loader::state`].
     pub fn load_state(&mut self, s: &LoaderState) -> Result<()> {
         if s.seed != self.shared.spec.seed {

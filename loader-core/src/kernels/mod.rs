@@ -1,0 +1,203 @@
+//! On-device decoding of batch fields (`kernels/decode.cu`), and the CPU reference
+//! of each kernel.
+//!
+//! The CUDA C source is embedded with `include_str!` and compiled at run time with
+//! NVRTC, once per device (feature `cuda`, [`Kernels`]); building shardlock never
+//! needs a CUDA toolkit. The [`cpu`] functions are always built: they define what each
+//! kernel computes, are tested on every machine, and are the oracle of the GPU test,
+//! which compares bit for bit.
+//!
+//! Kernels:
+//! - `normalize_u8_{f32,f16,bf16}`: an image batch stored as `u8[n, h, w, c]` (HWC)
+//!   becomes `(x - mean[c]) / std[c]` as f32, f16 or bf16, in CHW (`[n, c, h, w]`)
+//!   or HWC layout;
+//! - `widen_u16_i64`: token ids stored as u16 become i64 (what embedding lookups take).
+
+/// The CUDA C source of the kernels.
+pub const SOURCE: &str = include_str!("../../../kernels/decode.cu");
+
+/// Output element types of the normalisation kernel.
+pub trait NormOut: Copy + Default + bytemuck::Pod + Send + Sync + 'static {
+    /// Kernel name for this output type.
+    const KERNEL: &'static str;
+    /// Rounds an f32 (nearest, ties to even), as the kernel does.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl NormOut for f32 {
+    const KERNEL: &'static str = "normalize_u8_f32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl NormOut for half::f16 {
+    const KERNEL: &'static str = "normalize_u8_f16";
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+impl NormOut for half::bf16 {
+    const KERNEL: &'static str = "normalize_u8_bf16";
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// Shape and parameters of a normalisation: `n` images of `h x w x c` bytes (HWC).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalize {
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Per-channel mean (in the units of the stored bytes, e.g. 0..255).
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation (same units); must be non-zero.
+    pub std: Vec<f32>,
+    /// Output in CHW layout (`[n, c, h, w]`, what convolutions take) instead of HWC.
+    pub chw: bool,
+}
+
+impl Normalize {
+    /// Checks the parameters against `bytes` of input and returns the image count.
+    pub fn images(&self, bytes: usize) -> crate::Result<usize> {
+        let c = self.mean.len();
+        let bad = |m: String| crate::Error::InvalidArgument(format!("normalize: {m}"));
+        if c == 0 || c != self.std.len() {
+            return Err(bad(format!(
+                "{} means but {} standard deviations (one of each per channel)",
+                c,
+                self.std.len()
+            )));
+        }
+        if let Some(i) = self.std.iter().position(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(bad(format!("std[{i}] must be finite and non-zero")));
+        }
+        let per = self.h * self.w * c;
+        if per == 0 || !bytes.is_multiple_of(per) {
+            return Err(bad(format!("{bytes} bytes are not a whole number of {}x{}x{c} images", self.h, self.w)));
+        }
+        Ok(bytes / per)
+    }
+
+    /// The multipliers the kernel uses: `1 / std`, rounded to f32 once, on the host.
+    pub fn scale(&self) -> Vec<f32> {
+        self.std.iter().map(|s| 1.0 / s).collect()
+    }
+}
+
+/// CPU references of the kernels.
+pub mod cpu {
+    use super::{NormOut, Normalize};
+
+    /// `normalize_u8_*` on the CPU: exactly the kernel's arithmetic (`(x - mean) *
+    /// (1/std)` in f32, then one rounding to the output type).
+    pub fn normalize_u8<T: NormOut>(src: &[u8], p: &Normalize) -> crate::Result<Vec<T>> {
+        let n = p.images(src.len())?;
+        let (h, w, c) = (p.h, p.w, p.mean.len());
+        let scale = p.scale();
+        let mut out = vec![T::default(); src.len()];
+        let hw = h * w;
+        for s in 0..n {
+            let img = &src[s * hw * c..(s + 1) * hw * c];
+            let dst = &mut out[s * hw * c..(s + 1) * hw * c];
+            for px in 0..hw {
+                for ch in 0..c {
+                    let y = (f32::from(img[px * c + ch]) - p.mean[ch]) * scale[ch];
+                    let at = if p.chw { ch * hw + px } else { px * c + ch };
+                    dst[at] = T::from_f32(y);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `widen_u16_i64` on the CPU.
+    pub fn widen_u16_i64(src: &[u16]) -> Vec<i64> {
+        src.iter().map(|&v| i64::from(v)).collect()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(feature = "cuda")]
+pub use gpu::Kernels;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn params(chw: bool) -> Normalize {
+        Normalize { h: 2, w: 3, mean: vec![10.0, 20.0, 30.0], std: vec![2.0, 4.0, 0.5], chw }
+    }
+
+    #[test]
+    fn chw_layout_moves_channels_first_and_normalizes() {
+        // Two 2x3 RGB images; pixel p of image s has channel values (s*100+p, p, 255).
+        let mut src = Vec::new();
+        for s in 0..2u8 {
+            for p in 0..6u8 {
+                src.extend_from_slice(&[s * 100 + p, p, 255]);
+            }
+        }
+        let out = cpu::normalize_u8::<f32>(&src, &params(true)).unwrap();
+        assert_eq!(out.len(), 36);
+        // Image 1, channel 0, pixel 4: (104 - 10) / 2.
+        assert_eq!(out[18 + 4], 47.0);
+        // Image 0, channel 1, pixel 5: (5 - 20) / 4.
+        assert_eq!(out[6 + 5], -3.75);
+        // Channel 2 everywhere: (255 - 30) / 0.5.
+        assert!(out[12..18].iter().chain(&out[30..36]).all(|&v| v == 450.0));
+        let hwc = cpu::normalize_u8::<f32>(&src, &params(false)).unwrap();
+        assert_eq!(hwc[18 + 4 * 3], 47.0);
+        assert_eq!(hwc[5 * 3 + 1], -3.75);
+    }
+
+    #[test]
+    fn half_outputs_round_the_f32_result_once() {
+        // std 3: x / 3 needs more mantissa bits than f16 (11) or bf16 (8) have, so the
+        // rounding is exercised, not skipped.
+        let p = Normalize { h: 2, w: 3, mean: vec![0.5, 1.0, 2.0], std: vec![3.0, 3.0, 7.0], chw: true };
+        let src: Vec<u8> = (0..=255u8).cycle().take(6 * 3 * 7).collect();
+        let f = cpu::normalize_u8::<f32>(&src, &p).unwrap();
+        let h = cpu::normalize_u8::<half::f16>(&src, &p).unwrap();
+        let b = cpu::normalize_u8::<half::bf16>(&src, &p).unwrap();
+        for i in 0..f.len() {
+            assert_eq!(h[i], half::f16::from_f32(f[i]));
+            assert_eq!(b[i], half::bf16::from_f32(f[i]));
+        }
+        assert!((0..f.len()).any(|i| h[i].to_f32() != f[i]));
+        assert!((0..f.len()).any(|i| b[i].to_f32() != f[i]));
+    }
+
+    #[test]
+    fn widening_keeps_every_u16_value() {
+        let src: Vec<u16> = vec![0, 1, 255, 256, 32767, 32768, 65535];
+        assert_eq!(cpu::widen_u16_i64(&src), vec![0, 1, 255, 256, 32767, 32768, 65535]);
+    }
+
+    #[test]
+    fn bad_parameters_are_errors_naming_the_problem() {
+        let mut p = params(true);
+        p.std[1] = 0.0;
+        let e = cpu::normalize_u8::<f32>(&[0; 18], &p).unwrap_err().to_string();
+        assert!(e.contains("std[1]"), "{e}");
+        let e = cpu::normalize_u8::<f32>(&[0; 17], &params(true)).unwrap_err().to_string();
+        assert!(e.contains("whole number"), "{e}");
+        let mut p = params(true);
+        p.mean.pop();
+        assert!(cpu::normalize_u8::<f32>(&[0; 18], &p).is_err());
+    }
+
+    #[test]
+    fn the_source_defines_every_kernel_the_host_launches() {
+        for k in
+            [<f32 as NormOut>::KERNEL, <half::f16 as NormOut>::KERNEL, <half::bf16 as NormOut>::KERNEL, "widen_u16_i64"]
+        {
+            assert!(SOURCE.contains(k), "{k} missing from kernels/decode.cu");
+        }
+    }
+}
