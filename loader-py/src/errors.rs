@@ -32,6 +32,8 @@ exceptions! {
     FormatError(ShardlockError) => "A file or input is malformed or does not fit the schema.";
     MemoryLockError(ShardlockError) => "Batch memory could not be locked in RAM.";
     AuditError(ShardlockError) => "The audit log could not be written or does not verify.";
+    DeviceUnavailable(ShardlockError) => "No usable CUDA device (no driver, no such device, or no CUDA support in this build).";
+    DeviceError(ShardlockError) => "A CUDA call failed while batches were copied to or decoded on the device.";
 }
 
 /// A Python object for an attribute value (None if it cannot be converted).
@@ -84,6 +86,12 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             Error::Format { .. } | Error::Input { .. } | Error::Schema { .. } => (FormatError::new_err(msg), vec![]),
             Error::MemoryLock { .. } => (MemoryLockError::new_err(msg), vec![]),
             Error::Audit { .. } => (AuditError::new_err(msg), vec![]),
+            Error::DeviceUnavailable { device, .. } => {
+                (DeviceUnavailable::new_err(msg), vec![("device", obj(py, device.clone()))])
+            }
+            Error::Device { device, op, .. } => {
+                (DeviceError::new_err(msg), vec![("device", obj(py, device.clone())), ("op", obj(py, *op))])
+            }
             Error::InvalidArgument(_) => (pyo3::exceptions::PyValueError::new_err(msg), vec![]),
             _ => (ShardlockError::new_err(msg), vec![]),
         };

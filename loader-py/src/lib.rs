@@ -3,10 +3,13 @@
 //! in exactly one place (`shardlock/_lib.py`).
 //!
 //! One file per core module: `errors.rs` (error mapping), `keys.rs` (keys and
-//! tokens), `writer.rs` (pack), `loader.rs` (pipeline).
+//! tokens), `writer.rs` (pack), `loader.rs` (pipeline), `device.rs` (DLPack export of device batches, feature
+//! `cuda`).
 
 #![deny(unsafe_code)]
 
+#[cfg(feature = "cuda")]
+mod device;
 mod errors;
 mod keys;
 mod loader;

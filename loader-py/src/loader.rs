@@ -24,7 +24,72 @@ pub struct BatchOwner {
 /// The native loader behind `shardlock.Loader`.
 #[pyclass(name = "NativeLoader", module = "shardlock._native")]
 pub struct NativeLoader {
-    inner: Loader,
+    inner: Inner,
+}
+
+/// Host batches, or the device stage in front of the loader.
+enum Inner {
+    Host(Loader),
+    #[cfg(feature = "cuda")]
+    Device(Box<shardlock::device::DeviceLoader>),
+}
+
+impl Inner {
+    fn loader(&self) -> &Loader {
+        match self {
+            Inner::Host(l) => l,
+            #[cfg(feature = "cuda")]
+            Inner::Device(d) => d.loader(),
+        }
+    }
+}
+
+/// Puts the device stage in front of `loader` for `device` ("cuda:N"), or keeps it.
+fn with_device(loader: Loader, device: Option<&str>, pinned: bool) -> shardlock::Result<Inner> {
+    let Some(spec) = device.filter(|d| *d != "cpu") else { return Ok(Inner::Host(loader)) };
+    let ordinal = shardlock::device::parse_device(spec)?;
+    #[cfg(feature = "cuda")]
+    {
+        let opts = shardlock::device::DeviceOptions { ordinal, pinned, ..Default::default() };
+        let mut d = shardlock::device::DeviceLoader::new(loader, opts)?;
+        // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
+        d.set_consumer_stream(None);
+        Ok(Inner::Device(Box::new(d)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (loader, pinned);
+        shardlock::device::open(ordinal)?;
+        Err(shardlock::Error::Internal("no device stage in this build".into()))
+    }
+}
+
+/// A device batch as `({name: (dtype, DeviceTensor) | ("bytes", values, offsets)}, ids)`.
+#[cfg(feature = "cuda")]
+fn device_batch_to_py<'py>(py: Python<'py>, batch: shardlock::device::DeviceBatch) -> PyResult<Bound<'py, PyTuple>> {
+    use crate::device::DeviceTensor;
+    let batch = std::sync::Arc::new(batch);
+    let out = PyDict::new(py);
+    let n = batch.len();
+    for slot in batch.fields() {
+        let (addr, len) = batch.field_address(&slot.name).py()?;
+        match &slot.kind {
+            FieldKind::Tensor { dtype, shape } => {
+                let mut full = vec![n];
+                full.extend(shape.iter().map(|&d| d as usize));
+                let t = Bound::new(py, DeviceTensor::new(&batch, addr, full, *dtype))?;
+                out.set_item(&*slot.name, (dtype.name(), t))?;
+            }
+            FieldKind::Bytes => {
+                let values = Bound::new(py, DeviceTensor::new(&batch, addr, vec![len], DType::U8))?;
+                let at = batch.offsets_address(&slot.name).py()?;
+                let offsets = Bound::new(py, DeviceTensor::new(&batch, at, vec![n + 1], DType::I64))?;
+                out.set_item(&*slot.name, ("bytes", values, offsets))?;
+            }
+        }
+    }
+    let ids = numpy::PyArray1::from_slice(py, batch.sample_ids());
+    PyTuple::new(py, [out.into_any(), ids.into_any()])
 }
 
 fn array<'py, T: Element + bytemuck::Pod>(
@@ -90,7 +155,7 @@ impl NativeLoader {
     #[new]
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
-        pad=false, window_shards=None))]
+        pad=false, window_shards=None, device=None, pinned=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -112,6 +177,8 @@ impl NativeLoader {
         allow_unlocked_memory: bool,
         pad: bool,
         window_shards: Option<usize>,
+        device: Option<String>,
+        pinned: bool,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
         py.detach(|| {
@@ -146,7 +213,7 @@ impl NativeLoader {
             if let Some(w) = window_shards {
                 b = b.window(w, None);
             }
-            b.build()
+            with_device(b.build()?, device.as_deref(), pinned)
         })
         .py()
         .map(|inner| Self { inner })
@@ -155,52 +222,79 @@ impl NativeLoader {
     /// The next batch as `(fields, sample_ids)`, or `None` at the end of the epoch.
     /// Waits with the GIL released, waking every 100 ms to let Ctrl-C through.
     fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let wait = Duration::from_millis(100);
         loop {
-            let inner = &mut self.inner;
-            match py.detach(|| inner.next_within(Duration::from_millis(100))) {
-                Next::Pending => py.check_signals()?,
-                Next::End => return Ok(None),
-                Next::Batch(Ok(b)) => return batch_to_py(py, b).map(Some),
-                Next::Batch(Err(e)) => return Err(to_py(e)),
+            match &mut self.inner {
+                Inner::Host(inner) => match py.detach(|| inner.next_within(wait)) {
+                    Next::Pending => py.check_signals()?,
+                    Next::End => return Ok(None),
+                    Next::Batch(Ok(b)) => return batch_to_py(py, b).map(Some),
+                    Next::Batch(Err(e)) => return Err(to_py(e)),
+                },
+                #[cfg(feature = "cuda")]
+                Inner::Device(inner) => {
+                    use shardlock::device::DeviceNext;
+                    match py.detach(|| inner.next_within(wait)) {
+                        DeviceNext::Pending => py.check_signals()?,
+                        DeviceNext::End => return Ok(None),
+                        DeviceNext::Batch(Ok(b)) => return device_batch_to_py(py, b).map(Some),
+                        DeviceNext::Batch(Err(e)) => return Err(to_py(e)),
+                    }
+                }
             }
         }
     }
 
     /// Batches per epoch for this rank.
     fn __len__(&self) -> PyResult<usize> {
-        self.inner.len().py()
+        self.inner.loader().len().py()
     }
 
     /// The epoch the next iteration reads.
     #[getter]
     fn epoch(&self) -> u64 {
-        self.inner.epoch()
+        self.inner.loader().epoch()
     }
 
     /// Sets the epoch of the next iteration.
     fn set_epoch(&mut self, epoch: u64) {
-        self.inner.set_epoch(epoch);
+        match &mut self.inner {
+            Inner::Host(l) => l.set_epoch(epoch),
+            #[cfg(feature = "cuda")]
+            Inner::Device(d) => d.set_epoch(epoch),
+        }
     }
 
     /// Names of the fields each batch holds.
     fn field_names(&self) -> Vec<String> {
-        self.inner.field_names().into_iter().map(str::to_owned).collect()
+        self.inner.loader().field_names().into_iter().map(str::to_owned).collect()
     }
 
     /// Resume state as JSON.
     fn state_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.inner.state()).map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+        let state = match &self.inner {
+            Inner::Host(l) => l.state(),
+            #[cfg(feature = "cuda")]
+            Inner::Device(d) => d.state(),
+        };
+        serde_json::to_string(&state).map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
     }
 
     /// Restores a state from `state_json`.
     fn load_state_json(&mut self, state: &str) -> PyResult<()> {
         let s: LoaderState = serde_json::from_str(state)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("loader state: {e}")))?;
-        self.inner.load_state(&s).py()
+        match &mut self.inner {
+            Inner::Host(l) => l.load_state(&s).py(),
+            #[cfg(feature = "cuda")]
+            Inner::Device(d) => d.load_state(&s).py(),
+        }
     }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeLoader>()?;
+    #[cfg(feature = "cuda")]
+    m.add_class::<crate::device::DeviceTensor>()?;
     m.add_class::<BatchOwner>()
 }

@@ -676,6 +676,24 @@ fn bench_source(
     }
 }
 
+/// With `--device`: the bandwidth of a plain async copy of one batch-sized locked
+/// buffer, the ceiling the device stage is measured against.
+fn h2d_report(a: &BenchArgs, r: &shardlock::pipeline::bench::BenchReport) -> Result<Option<serde_json::Value>, Error> {
+    let (Some(spec), Some(e)) = (&a.device, r.epochs.first()) else { return Ok(None) };
+    let bytes = (e.bytes / e.batches.max(1)).max(1) as usize;
+    #[cfg(feature = "cuda")]
+    {
+        let ordinal = shardlock::device::parse_device(spec)?;
+        let gbps = shardlock::device::measure_h2d(ordinal, bytes, 200, !a.pageable)?;
+        Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (spec, bytes);
+        Ok(None)
+    }
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let r = &a.reader;
     let mut b = shardlock::Loader::builder(&a.dir)
@@ -709,9 +727,18 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let pb = bar(per_epoch * a.epochs, a.json, "streaming {bar:40} {pos}/{len} batches [{elapsed_precise}]");
     let report = shardlock::pipeline::bench::run(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
     pb.finish_and_clear();
+    drop(source);
+    let h2d = h2d_report(&a, &report)?;
     if a.json {
-        print_json(&serde_json::to_value(&report).unwrap_or_default());
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        if let (Some(h), Some(obj)) = (&h2d, v.as_object_mut()) {
+            obj.insert("h2d".into(), h.clone());
+        }
+        print_json(&v);
         return Ok(());
+    }
+    if let Some(h) = &h2d {
+        println!("raw H2D copy of one batch-sized locked buffer: {:.2} GB/s ({} bytes)", h["gb_per_s"], h["bytes"]);
     }
     println!(
         "{:>5} {:>8} {:>9} {:>9} {:>12} {:>9} {:>9} {:>9} {:>6}",

@@ -15,12 +15,15 @@ buffer without copying.
 
 ``keyring=`` is a keyring file or the RFC 7512 URI of a KEK held in a PKCS#11 HSM,
 e.g. ``"pkcs11:token=shardlock;object=kek?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:HSM_PIN"``
-(create one with :func:`create_hsm_kek`; see docs/HSM.md).
+(create one with :func:`create_hsm_kek`; see docs/HSM.md). ``device="cuda:N"`` yields
+CUDA tensors copied from the locked buffers on a dedicated stream (docs/CUDA.md).
 """
 
 from shardlock._lib import (
     AccessDenied,
     AuditError,
+    DeviceError,
+    DeviceUnavailable,
     FormatError,
     IntegrityError,
     InvalidToken,
@@ -44,6 +47,8 @@ from shardlock.writer import Writer, pack_numpy
 __all__ = [
     "AccessDenied",
     "AuditError",
+    "DeviceError",
+    "DeviceUnavailable",
     "FormatError",
     "IntegrityError",
     "InvalidToken",

@@ -4,6 +4,8 @@ from shardlock._native import (  # noqa: F401
     AccessDenied,
     AuditError,
     BatchOwner,
+    DeviceError,
+    DeviceUnavailable,
     FormatError,
     IntegrityError,
     InvalidToken,

@@ -9,6 +9,9 @@ __all__ = [
     "AccessDenied",
     "AuditError",
     "BatchOwner",
+    "DeviceError",
+    "DeviceTensor",
+    "DeviceUnavailable",
     "FormatError",
     "IntegrityError",
     "InvalidToken",
@@ -42,6 +45,8 @@ class KeyUnavailable(ShardlockError): ...
 class FormatError(ShardlockError): ...
 class MemoryLockError(ShardlockError): ...
 class AuditError(ShardlockError): ...
+class DeviceUnavailable(ShardlockError): ...
+class DeviceError(ShardlockError): ...
 
 _Path = Union[str, PathLike[str]]
 
@@ -85,6 +90,20 @@ class NativeWriter:
 class BatchOwner: ...
 
 @final
+class DeviceTensor:
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[int] = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    @property
+    def shape(self) -> List[int]: ...
+
+@final
 class NativeLoader:
     def __new__(
         cls,
@@ -107,6 +126,8 @@ class NativeLoader:
         allow_unlocked_memory: bool = False,
         pad: bool = False,
         window_shards: Optional[int] = None,
+        device: Optional[str] = None,
+        pinned: bool = True,
     ) -> NativeLoader: ...
     def next_batch(self) -> Optional[Tuple[Dict[str, Tuple[Any, ...]], np.ndarray]]: ...
     def __len__(self) -> int: ...

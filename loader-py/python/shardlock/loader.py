@@ -33,6 +33,15 @@ class Loader:
     the buffer is wiped and reused only after every tensor built on it is freed. A
     bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``.
 
+    ``device="cuda:N"`` delivers CUDA tensors instead: each batch is copied
+    asynchronously from the locked buffer (registered with the driver, so the copy is
+    a DMA) on a dedicated stream while the next batches decrypt; the tensors are
+    DLPack views of the device buffer, ordered after the copy on
+    ``torch.cuda.current_stream()``, and the buffer is reused only after the work
+    queued on that stream when the tensors are freed. ``pinned=False`` copies from
+    pageable memory (for confidential-computing GPUs). Without a usable GPU this
+    raises :class:`shardlock.DeviceUnavailable`.
+
     One pass over the loader is one epoch; the next pass reads the next epoch (or the
     one given to :meth:`set_epoch`). ``rank``/``world_size`` default to
     ``torch.distributed`` when it is initialised, else 0 / 1. Errors raise
@@ -63,6 +72,7 @@ class Loader:
         memory_budget: Optional[int] = None,
         allow_unlocked_memory: bool = False,
         pad: bool = False,
+        pinned: bool = True,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
@@ -72,13 +82,8 @@ class Loader:
             rank, world_size = _dist_rank_world()
         assert world_size is not None
         self._device = device
-        if device != "cpu":
-            if output != "torch":
-                raise ValueError("device= needs output='torch'")
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ShardlockError(f"device {device!r} requested but no CUDA device is available to torch")
+        if device != "cpu" and output != "torch":
+            raise ValueError("device= needs output='torch'")
         self._output = output
         self._sample_ids = sample_ids
         self._pid = os.getpid()
@@ -100,6 +105,8 @@ class Loader:
             memory_budget=memory_budget,
             allow_unlocked_memory=allow_unlocked_memory,
             pad=pad,
+            device=None if device == "cpu" else device,
+            pinned=bool(pinned),
         )
         self.rank, self.world_size = int(rank), int(world_size)
 
@@ -112,14 +119,14 @@ class Loader:
             import torch
 
             for name, v in fields.items():
+                # On a GPU each value is a DeviceTensor: torch.from_dlpack passes
+                # torch.cuda.current_stream(), which waits for the batch's copy.
                 if v[0] == "bytes":
                     out[name] = (torch.from_dlpack(v[1]), torch.from_dlpack(v[2]))
                     continue
                 t = torch.from_dlpack(v[1])
-                if v[0] == "bf16":
+                if v[0] == "bf16" and t.dtype != torch.bfloat16:
                     t = t.view(torch.bfloat16)
-                if self._device != "cpu":
-                    t = t.to(self._device, non_blocking=False)
                 out[name] = t
             ids = torch.from_numpy(ids)
         if self._sample_ids:
