@@ -56,12 +56,16 @@ def make_dataset(name: str, shape: tuple, n: int) -> pathlib.Path:
     return d
 
 
-def cli_bench(d: pathlib.Path, batch: int, shuffle: str, device: bool, epochs: int = 4, pageable: bool = False) -> dict:
+def cli_bench(
+    d: pathlib.Path, batch: int, shuffle: str, device: bool, epochs: int = 4, pageable: bool = False, workers: int = 0
+) -> dict:
     args = ["bench", str(d / "ds"), "--keyring", str(WORK / "keyring.json"), "--token", str(d / "job.token"),
             "--trust", str(WORK / "issuer.key.pub"), "--batch-size", str(batch), "--epochs", str(epochs),
             "--shuffle", shuffle, "--json"]
     if device:
         args += ["--device", "cuda:0"] + (["--pageable"] if pageable else [])
+    if workers:
+        args += ["--workers", str(workers)]
     r = json.loads(run(*args))
     warm = [e["gb_per_s"] for e in r["epochs"][1:]] or [r["epochs"][0]["gb_per_s"]]
     out = {"median_gb_per_s": round(statistics.median(warm), 2), "epoch1_gb_per_s": round(r["epochs"][0]["gb_per_s"], 2),
@@ -102,38 +106,42 @@ def python_to_device(d: pathlib.Path, batch: int, epochs: int = 3) -> float:
     return round(statistics.median(rates[1:]), 2)
 
 
-def matmul_consumer(d: pathlib.Path, batch: int) -> dict:
-    """Each batch: u8 -> bf16 [batch, 4096] slice, then k chained 4096^2 matmuls, with
-    k chosen so one step's compute is ~1 ms. Idle = 1 - (GPU busy time, from events
-    around each step) / wall time."""
+def matmul_consumer(d: pathlib.Path, batch: int, step_ms: float) -> dict:
+    """A training-like consumer: each batch's u8 image bytes become a bf16 [batch, 4096]
+    slice of an [8192, 4096] activation, then k chained [8192, 4096] x [4096, 4096]
+    matmuls, k chosen so one step's compute is about `step_ms`. GPU idle = 1 - (busy
+    time, from CUDA events around each step) / wall time over a warm epoch."""
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    act = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        act @ w
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(20):
-        a = a @ w
+        act @ w
     torch.cuda.synchronize()
     per = (time.perf_counter() - t) / 20
-    k = max(1, round(1e-3 / per))
+    k = max(1, round(step_ms / 1e3 / per))
     ld = loader(d, batch, shuffle="window")
-    for b in ld:  # warm epoch (page cache, NVRTC-free path, allocator)
+    for b in ld:  # warm epoch: page cache, pools, registrations
         pass
-    events, steps = [], 0
+    events = []
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for b in ld:
-        x = b["x"].view(b["x"].shape[0], -1)[:, :4096].to(torch.bfloat16)
+        x = b["x"].view(b["x"].shape[0], -1)[:, :4096]
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        y = x
+        act[: x.shape[0]].copy_(x)
+        y = act
         for _ in range(k):
-            y = (y @ w).clamp_(-4, 4)
+            y = y @ w
         e.record()
         events.append((s, e))
-        steps += 1
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     busy = sum(s.elapsed_time(e) for s, e in events) / 1e3
+    steps = len(events)
     return {"steps": steps, "matmuls_per_step": k, "step_compute_ms": round(busy / max(steps, 1) * 1e3, 3),
             "wall_s": round(wall, 3), "gpu_idle_fraction": round(max(0.0, 1 - busy / wall), 4)}
 
@@ -175,7 +183,9 @@ def main() -> None:
         out["loader_to_device"] = res
         out["python_loader_to_device_gb_per_s"] = {"images_147KiB": python_to_device(images, 64),
                                                    "tokens_8KiB": python_to_device(tokens, 256)}
-        out["matmul_consumer_images"] = matmul_consumer(images, 64)
+        out["matmul_consumer_images"] = {f"{ms}ms_step": matmul_consumer(images, 64, ms) for ms in (2.0, 0.5)}
+        out["host_scaling_images_none"] = {w: cli_bench(images, 64, "none", False, workers=w)["median_gb_per_s"]
+                                           for w in (1, 4, 8, 16)}
     except Exception as e:  # report what failed, in the one JSON object
         out["error"] = f"{type(e).__name__}: {e}"
         if isinstance(e, subprocess.CalledProcessError):

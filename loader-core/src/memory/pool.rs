@@ -7,6 +7,7 @@
 //! unlocked memory ([`MemoryPolicy::AllowUnlocked`]), which the loader audits.
 
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -175,48 +176,146 @@ pub fn memlock_limit() -> (u64, u64) {
     (conv(r.rlim_cur), conv(r.rlim_max))
 }
 
-/// A pool of reusable locked buffers. Buffers come back zeroized; in steady state no
-/// allocation happens per batch.
+/// A pool of reusable locked buffers. In steady state no allocation happens per batch.
+///
+/// A returned buffer is zeroized promptly but off the caller's thread: [`BatchPool::give`]
+/// hands it to the pool's janitor thread, which wipes it and puts it back on the free
+/// list. A thread that needs a buffer while only dirty ones exist wipes one itself.
+/// No buffer is handed out before it is wiped, and a buffer freed with the pool is
+/// wiped by [`LockedBuf`]'s drop. (Wiping on the consumer's thread capped the loader
+/// at one core's memset bandwidth.)
 #[derive(Clone)]
 pub struct BatchPool {
     inner: Arc<PoolInner>,
+}
+
+/// Work for the janitor thread.
+enum Chore {
+    /// A dirty buffer to wipe and return to the free list.
+    Wipe(LockedBuf),
+    /// Something whose drop is slow (a shard mapping: munmap and TLB shootdowns).
+    Drop(Box<dyn Send>),
 }
 
 struct PoolInner {
     free: Mutex<Vec<LockedBuf>>,
     policy: MemoryPolicy,
     allocated: std::sync::atomic::AtomicUsize,
+    /// Buffers given back and not yet on the free list (queued or being wiped).
+    returning: std::sync::atomic::AtomicUsize,
+    chores: crossbeam_channel::Sender<Chore>,
+    /// Lets a thread that finds no clean buffer take a dirty one to wipe itself.
+    dirty: crossbeam_channel::Receiver<Chore>,
+    /// Process that created the pool (its janitor does not exist after a fork).
+    pid: u32,
+    janitor: std::sync::Once,
 }
 
 impl BatchPool {
     /// An empty pool.
     pub fn new(policy: MemoryPolicy) -> Self {
-        Self { inner: Arc::new(PoolInner { free: Mutex::new(Vec::new()), policy, allocated: Default::default() }) }
+        let (chores, dirty) = crossbeam_channel::unbounded();
+        Self {
+            inner: Arc::new(PoolInner {
+                free: Mutex::new(Vec::new()),
+                policy,
+                allocated: Default::default(),
+                returning: Default::default(),
+                chores,
+                dirty,
+                pid: std::process::id(),
+                janitor: std::sync::Once::new(),
+            }),
+        }
     }
 
-    /// A buffer of at least `len` bytes: a free one if one is large enough, else a new one.
-    pub fn take(&self, len: usize) -> Result<LockedBuf> {
-        {
-            let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
-                return Ok(free.swap_remove(i));
+    fn start_janitor(&self) {
+        self.inner.janitor.call_once(|| {
+            let weak = Arc::downgrade(&self.inner);
+            let rx = self.inner.dirty.clone();
+            // If the thread cannot start, chores are done inline (see `send`).
+            let _ = std::thread::Builder::new().name("shardlock-wipe".into()).spawn(move || {
+                // Ends when the pool (which holds the sender) is gone.
+                while let Ok(chore) = rx.recv() {
+                    let Some(pool) = weak.upgrade() else { break };
+                    Self::done(&pool, chore);
+                }
+            });
+        });
+    }
+
+    /// Performs a chore: wipe and file a buffer, or drop a retired object.
+    fn done(pool: &PoolInner, chore: Chore) {
+        match chore {
+            Chore::Wipe(mut buf) => {
+                buf.wipe();
+                pool.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+                pool.returning.fetch_sub(1, Ordering::AcqRel);
             }
+            Chore::Drop(obj) => drop(obj),
+        }
+    }
+
+    fn send(&self, chore: Chore) {
+        if std::process::id() != self.inner.pid {
+            // A forked child has no janitor: do it here.
+            return Self::done(&self.inner, chore);
+        }
+        self.start_janitor();
+        if let Err(crossbeam_channel::SendError(chore)) = self.inner.chores.send(chore) {
+            Self::done(&self.inner, chore);
+        }
+    }
+
+    /// A zeroized buffer of at least `len` bytes: a free one if one is large enough,
+    /// else a dirty one wiped here, else a new one.
+    pub fn take(&self, len: usize) -> Result<LockedBuf> {
+        loop {
+            {
+                let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+                    return Ok(free.swap_remove(i));
+                }
+            }
+            // Help the janitor rather than allocate: wipe a returned buffer here.
+            match self.inner.dirty.try_recv() {
+                Ok(Chore::Wipe(mut buf)) if buf.capacity() >= len => {
+                    self.inner.returning.fetch_sub(1, Ordering::AcqRel);
+                    buf.wipe();
+                    return Ok(buf);
+                }
+                Ok(other) => {
+                    Self::done(&self.inner, other);
+                    continue;
+                }
+                Err(_) => {}
+            }
+            // The janitor holds one it is wiping: wait for it rather than grow the pool.
+            if self.inner.returning.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            std::thread::yield_now();
         }
         let b = LockedBuf::new(len, self.inner.policy)?;
-        self.inner.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.allocated.fetch_add(1, Ordering::Relaxed);
         Ok(b)
     }
 
-    /// Returns a buffer, wiping the bytes it was given out with first.
-    pub fn give(&self, mut buf: LockedBuf) {
-        buf.wipe();
-        let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
-        free.push(buf);
+    /// Returns a buffer; it is wiped (off this thread) before anyone can take it again.
+    pub fn give(&self, buf: LockedBuf) {
+        self.inner.returning.fetch_add(1, Ordering::AcqRel);
+        self.send(Chore::Wipe(buf));
+    }
+
+    /// Drops `obj` on the janitor thread (for drops that are slow, such as unmapping a
+    /// shard, which should not stall the consumer).
+    pub fn retire(&self, obj: Box<dyn Send>) {
+        self.send(Chore::Drop(obj));
     }
 
     /// Buffers allocated so far (a steady-state pool stops growing).
     pub fn allocated(&self) -> usize {
-        self.inner.allocated.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.allocated.load(Ordering::Relaxed)
     }
 }
 
@@ -233,6 +332,7 @@ mod tests {
         b.as_mut_slice()[..5].copy_from_slice(b"plain");
         let ptr = b.as_slice().as_ptr();
         pool.give(b);
+        // Taken back at once (wiped here) or after the janitor wiped it: zero either way.
         let b = pool.take(100).unwrap();
         assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer is reused");
         assert!(b.as_slice().iter().all(|&x| x == 0), "returned buffers are zeroized");

@@ -619,8 +619,10 @@ impl ShardCache {
         }
     }
 
-    fn evict(&self, shard: u32) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+    /// Forgets a shard; returns its mapping so the caller can retire it off-thread.
+    fn evict(&self, shard: u32) -> Option<Box<dyn Send>> {
+        let gone = self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        gone.map(|g| Box::new(g) as Box<dyn Send>)
     }
 }
 
@@ -635,6 +637,8 @@ struct EpochRun {
     consumed_batches: usize,
     consumed_samples: u64,
     cache: Arc<ShardCache>,
+    /// Retires evicted shard mappings to the pool's janitor thread.
+    pool: BatchPool,
     last_use: HashMap<u32, Vec<u32>>,
     failed: Option<Error>,
     workers: Vec<JoinHandle<()>>,
@@ -692,6 +696,7 @@ impl EpochRun {
             consumed_batches: 0,
             consumed_samples: 0,
             cache,
+            pool: shared.pool.clone(),
             last_use,
             failed: None,
             workers,
@@ -738,7 +743,11 @@ impl EpochRun {
         }
         if let Some(shards) = self.last_use.remove(&(k as u32)) {
             for s in shards {
-                self.cache.evict(s);
+                // Unmapping a shard (page tables, TLB shootdowns) happens on the pool's
+                // janitor thread, not here on the consumer's.
+                if let Some(gone) = self.cache.evict(s) {
+                    self.pool.retire(gone);
+                }
             }
         }
         match r {
