@@ -28,10 +28,11 @@ pub struct NativeLoader {
 }
 
 /// Host batches, or the device stage in front of the loader.
+#[allow(clippy::large_enum_variant)] // one per loader; the variants are of similar size with `cuda` on
 enum Inner {
     Host(Loader),
     #[cfg(feature = "cuda")]
-    Device(Box<shardlock::device::DeviceLoader>),
+    Device(shardlock::device::DeviceLoader),
 }
 
 impl Inner {
@@ -54,7 +55,7 @@ fn with_device(loader: Loader, device: Option<&str>, pinned: bool) -> shardlock:
         let mut d = shardlock::device::DeviceLoader::new(loader, opts)?;
         // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
         d.set_consumer_stream(None);
-        Ok(Inner::Device(Box::new(d)))
+        Ok(Inner::Device(d))
     }
     #[cfg(not(feature = "cuda"))]
     {
