@@ -164,7 +164,9 @@ fn early_drop_stops_workers_and_steady_state_does_not_allocate() {
     let dir = dataset(&fx);
     let before = threads();
     {
-        let mut l = builder(&fx, &dir).workers(3).build().unwrap();
+        // A small budget keeps the workers waiting on the consumer, so they are alive
+        // (not finished) when counted.
+        let mut l = builder(&fx, &dir).workers(3).memory_budget(16 * 1024).build().unwrap();
         let b = l.next().unwrap().unwrap();
         assert_eq!(b.len(), 16);
         assert!(threads() > before);

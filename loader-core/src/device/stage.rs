@@ -8,9 +8,8 @@ use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream, CudaVie
 
 use super::{device_error, device_name};
 use crate::error::{Error, Result};
-use crate::format::FieldKind;
 use crate::memory::{LockedBuf, MemoryPolicy};
-use crate::pipeline::{Batch, Element, FieldSlot, Loader, LoaderState, Next};
+use crate::pipeline::{Batch, BatchLayout, Element, Loader, LoaderState, Next};
 
 /// Opens CUDA device `ordinal` (its primary context, shared with PyTorch and other
 /// runtime-API users in the process). Probes for the driver library first: on a
@@ -313,10 +312,7 @@ impl DeviceLoader {
             device: self.device.clone(),
             ready: f.done.clone(),
             users: Mutex::new(self.consumer.iter().map(|s| StreamRef::Owned(s.clone())).collect()),
-            slots: f.host.fields().into(),
-            samples: f.host.sample_ids().to_vec(),
-            epoch: f.host.epoch(),
-            index: f.host.index(),
+            layout: f.host.layout().clone(),
         };
         self.draining.push_back((f.host, f.done));
         Ok(b)
@@ -413,19 +409,25 @@ pub struct DeviceBatch {
     device: String,
     ready: Arc<CudaEvent>,
     users: Mutex<Vec<StreamRef>>,
-    slots: Arc<[FieldSlot]>,
-    samples: Vec<u64>,
-    epoch: u64,
-    index: u64,
+    layout: BatchLayout,
+}
+
+impl std::ops::Deref for DeviceBatch {
+    type Target = BatchLayout;
+
+    /// Length, sample ids, fields and position, as for a host [`Batch`].
+    fn deref(&self) -> &BatchLayout {
+        &self.layout
+    }
 }
 
 impl std::fmt::Debug for DeviceBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceBatch")
             .field("device", &self.device)
-            .field("epoch", &self.epoch)
-            .field("index", &self.index)
-            .field("samples", &self.samples.len())
+            .field("epoch", &self.layout.epoch)
+            .field("index", &self.layout.index)
+            .field("samples", &self.layout.samples.len())
             .finish()
     }
 }
@@ -440,36 +442,6 @@ pub struct DeviceTensorView<'a, T> {
 }
 
 impl DeviceBatch {
-    /// Number of samples.
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    /// True for an empty batch (never yielded).
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
-    /// Position in its epoch.
-    pub fn index(&self) -> u64 {
-        self.index
-    }
-
-    /// The epoch.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Global sample ids, in batch order.
-    pub fn sample_ids(&self) -> &[u64] {
-        &self.samples
-    }
-
-    /// The field slots, in selection order.
-    pub fn fields(&self) -> &[FieldSlot] {
-        &self.slots
-    }
-
     /// The device, `cuda:N`.
     pub fn device(&self) -> &str {
         &self.device
@@ -478,13 +450,6 @@ impl DeviceBatch {
     /// Event completed when the batch's bytes are on the device.
     pub fn ready_event(&self) -> &CudaEvent {
         &self.ready
-    }
-
-    fn slot(&self, name: &str) -> Result<&FieldSlot> {
-        self.slots.iter().find(|s| &*s.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.slots.iter().map(|s| &*s.name).collect();
-            Error::InvalidArgument(format!("no field {name:?} in this batch (fields: {})", names.join(", ")))
-        })
     }
 
     fn buf(&self) -> Result<&DevBuf> {
@@ -509,24 +474,16 @@ impl DeviceBatch {
 
     /// A typed view of a tensor field.
     pub fn tensor<T: Element + DeviceRepr>(&self, name: &str) -> Result<DeviceTensorView<'_, T>> {
-        let s = self.slot(name)?;
-        let FieldKind::Tensor { dtype, shape } = &s.kind else {
-            return Err(Error::InvalidArgument(format!("field {name:?} holds bytes, not a tensor")));
-        };
-        if *dtype != T::DTYPE {
-            return Err(Error::InvalidArgument(format!("field {name:?} is {}, not {}", dtype.name(), T::DTYPE.name())));
-        }
+        let (s, shape) = self.tensor_slot::<T>(name)?;
         let bytes = self.bytes(name)?;
         let n = s.len / std::mem::size_of::<T>();
         #[allow(unsafe_code)]
         // SAFETY: the field's `len` bytes at a 64-byte aligned offset of a device
         // allocation (256-byte aligned) hold `n` values of `T` (the schema dtype
-        // matches `T`, checked above), and every bit pattern is a valid `T` (Pod).
+        // matches `T`, checked by `tensor_slot`), and every bit pattern is a valid `T` (Pod).
         let data = unsafe { bytes.transmute::<T>(n) }
             .ok_or_else(|| Error::Internal(format!("field {name:?}: view of {n} values")))?;
-        let mut full = vec![self.len()];
-        full.extend(shape.iter().map(|&d| d as usize));
-        Ok(DeviceTensorView { data, shape: full })
+        Ok(DeviceTensorView { data, shape })
     }
 
     /// Device address and byte length of a field's values (for DLPack export).

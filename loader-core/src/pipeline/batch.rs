@@ -45,30 +45,17 @@ pub struct TensorView<'a, T> {
     pub shape: Vec<usize>,
 }
 
-/// A batch of samples. Its plaintext lives in a page-locked buffer that is zeroized
-/// and returned to the pool when the batch is dropped.
-pub struct Batch {
-    pub(super) buf: Option<LockedBuf>,
-    pub(super) pool: BatchPool,
-    pub(super) slots: Arc<[FieldSlot]>,
-    pub(super) samples: Vec<u64>,
-    pub(super) index: u64,
-    pub(super) epoch: u64,
-    /// Process that filled the batch.
-    pub(super) pid: u32,
+/// What a batch holds, wherever its bytes live (host [`Batch`] or a device batch):
+/// the field slots, the sample ids and the batch's place in its epoch.
+#[derive(Clone, Debug)]
+pub struct BatchLayout {
+    pub(crate) slots: Arc<[FieldSlot]>,
+    pub(crate) samples: Vec<u64>,
+    pub(crate) index: u64,
+    pub(crate) epoch: u64,
 }
 
-impl std::fmt::Debug for Batch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch")
-            .field("epoch", &self.epoch)
-            .field("index", &self.index)
-            .field("samples", &self.samples.len())
-            .finish()
-    }
-}
-
-impl Batch {
+impl BatchLayout {
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.samples.len()
@@ -99,11 +86,63 @@ impl Batch {
         &self.slots
     }
 
-    fn slot(&self, name: &str) -> Result<&FieldSlot> {
+    /// The slot of field `name`, or an error listing the fields there are.
+    pub fn slot(&self, name: &str) -> Result<&FieldSlot> {
         self.slots.iter().find(|s| &*s.name == name).ok_or_else(|| {
             let names: Vec<&str> = self.slots.iter().map(|s| &*s.name).collect();
             Error::InvalidArgument(format!("no field {name:?} in this batch (fields: {})", names.join(", ")))
         })
+    }
+
+    /// A tensor field's slot, checked to hold `T` values, with the view's shape
+    /// `[samples, ...field shape]`.
+    pub fn tensor_slot<T: Element>(&self, name: &str) -> Result<(&FieldSlot, Vec<usize>)> {
+        let s = self.slot(name)?;
+        let FieldKind::Tensor { dtype, shape } = &s.kind else {
+            return Err(Error::InvalidArgument(format!("field {name:?} holds bytes, not a tensor; use Batch::bytes")));
+        };
+        if *dtype != T::DTYPE {
+            return Err(Error::InvalidArgument(format!("field {name:?} is {}, not {}", dtype.name(), T::DTYPE.name())));
+        }
+        let mut full = vec![self.len()];
+        full.extend(shape.iter().map(|&d| d as usize));
+        Ok((s, full))
+    }
+}
+
+/// A batch of samples. Its plaintext lives in a page-locked buffer that is zeroized
+/// and returned to the pool when the batch is dropped. Dereferences to its
+/// [`BatchLayout`] (length, sample ids, fields).
+pub struct Batch {
+    pub(super) buf: Option<LockedBuf>,
+    pub(super) pool: BatchPool,
+    pub(super) layout: BatchLayout,
+    /// Process that filled the batch.
+    pub(super) pid: u32,
+}
+
+impl std::ops::Deref for Batch {
+    type Target = BatchLayout;
+
+    fn deref(&self) -> &BatchLayout {
+        &self.layout
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("epoch", &self.epoch)
+            .field("index", &self.index)
+            .field("samples", &self.samples.len())
+            .finish()
+    }
+}
+
+impl Batch {
+    /// The batch's layout (fields, sample ids, position), to describe a copy of it.
+    pub fn layout(&self) -> &BatchLayout {
+        &self.layout
     }
 
     /// The whole batch buffer (bindings use it for the offsets of bytes fields).
@@ -135,18 +174,10 @@ impl Batch {
 
     /// A typed, zero-copy view of a tensor field.
     pub fn tensor<T: Element>(&self, name: &str) -> Result<TensorView<'_, T>> {
-        let s = self.slot(name)?;
-        let FieldKind::Tensor { dtype, shape } = &s.kind else {
-            return Err(Error::InvalidArgument(format!("field {name:?} holds bytes, not a tensor; use Batch::bytes")));
-        };
-        if *dtype != T::DTYPE {
-            return Err(Error::InvalidArgument(format!("field {name:?} is {}, not {}", dtype.name(), T::DTYPE.name())));
-        }
+        let (s, shape) = self.tensor_slot::<T>(name)?;
         let data = bytemuck::try_cast_slice(&self.bytes_of()[s.offset..s.offset + s.len])
             .map_err(|e| Error::Internal(format!("field {name:?} view: {e}")))?;
-        let mut full = vec![self.len()];
-        full.extend(shape.iter().map(|&d| d as usize));
-        Ok(TensorView { data, shape: full })
+        Ok(TensorView { data, shape })
     }
 
     /// Value `i` of a bytes field.

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Batch, FieldSlot};
+use super::batch::{Batch, BatchLayout, FieldSlot};
 use super::plan::{self, Consumed, PlanSpec, Remainder, SampleRef, Shuffle};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Access, Authorizer, AuthorizerConfig, Token};
@@ -899,13 +899,10 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
     let mut batch = Batch {
         buf: Some(buf),
         pool: shared.pool.clone(),
-        slots: Arc::from(slots),
-        samples: ids,
-        index: k as u64,
-        epoch: job.epoch,
+        layout: BatchLayout { slots: Arc::from(slots), samples: ids, index: k as u64, epoch: job.epoch },
         pid: job.pid,
     };
-    let slots = batch.slots.clone();
+    let slots = batch.layout.slots.clone();
     let Some(out) = batch.buf.as_mut().map(|b| b.prefix_mut(total)) else {
         return Err(Error::Internal("batch without a buffer".into()));
     };

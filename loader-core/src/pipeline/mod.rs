@@ -22,6 +22,6 @@ pub mod bench;
 mod loader;
 pub mod plan;
 
-pub use batch::{Batch, Element, FieldSlot, TensorView};
+pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
 pub use loader::{Loader, LoaderBuilder, LoaderState, Next, DEFAULT_MEMORY_BUDGET};
 pub use plan::{Remainder, Shuffle};
