@@ -154,15 +154,19 @@ impl DeviceTensor {
             return Err(pyo3::exceptions::PyBufferError::new_err("copy=True is not supported: exports are zero-copy"));
         }
         match stream.unwrap_or(1) {
-            -1 => {}
+            // The consumer orders its own work; the buffer is still kept from reuse
+            // until the whole device is idle when the batch is released.
+            -1 => self.batch.use_unsynchronized(),
             0 => return Err(pyo3::exceptions::PyValueError::new_err("stream 0 is ambiguous in DLPack; pass 1 or 2")),
             s if s < -1 => return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid stream {s}"))),
             s => {
                 #[allow(unsafe_code)]
                 // SAFETY: under the DLPack protocol the consumer passes a stream of the
                 // device named by `__dlpack_device__` (1 and 2 are the driver's special
-                // handles) that lives while it uses the tensor; PyTorch passes
-                // `torch.cuda.current_stream().cuda_stream`.
+                // handles). It must outlive the tensor, since an event is recorded on it
+                // when the tensor is freed: PyTorch passes
+                // `torch.cuda.current_stream().cuda_stream`, and its streams are never
+                // destroyed; docs/CUDA.md states the requirement for other consumers.
                 unsafe { self.batch.use_on_raw_stream(s as usize) }.py()?;
             }
         }

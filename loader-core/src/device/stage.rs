@@ -59,20 +59,45 @@ type FreeList = Arc<Mutex<Vec<DevBuf>>>;
 
 /// A device buffer. Its plaintext is zeroed (on its stream) before it is freed.
 struct DevBuf {
-    slice: CudaSlice<u8>,
+    /// `None` only while being dropped.
+    slice: Option<CudaSlice<u8>>,
     addr: u64,
     /// Events recorded on consumer streams when the last user let go; the copy stream
     /// waits on them before writing the buffer again.
     after: Vec<CudaEvent>,
 }
 
+impl DevBuf {
+    fn len(&self) -> usize {
+        self.slice.as_ref().map_or(0, |s| s.len())
+    }
+
+    fn slice(&self) -> Result<&CudaSlice<u8>> {
+        self.slice.as_ref().ok_or_else(|| Error::Internal("device buffer without memory".into()))
+    }
+}
+
+/// Clears an error another thread left in the context (cudarc hands a stored error to
+/// the next call on any thread, which would then skip its work).
+fn clear_stale(ctx: &CudaContext) {
+    let _ = ctx.check_err();
+}
+
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        let stream = self.slice.stream().clone();
-        for e in self.after.drain(..) {
-            let _ = stream.wait(&e);
+        let Some(mut slice) = self.slice.take() else { return };
+        let stream = slice.stream().clone();
+        clear_stale(stream.context());
+        let mut fenced = self.after.drain(..).all(|e| stream.wait(&e).is_ok());
+        if !fenced {
+            fenced = stream.context().synchronize().is_ok();
         }
-        let _ = stream.memset_zeros(&mut self.slice);
+        if fenced && stream.memset_zeros(&mut slice).is_ok() {
+            drop(slice);
+        } else {
+            // A consumer may still read it: leak the allocation rather than free it.
+            std::mem::forget(slice);
+        }
     }
 }
 
@@ -222,13 +247,29 @@ impl DeviceLoader {
         self.registered.len()
     }
 
+    /// Waits for every queued copy; false if that could not be confirmed.
+    fn sync_copies(&self) -> bool {
+        clear_stale(&self.ctx);
+        self.copy.synchronize().is_ok()
+    }
+
     fn discard_read_ahead(&mut self) {
-        let _ = self.copy.synchronize();
+        let synced = self.sync_copies();
         let free = self.free.clone();
         for f in self.inflight.drain(..) {
             free.lock().unwrap_or_else(|p| p.into_inner()).push(f.dev);
+            if !synced {
+                // A DMA may still read it: never wipe or refill it (leaked, still locked).
+                std::mem::forget(f.host);
+            }
         }
-        self.draining.clear();
+        if synced {
+            self.draining.clear();
+        } else {
+            for (host, _) in self.draining.drain(..) {
+                std::mem::forget(host);
+            }
+        }
         self.pending_err = None;
     }
 
@@ -268,7 +309,7 @@ impl DeviceLoader {
     fn take_dev(&mut self, len: usize) -> Result<DevBuf> {
         {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = free.iter().position(|b| b.slice.len() >= len) {
+            if let Some(i) = free.iter().position(|b| b.len() >= len) {
                 return Ok(free.swap_remove(i));
             }
         }
@@ -277,7 +318,7 @@ impl DeviceLoader {
         let (addr, guard) = slice.device_ptr(&self.copy);
         drop(guard);
         self.allocated += 1;
-        Ok(DevBuf { slice, addr, after: Vec::new() })
+        Ok(DevBuf { slice: Some(slice), addr, after: Vec::new() })
     }
 
     /// Starts the copy of `host` to a device buffer on the copy stream.
@@ -286,24 +327,44 @@ impl DeviceLoader {
         if self.pinned {
             self.register(host.buffer_bytes())?;
         }
+        clear_stale(&self.ctx);
         let mut dev = self.take_dev(used)?;
         let err = |op| device_error(&self.device, op);
-        for e in dev.after.drain(..) {
-            self.copy.wait(&e).map_err(err("cuStreamWaitEvent"))?;
+        // Consumers' events stay with the buffer until every wait is queued.
+        for e in &dev.after {
+            self.copy.wait(e).map_err(err("cuStreamWaitEvent"))?;
         }
+        dev.after.clear();
+        let Some(slice) = dev.slice.as_mut() else {
+            return Err(Error::Internal("device buffer without memory".into()));
+        };
         if used > 0 {
-            let mut dst = dev.slice.slice_mut(..used);
+            let mut dst = slice.slice_mut(..used);
             self.copy.memcpy_htod(&host.buffer_bytes()[..used], &mut dst).map_err(err("H2D copy"))?;
         }
-        let done = self.ctx.new_event(None).map_err(err("cuEventCreate"))?;
-        done.record(&self.copy).map_err(err("cuEventRecord"))?;
-        self.inflight.push_back(InFlight { host, dev, done: Arc::new(done) });
-        Ok(())
+        let done = self.ctx.new_event(None).and_then(|e| e.record(&self.copy).map(|_| e));
+        match done {
+            Ok(done) => {
+                self.inflight.push_back(InFlight { host, dev, done: Arc::new(done) });
+                Ok(())
+            }
+            Err(e) => {
+                // The copy may be queued: the host buffer waits for it (or is leaked).
+                if !self.sync_copies() {
+                    std::mem::forget(host);
+                }
+                Err(err("cuEventRecord")(e))
+            }
+        }
     }
 
     fn hand_out(&mut self, f: InFlight) -> Result<DeviceBatch> {
         if let Some(s) = &self.consumer {
-            s.wait(&f.done).map_err(device_error(&self.device, "cuStreamWaitEvent"))?;
+            if let Err(e) = s.wait(&f.done) {
+                self.free.lock().unwrap_or_else(|p| p.into_inner()).push(f.dev);
+                self.draining.push_back((f.host, f.done));
+                return Err(device_error(&self.device, "cuStreamWaitEvent")(e));
+            }
         }
         let b = DeviceBatch {
             buf: Some(f.dev),
@@ -379,8 +440,8 @@ impl Iterator for DeviceLoader {
 
 impl Drop for DeviceLoader {
     fn drop(&mut self) {
-        // Every copy finishes before a host buffer is released or unregistered.
-        let _ = self.copy.synchronize();
+        // Every copy finishes before a host buffer is released or unregistered
+        // (`discard_read_ahead` leaks the ones it cannot prove idle).
         self.discard_read_ahead();
         let _ = self.ctx.bind_to_thread();
         for (addr, _) in self.registered.drain() {
@@ -397,6 +458,10 @@ enum StreamRef {
     Owned(Arc<CudaStream>),
     /// A stream handle from outside cudarc (PyTorch via DLPack).
     Raw(usize),
+    /// A user we cannot fence with an event (DLPack `stream=-1`, or the per-thread
+    /// default stream, which names another stream on the thread that drops the
+    /// batch): release waits for the whole device.
+    Unfenced,
 }
 
 /// A batch in GPU memory. Field views sit at the same offsets as in the host batch.
@@ -460,7 +525,7 @@ impl DeviceBatch {
     /// concatenated values; [`DeviceBatch::offsets`] gives their offsets).
     pub fn bytes(&self, name: &str) -> Result<CudaView<'_, u8>> {
         let s = self.slot(name)?;
-        Ok(self.buf()?.slice.slice(s.offset..s.offset + s.len))
+        Ok(self.buf()?.slice()?.slice(s.offset..s.offset + s.len))
     }
 
     /// The `samples + 1` little-endian u64 offsets of a bytes field, on the device.
@@ -469,7 +534,7 @@ impl DeviceBatch {
         let at = s
             .offsets_at
             .ok_or_else(|| Error::InvalidArgument(format!("field {name:?} is a tensor; use DeviceBatch::tensor")))?;
-        Ok(self.buf()?.slice.slice(at..at + 8 * (self.len() + 1)))
+        Ok(self.buf()?.slice()?.slice(at..at + 8 * (self.len() + 1)))
     }
 
     /// A typed view of a tensor field.
@@ -527,8 +592,17 @@ impl DeviceBatch {
             )
         }
         .map_err(err("cuStreamWaitEvent"))?;
-        self.users.lock().unwrap_or_else(|p| p.into_inner()).push(StreamRef::Raw(stream));
+        // Handle 2 is "the calling thread's default stream": recorded from the thread
+        // that drops the batch it would name another stream.
+        let user = if stream == 2 { StreamRef::Unfenced } else { StreamRef::Raw(stream) };
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).push(user);
         Ok(())
+    }
+
+    /// Notes a consumer that orders its own work (DLPack `stream=-1`): releasing the
+    /// batch then waits for the whole device before its buffer can be reused.
+    pub fn use_unsynchronized(&self) {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).push(StreamRef::Unfenced);
     }
 }
 
@@ -536,31 +610,29 @@ impl Drop for DeviceBatch {
     fn drop(&mut self) {
         let Some(mut buf) = self.buf.take() else { return };
         let users = std::mem::take(&mut *self.users.lock().unwrap_or_else(|p| p.into_inner()));
+        clear_stale(&self.ctx);
         let mut fenced = true;
         for u in users {
-            let Ok(e) = self.ctx.new_event(None) else {
-                fenced = false;
-                continue;
-            };
             let recorded = match &u {
-                StreamRef::Owned(s) => e.record(s).is_ok(),
+                StreamRef::Unfenced => None,
+                StreamRef::Owned(s) => self.ctx.new_event(None).ok().filter(|e| e.record(s).is_ok()),
                 #[allow(unsafe_code)]
                 // SAFETY: `use_on_raw_stream`'s caller guaranteed the handle is valid
                 // until the batch is dropped, which is now.
-                StreamRef::Raw(s) => {
+                StreamRef::Raw(s) => self.ctx.new_event(None).ok().filter(|e| {
                     unsafe { cudarc::driver::result::event::record(e.cu_event(), *s as sys::CUstream) }.is_ok()
-                }
+                }),
             };
-            if recorded {
-                buf.after.push(e);
-            } else {
-                fenced = false;
+            match recorded {
+                Some(e) => buf.after.push(e),
+                None => fenced = false,
             }
         }
-        if !fenced {
-            // Cannot prove the consumers are done: wait for the whole device instead of
-            // risking a reuse under a running kernel.
-            let _ = self.ctx.synchronize();
+        if !fenced && self.ctx.synchronize().is_err() {
+            // Cannot prove the consumers are done (and the context is failing): leak
+            // the buffer rather than reuse or free memory a kernel may still read.
+            std::mem::forget(buf);
+            return;
         }
         self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
     }

@@ -72,10 +72,19 @@ impl Normalize {
                 self.std.len()
             )));
         }
-        if let Some(i) = self.std.iter().position(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(bad(format!("std[{i}] must be finite and non-zero")));
+        if let Some(i) = self.std.iter().position(|s| !s.is_normal()) {
+            return Err(bad(format!("std[{i}] must be finite, non-zero and not subnormal")));
         }
-        let per = self.h * self.w * c;
+        if let Some(i) = self.mean.iter().position(|m| !m.is_finite()) {
+            return Err(bad(format!("mean[{i}] must be finite")));
+        }
+        // The kernel takes h, w, c as 32-bit ints and the element count as i64.
+        let fits = |v: usize| i32::try_from(v).is_ok();
+        let per = self.h.checked_mul(self.w).and_then(|hw| hw.checked_mul(c));
+        let per = match per {
+            Some(p) if fits(self.h) && fits(self.w) && fits(c) && i64::try_from(bytes).is_ok() => p,
+            _ => return Err(bad(format!("{}x{}x{c} images are too large", self.h, self.w))),
+        };
         if per == 0 || !bytes.is_multiple_of(per) {
             return Err(bad(format!("{bytes} bytes are not a whole number of {}x{}x{c} images", self.h, self.w)));
         }

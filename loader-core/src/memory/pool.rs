@@ -83,6 +83,10 @@ impl LockedBuf {
         unsafe {
             // Best effort: a kernel without MADV_DONTDUMP still gets a locked buffer.
             libc::madvise(raw, cap, libc::MADV_DONTDUMP);
+            // A forked child gets zero pages here, not a copy of the plaintext (and the
+            // parent's pages, which the GPU may DMA from, are never made copy-on-write).
+            // Best effort: kernels before 4.14 lack it.
+            libc::madvise(raw, cap, libc::MADV_WIPEONFORK);
             if libc::mlock(raw, cap) == 0 {
                 buf.locked = true;
             }
@@ -209,6 +213,9 @@ struct PoolInner {
     /// Process that created the pool (its janitor does not exist after a fork).
     pid: u32,
     janitor: std::sync::Once,
+    /// The janitor thread runs; when it could not start or has died, chores are done
+    /// on the caller's thread.
+    janitor_alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl BatchPool {
@@ -225,6 +232,7 @@ impl BatchPool {
                 dirty,
                 pid: std::process::id(),
                 janitor: std::sync::Once::new(),
+                janitor_alive: Arc::default(),
             }),
         }
     }
@@ -233,14 +241,27 @@ impl BatchPool {
         self.inner.janitor.call_once(|| {
             let weak = Arc::downgrade(&self.inner);
             let rx = self.inner.dirty.clone();
-            // If the thread cannot start, chores are done inline (see `send`).
-            let _ = std::thread::Builder::new().name("shardlock-wipe".into()).spawn(move || {
+            let alive = self.inner.janitor_alive.clone();
+            alive.store(true, Ordering::Release);
+            /// Marks the janitor gone however its thread ends (panic included).
+            struct Gone(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Gone {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let gone = Gone(alive.clone());
+            let spawned = std::thread::Builder::new().name("shardlock-wipe".into()).spawn(move || {
+                let _gone = gone;
                 // Ends when the pool (which holds the sender) is gone.
                 while let Ok(chore) = rx.recv() {
                     let Some(pool) = weak.upgrade() else { break };
                     Self::done(&pool, chore);
                 }
             });
+            if spawned.is_err() {
+                alive.store(false, Ordering::Release);
+            }
         });
     }
 
@@ -262,6 +283,9 @@ impl BatchPool {
             return Self::done(&self.inner, chore);
         }
         self.start_janitor();
+        if !self.inner.janitor_alive.load(Ordering::Acquire) {
+            return Self::done(&self.inner, chore);
+        }
         if let Err(crossbeam_channel::SendError(chore)) = self.inner.chores.send(chore) {
             Self::done(&self.inner, chore);
         }
@@ -291,7 +315,16 @@ impl BatchPool {
                 Err(_) => {}
             }
             // The janitor holds one it is wiping: wait for it rather than grow the pool.
-            if self.inner.returning.load(Ordering::Acquire) == 0 {
+            // (A buffer filed between the checks above and this load is found by the
+            // final look below.)
+            if self.inner.returning.load(Ordering::Acquire) == 0
+                || !self.inner.janitor_alive.load(Ordering::Acquire)
+                || std::process::id() != self.inner.pid
+            {
+                let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+                    return Ok(free.swap_remove(i));
+                }
                 break;
             }
             std::thread::yield_now();
@@ -337,6 +370,29 @@ mod tests {
         assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer is reused");
         assert!(b.as_slice().iter().all(|&x| x == 0), "returned buffers are zeroized");
         assert_eq!(pool.allocated(), 1);
+    }
+
+    #[test]
+    fn a_forked_child_sees_zeros_not_the_plaintext() {
+        let mut b = LockedBuf::new(8192, MemoryPolicy::AllowUnlocked).unwrap();
+        b.as_mut_slice()[..6].copy_from_slice(b"secret");
+        #[allow(unsafe_code)]
+        // SAFETY: the child only reads memory and calls _exit (async-signal-safe); the
+        // parent waits for it.
+        let status = unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                let zero = b.as_slice().iter().all(|&x| x == 0);
+                libc::_exit(if zero { 0 } else { 1 });
+            }
+            let mut st = 0;
+            libc::waitpid(pid, &mut st, 0);
+            st
+        };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the child saw the parent's plaintext");
+        assert_eq!(&b.as_slice()[..6], b"secret", "the parent keeps its data");
     }
 
     #[test]
