@@ -75,3 +75,25 @@ def test_tensors_held_across_later_batches_and_used_on_a_side_stream_keep_their_
     assert checksum.item() == float(img[ids].astype(np.float64).sum())
     for b in kept:
         assert np.array_equal(b["img"].cpu().numpy(), img[b["sample_id"].numpy()])
+
+
+@needs_gpu
+def test_raw_dlpack_exports_unconsumed_capsules_and_stream_minus_one(env, images):
+    import gc
+
+    path, img, _ = images
+    gpu = env.loader(path, dataset="images", seed=2, sample_ids=True, device="cuda:0", shuffle="none")
+    fields, ids = gpu._native.next_batch()
+    dtype, dev = fields["img"]
+    assert dtype == "u8" and dev.__dlpack_device__() == (2, 0)
+    for _ in range(3):
+        dev.__dlpack__()  # never consumed: the capsule's destructor releases it
+    gc.collect()
+    t = torch.utils.dlpack.from_dlpack(dev.__dlpack__(stream=-1))  # no wait: we order ourselves
+    torch.cuda.synchronize()
+    assert np.array_equal(t.cpu().numpy(), img[ids])
+    with pytest.raises(ValueError):
+        dev.__dlpack__(stream=0)
+    del t, dev, fields
+    gc.collect()
+    assert sum(1 for _ in gpu) > 0
