@@ -14,7 +14,9 @@
 //!   only path from a token to a shard's DEK;
 //! - [`audit`]: the hash-chained audit log;
 //! - [`dataset`]: opening, reading, verifying and rotating datasets;
-//! - [`memory`]: mapped and locked memory (the only place with `unsafe`).
+//! - [`memory`]: mapped and locked memory (the only place with `unsafe`);
+//! - [`remote`]: datasets in S3-compatible object storage (feature `s3`), read through a
+//!   local cache that holds ciphertext only.
 //!
 //! The normative format description is `docs/FORMAT.md`.
 
@@ -31,11 +33,12 @@ pub mod keys;
 pub mod memory;
 pub mod pack;
 pub mod pipeline;
+pub mod remote;
 
 pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
 pub use crypto::aead::Backend;
 pub use dataset::{Dataset, ShardReader};
-pub use error::{Error, IntegrityKind, ProviderFailure, Result, ShardRef};
+pub use error::{Error, IntegrityKind, ProviderFailure, RemoteFailure, Result, ShardRef};
 pub use format::{DType, Field, Manifest, Schema};
 pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 pub use pack::{DatasetWriter, PackOptions};

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::{FieldKind, Schema};
 use crate::keys::{KeyProvider, TrustAnchor};
 use crate::memory::{BatchPool, LockedBuf, MemoryPolicy};
+use crate::remote::{Location, RemoteOptions};
 
 /// Default in-flight memory budget for batch buffers.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 512 << 20;
@@ -56,6 +57,7 @@ pub struct LoaderBuilder {
     auth_cfg: AuthorizerConfig,
     audit_log: Option<PathBuf>,
     min_generation: Option<u64>,
+    remote: RemoteOptions,
 }
 
 impl LoaderBuilder {
@@ -84,7 +86,22 @@ impl LoaderBuilder {
             auth_cfg: AuthorizerConfig::default(),
             audit_log: None,
             min_generation: None,
+            remote: RemoteOptions::default(),
         }
+    }
+
+    /// Settings for an `s3://bucket/prefix` path: endpoint, region, credentials (else
+    /// from the AWS environment variables), cache directory and byte budget, retry
+    /// timeouts. Ignored for a local dataset.
+    pub fn remote_options(mut self, opts: RemoteOptions) -> Self {
+        self.remote = opts;
+        self
+    }
+
+    /// Cache directory for an `s3://` dataset (ciphertext only; see [`RemoteOptions`]).
+    pub fn cache_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.remote.cache_dir = Some(dir.as_ref().to_owned());
+        self
     }
 
     /// Keyring file (the embedded default key custody), or a PKCS#11 URI
@@ -243,7 +260,7 @@ impl LoaderBuilder {
             (None, Some(p)) => crate::keys::open_provider_path(p)?,
             (None, None) => return Err(Error::InvalidArgument("a keyring or key provider is required".into())),
         };
-        let ds = Dataset::open(&self.path, &trust)?;
+        let ds = Dataset::open_location(&Location::from_path(&self.path)?, &trust, &self.remote)?;
         if let Some(g) = self.min_generation {
             ds.require_generation(g)?;
         }
@@ -596,13 +613,15 @@ impl ShardCache {
         }
     }
 
-    fn evict(&self, shard: u32) {
+    fn evict(&self, shared: &Shared, shard: u32) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        shared.ds.release_shard(shard);
     }
 }
 
 struct EpochRun {
     epoch: u64,
+    shared: Arc<Shared>,
     flow: Arc<(Mutex<Flow>, Condvar)>,
     rx: crossbeam_channel::Receiver<(usize, Result<Batch>)>,
     reorder: BTreeMap<usize, Result<Batch>>,
@@ -639,6 +658,11 @@ impl EpochRun {
         for (s, k) in last {
             last_use.entry(k as u32).or_default().push(s);
         }
+        // A remote dataset fetches shards in the order this rank first needs them.
+        let mut seen = std::collections::HashSet::new();
+        let order: Vec<u32> =
+            samples.iter().take(n_batches * b).map(|s| s.shard()).filter(|&s| seen.insert(s)).collect();
+        shared.ds.plan_shards(&order);
         let flow = Arc::new((Mutex::new(Flow { next: 0, consumed: 0, stop: false }), Condvar::new()));
         let (tx, rx) = crossbeam_channel::bounded(shared.depth + shared.workers);
         let cache = Arc::new(ShardCache::default());
@@ -660,6 +684,7 @@ impl EpochRun {
         }
         Ok(Self {
             epoch,
+            shared,
             flow,
             rx,
             reorder: BTreeMap::new(),
@@ -715,7 +740,7 @@ impl EpochRun {
         }
         if let Some(shards) = self.last_use.remove(&(k as u32)) {
             for s in shards {
-                self.cache.evict(s);
+                self.cache.evict(&self.shared, s);
             }
         }
         match r {
@@ -746,6 +771,10 @@ impl Drop for EpochRun {
         let rx = std::mem::replace(&mut self.rx, crossbeam_channel::never());
         drop(rx);
         self.reorder.clear();
+        if self.consumed_batches < self.n_batches {
+            // Workers may be waiting for a shard download: wake them.
+            self.shared.ds.interrupt_fetches();
+        }
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
