@@ -32,6 +32,7 @@ exceptions! {
     FormatError(ShardlockError) => "A file or input is malformed or does not fit the schema.";
     MemoryLockError(ShardlockError) => "Batch memory could not be locked in RAM.";
     AuditError(ShardlockError) => "The audit log could not be written or does not verify.";
+    RemoteError(ShardlockError) => "An s3:// dataset could not be read: store unavailable, object missing or modified, access denied, cache full.";
 }
 
 /// A Python object for an attribute value (None if it cannot be converted).
@@ -84,6 +85,10 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             Error::Format { .. } | Error::Input { .. } | Error::Schema { .. } => (FormatError::new_err(msg), vec![]),
             Error::MemoryLock { .. } => (MemoryLockError::new_err(msg), vec![]),
             Error::Audit { .. } => (AuditError::new_err(msg), vec![]),
+            Error::Remote { url, shard, kind, .. } => (
+                RemoteError::new_err(msg),
+                vec![("kind", obj(py, kind.name())), ("url", obj(py, url.clone())), ("shard", obj(py, *shard))],
+            ),
             Error::InvalidArgument(_) => (pyo3::exceptions::PyValueError::new_err(msg), vec![]),
             _ => (ShardlockError::new_err(msg), vec![]),
         };

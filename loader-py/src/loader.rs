@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use shardlock::format::{DType, FieldKind};
 use shardlock::pipeline::{Batch, Next};
+use shardlock::remote::RemoteOptions;
 use shardlock::{Loader, LoaderState, Remainder, Shuffle};
 
 use crate::errors::{to_py, IntoPy};
@@ -90,7 +91,7 @@ impl NativeLoader {
     #[new]
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
-        pad=false, window_shards=None))]
+        pad=false, window_shards=None, storage_options=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -112,8 +113,13 @@ impl NativeLoader {
         allow_unlocked_memory: bool,
         pad: bool,
         window_shards: Option<usize>,
+        storage_options: Option<Vec<(String, String)>>,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
+        let mut remote = RemoteOptions::default();
+        for (k, v) in storage_options.unwrap_or_default() {
+            remote.set(&k, &v).py()?;
+        }
         py.detach(|| {
             let mut b = Loader::builder(&path)
                 .keyring(&keyring)
@@ -124,7 +130,8 @@ impl NativeLoader {
                 .rank(rank, world_size)
                 .drop_last(drop_last)
                 .remainder(if pad { Remainder::Pad } else { Remainder::Drop })
-                .allow_unlocked_memory(allow_unlocked_memory);
+                .allow_unlocked_memory(allow_unlocked_memory)
+                .remote_options(remote);
             if let Some(t) = &token {
                 b = b.token(t);
             }

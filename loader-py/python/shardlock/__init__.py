@@ -16,6 +16,10 @@ buffer without copying.
 ``keyring=`` is a keyring file or the RFC 7512 URI of a KEK held in a PKCS#11 HSM,
 e.g. ``"pkcs11:token=shardlock;object=kek?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:HSM_PIN"``
 (create one with :func:`create_hsm_kek`; see docs/HSM.md).
+
+The path may be ``"s3://bucket/prefix"``: shards are then fetched ahead of the epoch
+into a local cache that holds ciphertext only (``storage_options=`` of :class:`Loader`
+sets endpoint, region, credentials, ``cache_dir``, ``cache_bytes``; see docs/S3.md).
 """
 
 from shardlock._lib import (
@@ -27,6 +31,7 @@ from shardlock._lib import (
     KeyUnavailable,
     MemoryLockError,
     OutOfScope,
+    RemoteError,
     ShardlockError,
     TokenExpired,
     TokenRevoked,
@@ -51,6 +56,7 @@ __all__ = [
     "Loader",
     "MemoryLockError",
     "OutOfScope",
+    "RemoteError",
     "ShardlockError",
     "TokenExpired",
     "TokenRevoked",

@@ -12,6 +12,7 @@ from shardlock._native import (  # noqa: F401
     NativeLoader,
     NativeWriter,
     OutOfScope,
+    RemoteError,
     ShardlockError,
     TokenExpired,
     TokenRevoked,
