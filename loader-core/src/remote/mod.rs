@@ -259,6 +259,7 @@ pub(crate) fn unsupported(loc: &Location) -> Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
