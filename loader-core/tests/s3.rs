@@ -225,9 +225,13 @@ fn a_stalled_server_and_a_vanished_server_fail_within_the_timeout() {
     let mut l = loader_with(&fx, &url, o, |b| b.memory_budget(60_000)).unwrap();
     let first = l.next().unwrap().unwrap();
     drop(first);
+    let cached = files(&fx.path("cache2")).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count();
+    assert!(cached < 8, "the first batch waited for the whole dataset ({cached} shards cached)");
     drop(srv);
     let e = epoch(&mut l).unwrap_err();
     assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, .. }), "{e}");
+    drop(l);
+    assert_cache_clean(&fx.path("cache2"));
 }
 
 #[test]

@@ -64,9 +64,11 @@ impl S3Server {
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(30) {
                 if let Ok(Some(_)) = child.try_wait() {
-                    break;
+                    break; // lost the port to another process: try another one
                 }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Only our moto answers S3 on this port (another test's proxy may have
+                // been given the same free port and accept connections).
+                if http(port, "GET", "/", b"") == 200 && matches!(child.try_wait(), Ok(None)) {
                     return Some(Self { child, endpoint: format!("http://127.0.0.1:{port}"), port });
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -130,15 +132,16 @@ pub fn options(endpoint: &str, cache: Option<&Path>) -> RemoteOptions {
 /// One HTTP/1.1 request with a dummy signature (moto does not check signatures, but
 /// treats requests without any as anonymous); returns the status.
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return 0 };
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\
          Authorization: AWS4-HMAC-SHA256 Credential=AKIDTEST/20260101/us-east-1/s3/aws4_request, \
          SignedHeaders=host, Signature=00\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    if s.write_all(head.as_bytes()).and_then(|()| s.write_all(body)).is_err() {
+        return 0;
+    }
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let line = String::from_utf8_lossy(&resp[..resp.len().min(64)]).into_owned();
