@@ -154,3 +154,32 @@ def test_bad_option_is_a_value_error_that_does_not_echo_it(env, remote):
     assert SECRET_KEY not in str(e.value)
     with pytest.raises(ValueError):
         env.loader(url, dataset="pyds", storage_options={"no_such_option": "1"})
+
+
+def test_forked_child_drops_an_s3_loader_without_hanging(env, server, remote):
+    """The loader's tokio runtime threads stay in the parent; a child that frees its copy
+    of the loader must neither touch them nor wait for them."""
+    _, url, _, _ = remote
+    loader = env.loader(url, dataset="pyds", output="numpy", storage_options=_opts(server, env.root / "fork-cache"))
+    next(iter(loader))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            del loader
+            import gc
+
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a forked child hung freeing an s3:// loader")

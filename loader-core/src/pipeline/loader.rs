@@ -410,7 +410,12 @@ pub enum Next {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.abandon_if_forked();
+        if self.abandon_if_forked() {
+            // The dataset of an s3:// loader owns a tokio runtime whose threads stayed
+            // in the parent, and locks they may have held at the fork: never drop it
+            // in the child.
+            std::mem::forget(self.shared.clone());
+        }
     }
 }
 
