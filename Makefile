@@ -7,7 +7,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
-PY_DEPS := numpy pytest torch torchdata mypy maturin
+# moto[server]: the S3-compatible server the s3:// tests stream from (and boto3 to fill it).
+PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]'
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test;
 # softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
 # directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python
@@ -42,8 +43,12 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --all-features -q -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 
+# The s3:// tests start moto_server from the venv on a free port of 127.0.0.1 and kill it
+# when they end; SHARDLOCK_REQUIRE_S3=1 turns "server not found" into a failure here.
+S3_TEST_ENV := SHARDLOCK_REQUIRE_S3=1 SHARDLOCK_TEST_MOTO=$(CURDIR)/$(VENV)/bin/moto_server
+
 rust-test:
-	$(CARGO) test --workspace --all-features
+	$(S3_TEST_ENV) $(CARGO) test --workspace --all-features
 	# The default feature set (aws-lc-rs only) must build and pass on its own too.
 	$(CARGO) test -p shardlock --lib
 
@@ -67,7 +72,7 @@ py-build-release:
 
 py-test: py-build
 	$(PY) -m mypy.stubtest shardlock._native
-	$(PY) -m pytest -q loader-py/tests
+	$(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests
 
 test: setup lint rust-test examples py-test fuzz-build
 	@echo "make test: all checks passed"

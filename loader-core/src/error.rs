@@ -174,6 +174,71 @@ impl fmt::Display for ProviderFailure {
     }
 }
 
+/// What went wrong reading a dataset from object storage (`s3://`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteFailure {
+    /// The store did not answer usefully within the retry budget: server down,
+    /// connections reset, 5xx responses, or no progress for longer than the stall timeout.
+    Unavailable,
+    /// The object does not exist (deleted or moved after the manifest was signed).
+    NotFound,
+    /// The store refused the credentials or the request (401/403).
+    Denied,
+    /// The object's size or SHA-256 differs from the signed manifest (replaced,
+    /// truncated or tampered with); it was never used.
+    Modified,
+    /// The local cache directory ran out of space.
+    CacheFull,
+    /// The location or an option is invalid, or the store could not be configured.
+    Config,
+}
+
+impl RemoteFailure {
+    /// Stable snake_case name, for logs and bindings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not_found",
+            Self::Denied => "denied",
+            Self::Modified => "modified",
+            Self::CacheFull => "cache_full",
+            Self::Config => "config",
+        }
+    }
+
+    /// What to do about it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Self::Unavailable => "check that the endpoint is up and reachable, or raise the timeout (s3 option `timeout`)",
+            Self::NotFound => {
+                "the object is missing from the bucket: the dataset was deleted or moved after its manifest was signed; re-upload the dataset directory"
+            }
+            Self::Denied => {
+                "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and the bucket policy"
+            }
+            Self::Modified => {
+                "the object differs from the signed manifest (replaced, truncated or tampered with): re-upload the shard file that manifest.json lists"
+            }
+            Self::CacheFull => "free space in the cache directory, point `cache_dir` elsewhere, or lower `cache_bytes`",
+            Self::Config => "fix the dataset location or the s3 options",
+        }
+    }
+}
+
+impl fmt::Display for RemoteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unavailable => "object store unavailable",
+            Self::NotFound => "object not found",
+            Self::Denied => "access denied by the object store",
+            Self::Modified => "object differs from the signed manifest",
+            Self::CacheFull => "cache directory full",
+            Self::Config => "invalid object store configuration",
+        })
+    }
+}
+
 /// Everything that can go wrong in shardlock.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -354,6 +419,21 @@ pub enum Error {
         detail: String,
     },
 
+    /// A dataset in object storage could not be read. Names the object (and shard) and
+    /// what to do; never carries credentials. A shard that failed this way was never
+    /// used: nothing partial reaches the cache's final names or the decryptor.
+    #[error("{url}{}: {kind}: {detail}; {}", shard.map(|s| format!(" (shard {s})")).unwrap_or_default(), kind.hint())]
+    Remote {
+        /// The object (or dataset) URL, `s3://bucket/key`.
+        url: String,
+        /// The shard concerned, when there is one.
+        shard: Option<u32>,
+        /// What failed.
+        kind: RemoteFailure,
+        /// Details: attempts, elapsed time, the last error (credentials removed).
+        detail: String,
+    },
+
     /// A worker thread panicked; the pipeline stopped. This is a bug.
     #[error("internal error in a pipeline worker: {0}")]
     Internal(String),
@@ -413,6 +493,9 @@ impl Error {
             }
             Error::Device { device, op, detail } => {
                 Error::Device { device: device.clone(), op, detail: detail.clone() }
+            }
+            Error::Remote { url, shard, kind, detail } => {
+                Error::Remote { url: url.clone(), shard: *shard, kind: *kind, detail: detail.clone() }
             }
             Error::Internal(s) => Error::Internal(s.clone()),
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),

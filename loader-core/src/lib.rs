@@ -18,7 +18,9 @@
 //! - [`device`]: the CUDA device stage (feature `cuda`) and [`kernels`], NVRTC decode
 //!   kernels with their CPU references;
 //! - [`memory`]: mapped and locked memory (with `device/` and `kernels/`, the only
-//!   places with `unsafe`).
+//!   places with `unsafe`);
+//! - [`remote`]: datasets in S3-compatible object storage (feature `s3`), read through a
+//!   local cache that holds ciphertext only.
 //!
 //! The normative format description is `docs/FORMAT.md`.
 
@@ -37,11 +39,12 @@ pub mod keys;
 pub mod memory;
 pub mod pack;
 pub mod pipeline;
+pub mod remote;
 
 pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
 pub use crypto::aead::Backend;
 pub use dataset::{Dataset, ShardReader};
-pub use error::{Error, IntegrityKind, ProviderFailure, Result, ShardRef};
+pub use error::{Error, IntegrityKind, ProviderFailure, RemoteFailure, Result, ShardRef};
 pub use format::{DType, Field, Manifest, Schema};
 pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 pub use pack::{DatasetWriter, PackOptions};

@@ -34,6 +34,7 @@ exceptions! {
     AuditError(ShardlockError) => "The audit log could not be written or does not verify.";
     DeviceUnavailable(ShardlockError) => "No usable CUDA device (no driver, no such device, or no CUDA support in this build).";
     DeviceError(ShardlockError) => "A CUDA call failed while batches were copied to or decoded on the device.";
+    RemoteError(ShardlockError) => "An s3:// dataset could not be read: store unavailable, object missing or modified, access denied, cache full.";
 }
 
 /// A Python object for an attribute value (None if it cannot be converted).
@@ -92,6 +93,10 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             Error::Device { device, op, .. } => {
                 (DeviceError::new_err(msg), vec![("device", obj(py, device.clone())), ("op", obj(py, *op))])
             }
+            Error::Remote { url, shard, kind, .. } => (
+                RemoteError::new_err(msg),
+                vec![("kind", obj(py, kind.name())), ("url", obj(py, url.clone())), ("shard", obj(py, *shard))],
+            ),
             Error::InvalidArgument(_) => (pyo3::exceptions::PyValueError::new_err(msg), vec![]),
             _ => (ShardlockError::new_err(msg), vec![]),
         };

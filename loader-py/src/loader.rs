@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use shardlock::format::{DType, FieldKind};
 use shardlock::pipeline::{Batch, Next};
+use shardlock::remote::RemoteOptions;
 use shardlock::{Loader, LoaderState, Remainder, Shuffle};
 
 use crate::errors::{to_py, IntoPy};
@@ -156,7 +157,7 @@ impl NativeLoader {
     #[new]
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
-        pad=false, window_shards=None, device=None, pinned=true))]
+        pad=false, window_shards=None, device=None, pinned=true, storage_options=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -180,8 +181,13 @@ impl NativeLoader {
         window_shards: Option<usize>,
         device: Option<String>,
         pinned: bool,
+        storage_options: Option<Vec<(String, String)>>,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
+        let mut remote = RemoteOptions::default();
+        for (k, v) in storage_options.unwrap_or_default() {
+            remote.set(&k, &v).py()?;
+        }
         py.detach(|| {
             let mut b = Loader::builder(&path)
                 .keyring(&keyring)
@@ -192,7 +198,8 @@ impl NativeLoader {
                 .rank(rank, world_size)
                 .drop_last(drop_last)
                 .remainder(if pad { Remainder::Pad } else { Remainder::Drop })
-                .allow_unlocked_memory(allow_unlocked_memory);
+                .allow_unlocked_memory(allow_unlocked_memory)
+                .remote_options(remote);
             if let Some(t) = &token {
                 b = b.token(t);
             }

@@ -1,6 +1,6 @@
 //! The `shardlock` command-line tool: a thin layer over the library.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -10,6 +10,7 @@ use shardlock::auth::{self, Access, Authorizer, AuthorizerConfig, Operation, Sha
 use shardlock::dataset::{self, VerifyOptions};
 use shardlock::keys::{self, IssuerKey, Keyring, TrustAnchor};
 use shardlock::pack::{self, PackOptions};
+use shardlock::remote::RemoteOptions;
 use shardlock::{Backend, Error};
 use std::sync::Arc;
 
@@ -41,6 +42,59 @@ enum Command {
     /// Check the audit log's hash chain.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Upload a packed dataset directory to s3://bucket/prefix (shards first, manifest last).
+    Upload(UploadArgs),
+}
+
+/// Where to find an `s3://` dataset and where to cache it. Credentials come only from
+/// the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), never
+/// from the command line, where other users could read them.
+#[derive(Args, Default)]
+struct RemoteArgs {
+    /// S3 endpoint URL (default: AWS_ENDPOINT_URL / AWS_ENDPOINT, else AWS).
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Allow a plain http:// endpoint (implied for 127.0.0.1 / localhost).
+    #[arg(long)]
+    s3_allow_http: bool,
+    /// Give up on one object after this long, retries included (e.g. 120s).
+    #[arg(long)]
+    s3_timeout: Option<String>,
+    /// Ciphertext cache directory (default: $SHARDLOCK_CACHE_DIR, else ~/.cache/shardlock).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Bytes of shards to keep in the cache before evicting ones the plan is done with.
+    #[arg(long, value_parser = parse_size)]
+    cache_bytes: Option<u64>,
+}
+
+impl RemoteArgs {
+    fn options(&self) -> Result<RemoteOptions, Error> {
+        let mut o =
+            RemoteOptions { cache_dir: self.cache_dir.clone(), cache_bytes: self.cache_bytes, ..Default::default() };
+        o.endpoint.clone_from(&self.s3_endpoint);
+        o.region.clone_from(&self.s3_region);
+        if self.s3_allow_http {
+            o.allow_http = Some(true);
+        }
+        if let Some(t) = &self.s3_timeout {
+            o.set("timeout", t)?;
+        }
+        Ok(o)
+    }
+}
+
+#[derive(Args)]
+struct UploadArgs {
+    /// Packed dataset directory.
+    dir: PathBuf,
+    /// Destination, s3://bucket/prefix.
+    dest: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 #[derive(Subcommand)]
@@ -222,8 +276,10 @@ struct PackArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// Dataset directory.
-    dir: PathBuf,
+    /// Dataset directory, file:// URL or s3://bucket/prefix.
+    dir: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
     /// Issuer public key (.pub) to check the signature against.
     #[arg(long)]
     trust: Option<PathBuf>,
@@ -234,8 +290,10 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// Dataset directory.
-    dir: PathBuf,
+    /// Dataset directory, file:// URL or s3://bucket/prefix (shards are downloaded to the cache).
+    dir: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
     #[command(flatten)]
     reader: ReaderArgs,
     /// Refuse a manifest older than this generation (rollback protection).
@@ -251,8 +309,10 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Dataset directory.
-    dir: PathBuf,
+    /// Dataset directory, file:// URL or s3://bucket/prefix.
+    dir: String,
+    #[command(flatten)]
+    remote: RemoteArgs,
     #[command(flatten)]
     reader: ReaderArgs,
     /// Samples per batch.
@@ -404,6 +464,10 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             };
         }
         Command::Inspect(a) => return inspect_cmd(a),
+        Command::Upload(a) => {
+            let n = shardlock::remote::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
+            println!("uploaded {} ({:.1} MB, ciphertext as packed) to {}", a.dir.display(), n as f64 / 1e6, a.dest);
+        }
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => {
             let old = keys::open_provider(&a.keyring)?;
@@ -476,7 +540,7 @@ fn pack_cmd(a: PackArgs) -> Result<(), Error> {
 
 fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
     let trust = a.trust.as_deref().map(TrustAnchor::load).transpose()?;
-    let i = dataset::inspect(&a.dir, trust.as_ref())?;
+    let i = dataset::inspect_at(&a.dir, trust.as_ref(), &a.remote.options()?)?;
     let m = &i.manifest;
     let signature = match i.signature_valid {
         Some(true) => "valid",
@@ -535,11 +599,12 @@ fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
 
 fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
     let (trust, access) = a.reader.access()?;
-    let total = total_bytes(&a.dir);
+    let remote = a.remote.options()?;
+    let total = total_bytes(&a.dir, &remote);
     let pb = bar(total, a.json, "verifying {bar:40} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]");
     let opts = VerifyOptions { backend: a.backend, min_generation: a.min_generation };
     let access = access.with_backend(a.backend);
-    let report = dataset::verify(&a.dir, &trust, &access, &opts, &mut |n| pb.inc(n))?;
+    let report = dataset::verify_at(&a.dir, &trust, &access, &opts, &remote, &mut |n| pb.inc(n))?;
     pb.finish_and_clear();
     if a.json {
         print_json(&serde_json::to_value(&report).unwrap_or_default());
@@ -562,8 +627,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn total_bytes(dir: &Path) -> u64 {
-    dataset::inspect(dir, None).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
+fn total_bytes(dir: &str, remote: &RemoteOptions) -> u64 {
+    dataset::inspect_at(dir, None, remote).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
 }
 
 fn token_cmd(t: TokenCmd) -> Result<(), Error> {
@@ -702,6 +767,7 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         .batch_size(a.batch_size)
         .shuffle(shardlock::Shuffle::parse(&a.shuffle)?)
         .seed(a.seed)
+        .remote_options(a.remote.options()?)
         .memory_budget(a.memory_budget)
         .allow_unlocked_memory(a.allow_unlocked_memory)
         .authorizer_config(AuthorizerConfig {

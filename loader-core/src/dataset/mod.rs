@@ -1,4 +1,5 @@
-//! A packed dataset on disk: its signed manifest and its shards.
+//! A packed dataset: its signed manifest and its shards, in a local directory or (feature
+//! `s3`) in object storage behind a ciphertext-only local cache.
 
 mod rotate;
 mod shard;
@@ -7,7 +8,7 @@ mod verify;
 pub use rotate::rotate;
 pub(crate) use rotate::write_signed as write_signed_manifest;
 pub use shard::{OpenShard, ShardReader};
-pub use verify::{verify, ShardReport, VerifyOptions, VerifyReport};
+pub use verify::{verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 
 use std::path::{Path, PathBuf};
 
@@ -15,12 +16,23 @@ use crate::crypto::aead::Backend;
 use crate::error::{Error, Result, ShardRef};
 use crate::format::manifest::{self, Manifest, ShardEntry, SignedManifest};
 use crate::keys::{Dek, TrustAnchor};
+use crate::remote::{Location, RemoteOptions};
 
 /// A dataset whose manifest signature has been verified against a trust anchor.
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
     trust: TrustAnchor,
+    source: Source,
+}
+
+/// Where shard files come from.
+enum Source {
+    /// `dir/<file>`.
+    Local,
+    /// Object storage, through the cache.
+    #[cfg(feature = "s3")]
+    Remote(crate::remote::RemoteShards),
 }
 
 /// What `inspect` can say about a manifest without any key.
@@ -56,6 +68,30 @@ fn read_manifest(dir: &Path) -> Result<(PathBuf, SignedManifest)> {
 /// Reads a manifest without keys: content, and signature status if `trust` is given.
 pub fn inspect(dir: &Path, trust: Option<&TrustAnchor>) -> Result<Inspection> {
     let (path, signed) = read_manifest(dir)?;
+    inspection(path, signed, trust)
+}
+
+/// [`inspect`] for any location: a directory, `file://` or `s3://bucket/prefix` (only
+/// the manifest is fetched).
+pub fn inspect_at(location: &str, trust: Option<&TrustAnchor>, opts: &RemoteOptions) -> Result<Inspection> {
+    match Location::parse(location)? {
+        Location::Local(dir) => inspect(&dir, trust),
+        #[cfg(feature = "s3")]
+        loc => {
+            let (bytes, _, _) = crate::remote::fetch_manifest(&loc, opts)?;
+            let path = manifest_path(Path::new(&loc.to_string()));
+            let signed = SignedManifest::parse(&bytes, &path)?;
+            inspection(path, signed, trust)
+        }
+        #[cfg(not(feature = "s3"))]
+        loc => {
+            let _ = opts;
+            Err(crate::remote::unsupported(&loc))
+        }
+    }
+}
+
+fn inspection(path: PathBuf, signed: SignedManifest, trust: Option<&TrustAnchor>) -> Result<Inspection> {
     let signature_valid = trust.map(|t| t.verify(&SignedManifest::signed_message(&signed.body), &signed.signature));
     let consistency_error = signed.check_consistency(&path).err().map(|e| e.to_string());
     Ok(Inspection { manifest: signed.manifest, signature_valid, consistency_error })
@@ -66,22 +102,125 @@ impl Dataset {
     /// manifest's internal consistency. Nothing else is trusted before this passes.
     pub fn open(dir: &Path, trust: &TrustAnchor) -> Result<Self> {
         let (path, signed) = read_manifest(dir)?;
-        if !trust.verify(&SignedManifest::signed_message(&signed.body), &signed.signature) {
-            let detail = if signed.manifest.issuer_key_id != trust.key_id() {
-                format!(
-                    "signature does not verify: manifest names issuer key {}, trust anchor is {}",
-                    signed.manifest.issuer_key_id,
-                    trust.key_id()
-                )
-            } else {
-                "signature does not verify".into()
-            };
-            return Err(Error::ManifestSignature { path, detail });
-        }
-        signed.check_consistency(&path)?;
-        Ok(Self { dir: dir.to_owned(), manifest: signed.manifest, trust: *trust })
+        let manifest = verified(path, signed, trust)?;
+        Ok(Self { dir: dir.to_owned(), manifest, trust: *trust, source: Source::Local })
     }
 
+    /// Opens a dataset at `location`: a directory, a `file://` URL, or (feature `s3`)
+    /// `s3://bucket/prefix`. For object storage the manifest is fetched and verified
+    /// exactly like a local one; shards are fetched later, as the epoch plan needs
+    /// them, into the cache that `opts` selects.
+    pub fn open_at(location: &str, trust: &TrustAnchor, opts: &RemoteOptions) -> Result<Self> {
+        Self::open_location(&Location::parse(location)?, trust, opts)
+    }
+
+    /// [`Dataset::open_at`] for a parsed location.
+    pub fn open_location(location: &Location, trust: &TrustAnchor, opts: &RemoteOptions) -> Result<Self> {
+        match location {
+            Location::Local(dir) => Self::open(dir, trust),
+            #[cfg(feature = "s3")]
+            loc => {
+                let (bytes, bucket, rt) = crate::remote::fetch_manifest(loc, opts)?;
+                let dir = PathBuf::from(loc.to_string());
+                let path = manifest_path(&dir);
+                let signed = SignedManifest::parse(&bytes, &path)?;
+                let manifest = verified(path, signed, trust)?;
+                let remote = crate::remote::RemoteShards::new(&manifest, bucket, rt, opts)?;
+                Ok(Self { dir, manifest, trust: *trust, source: Source::Remote(remote) })
+            }
+            #[cfg(not(feature = "s3"))]
+            loc => {
+                let _ = opts;
+                Err(crate::remote::unsupported(loc))
+            }
+        }
+    }
+
+    /// True when the shards come from object storage.
+    pub fn is_remote(&self) -> bool {
+        !matches!(self.source, Source::Local)
+    }
+
+    /// The local cache directory of a remote dataset.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Local => None,
+            #[cfg(feature = "s3")]
+            Source::Remote(r) => Some(r.cache_dir()),
+        }
+    }
+
+    /// Opens the (ciphertext) file of shard `index`: from the directory, or from the
+    /// cache of a remote dataset after a download verified against the manifest.
+    pub(crate) fn open_shard_file(&self, index: u32) -> Result<(std::fs::File, PathBuf)> {
+        let entry = self.shard_entry(index)?;
+        match &self.source {
+            Source::Local => {
+                let path = self.dir.join(&entry.file);
+                match std::fs::File::open(&path) {
+                    Ok(f) => Ok((f, path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Integrity {
+                        shard: self.shard_ref(index),
+                        chunk: None,
+                        kind: crate::error::IntegrityKind::MissingShard,
+                    }),
+                    Err(e) => Err(Error::Io { op: "open", path, source: e }),
+                }
+            }
+            #[cfg(feature = "s3")]
+            Source::Remote(r) => r.open(index),
+        }
+    }
+
+    /// Tells a remote dataset which shards the coming epoch reads, first use first,
+    /// so it can fetch ahead. No effect on a local dataset.
+    pub fn plan_shards(&self, order: &[u32]) {
+        #[cfg(feature = "s3")]
+        if let Source::Remote(r) = &self.source {
+            r.plan(order);
+        }
+        let _ = order;
+    }
+
+    /// Makes threads waiting for a remote shard's download give up now (the reader is
+    /// stopping). No effect on a local dataset.
+    pub fn interrupt_fetches(&self) {
+        #[cfg(feature = "s3")]
+        if let Source::Remote(r) = &self.source {
+            r.interrupt();
+        }
+    }
+
+    /// Tells a remote dataset the epoch is done with shard `index` (its cache file may
+    /// be evicted when the byte budget needs room). No effect on a local dataset.
+    pub fn release_shard(&self, index: u32) {
+        #[cfg(feature = "s3")]
+        if let Source::Remote(r) = &self.source {
+            r.release(index);
+        }
+        let _ = index;
+    }
+}
+
+/// Checks the signature and consistency of a parsed manifest; only then is it used.
+fn verified(path: PathBuf, signed: SignedManifest, trust: &TrustAnchor) -> Result<Manifest> {
+    if !trust.verify(&SignedManifest::signed_message(&signed.body), &signed.signature) {
+        let detail = if signed.manifest.issuer_key_id != trust.key_id() {
+            format!(
+                "signature does not verify: manifest names issuer key {}, trust anchor is {}",
+                signed.manifest.issuer_key_id,
+                trust.key_id()
+            )
+        } else {
+            "signature does not verify".into()
+        };
+        return Err(Error::ManifestSignature { path, detail });
+    }
+    signed.check_consistency(&path)?;
+    Ok(signed.manifest)
+}
+
+impl Dataset {
     /// Refuses a manifest older than `min` (rollback protection for readers that
     /// remember the last generation they saw).
     pub fn require_generation(&self, min: u64) -> Result<()> {
@@ -101,7 +240,8 @@ impl Dataset {
         &self.manifest
     }
 
-    /// The dataset directory.
+    /// The dataset directory (for a remote dataset, its `s3://` URL as a path; used in
+    /// messages only).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -122,7 +262,11 @@ impl Dataset {
         ShardRef {
             dataset: Some(self.manifest.dataset_id.clone()),
             index: Some(index),
-            file: self.manifest.shards.get(index as usize).map(|e| self.dir.join(&e.file)),
+            file: match &self.source {
+                #[cfg(feature = "s3")]
+                Source::Remote(r) => r.url(index).map(PathBuf::from),
+                Source::Local => self.manifest.shards.get(index as usize).map(|e| self.dir.join(&e.file)),
+            },
         }
     }
 

@@ -11,7 +11,7 @@ use crate::error::{Error, IntegrityKind, Result, ShardRef};
 use crate::format::index::{self, RecordIndex, PROLOGUE_LEN};
 use crate::format::ShardHeader;
 use crate::keys::Dek;
-use crate::memory::{map_file, Mapped};
+use crate::memory::{map_opened, Mapped};
 
 /// An opened shard shared by pipeline workers: memory-mapped ciphertext, the payload
 /// key, and the authenticated record index. Reads take `&self` and a caller-owned
@@ -27,15 +27,9 @@ impl OpenShard {
     pub(crate) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
         let entry = ds.shard_entry(shard)?;
         let at = ds.shard_ref(shard);
-        let path = ds.dir().join(&entry.file);
         let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
-        let map = match map_file(&path) {
-            Ok(m) => m,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Err(fail(IntegrityKind::MissingShard))
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, path) = ds.open_shard_file(shard)?;
+        let map = map_opened(&file, &path)?;
         if map.len() as u64 != entry.file_bytes {
             return Err(fail(IntegrityKind::SizeMismatch));
         }

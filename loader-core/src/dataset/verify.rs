@@ -14,7 +14,7 @@ use crate::crypto::Sha256;
 use crate::error::{Error, IntegrityKind, Result};
 use crate::format::ShardHeader;
 use crate::keys::TrustAnchor;
-use crate::memory::map_file;
+use crate::memory::map_opened;
 
 /// Options of [`verify`].
 #[derive(Clone, Debug, Default)]
@@ -77,6 +77,39 @@ pub fn verify(
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport> {
     let ds = Dataset::open(dir, trust)?;
+    verify_dataset(&ds, Some(dir), access, opts, progress)
+}
+
+/// [`verify`] for any location: a directory, `file://` or `s3://bucket/prefix`. A
+/// remote dataset's shards are downloaded into the cache (verified against the
+/// manifest's size and SHA-256 on the way) and then checked like local files; files in
+/// the bucket that the manifest does not list are not looked for.
+pub fn verify_at(
+    location: &str,
+    trust: &TrustAnchor,
+    access: &Access,
+    opts: &VerifyOptions,
+    remote: &crate::remote::RemoteOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport> {
+    let loc = crate::remote::Location::parse(location)?;
+    let ds = Dataset::open_location(&loc, trust, remote)?;
+    let order: Vec<u32> = (0..ds.manifest().shards.len() as u32).collect();
+    ds.plan_shards(&order);
+    let dir = match &loc {
+        crate::remote::Location::Local(d) => Some(d.as_path()),
+        _ => None,
+    };
+    verify_dataset(&ds, dir, access, opts, progress)
+}
+
+fn verify_dataset(
+    ds: &Dataset,
+    dir: Option<&Path>,
+    access: &Access,
+    opts: &VerifyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport> {
     if let Some(min) = opts.min_generation {
         ds.require_generation(min)?;
     }
@@ -84,10 +117,11 @@ pub fn verify(
     let mut shards = Vec::with_capacity(m.shards.len());
     let mut bytes = 0;
     for e in &m.shards {
-        let r = verify_shard(&ds, e.index, access, opts.backend, progress);
+        let r = verify_shard(ds, e.index, access, opts.backend, progress);
         if let Err(err) = &r {
-            access.record_failure(&ds, e.index, Operation::Verify, err)?;
+            access.record_failure(ds, e.index, Operation::Verify, err)?;
         }
+        ds.release_shard(e.index);
         if r.is_ok() {
             bytes += e.file_bytes;
         }
@@ -104,14 +138,18 @@ pub fn verify(
         });
     }
     let listed: BTreeSet<&str> = m.shards.iter().map(|e| e.file.as_str()).collect();
-    let entries = std::fs::read_dir(dir).map_err(Error::io("list", dir))?;
-    let mut extra: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".slk") && !listed.contains(n.as_str()))
-        .collect();
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(dir) = dir {
+        let entries = std::fs::read_dir(dir).map_err(Error::io("list", dir))?;
+        extra = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".slk") && !listed.contains(n.as_str()))
+            .collect();
+    }
     extra.sort();
     for name in extra {
+        let Some(dir) = dir else { break };
         let err = Error::Integrity {
             shard: crate::error::ShardRef {
                 dataset: Some(m.dataset_id.clone()),
@@ -140,6 +178,7 @@ fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
         Error::Integrity { kind, chunk, .. } => (Some(format!("{kind:?}")), *chunk),
         Error::KeyUnavailable { .. } => (Some("KeyUnavailable".to_owned()), None),
         Error::AccessDenied { reason, .. } => (Some(format!("AccessDenied:{}", reason.name())), None),
+        Error::Remote { kind, .. } => (Some(format!("Remote:{}", kind.name())), None),
         _ => (Some("Error".to_owned()), None),
     };
     ShardReport { index, file: file.to_owned(), ok: false, failure, chunk, error: Some(err.to_string()) }
@@ -154,15 +193,9 @@ fn verify_shard(
 ) -> Result<()> {
     let e = ds.shard_entry(index)?;
     let at = ds.shard_ref(index);
-    let path = ds.dir().join(&e.file);
     let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
-    let map = match map_file(&path) {
-        Ok(m) => m,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(fail(IntegrityKind::MissingShard))
-        }
-        Err(err) => return Err(err),
-    };
+    let (file, path) = ds.open_shard_file(index)?;
+    let map = map_opened(&file, &path)?;
     if map.len() as u64 != e.file_bytes {
         return Err(fail(IntegrityKind::SizeMismatch));
     }

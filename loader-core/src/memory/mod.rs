@@ -24,12 +24,20 @@ pub type Mapped = memmap2::Mmap;
 /// defensively and authenticated before any plaintext derived from it is released.
 pub fn map_file(path: &Path) -> Result<Mapped> {
     let file = std::fs::File::open(path).map_err(Error::io("open", path))?;
+    map_opened(&file, path)
+}
+
+/// Maps an already opened file read-only (`path` names it in errors). Used for cache
+/// files of remote datasets, which are opened before a concurrent eviction could
+/// unlink them: the map keeps the pages of an unlinked file.
+pub fn map_opened(file: &std::fs::File, path: &Path) -> Result<Mapped> {
     #[allow(unsafe_code)]
     // SAFETY: the map is read-only and its bytes are only ever read as untrusted `u8`
     // data (no references to typed values are formed from it). Another process
     // truncating the file while it is mapped makes later reads fault (SIGBUS) instead
     // of returning data; docs/THREAT-MODEL.md lists this as a denial of service only.
-    let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(Error::io("mmap", path))?;
+    // Cache files are only ever replaced by rename or unlinked, never truncated in place.
+    let map = unsafe { memmap2::MmapOptions::new().map(file) }.map_err(Error::io("mmap", path))?;
     Ok(map)
 }
 

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::{FieldKind, Schema};
 use crate::keys::{KeyProvider, TrustAnchor};
 use crate::memory::{BatchPool, LockedBuf, MemoryPolicy};
+use crate::remote::{Location, RemoteOptions};
 
 /// Default in-flight memory budget for batch buffers.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 512 << 20;
@@ -56,6 +57,7 @@ pub struct LoaderBuilder {
     auth_cfg: AuthorizerConfig,
     audit_log: Option<PathBuf>,
     min_generation: Option<u64>,
+    remote: RemoteOptions,
 }
 
 impl LoaderBuilder {
@@ -84,7 +86,22 @@ impl LoaderBuilder {
             auth_cfg: AuthorizerConfig::default(),
             audit_log: None,
             min_generation: None,
+            remote: RemoteOptions::default(),
         }
+    }
+
+    /// Settings for an `s3://bucket/prefix` path: endpoint, region, credentials (else
+    /// from the AWS environment variables), cache directory and byte budget, retry
+    /// timeouts. Ignored for a local dataset.
+    pub fn remote_options(mut self, opts: RemoteOptions) -> Self {
+        self.remote = opts;
+        self
+    }
+
+    /// Cache directory for an `s3://` dataset (ciphertext only; see [`RemoteOptions`]).
+    pub fn cache_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.remote.cache_dir = Some(dir.as_ref().to_owned());
+        self
     }
 
     /// Keyring file (the embedded default key custody), or a PKCS#11 URI
@@ -243,7 +260,7 @@ impl LoaderBuilder {
             (None, Some(p)) => crate::keys::open_provider_path(p)?,
             (None, None) => return Err(Error::InvalidArgument("a keyring or key provider is required".into())),
         };
-        let ds = Dataset::open(&self.path, &trust)?;
+        let ds = Dataset::open_location(&Location::from_path(&self.path)?, &trust, &self.remote)?;
         if let Some(g) = self.min_generation {
             ds.require_generation(g)?;
         }
@@ -393,7 +410,12 @@ pub enum Next {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        self.abandon_if_forked();
+        if self.abandon_if_forked() {
+            // The dataset of an s3:// loader owns a tokio runtime whose threads stayed
+            // in the parent, and locks they may have held at the fork: never drop it
+            // in the child.
+            std::mem::forget(self.shared.clone());
+        }
     }
 }
 
@@ -619,15 +641,18 @@ impl ShardCache {
         }
     }
 
-    /// Forgets a shard; returns its mapping so the caller can retire it off-thread.
-    fn evict(&self, shard: u32) -> Option<Box<dyn Send>> {
+    /// Forgets a shard and tells the dataset it is no longer needed (a remote cache
+    /// may evict it); returns its mapping so the caller can retire it off-thread.
+    fn evict(&self, shared: &Shared, shard: u32) -> Option<Box<dyn Send>> {
         let gone = self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+        shared.ds.release_shard(shard);
         gone.map(|g| Box::new(g) as Box<dyn Send>)
     }
 }
 
 struct EpochRun {
     epoch: u64,
+    shared: Arc<Shared>,
     flow: Arc<(Mutex<Flow>, Condvar)>,
     rx: crossbeam_channel::Receiver<(usize, Result<Batch>)>,
     reorder: BTreeMap<usize, Result<Batch>>,
@@ -637,8 +662,6 @@ struct EpochRun {
     consumed_batches: usize,
     consumed_samples: u64,
     cache: Arc<ShardCache>,
-    /// Retires evicted shard mappings to the pool's janitor thread.
-    pool: BatchPool,
     last_use: HashMap<u32, Vec<u32>>,
     failed: Option<Error>,
     workers: Vec<JoinHandle<()>>,
@@ -666,6 +689,11 @@ impl EpochRun {
         for (s, k) in last {
             last_use.entry(k as u32).or_default().push(s);
         }
+        // A remote dataset fetches shards in the order this rank first needs them.
+        let mut seen = std::collections::HashSet::new();
+        let order: Vec<u32> =
+            samples.iter().take(n_batches * b).map(|s| s.shard()).filter(|&s| seen.insert(s)).collect();
+        shared.ds.plan_shards(&order);
         let flow = Arc::new((Mutex::new(Flow { next: 0, consumed: 0, stop: false }), Condvar::new()));
         let (tx, rx) = crossbeam_channel::bounded(shared.depth + shared.workers);
         let cache = Arc::new(ShardCache::default());
@@ -687,6 +715,7 @@ impl EpochRun {
         }
         Ok(Self {
             epoch,
+            shared,
             flow,
             rx,
             reorder: BTreeMap::new(),
@@ -696,7 +725,6 @@ impl EpochRun {
             consumed_batches: 0,
             consumed_samples: 0,
             cache,
-            pool: shared.pool.clone(),
             last_use,
             failed: None,
             workers,
@@ -745,8 +773,8 @@ impl EpochRun {
             for s in shards {
                 // Unmapping a shard (page tables, TLB shootdowns) happens on the pool's
                 // janitor thread, not here on the consumer's.
-                if let Some(gone) = self.cache.evict(s) {
-                    self.pool.retire(gone);
+                if let Some(gone) = self.cache.evict(&self.shared, s) {
+                    self.shared.pool.retire(gone);
                 }
             }
         }
@@ -778,6 +806,10 @@ impl Drop for EpochRun {
         let rx = std::mem::replace(&mut self.rx, crossbeam_channel::never());
         drop(rx);
         self.reorder.clear();
+        if self.consumed_batches < self.n_batches {
+            // Workers may be waiting for a shard download: wake them.
+            self.shared.ds.interrupt_fetches();
+        }
         for h in self.workers.drain(..) {
             let _ = h.join();
         }

@@ -17,6 +17,10 @@ buffer without copying.
 e.g. ``"pkcs11:token=shardlock;object=kek?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:HSM_PIN"``
 (create one with :func:`create_hsm_kek`; see docs/HSM.md). ``device="cuda:N"`` yields
 CUDA tensors copied from the locked buffers on a dedicated stream (docs/CUDA.md).
+
+The path may be ``"s3://bucket/prefix"``: shards are then fetched ahead of the epoch
+into a local cache that holds ciphertext only (``storage_options=`` of :class:`Loader`
+sets endpoint, region, credentials, ``cache_dir``, ``cache_bytes``; see docs/S3.md).
 """
 
 from shardlock._lib import (
@@ -30,6 +34,7 @@ from shardlock._lib import (
     KeyUnavailable,
     MemoryLockError,
     OutOfScope,
+    RemoteError,
     ShardlockError,
     TokenExpired,
     TokenRevoked,
@@ -56,6 +61,7 @@ __all__ = [
     "Loader",
     "MemoryLockError",
     "OutOfScope",
+    "RemoteError",
     "ShardlockError",
     "TokenExpired",
     "TokenRevoked",

@@ -14,6 +14,7 @@ from shardlock._native import (  # noqa: F401
     NativeLoader,
     NativeWriter,
     OutOfScope,
+    RemoteError,
     ShardlockError,
     TokenExpired,
     TokenRevoked,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from shardlock._lib import NativeLoader, ShardlockError
 
@@ -19,6 +19,21 @@ def _dist_rank_world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _storage_options(opts: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]]) -> Optional[List[Tuple[str, str]]]:
+    """Options for ``s3://`` paths as (name, text) pairs; booleans as true/false."""
+    if opts is None:
+        return None
+    out = []
+    for k, v in opts.items():
+        if isinstance(v, bool):
+            out.append((str(k), "true" if v else "false"))
+        elif isinstance(v, os.PathLike):
+            out.append((str(k), os.fspath(v)))
+        else:
+            out.append((str(k), str(v)))
+    return out
 
 
 class Loader:
@@ -47,6 +62,15 @@ class Loader:
     ``torch.distributed`` when it is initialised, else 0 / 1. Errors raise
     subclasses of :class:`shardlock.ShardlockError` naming the dataset, shard, chunk
     or rule.
+
+    ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
+    object storage, ``storage_options`` may set ``endpoint``, ``region``,
+    ``access_key_id``, ``secret_access_key``, ``session_token``, ``allow_http``,
+    ``cache_dir``, ``cache_bytes``, ``concurrency``, ``timeout``, ``stall_timeout``
+    (anything unset comes from the ``AWS_*`` environment variables). Shards are fetched
+    ahead of the epoch plan into ``cache_dir`` as ciphertext, checked against the
+    signed manifest's size and SHA-256 before use; failures raise
+    :class:`shardlock.RemoteError` with ``.kind``, ``.url`` and ``.shard``.
     """
 
     def __init__(
@@ -73,6 +97,7 @@ class Loader:
         allow_unlocked_memory: bool = False,
         pad: bool = False,
         pinned: bool = True,
+        storage_options: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]] = None,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
@@ -107,6 +132,7 @@ class Loader:
             pad=pad,
             device=None if device == "cpu" else device,
             pinned=bool(pinned),
+            storage_options=_storage_options(storage_options),
         )
         self.rank, self.world_size = int(rank), int(world_size)
 

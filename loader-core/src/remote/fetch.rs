@@ -1,0 +1,538 @@
+//! Shards of a remote dataset, fetched ahead of the epoch plan into the local cache.
+//!
+//! Cache layout (one flat directory, shared by every process and dataset that uses it):
+//!
+//! | name | what |
+//! | --- | --- |
+//! | `<sha256>.slk` | a complete shard file whose size and SHA-256 matched a signed manifest |
+//! | `<sha256>.partial` | a download in progress (only the holder of the lock writes it) |
+//! | `<sha256>.lock` | `flock`ed by the process downloading that shard |
+//!
+//! Files are named by their SHA-256 from the signed manifest, so a name can only ever
+//! hold those exact bytes: a replaced object fails the digest and never gets the
+//! name, and two datasets or ranks that share a shard share its file. Everything in
+//! the directory is ciphertext exactly as stored in the bucket.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::GetOptions;
+
+use super::store::{backoff, runtime, Bucket, Failure};
+use super::{Location, RemoteOptions};
+use crate::crypto::Sha256;
+use crate::error::{Error, RemoteFailure, Result};
+use crate::format::manifest::{self, Manifest};
+
+/// Largest manifest accepted from a bucket.
+const MANIFEST_LIMIT: u64 = 256 << 20;
+
+/// The bytes of `manifest.json` at `loc`, and the client that fetched them.
+pub(crate) fn fetch_manifest(
+    loc: &Location,
+    opts: &RemoteOptions,
+) -> Result<(Vec<u8>, Bucket, tokio::runtime::Runtime)> {
+    let bucket = Bucket::new(loc, opts)?;
+    let rt = runtime()?;
+    let bytes = rt.block_on(bucket.get_small(manifest::FILE_NAME, MANIFEST_LIMIT))?;
+    Ok((bytes, bucket, rt))
+}
+
+#[derive(Clone)]
+enum Slot {
+    /// Not in the cache as far as this process knows.
+    Absent,
+    /// A download is running.
+    Fetching,
+    /// Complete and verified under its final name.
+    Ready,
+    /// The download failed for good (until the next epoch plan).
+    Failed(Arc<Error>),
+}
+
+struct Object {
+    name: String,
+    url: String,
+    size: u64,
+    sha256: String,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Slot>,
+    /// Shards to prefetch, in first-use order of the current epoch plan.
+    queue: VecDeque<u32>,
+    in_flight: usize,
+    in_flight_bytes: u64,
+    /// Bytes of `Ready` shards this process counts against the budget.
+    held_bytes: u64,
+    /// Ready shards the plan is done with, oldest first: eviction candidates.
+    released: VecDeque<u32>,
+    /// The owner is being dropped: start nothing new (a task spawned on a runtime
+    /// that is shutting down is dropped at once, and its completion takes this lock).
+    closed: bool,
+    /// Bumped when the reader stops (loader dropped): waiters give up at once.
+    interrupts: u64,
+}
+
+struct Inner {
+    bucket: Bucket,
+    handle: tokio::runtime::Handle,
+    dir: PathBuf,
+    objects: Vec<Object>,
+    budget: u64,
+    concurrency: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// The shards of one remote dataset and the cache they are fetched into.
+pub(crate) struct RemoteShards {
+    inner: Arc<Inner>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Drop for RemoteShards {
+    fn drop(&mut self) {
+        self.inner.lock().closed = true;
+        // The runtime is dropped next: running downloads are cancelled, their
+        // partial files stay under temporary names and are overwritten next time.
+    }
+}
+
+impl RemoteShards {
+    /// Sets up fetching for the shards of a verified `manifest`.
+    pub(crate) fn new(
+        manifest: &Manifest,
+        bucket: Bucket,
+        rt: tokio::runtime::Runtime,
+        opts: &RemoteOptions,
+    ) -> Result<Self> {
+        let dir = opts.resolved_cache_dir();
+        create_cache_dir(&dir)?;
+        let mut objects = Vec::with_capacity(manifest.shards.len());
+        for e in &manifest.shards {
+            // The digest becomes a file name: accept exactly 64 lowercase hex digits.
+            if e.sha256.len() != 64 || !e.sha256.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(Error::Format {
+                    what: "manifest",
+                    path: PathBuf::from(bucket.url(manifest::FILE_NAME)),
+                    detail: format!("shard {}: sha256 is not 64 lowercase hex digits", e.index),
+                });
+            }
+            objects.push(Object {
+                name: e.file.clone(),
+                url: bucket.url(&e.file),
+                size: e.file_bytes,
+                sha256: e.sha256.clone(),
+            });
+        }
+        let budget = opts.cache_bytes.unwrap_or(u64::MAX);
+        if let Some(big) = objects.iter().map(|o| o.size).max() {
+            if budget < big {
+                return Err(Error::InvalidArgument(format!(
+                    "cache_bytes {budget} is smaller than the largest shard ({big} bytes); raise it"
+                )));
+            }
+        }
+        let state = State { slots: vec![Slot::Absent; objects.len()], ..Default::default() };
+        let inner = Arc::new(Inner {
+            bucket,
+            handle: rt.handle().clone(),
+            dir,
+            objects,
+            budget,
+            concurrency: opts.concurrency.max(1),
+            state: Mutex::new(state),
+            cv: Condvar::new(),
+        });
+        Ok(Self { inner, _rt: rt })
+    }
+
+    /// The cache directory.
+    pub(crate) fn cache_dir(&self) -> &std::path::Path {
+        &self.inner.dir
+    }
+
+    /// The URL of shard `i`'s object.
+    pub(crate) fn url(&self, i: u32) -> Option<&str> {
+        self.inner.objects.get(i as usize).map(|o| o.url.as_str())
+    }
+
+    /// A new epoch plan: prefetch `order` (first use first); shards the plan does not
+    /// name become eviction candidates.
+    pub(crate) fn plan(&self, order: &[u32]) {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        for s in st.slots.iter_mut() {
+            if matches!(s, Slot::Failed(_)) {
+                *s = Slot::Absent;
+            }
+        }
+        let mut wanted = vec![false; st.slots.len()];
+        for &i in order {
+            if let Some(w) = wanted.get_mut(i as usize) {
+                *w = true;
+            }
+        }
+        st.released = (0..st.slots.len() as u32)
+            .filter(|&i| !wanted[i as usize] && matches!(st.slots[i as usize], Slot::Ready))
+            .collect();
+        st.queue = order.iter().copied().filter(|&i| (i as usize) < st.slots.len()).collect();
+        pump(inner, &mut st);
+    }
+
+    /// The plan is done with shard `i` for this epoch: it may be evicted when space
+    /// is needed.
+    pub(crate) fn release(&self, i: u32) {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        if matches!(st.slots.get(i as usize), Some(Slot::Ready)) && !st.released.contains(&i) {
+            st.released.push_back(i);
+        }
+        // Shards fetched on demand may have overshot the budget: give it back.
+        inner.make_room(&mut st, 0);
+        pump(inner, &mut st);
+    }
+
+    /// Wakes every thread waiting in [`RemoteShards::open`] and makes it return an
+    /// error, so a loader that is dropped mid-download joins its workers promptly.
+    pub(crate) fn interrupt(&self) {
+        self.inner.lock().interrupts += 1;
+        self.inner.cv.notify_all();
+    }
+
+    /// Opens shard `i`'s verified cache file, downloading it now if the prefetcher has
+    /// not. Waits at most about twice the per-object timeout; never returns a file
+    /// that did not match the signed manifest's size and SHA-256.
+    pub(crate) fn open(&self, i: u32) -> Result<(File, PathBuf)> {
+        let inner = &self.inner;
+        let o = inner.objects.get(i as usize).ok_or_else(|| Error::InvalidArgument(format!("no shard {i}")))?;
+        let path = inner.final_path(o);
+        let deadline = Instant::now() + inner.bucket.timeout * 2 + Duration::from_secs(30);
+        let mut st = inner.lock();
+        let interrupts = st.interrupts;
+        loop {
+            match st.slots[i as usize].clone() {
+                Slot::Ready => {
+                    drop(st);
+                    match File::open(&path) {
+                        Ok(f) => return Ok((f, path)),
+                        // Evicted meanwhile (by this or another process): fetch again.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            st = inner.lock();
+                            if matches!(st.slots[i as usize], Slot::Ready) {
+                                st.slots[i as usize] = Slot::Absent;
+                                st.held_bytes = st.held_bytes.saturating_sub(o.size);
+                                st.released.retain(|&r| r != i);
+                            }
+                        }
+                        Err(e) => return Err(Error::Io { op: "open", path, source: e }),
+                    }
+                }
+                Slot::Absent => {
+                    if !inner.adopt_cached(&mut st, i) {
+                        start(inner, &mut st, i);
+                    }
+                }
+                Slot::Fetching => {
+                    if st.interrupts != interrupts {
+                        return Err(Error::Remote {
+                            url: o.url.clone(),
+                            shard: Some(i),
+                            kind: RemoteFailure::Unavailable,
+                            detail: "the reader stopped while waiting for the download".into(),
+                        });
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Remote {
+                            url: o.url.clone(),
+                            shard: Some(i),
+                            kind: RemoteFailure::Unavailable,
+                            detail: "the download did not finish in time".into(),
+                        });
+                    }
+                    st = inner.cv.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                Slot::Failed(e) => return Err(e.duplicate()),
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn final_path(&self, o: &Object) -> PathBuf {
+        self.dir.join(format!("{}.slk", o.sha256))
+    }
+
+    /// A complete file already under the final name (another rank, an earlier run)
+    /// becomes `Ready` without a download.
+    fn adopt_cached(&self, st: &mut State, i: u32) -> bool {
+        let o = &self.objects[i as usize];
+        match std::fs::metadata(self.final_path(o)) {
+            Ok(m) if m.len() == o.size => {
+                st.slots[i as usize] = Slot::Ready;
+                st.held_bytes += o.size;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Evicts released shards until `need` more bytes fit in the budget.
+    fn make_room(&self, st: &mut State, need: u64) -> bool {
+        while st.held_bytes.saturating_add(st.in_flight_bytes).saturating_add(need) > self.budget {
+            let Some(v) = st.released.pop_front() else { return false };
+            if matches!(st.slots[v as usize], Slot::Ready) {
+                let o = &self.objects[v as usize];
+                // Readers that have the file mapped keep their pages; the name goes.
+                let _ = std::fs::remove_file(self.final_path(o));
+                st.slots[v as usize] = Slot::Absent;
+                st.held_bytes = st.held_bytes.saturating_sub(o.size);
+            }
+        }
+        true
+    }
+}
+
+/// Starts prefetches from the queue while concurrency and the byte budget allow.
+fn pump(inner: &Arc<Inner>, st: &mut State) {
+    while !st.closed && st.in_flight < inner.concurrency {
+        let Some(&i) = st.queue.front() else { return };
+        if !matches!(st.slots[i as usize], Slot::Absent) || inner.adopt_cached(st, i) {
+            st.queue.pop_front();
+            continue;
+        }
+        if !inner.make_room(st, inner.objects[i as usize].size) {
+            return;
+        }
+        st.queue.pop_front();
+        start(inner, st, i);
+    }
+}
+
+/// Marks shard `i` as fetching and downloads it on the runtime.
+fn start(inner: &Arc<Inner>, st: &mut State, i: u32) {
+    if st.closed {
+        return;
+    }
+    let size = inner.objects[i as usize].size;
+    st.slots[i as usize] = Slot::Fetching;
+    st.in_flight += 1;
+    st.in_flight_bytes += size;
+    let guard = Done { inner: inner.clone(), i, result: None };
+    inner.handle.spawn(async move {
+        let mut guard = guard;
+        guard.result = Some(download(&guard.inner, guard.i).await);
+    });
+}
+
+/// Publishes a download's outcome when its task ends, however it ends (a panic or a
+/// runtime shutdown counts as a failure), so no waiter can hang on it.
+struct Done {
+    inner: Arc<Inner>,
+    i: u32,
+    result: Option<Result<()>>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let o = &self.inner.objects[self.i as usize];
+        let mut st = self.inner.lock();
+        st.in_flight -= 1;
+        st.in_flight_bytes = st.in_flight_bytes.saturating_sub(o.size);
+        st.slots[self.i as usize] = match self.result.take() {
+            Some(Ok(())) => {
+                st.held_bytes += o.size;
+                Slot::Ready
+            }
+            Some(Err(e)) => Slot::Failed(Arc::new(e)),
+            None => Slot::Failed(Arc::new(Error::Internal(format!("download of {} stopped", o.url)))),
+        };
+        pump(&self.inner, &mut st);
+        drop(st);
+        self.inner.cv.notify_all();
+    }
+}
+
+/// Downloads shard `i` into the cache: one process per shard at a time (file lock),
+/// to a temporary name, checked against the manifest's size and SHA-256, then renamed.
+/// Transient failures are retried with backoff until the per-object timeout.
+async fn download(inner: &Inner, i: u32) -> Result<()> {
+    let o = &inner.objects[i as usize];
+    let b = &inner.bucket;
+    let start = Instant::now();
+    let final_path = inner.final_path(o);
+    let partial = inner.dir.join(format!("{}.partial", o.sha256));
+    let lock_path = inner.dir.join(format!("{}.lock", o.sha256));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| cache_error(inner, "create", &lock_path, e, i))?;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if start.elapsed() > b.timeout {
+                    return Err(Error::Remote {
+                        url: o.url.clone(),
+                        shard: Some(i),
+                        kind: RemoteFailure::Unavailable,
+                        detail: format!(
+                            "another process held the download lock {} for {:?}",
+                            lock_path.display(),
+                            b.timeout
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(cache_error(inner, "lock", &lock_path, e, i)),
+        }
+    }
+    // Another process may have finished it while we waited for the lock.
+    if std::fs::metadata(&final_path).is_ok_and(|m| m.len() == o.size) {
+        return Ok(());
+    }
+    let mut attempt = 0u32;
+    let mut mismatches = 0u32;
+    loop {
+        attempt += 1;
+        let last = match get_once(inner, o, &partial).await {
+            Ok(()) => {
+                std::fs::rename(&partial, &final_path).map_err(|e| cache_error(inner, "rename", &partial, e, i))?;
+                return Ok(());
+            }
+            Err(Failure::Permanent(kind, detail)) => {
+                let _ = std::fs::remove_file(&partial);
+                if kind == RemoteFailure::Modified {
+                    // A replaced object may be mid-upload: look again a few times.
+                    mismatches += 1;
+                    if mismatches >= 3 {
+                        return Err(Error::Remote { url: o.url.clone(), shard: Some(i), kind, detail });
+                    }
+                    detail
+                } else if kind == RemoteFailure::CacheFull && evict_released(inner) {
+                    detail
+                } else {
+                    return Err(Error::Remote { url: o.url.clone(), shard: Some(i), kind, detail });
+                }
+            }
+            Err(Failure::Transient(detail)) => detail,
+        };
+        let wait = backoff(attempt);
+        if start.elapsed() + wait > b.timeout {
+            let _ = std::fs::remove_file(&partial);
+            return Err(b.gave_up(&o.url, Some(i), attempt, start, &last));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// On a full disk: evicts every shard the plan is done with; true if any went.
+fn evict_released(inner: &Inner) -> bool {
+    let mut st = inner.lock();
+    let before = st.held_bytes;
+    inner.make_room(&mut st, u64::MAX);
+    st.held_bytes < before
+}
+
+fn cache_error(inner: &Inner, op: &'static str, path: &std::path::Path, e: std::io::Error, i: u32) -> Error {
+    if is_disk_full(&e) {
+        return Error::Remote {
+            url: inner.objects[i as usize].url.clone(),
+            shard: Some(i),
+            kind: RemoteFailure::CacheFull,
+            detail: format!("{op} {}: {e}", path.display()),
+        };
+    }
+    Error::Io { op, path: path.to_owned(), source: e }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        || e.raw_os_error() == Some(libc::ENOSPC)
+        || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+/// One GET of the whole object into `partial`, hashing as it goes.
+async fn get_once(inner: &Inner, o: &Object, partial: &std::path::Path) -> std::result::Result<(), Failure> {
+    let b = &inner.bucket;
+    let got = tokio::time::timeout(b.stall, b.store.get_opts(&b.key(&o.name), GetOptions::default()))
+        .await
+        .map_err(|_| Failure::Transient(format!("no response within {:?}", b.stall)))?
+        .map_err(|e| b.classify(e))?;
+    if got.meta.size != o.size {
+        return Err(Failure::Permanent(
+            RemoteFailure::Modified,
+            format!("object has {} bytes, the signed manifest says {}", got.meta.size, o.size),
+        ));
+    }
+    let io = |op: &str, e: std::io::Error| {
+        if is_disk_full(&e) {
+            Failure::Permanent(RemoteFailure::CacheFull, format!("{op} {}: {e}", partial.display()))
+        } else {
+            Failure::Permanent(RemoteFailure::Config, format!("cache {op} {}: {e}", partial.display()))
+        }
+    };
+    let mut f = File::create(partial).map_err(|e| io("create", e))?;
+    let mut h = Sha256::default();
+    let mut n = 0u64;
+    let mut s = got.into_stream();
+    loop {
+        match tokio::time::timeout(b.stall, s.next()).await {
+            Err(_) => return Err(Failure::Transient(format!("no data for {:?} after {n} bytes", b.stall))),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(match b.classify(e) {
+                    Failure::Transient(d) => Failure::Transient(format!("after {n} bytes: {d}")),
+                    p => p,
+                })
+            }
+            Ok(Some(Ok(bytes))) => {
+                n += bytes.len() as u64;
+                if n > o.size {
+                    return Err(Failure::Permanent(
+                        RemoteFailure::Modified,
+                        "object longer than the signed manifest says".into(),
+                    ));
+                }
+                h.update(&bytes);
+                f.write_all(&bytes).map_err(|e| io("write", e))?;
+            }
+        }
+    }
+    if n != o.size {
+        return Err(Failure::Transient(format!("body ended after {n} of {} bytes", o.size)));
+    }
+    if hex::encode(h.finish()) != o.sha256 {
+        return Err(Failure::Permanent(
+            RemoteFailure::Modified,
+            "SHA-256 of the object differs from the signed manifest".into(),
+        ));
+    }
+    // Durable before it gets the name that says "complete".
+    f.sync_data().map_err(|e| io("sync", e))?;
+    Ok(())
+}
+
+/// Creates the cache directory (mode 0700: it holds only ciphertext, but other users
+/// have no business filling or pruning it).
+fn create_cache_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(Error::io("create", dir))
+}

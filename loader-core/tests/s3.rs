@@ -1,0 +1,406 @@
+//! Datasets in S3-compatible object storage, against a real server (`moto_server`):
+//! streaming through the ciphertext cache, faults (server down, 503s, connections cut
+//! mid-shard, stalls, objects replaced or deleted mid-run, a full cache disk), a
+//! byte-budgeted cache, two readers sharing one cache directory, and no credential or
+//! plaintext anywhere it should not be.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/s3.rs"]
+mod s3;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::Fixture;
+use s3::{options, Fault, Proxy, S3Server, ACCESS_KEY, SECRET_KEY};
+use shardlock::remote::RemoteOptions;
+use shardlock::{Error, Field, Loader, RemoteFailure, Schema, Shuffle};
+
+const CANARY: &[u8] = b"CANARY-5ee3-PLAINTEXT-NOT-IN-CACHE";
+const BUCKET: &str = "shardlock-test";
+
+/// 8 shards of 24 records x ~3 KiB (each shard spans several 16 KiB chunks); every
+/// record carries the canary and its index.
+fn dataset(fx: &Fixture) -> (PathBuf, Vec<Vec<u8>>) {
+    let schema = Schema::new(vec![Field::bytes("text")]).unwrap();
+    let samples: Vec<Vec<u8>> = (0..192)
+        .map(|i| [CANARY, format!("-{i:05}-").as_bytes(), &vec![b'a' + (i % 26) as u8; 3000], CANARY].concat())
+        .collect();
+    let rows: Vec<Vec<Vec<u8>>> = samples.iter().map(|s| vec![s.clone()]).collect();
+    let dir = fx.pack("ds", "s3test", schema, &rows, 24 * 3100);
+    assert_eq!(fx.open(&dir).unwrap().manifest().shards.len(), 8);
+    (dir, samples)
+}
+
+fn trust_and_token(fx: &Fixture) -> (PathBuf, PathBuf) {
+    let token = fx.path("job.token");
+    if !token.exists() {
+        fx.token("s3test").save(&token).unwrap();
+        fx.issuer.save(&fx.path("issuer")).unwrap();
+    }
+    (fx.path("issuer.pub"), token)
+}
+
+fn loader(fx: &Fixture, url: &str, opts: RemoteOptions) -> shardlock::Result<Loader> {
+    loader_with(fx, url, opts, |b| b)
+}
+
+fn loader_with(
+    fx: &Fixture,
+    url: &str,
+    opts: RemoteOptions,
+    f: impl FnOnce(shardlock::LoaderBuilder) -> shardlock::LoaderBuilder,
+) -> shardlock::Result<Loader> {
+    let (trust, token) = trust_and_token(fx);
+    f(Loader::builder(url)
+        .keyring(fx.path("keyring.json"))
+        .token(&token)
+        .trust(&trust)
+        .batch_size(8)
+        .shuffle(Shuffle::None)
+        .workers(2)
+        .audit_log(fx.path("audit.jsonl"))
+        .remote_options(opts))
+    .build()
+}
+
+/// Every sample of one epoch, in order, or the first error.
+fn epoch(l: &mut Loader) -> shardlock::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for b in l.by_ref() {
+        let b = b?;
+        for i in 0..b.len() {
+            out.push(b.bytes("text", i)?.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Nothing under `dir` holds the canary, and only complete `.slk` files (whose bytes
+/// hash to their name) and lock files are left.
+fn assert_cache_clean(dir: &Path) {
+    for p in files(dir) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(!contains(&bytes, CANARY), "plaintext canary in cache file {name}");
+        if let Some(stem) = name.strip_suffix(".slk") {
+            assert_eq!(hex(&bytes), stem, "cache file {name} is not the verified shard");
+        } else {
+            assert!(name.ends_with(".lock") || name.ends_with(".partial"), "unexpected cache file {name}");
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+    d.as_ref().iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn assert_no_credentials(what: &str, text: &str) {
+    assert!(!text.contains(SECRET_KEY), "secret key in {what}: {text}");
+    assert!(!text.contains("SECRETCANARY"), "secret key in {what}: {text}");
+    assert!(!text.contains(ACCESS_KEY), "access key id in {what}: {text}");
+}
+
+#[test]
+fn streams_through_a_ciphertext_only_cache_and_rereads_from_it() {
+    let Some(srv) = S3Server::start("streams_through_a_ciphertext_only_cache") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "datasets/one");
+    let cache = fx.path("cache");
+    let mut l = loader(&fx, &url, options(&srv.endpoint, Some(&cache))).unwrap();
+    assert!(l.dataset().is_remote());
+    assert_eq!(epoch(&mut l).unwrap(), samples, "first (cold) epoch");
+    let cached = files(&cache).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count();
+    assert_eq!(cached, 8, "every shard is cached after a full epoch");
+    assert_eq!(epoch(&mut l).unwrap(), samples, "second (cached) epoch");
+    drop(l);
+    assert_cache_clean(&cache);
+    assert!(!files(&cache).iter().any(|p| p.extension().is_some_and(|e| e == "partial")));
+    // With the server gone, a new loader still needs the manifest: a typed error, not
+    // a hang and not stale data.
+    drop(srv);
+    let t = Instant::now();
+    let e = loader(&fx, &url, options("http://127.0.0.1:9", Some(&cache))).err().unwrap();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(60), "gave up only after {:?}", t.elapsed());
+    let audit = std::fs::read_to_string(fx.path("audit.jsonl")).unwrap();
+    assert_no_credentials("audit log", &audit);
+    assert!(!audit.contains("CANARY"));
+}
+
+#[test]
+fn server_down_at_start_is_a_clear_error_within_the_timeout() {
+    let fx = Fixture::new();
+    let _ = dataset(&fx);
+    let port = s3::free_port();
+    let mut o = options(&format!("http://127.0.0.1:{port}"), Some(&fx.path("cache")));
+    o.set("timeout", "3s").unwrap();
+    let t = Instant::now();
+    let e = loader(&fx, &format!("s3://{BUCKET}/x"), o).err().unwrap();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, .. }), "{msg}");
+    assert!(msg.contains("manifest.json") && msg.contains("endpoint"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_no_credentials("error", &msg);
+    assert_no_credentials("debug error", &format!("{e:?}"));
+}
+
+#[test]
+fn retries_503s_cut_connections_and_slow_responses() {
+    let Some(srv) = S3Server::start("retries_503s_cut_connections_and_slow_responses") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "faults");
+    let proxy = Proxy::start(srv.port);
+
+    proxy.set(Fault::Status503(6));
+    let cache = fx.path("cache-503");
+    let mut l = loader(&fx, &url, options(&proxy.endpoint, Some(&cache))).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples);
+    assert!(proxy.injected() >= 6, "503s injected: {}", proxy.injected());
+    drop(l);
+    assert_cache_clean(&cache);
+
+    // Connections cut after 20 kB of response: the manifest fits, shards (75 kB) do not.
+    let before = proxy.injected();
+    proxy.set(Fault::CutAfter { after: 20_000, n: 6 });
+    let cache = fx.path("cache-cut");
+    let mut l = loader(&fx, &url, options(&proxy.endpoint, Some(&cache))).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples, "no partial shard was used");
+    assert!(proxy.injected() > before, "no connection was cut");
+    drop(l);
+    assert_cache_clean(&cache);
+
+    proxy.set(Fault::Slow(Duration::from_millis(2)));
+    let cache = fx.path("cache-slow");
+    let mut l = loader(&fx, &url, options(&proxy.endpoint, Some(&cache))).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples);
+    drop(l);
+    assert_cache_clean(&cache);
+}
+
+#[test]
+fn a_stalled_server_and_a_vanished_server_fail_within_the_timeout() {
+    let Some(srv) = S3Server::start("a_stalled_server_fails_within_the_timeout") else { return };
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "stall");
+    let proxy = Proxy::start(srv.port);
+    let mut o = options(&proxy.endpoint, Some(&fx.path("cache")));
+    o.set("timeout", "4s").unwrap();
+    o.set("stall_timeout", "1s").unwrap();
+    let mut l = loader(&fx, &url, o).unwrap();
+    proxy.set(Fault::Blackhole);
+    let t = Instant::now();
+    let e = epoch(&mut l).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, shard: Some(_), .. }), "{msg}");
+    assert!(msg.contains("shard") && msg.contains(".slk"), "names the shard: {msg}");
+    assert_no_credentials("error", &msg);
+    // The error is sticky for the epoch: no clean end of data.
+    assert!(l.next().unwrap().is_err());
+    drop(l);
+    assert_cache_clean(&fx.path("cache"));
+
+    // The server stops mid-run.
+    let mut o = options(&srv.endpoint, Some(&fx.path("cache2")));
+    o.set("timeout", "3s").unwrap();
+    // One shard in the cache and workers one batch ahead: most shards are fetched
+    // after the stop.
+    o.cache_bytes = Some(fx.open(&dir).unwrap().manifest().shards[0].file_bytes + 100);
+    let mut l = loader_with(&fx, &url, o, |b| b.memory_budget(60_000)).unwrap();
+    let first = l.next().unwrap().unwrap();
+    drop(first);
+    let cached = files(&fx.path("cache2")).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count();
+    assert!(cached < 8, "the first batch waited for the whole dataset ({cached} shards cached)");
+    drop(srv);
+    let e = epoch(&mut l).unwrap_err();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, .. }), "{e}");
+    drop(l);
+    assert_cache_clean(&fx.path("cache2"));
+}
+
+#[test]
+fn a_shard_replaced_or_deleted_mid_run_is_never_used() {
+    let Some(srv) = S3Server::start("a_shard_replaced_or_deleted_mid_run_is_never_used") else { return };
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "mutable");
+    let m = fx.open(&dir).unwrap().manifest().clone();
+
+    // Replaced after the manifest was read: same size, one byte different.
+    let mut o = options(&srv.endpoint, Some(&fx.path("cache")));
+    o.set("timeout", "3s").unwrap();
+    o.concurrency = 1;
+    let mut l = loader(&fx, &url, o.clone()).unwrap();
+    let victim = &m.shards[3];
+    let mut bytes = std::fs::read(dir.join(&victim.file)).unwrap();
+    bytes[500] ^= 1;
+    srv.put(BUCKET, &format!("mutable/{}", victim.file), &bytes);
+    let e = epoch(&mut l).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Modified, shard: Some(3), .. }), "{msg}");
+    assert!(msg.contains(&victim.file) && msg.contains("re-upload"), "{msg}");
+    drop(l);
+    assert!(!fx.path("cache").join(format!("{}.slk", victim.sha256)).exists());
+    assert_cache_clean(&fx.path("cache"));
+
+    // Deleted.
+    let gone = &m.shards[5];
+    srv.delete(BUCKET, &format!("mutable/{}", gone.file));
+    let mut l = loader(&fx, &url, o).unwrap();
+    let e = epoch(&mut l).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::NotFound | RemoteFailure::Modified, .. }), "{msg}");
+}
+
+#[test]
+fn a_byte_budget_bounds_the_cache_and_two_readers_share_it() {
+    let Some(srv) = S3Server::start("a_byte_budget_bounds_the_cache") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "budget");
+    let shard_bytes = fx.open(&dir).unwrap().manifest().shards[0].file_bytes;
+
+    let cache = fx.path("small-cache");
+    let mut o = options(&srv.endpoint, Some(&cache));
+    o.cache_bytes = Some(2 * shard_bytes);
+    // Workers one batch ahead, so that on-demand fetches do not run far past the plan.
+    let mut l = loader_with(&fx, &url, o.clone(), |b| b.memory_budget(60_000)).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples);
+    let held = files(&cache).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count();
+    assert!(held <= 2, "{held} shards cached with a budget of 2");
+    assert_eq!(epoch(&mut l).unwrap(), samples, "evicted shards are fetched again");
+    drop(l);
+    assert_cache_clean(&cache);
+
+    let too_small = RemoteOptions { cache_bytes: Some(shard_bytes / 2), ..o };
+    assert!(matches!(loader(&fx, &url, too_small), Err(Error::InvalidArgument(_))));
+
+    // Two readers (separate datasets, separate lock descriptors) on one cache dir.
+    let shared = fx.path("shared-cache");
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, o) = (url.clone(), options(&srv.endpoint, Some(&shared)));
+            let fx = &fx;
+            let mut l = loader(fx, &url, o).unwrap();
+            std::thread::spawn(move || epoch(&mut l))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), samples);
+    }
+    assert_cache_clean(&shared);
+}
+
+#[test]
+fn a_full_cache_disk_is_a_typed_error() {
+    let Some(srv) = S3Server::start("a_full_cache_disk_is_a_typed_error") else { return };
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "full");
+    let mnt = fx.path("tiny");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("SHARDLOCK_REQUIRE_S3").as_deref() != Ok("1") || !is_root(),
+            "cannot mount a tmpfs as root"
+        );
+        eprintln!("SKIPPED a_full_cache_disk_is_a_typed_error: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let mut o = options(&srv.endpoint, Some(&mnt));
+    o.set("timeout", "3s").unwrap();
+    let mut l = loader(&fx, &url, o).unwrap();
+    let e = epoch(&mut l).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::CacheFull, shard: Some(_), .. }), "{msg}");
+    assert!(msg.contains("free space"), "{msg}");
+    drop(l);
+    for p in files(&mnt) {
+        assert!(!p.to_string_lossy().ends_with(".slk"), "a partial shard got a final name: {}", p.display());
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+#[test]
+fn cli_inspects_verifies_and_benches_s3_without_leaking_credentials() {
+    let Some(srv) = S3Server::start("cli_inspects_verifies_and_benches_s3") else { return };
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let (trust, token) = trust_and_token(&fx);
+    let bin = env!("CARGO_BIN_EXE_shardlock");
+    let run = |args: &[&str], endpoint: &str| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", endpoint)
+            .env("SHARDLOCK_CACHE_DIR", fx.path("cli-cache"))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_no_credentials("CLI output", &text);
+        (out.status.success(), text)
+    };
+    srv.create_bucket(BUCKET);
+    let url = format!("s3://{BUCKET}/cli");
+    let (ok, text) = run(&["upload", dir.to_str().unwrap(), &url], &srv.endpoint);
+    assert!(ok, "{text}");
+    let (ok, text) = run(&["inspect", &url, "--trust", trust.to_str().unwrap()], &srv.endpoint);
+    assert!(ok && text.contains("signature   valid"), "{text}");
+    let reader = ["--keyring", fx.path("keyring.json").to_str().unwrap().to_owned().leak() as &str];
+    let common: Vec<&str> = reader
+        .iter()
+        .copied()
+        .chain(["--token", token.to_str().unwrap(), "--trust", trust.to_str().unwrap()])
+        .collect();
+    let mut args = vec!["verify", &url];
+    args.extend(&common);
+    let (ok, text) = run(&args, &srv.endpoint);
+    assert!(ok && text.contains("OK"), "{text}");
+    let mut args = vec!["bench", &url, "--epochs", "2", "--batch-size", "8", "--json"];
+    args.extend(&common);
+    let (ok, text) = run(&args, &srv.endpoint);
+    assert!(ok, "{text}");
+    let dead = format!("http://127.0.0.1:{}", s3::free_port());
+    let mut args = vec!["bench", "s3://shardlock-test/nothing", "--s3-timeout", "2s", "--cache-dir"];
+    let other = fx.path("other-cache");
+    args.push(other.to_str().unwrap());
+    args.extend(&common);
+    let (ok, text) = run(&args, &dead);
+    assert!(!ok && text.contains("unavailable"), "{text}");
+    assert_cache_clean(&fx.path("cli-cache"));
+}
