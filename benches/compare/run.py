@@ -139,6 +139,9 @@ def main() -> int:
     for shape in shapes(a.small).values():
         prepared: Dict[str, Optional[str]] = {}  # step -> None if ready, else why not
         for step, package in PREP_STEPS.items():
+            if only and step != "plain" and not any(n in only and st == step for n, _, st, _ in LOADERS):
+                prepared[step] = "not selected by --only"
+                continue
             why = install_status(a.venv, package)
             if why is None:
                 print(f"[{shape.name}] prepare {step} ...", flush=True)
