@@ -53,9 +53,10 @@ def _label(key: str) -> str:
 
 def _check(r: Dict) -> str:
     if "skipped" in r:
-        return "skipped: " + r["skipped"][:160]
+        why = r["skipped"]
+        return (why if why.startswith("not run") else "skipped: " + why)[:200]
     if "error" in r:
-        return "ERROR: " + r["error"].strip().splitlines()[-1][:160]
+        return "ERROR: " + r["error"][:200]
     errors = [e for ep in r["epochs"] for e in ep["errors"]]
     if errors:
         return "MISMATCH: " + "; ".join(errors)[:160]

@@ -100,7 +100,9 @@ def measure(cmd: List[str], timeout: float, log: str) -> Dict:
         r.update(json.loads(lines[-1]))
     else:
         tail = open(log).read()[-1500:]
-        r["error"] = f"exit {p.returncode}" + (" (timed out)" if wall > timeout else "") + f": {tail}"
+        last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        r["error"] = f"exit {p.returncode}" + (" (timed out)" if wall > timeout else "") + f": {last}"
+        r["stderr_tail"] = tail
     return r
 
 
@@ -129,6 +131,7 @@ def main() -> int:
     shutil.rmtree(a.data, ignore_errors=True)
     shutil.rmtree(logs, ignore_errors=True)
     os.makedirs(logs)
+    os.makedirs(a.data)
     small = ["--small"] if a.small else []
     timeout = 300 if a.small else 900
     started = time.time()
@@ -137,6 +140,12 @@ def main() -> int:
     only = set(a.only.split(",")) if a.only else None
     failed = False
     for shape in shapes(a.small).values():
+        # Six formats of the plaintext (Fernet's base64 adds a third): fail early, not midway.
+        need, free = 7 * shape.total_bytes, shutil.disk_usage(a.data).free
+        if free < need:
+            print(f"compare: {shape.name} needs ~{need / 2**30:.1f} GiB free under {a.data}, "
+                  f"only {free / 2**30:.1f} GiB left", file=sys.stderr)
+            return 1
         prepared: Dict[str, Optional[str]] = {}  # step -> None if ready, else why not
         for step, package in PREP_STEPS.items():
             if only and step != "plain" and not any(n in only and st == step for n, _, st, _ in LOADERS):
@@ -148,7 +157,7 @@ def main() -> int:
                 r = measure([sys.executable, os.path.join(HERE, "prepare.py"), step, shape.name, a.data, *small],
                             timeout, os.path.join(logs, f"prep-{shape.name}-{step}.log"))
                 if "error" in r:
-                    why, failed = f"preparing failed: {r['error']}", True
+                    why, failed = f"not run: preparing {step} failed: {r['error']}", True
                     print(f"  FAILED: {r['error']}", flush=True)
                 elif "seconds" in r:
                     results["pack"].setdefault(step, {})[shape.name] = r
