@@ -1,6 +1,8 @@
 # shardlock: every set-up step a fresh machine needs lives here.
 #   make demo   keygen, pack, verify (and, as the loader lands, stream into torch)
 #   make test   install what the tests need, then run every check and test
+#   make compare            shardlock vs peer loaders, ~1.5 GiB per shape -> benches/results/
+#   make compare SMALL=1    the same on ~30 MB per shape (a smoke run, part of make test)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV    ?= .venv
@@ -16,7 +18,7 @@ PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]'
 APT_DEPS := strace softhsm2
 FUZZ_TARGETS := shard_header manifest record_index payload
 
-.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release py-test fuzz-build bench clean
+.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release py-test fuzz-build bench compare compare-smoke clean
 
 all: test
 
@@ -33,6 +35,13 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
 
 setup: $(VENV)/.deps-ok system-deps
+
+# The peer loaders of `make compare`, one pip install each with torch and numpy held as
+# they are; one that cannot install is recorded in $(VENV)/compare-peers/ and reported
+# as skipped (with pip's reason) rather than failing the comparison.
+$(VENV)/compare-peers/.done: $(VENV)/.deps-ok benches/compare/install.sh
+	bash benches/compare/install.sh $(VENV)
+	touch $@
 
 demo: setup py-build-release
 	$(CARGO) build --release -q -p shardlock
@@ -72,15 +81,26 @@ py-build-release:
 
 py-test: py-build
 	$(PY) -m mypy.stubtest shardlock._native
-	$(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests
+	$(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests benches/compare
 
-test: setup lint rust-test examples py-test fuzz-build
+test: setup lint rust-test examples py-test fuzz-build compare-smoke
 	@echo "make test: all checks passed"
 
 bench:
 	$(CARGO) bench -p shardlock-benches --bench cobblestone --bench pipeline
 	# DEK unwrap latency through SoftHSM2 and its share of time to first batch (docs/HSM.md).
 	$(CARGO) test -q -p shardlock --test pkcs11 -- --ignored --nocapture unwrap_latency
+
+# Side by side with the loaders users run today (benches/compare/run.py). Fails when a
+# loader yields a wrong, missing or repeated sample.
+SMALL ?=
+compare: setup $(VENV)/compare-peers/.done py-build-release
+	$(CARGO) build --release -q -p shardlock
+	SHARDLOCK_BIN=$(CURDIR)/target/release/shardlock $(PY) benches/compare/run.py \
+	  $(if $(SMALL),--small --data target/compare-small-data --out target/compare-small)
+
+compare-smoke:
+	$(MAKE) compare SMALL=1
 
 clean:
 	$(CARGO) clean
