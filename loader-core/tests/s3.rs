@@ -1,8 +1,9 @@
 //! Datasets in S3-compatible object storage, against a real server (`moto_server`):
 //! streaming through the ciphertext cache, faults (server down, 503s, connections cut
 //! mid-shard, stalls, objects replaced or deleted mid-run, a full cache disk), a
-//! byte-budgeted cache, two readers sharing one cache directory, and no credential or
-//! plaintext anywhere it should not be.
+//! byte-budgeted cache, two readers sharing one cache directory, ranged reads of just
+//! the needed chunks under `global` shuffle, and no credential or plaintext anywhere
+//! it should not be.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -403,4 +404,176 @@ fn cli_inspects_verifies_and_benches_s3_without_leaking_credentials() {
     let (ok, text) = run(&args, &dead);
     assert!(!ok && text.contains("unavailable"), "{text}");
     assert_cache_clean(&fx.path("cli-cache"));
+}
+
+/// Every sample of one epoch of the local dataset at `dir`, with `f` applied to the
+/// builder: the reference a remote loader must match.
+fn local_epoch(
+    fx: &Fixture,
+    dir: &Path,
+    f: impl Fn(shardlock::LoaderBuilder) -> shardlock::LoaderBuilder,
+    epochs: usize,
+) -> Vec<Vec<Vec<u8>>> {
+    let mut l = loader_with(fx, dir.to_str().unwrap(), RemoteOptions::default(), f).unwrap();
+    (0..epochs).map(|_| epoch(&mut l).unwrap()).collect()
+}
+
+fn slk_files(dir: &Path) -> usize {
+    if !dir.exists() {
+        return 0;
+    }
+    files(dir).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count()
+}
+
+#[test]
+fn global_shuffle_reads_just_the_needed_chunks_by_ranges() {
+    let Some(srv) = S3Server::start("global_shuffle_reads_just_the_needed_chunks_by_ranges") else { return };
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "ranged");
+    let proxy = Proxy::start(srv.port);
+    let shard_bytes = fx.open(&dir).unwrap().manifest().shards[0].file_bytes;
+    let global = |b: shardlock::LoaderBuilder| b.shuffle(Shuffle::Global).seed(3);
+    let want = local_epoch(&fx, &dir, global, 3);
+
+    // A cache budget of two of the eight shards: whole-shard downloads could not keep
+    // it under global shuffle, so `auto` reads ranges and caches nothing.
+    let cache = fx.path("cache-ranged");
+    let mut o = options(&proxy.endpoint, Some(&cache));
+    o.cache_bytes = Some(2 * shard_bytes);
+    let mut l = loader_with(&fx, &url, o.clone(), global).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), want[0], "epoch 0 by ranges equals the local epoch");
+    assert_eq!(l.dataset().ranged_shards(), (0..8).collect::<Vec<u32>>());
+    assert_eq!(slk_files(&cache), 0, "ranged reads put nothing in the cache");
+
+    // 503s and connections cut mid-response are retried; the batches stay exact.
+    proxy.set(Fault::Status503(5));
+    assert_eq!(epoch(&mut l).unwrap(), want[1], "epoch 1 through 503s");
+    assert!(proxy.injected() >= 5);
+    let before = proxy.injected();
+    proxy.set(Fault::CutAfter { after: 9_000, n: 4 });
+    assert_eq!(epoch(&mut l).unwrap(), want[2], "epoch 2 through cut connections");
+    assert!(proxy.injected() > before, "no connection was cut");
+    drop(l);
+    assert_cache_clean(&cache);
+
+    // `never` downloads whole shards even so; `always` reads ranges for any shuffle.
+    let mut never = o.clone();
+    never.set("range_reads", "never").unwrap();
+    never.cache_dir = Some(fx.path("cache-never"));
+    let mut l = loader_with(&fx, &url, never, global).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), want[0]);
+    assert!(l.dataset().ranged_shards().is_empty());
+    drop(l);
+    assert!(slk_files(&fx.path("cache-never")) > 0, "whole shards were cached");
+    let mut always = options(&srv.endpoint, Some(&fx.path("cache-always")));
+    always.set("range_reads", "always").unwrap();
+    let (_, samples) = dataset(&Fixture::new());
+    let mut l = loader(&fx, &url, always).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples, "sequential epoch by ranges");
+    assert_eq!(l.dataset().ranged_shards().len(), 8);
+    drop(l);
+    assert_eq!(slk_files(&fx.path("cache-always")), 0);
+}
+
+#[test]
+fn a_rank_reading_part_of_a_dataset_moves_only_its_chunks() {
+    let Some(srv) = S3Server::start("a_rank_reading_part_of_a_dataset_moves_only_its_chunks") else { return };
+    let fx = Fixture::new();
+    // 8 shards of 8 records x 40 KiB: each sample spans three or four chunks.
+    let schema = Schema::new(vec![Field::bytes("text")]).unwrap();
+    let rows: Vec<Vec<Vec<u8>>> =
+        (0..64u32).map(|i| vec![[CANARY, &i.to_le_bytes()[..], &vec![(i % 251) as u8; 40 << 10]].concat()]).collect();
+    let dir = fx.pack("big", "s3test", schema, &rows, 8 * (41 << 10));
+    let total: u64 = fx.open(&dir).unwrap().manifest().shards.iter().map(|s| s.file_bytes).sum();
+    assert_eq!(fx.open(&dir).unwrap().manifest().shards.len(), 8);
+    let url = srv.upload(&dir, BUCKET, "big");
+    let proxy = Proxy::start(srv.port);
+    let rank = |b: shardlock::LoaderBuilder| b.shuffle(Shuffle::Global).seed(5).rank(0, 8).batch_size(2);
+    let want = local_epoch(&fx, &dir, rank, 1);
+    let mut o = options(&proxy.endpoint, Some(&fx.path("cache")));
+    o.set("range_reads", "always").unwrap();
+    let mut l = loader_with(&fx, &url, o, rank).unwrap();
+    let before = proxy.forwarded();
+    assert_eq!(epoch(&mut l).unwrap(), want[0]);
+    let moved = (proxy.forwarded() - before) as u64;
+    // 8 samples of ~40 KiB + per shard its header, index chunk and final chunk: well
+    // under half of the 2.6 MB a whole-shard download of every shard would move.
+    assert!(moved < total / 2, "{moved} bytes moved for a rank's eighth of {total}");
+    assert!(moved > 8 * (40 << 10), "{moved} bytes cannot hold 8 samples");
+    drop(l);
+    assert_eq!(slk_files(&fx.path("cache")), 0);
+}
+
+#[test]
+fn a_shard_replaced_during_ranged_reads_is_never_mixed_in() {
+    let Some(srv) = S3Server::start("a_shard_replaced_during_ranged_reads_is_never_mixed_in") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "swap");
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    let mut o = options(&srv.endpoint, Some(&fx.path("cache")));
+    o.set("range_reads", "always").unwrap();
+    o.set("timeout", "3s").unwrap();
+    // Sequential order, three batches per shard: shard 0 is opened by batch 0 and read
+    // again by batches 1 and 2. Workers run at most one batch ahead.
+    let mut l = loader_with(&fx, &url, o, |b| b.memory_budget(60_000)).unwrap();
+    let first = l.next().unwrap().unwrap();
+    assert_eq!(first.bytes("text", 0).unwrap(), &samples[0][..]);
+    let victim = &m.shards[0];
+    let mut bytes = std::fs::read(dir.join(&victim.file)).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 1;
+    srv.put(BUCKET, &format!("swap/{}", victim.file), &bytes);
+    let mut got = Vec::new();
+    let err = loop {
+        match l.next() {
+            Some(Ok(b)) => (0..b.len()).for_each(|i| got.push(b.bytes("text", i).unwrap().to_vec())),
+            Some(Err(e)) => break e,
+            None => panic!("the epoch ended although shard 0 was replaced"),
+        }
+    };
+    let msg = err.to_string();
+    // Later ranges of an object are If-Match requests on the ETag its first range saw.
+    assert!(matches!(err, Error::Remote { kind: RemoteFailure::Modified, shard: Some(0), .. }), "{msg}");
+    assert!(msg.contains(&victim.file), "{msg}");
+    // Whatever came before the error was exact.
+    assert_eq!(got[..], samples[8..8 + got.len()]);
+}
+
+#[test]
+fn a_shard_reader_reads_records_and_chunks_by_ranges() {
+    let Some(srv) = S3Server::start("a_shard_reader_reads_records_and_chunks_by_ranges") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&dir, BUCKET, "reader");
+    let mut o = options(&srv.endpoint, Some(&fx.path("cache")));
+    o.set("range_reads", "always").unwrap();
+    let ds = shardlock::Dataset::open_at(&url, &fx.trust, &o).unwrap();
+    ds.plan_shards(&[2, 5], false);
+    assert_eq!(ds.ranged_shards(), vec![2, 5]);
+    let local = fx.open(&dir).unwrap();
+    for shard in [2u32, 5] {
+        let mut r = fx.open_shard(&ds, shard).unwrap();
+        let mut l = fx.open_shard(&local, shard).unwrap();
+        assert!(r.shared().is_ranged() && !l.shared().is_ranged());
+        for rec in (0..r.len()).rev() {
+            let want = &samples[(shard * 24) as usize + rec as usize];
+            assert_eq!(&r.read_record(rec).unwrap()[0][..], &want[..], "shard {shard} record {rec}");
+        }
+        // Whole chunks, the final one included, and the tail of the plaintext.
+        let (mut a, mut b) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+        for k in 0..r.shared().chunk_count() {
+            let n = r.shared().decrypt_chunk(k, &mut a).unwrap();
+            assert_eq!(n, l.shared().decrypt_chunk(k, &mut b).unwrap());
+            assert_eq!(a[..n], b[..n], "chunk {k}");
+        }
+        let len = r.index().field_range(r.len() - 1, 0).1;
+        let (mut ta, mut tb) = (vec![0u8; 100], vec![0u8; 100]);
+        r.read_at(len - 100, &mut ta).unwrap();
+        l.read_at(len - 100, &mut tb).unwrap();
+        assert_eq!(ta, tb);
+        assert!(r.read_at(len, &mut ta).is_err(), "a read past the end is refused");
+    }
+    assert_eq!(slk_files(&fx.path("cache")), 0);
 }

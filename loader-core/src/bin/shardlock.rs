@@ -69,6 +69,10 @@ struct RemoteArgs {
     /// Bytes of shards to keep in the cache before evicting ones the plan is done with.
     #[arg(long, value_parser = parse_size)]
     cache_bytes: Option<u64>,
+    /// Ranged GETs of just the needed chunks instead of whole shards: auto (for
+    /// global shuffle when the shards do not fit in --cache-bytes), always, never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    range_reads: String,
 }
 
 impl RemoteArgs {
@@ -83,6 +87,7 @@ impl RemoteArgs {
         if let Some(t) = &self.s3_timeout {
             o.set("timeout", t)?;
         }
+        o.set("range_reads", &self.range_reads)?;
         Ok(o)
     }
 }

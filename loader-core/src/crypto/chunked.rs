@@ -147,51 +147,32 @@ fn layout(ct_len: usize) -> Result<(u64, usize)> {
     Ok((chunks, rem - TAG_LEN))
 }
 
-/// An opened Cobblestone-256 ciphertext held in memory, for random-access decryption.
-///
-/// [`Payload::open`] checks the length and the key commitment; chunks are then
-/// authenticated one by one as they are read.
-///
-/// `B` holds the bytes (a slice, a `Vec`, an mmap); the ciphertext starts at byte
-/// `start` of it and runs to its end.
-pub struct Payload<B> {
+/// An opened Cobblestone-256 message without its bytes: the derived key and the chunk
+/// layout implied by the ciphertext length. For ciphertexts whose chunks arrive one
+/// range at a time (ranged reads from object storage); [`Payload`] wraps one with a
+/// buffer.
+pub struct Message {
     key: MessageKey,
-    buf: B,
-    /// Offset of chunk 0 in `buf`.
-    body: usize,
     chunks: u64,
     last_len: usize,
 }
 
-impl<B: AsRef<[u8]>> Payload<B> {
-    /// Checks the ciphertext length and the key commitment of the ciphertext
-    /// `buf[start..]` for `input_key` and `context`. No chunk is decrypted.
-    pub fn open(backend: Backend, input_key: &[u8], context: &[u8], buf: B, start: usize) -> Result<Self> {
-        let ciphertext = buf.as_ref().get(start..).unwrap_or_default();
-        if ciphertext.len() < HEADER_LEN {
+impl Message {
+    /// Checks the key commitment in `prefix` (the first [`HEADER_LEN`] bytes of the
+    /// ciphertext: salt || commitment) for `input_key` and `context`, and that a
+    /// ciphertext of `ct_len` bytes is a possible message. No chunk is decrypted.
+    pub fn open(backend: Backend, input_key: &[u8], context: &[u8], prefix: &[u8], ct_len: u64) -> Result<Self> {
+        if prefix.len() < HEADER_LEN || ct_len < HEADER_LEN as u64 {
             return Err(Error::integrity(IntegrityKind::Truncated, None));
         }
-        let (salt, rest) = ciphertext.split_at(SALT_LEN);
-        let stored_commitment = &rest[..COMMITMENT_LEN];
+        let (salt, rest) = prefix.split_at(SALT_LEN);
         let (key, commitment) = derive(backend, input_key, salt, context)?;
-        if !super::ct_eq(&commitment, stored_commitment) {
+        if !super::ct_eq(&commitment, &rest[..COMMITMENT_LEN]) {
             return Err(Error::integrity(IntegrityKind::Commitment, None));
         }
-        let (chunks, last_len) = layout(ciphertext.len())?;
-        Ok(Self { key, buf, body: start + HEADER_LEN, chunks, last_len })
-    }
-
-    /// Raw mode (spec appendix): `aead_key` and `base_nonce` given directly and no
-    /// salt/commitment prefix. Test hook for the Wycheproof raw-mode vectors.
-    #[doc(hidden)]
-    pub fn open_raw(backend: Backend, aead_key: &[u8; KEY_LEN], base_nonce: [u8; NONCE_LEN], buf: B) -> Result<Self> {
-        let (chunks, last_len) = layout(buf.as_ref().len() + HEADER_LEN)?;
-        Ok(Self { key: MessageKey { aead: backend.key(aead_key), base_nonce }, buf, body: 0, chunks, last_len })
-    }
-
-    /// The whole buffer given to [`Payload::open`].
-    pub fn buffer(&self) -> &[u8] {
-        self.buf.as_ref()
+        let ct_len = usize::try_from(ct_len).map_err(|_| Error::integrity(IntegrityKind::Truncated, None))?;
+        let (chunks, last_len) = layout(ct_len)?;
+        Ok(Self { key, chunks, last_len })
     }
 
     /// Number of chunks (at least 1).
@@ -200,8 +181,7 @@ impl<B: AsRef<[u8]>> Payload<B> {
     }
 
     /// Plaintext length in bytes, as implied by the ciphertext length. It is
-    /// authenticated only once the final chunk has been read
-    /// ([`Payload::authenticate_length`]).
+    /// authenticated only once the final chunk has been read.
     pub fn plaintext_len(&self) -> u64 {
         (self.chunks - 1) * CHUNK_LEN as u64 + self.last_len as u64
     }
@@ -215,9 +195,17 @@ impl<B: AsRef<[u8]>> Payload<B> {
         }
     }
 
-    /// Decrypts and authenticates chunk `k` into `out[..chunk_plaintext_len(k)]` and
-    /// returns that length. On failure nothing in `out` is left from this chunk.
-    pub fn decrypt_chunk(&self, k: u64, out: &mut [u8]) -> Result<usize> {
+    /// Byte range of chunk `k` (ciphertext and tag) within the ciphertext, counted from
+    /// its first byte (the salt).
+    pub fn chunk_range(&self, k: u64) -> std::ops::Range<u64> {
+        let start = HEADER_LEN as u64 + k * ENC_CHUNK_LEN as u64;
+        start..start + (self.chunk_plaintext_len(k) + TAG_LEN) as u64
+    }
+
+    /// Decrypts and authenticates chunk `k`, whose ciphertext and tag are `sealed`
+    /// (exactly [`Message::chunk_range`] long), into `out[..chunk_plaintext_len(k)]`
+    /// and returns that length. On failure nothing in `out` is left from this chunk.
+    pub fn open_chunk(&self, k: u64, sealed: &[u8], out: &mut [u8]) -> Result<usize> {
         if k >= self.chunks {
             return Err(Error::InvalidArgument(format!("chunk {k} out of range (payload has {})", self.chunks)));
         }
@@ -225,10 +213,10 @@ impl<B: AsRef<[u8]>> Payload<B> {
         if out.len() < n {
             return Err(Error::InvalidArgument(format!("output buffer of {} bytes < chunk of {n}", out.len())));
         }
-        let start = self.body + k as usize * ENC_CHUNK_LEN;
-        let bytes = self.buf.as_ref();
-        let ct = &bytes[start..start + n];
-        let tag = &bytes[start + n..start + n + TAG_LEN];
+        if sealed.len() != n + TAG_LEN {
+            return Err(Error::integrity(IntegrityKind::Truncated, Some(k)));
+        }
+        let (ct, tag) = sealed.split_at(n);
         self.key
             .aead
             .open_to(&self.key.nonce(k), &[], ct, tag, &mut out[..n])
@@ -236,17 +224,18 @@ impl<B: AsRef<[u8]>> Payload<B> {
         Ok(n)
     }
 
-    /// Authenticates the message length by decrypting the final chunk (spec,
-    /// "Implementation notes").
-    pub fn authenticate_length(&self) -> Result<()> {
-        let mut scratch = ChunkBuf::new();
-        self.decrypt_chunk(self.chunks - 1, &mut scratch[..]).map(|_| ())
-    }
-
     /// Decrypts plaintext bytes `[offset, offset + out.len())` into `out`, decrypting
-    /// only the chunks that cover the range. `scratch` must hold one chunk; it is
-    /// used for partially covered chunks and zeroized after use.
-    pub fn read_at(&self, offset: u64, out: &mut [u8], scratch: &mut [u8; CHUNK_LEN]) -> Result<()> {
+    /// only the chunks that cover the range, each through `chunk(k, out)` (which
+    /// decrypts chunk `k` into `out`, e.g. with [`Message::open_chunk`]). `scratch`
+    /// must hold one chunk; it is used for partially covered chunks and zeroized after
+    /// use. On failure `out` is zeroized.
+    pub fn read_with(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        scratch: &mut [u8; CHUNK_LEN],
+        mut chunk: impl FnMut(u64, &mut [u8]) -> Result<usize>,
+    ) -> Result<()> {
         let end = offset.checked_add(out.len() as u64).filter(|&e| e <= self.plaintext_len()).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "range {offset}+{} beyond plaintext of {} bytes",
@@ -264,9 +253,9 @@ impl<B: AsRef<[u8]>> Payload<B> {
                 let take = ((end - pos) as usize).min(n - within);
                 if within == 0 && take == n {
                     // Whole chunk: decrypt straight into the destination.
-                    self.decrypt_chunk(k, &mut out[written..written + n])?;
+                    chunk(k, &mut out[written..written + n])?;
                 } else {
-                    self.decrypt_chunk(k, &mut scratch[..])?;
+                    chunk(k, &mut scratch[..])?;
                     out[written..written + take].copy_from_slice(&scratch[within..within + take]);
                 }
                 written += take;
@@ -277,7 +266,7 @@ impl<B: AsRef<[u8]>> Payload<B> {
             // range, so without this a message cut at a chunk boundary (plus 16 bytes
             // of garbage) would read back whole (Wycheproof Cobblestone tcId 14).
             if end == self.plaintext_len() && self.last_len == 0 {
-                self.decrypt_chunk(self.chunks - 1, &mut scratch[..])?;
+                chunk(self.chunks - 1, &mut scratch[..])?;
             }
             Ok(())
         })();
@@ -286,6 +275,92 @@ impl<B: AsRef<[u8]>> Payload<B> {
             out.zeroize();
         }
         result
+    }
+}
+
+/// An opened Cobblestone-256 ciphertext held in memory, for random-access decryption.
+///
+/// [`Payload::open`] checks the length and the key commitment; chunks are then
+/// authenticated one by one as they are read.
+///
+/// `B` holds the bytes (a slice, a `Vec`, an mmap); the ciphertext starts at byte
+/// `start` of it and runs to its end.
+pub struct Payload<B> {
+    msg: Message,
+    buf: B,
+    /// Offset of chunk 0 in `buf`.
+    body: usize,
+}
+
+impl<B: AsRef<[u8]>> Payload<B> {
+    /// Checks the ciphertext length and the key commitment of the ciphertext
+    /// `buf[start..]` for `input_key` and `context`. No chunk is decrypted.
+    pub fn open(backend: Backend, input_key: &[u8], context: &[u8], buf: B, start: usize) -> Result<Self> {
+        let ciphertext = buf.as_ref().get(start..).unwrap_or_default();
+        let msg = Message::open(backend, input_key, context, ciphertext, ciphertext.len() as u64)?;
+        Ok(Self { msg, buf, body: start + HEADER_LEN })
+    }
+
+    /// Raw mode (spec appendix): `aead_key` and `base_nonce` given directly and no
+    /// salt/commitment prefix. Test hook for the Wycheproof raw-mode vectors.
+    #[doc(hidden)]
+    pub fn open_raw(backend: Backend, aead_key: &[u8; KEY_LEN], base_nonce: [u8; NONCE_LEN], buf: B) -> Result<Self> {
+        let (chunks, last_len) = layout(buf.as_ref().len() + HEADER_LEN)?;
+        let msg = Message { key: MessageKey { aead: backend.key(aead_key), base_nonce }, chunks, last_len };
+        Ok(Self { msg, buf, body: 0 })
+    }
+
+    /// The whole buffer given to [`Payload::open`].
+    pub fn buffer(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
+    /// The key and chunk layout.
+    pub fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    /// Number of chunks (at least 1).
+    pub fn chunk_count(&self) -> u64 {
+        self.msg.chunk_count()
+    }
+
+    /// Plaintext length in bytes, as implied by the ciphertext length. It is
+    /// authenticated only once the final chunk has been read
+    /// ([`Payload::authenticate_length`]).
+    pub fn plaintext_len(&self) -> u64 {
+        self.msg.plaintext_len()
+    }
+
+    /// Plaintext length of chunk `k`.
+    pub fn chunk_plaintext_len(&self, k: u64) -> usize {
+        self.msg.chunk_plaintext_len(k)
+    }
+
+    /// Decrypts and authenticates chunk `k` into `out[..chunk_plaintext_len(k)]` and
+    /// returns that length. On failure nothing in `out` is left from this chunk.
+    pub fn decrypt_chunk(&self, k: u64, out: &mut [u8]) -> Result<usize> {
+        if k >= self.msg.chunks {
+            return Err(Error::InvalidArgument(format!("chunk {k} out of range (payload has {})", self.msg.chunks)));
+        }
+        let r = self.msg.chunk_range(k);
+        let at = self.body + (r.start as usize - HEADER_LEN);
+        let sealed = &self.buf.as_ref()[at..at + (r.end - r.start) as usize];
+        self.msg.open_chunk(k, sealed, out)
+    }
+
+    /// Authenticates the message length by decrypting the final chunk (spec,
+    /// "Implementation notes").
+    pub fn authenticate_length(&self) -> Result<()> {
+        let mut scratch = ChunkBuf::new();
+        self.decrypt_chunk(self.msg.chunks - 1, &mut scratch[..]).map(|_| ())
+    }
+
+    /// Decrypts plaintext bytes `[offset, offset + out.len())` into `out`, decrypting
+    /// only the chunks that cover the range. `scratch` must hold one chunk; it is
+    /// used for partially covered chunks and zeroized after use.
+    pub fn read_at(&self, offset: u64, out: &mut [u8], scratch: &mut [u8; CHUNK_LEN]) -> Result<()> {
+        self.msg.read_with(offset, out, scratch, |k, o| self.decrypt_chunk(k, o))
     }
 }
 

@@ -7,6 +7,7 @@ mod verify;
 
 pub use rotate::rotate;
 pub(crate) use rotate::write_signed as write_signed_manifest;
+pub(crate) use shard::SealedRun;
 pub use shard::{OpenShard, ShardReader};
 pub use verify::{verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 
@@ -33,6 +34,14 @@ enum Source {
     /// Object storage, through the cache.
     #[cfg(feature = "s3")]
     Remote(crate::remote::RemoteShards),
+}
+
+/// How the ciphertext of one shard is reached.
+pub(crate) enum ShardData {
+    /// A local file (the dataset directory, or a verified file in the remote cache).
+    File(std::fs::File, PathBuf),
+    /// Ranged reads of the shard's object (remote, not cached).
+    Ranged(std::sync::Arc<dyn crate::remote::RangeSource>),
 }
 
 /// What `inspect` can say about a manifest without any key.
@@ -150,15 +159,16 @@ impl Dataset {
         }
     }
 
-    /// Opens the (ciphertext) file of shard `index`: from the directory, or from the
-    /// cache of a remote dataset after a download verified against the manifest.
-    pub(crate) fn open_shard_file(&self, index: u32) -> Result<(std::fs::File, PathBuf)> {
+    /// Opens the ciphertext of shard `index`: a file in the directory, a file in the
+    /// cache of a remote dataset after a download verified against the manifest, or
+    /// (a remote shard the epoch plan reads by ranges) its object.
+    pub(crate) fn open_shard_data(&self, index: u32) -> Result<ShardData> {
         let entry = self.shard_entry(index)?;
         match &self.source {
             Source::Local => {
                 let path = self.dir.join(&entry.file);
                 match std::fs::File::open(&path) {
-                    Ok(f) => Ok((f, path)),
+                    Ok(f) => Ok(ShardData::File(f, path)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Integrity {
                         shard: self.shard_ref(index),
                         chunk: None,
@@ -172,14 +182,39 @@ impl Dataset {
         }
     }
 
+    /// Opens the (ciphertext) file of shard `index`, downloading a remote shard into
+    /// the cache even where the epoch plan would read it by ranges.
+    pub(crate) fn open_shard_file(&self, index: u32) -> Result<(std::fs::File, PathBuf)> {
+        match &self.source {
+            #[cfg(feature = "s3")]
+            Source::Remote(r) => r.open_file(index),
+            _ => match self.open_shard_data(index)? {
+                ShardData::File(f, p) => Ok((f, p)),
+                ShardData::Ranged(_) => Err(Error::Internal("a local shard read by ranges".into())),
+            },
+        }
+    }
+
     /// Tells a remote dataset which shards the coming epoch reads, first use first,
-    /// so it can fetch ahead. No effect on a local dataset.
-    pub fn plan_shards(&self, order: &[u32]) {
+    /// so it can fetch ahead; `random_access` says that batches draw samples from
+    /// all over the dataset (`global` shuffle), where ranged reads can be cheaper
+    /// than whole shards ([`crate::remote::RangeReads`]). No effect on a local dataset.
+    pub fn plan_shards(&self, order: &[u32], random_access: bool) {
         #[cfg(feature = "s3")]
         if let Source::Remote(r) = &self.source {
-            r.plan(order);
+            r.plan(order, random_access);
         }
-        let _ = order;
+        let _ = (order, random_access);
+    }
+
+    /// Shards the current epoch plan of a remote dataset reads with ranged GETs
+    /// (empty for a local dataset).
+    pub fn ranged_shards(&self) -> Vec<u32> {
+        match &self.source {
+            #[cfg(feature = "s3")]
+            Source::Remote(r) => r.ranged_shards(),
+            _ => Vec::new(),
+        }
     }
 
     /// Makes threads waiting for a remote shard's download give up now (the reader is

@@ -1,34 +1,62 @@
 //! Random access to the records of one shard.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use super::Dataset;
+use super::{Dataset, ShardData};
 use crate::crypto::aead::Backend;
-use crate::crypto::chunked::{ChunkBuf, Payload};
+use crate::crypto::chunked::{ChunkBuf, Message, Payload, CHUNK_LEN, ENC_CHUNK_LEN, HEADER_LEN};
 use crate::error::{Error, IntegrityKind, Result, ShardRef};
 use crate::format::index::{self, RecordIndex, PROLOGUE_LEN};
 use crate::format::ShardHeader;
 use crate::keys::Dek;
 use crate::memory::{map_opened, Mapped};
+use crate::remote::{RangeRequest, RangeSource};
 
-/// An opened shard shared by pipeline workers: memory-mapped ciphertext, the payload
-/// key, and the authenticated record index. Reads take `&self` and a caller-owned
-/// scratch chunk; after an integrity failure every later read fails too.
+/// An opened shard shared by pipeline workers: its ciphertext (memory-mapped, or read
+/// by ranges from object storage), the payload key, and the authenticated record
+/// index. Reads take `&self` and a caller-owned scratch chunk; after an integrity
+/// failure every later read fails too.
 pub struct OpenShard {
-    payload: Payload<Mapped>,
+    body: Body,
     index: RecordIndex,
     at: ShardRef,
     failed: std::sync::OnceLock<(IntegrityKind, Option<u64>)>,
 }
 
+enum Body {
+    Mapped(Payload<Mapped>),
+    /// The shard's object, fetched a range of chunks at a time.
+    Ranged {
+        msg: Message,
+        src: Arc<dyn RangeSource>,
+        shard: u32,
+        /// Object offset of the ciphertext (the header length).
+        base: u64,
+    },
+}
+
+/// Chunks `[first, end)` of one shard's ciphertext, fetched by one ranged read.
+pub(crate) struct SealedRun {
+    /// First chunk.
+    pub(crate) first: u64,
+    /// One past the last chunk.
+    pub(crate) end: u64,
+    /// Their ciphertext and tags, back to back.
+    pub(crate) bytes: Vec<u8>,
+}
+
 impl OpenShard {
     pub(crate) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
+        let (file, path) = match ds.open_shard_data(shard)? {
+            ShardData::File(f, p) => (f, p),
+            ShardData::Ranged(src) => return Self::open_ranged(ds, shard, dek, backend, src),
+        };
         let entry = ds.shard_entry(shard)?;
         let at = ds.shard_ref(shard);
         let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
-        let (file, path) = ds.open_shard_file(shard)?;
         let map = map_opened(&file, &path)?;
         if map.len() as u64 != entry.file_bytes {
             return Err(fail(IntegrityKind::SizeMismatch));
@@ -45,9 +73,69 @@ impl OpenShard {
         }
         payload.authenticate_length().map_err(|e| e.at_shard(&at))?;
         let mut scratch = ChunkBuf::new();
-        let index = read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut scratch)
-            .map_err(|e| e.at_shard(&at))?;
-        Ok(Self { payload, index, at, failed: std::sync::OnceLock::new() })
+        let index = read_index(payload.plaintext_len(), &ds.manifest().schema, header.record_count, &path, |b| {
+            payload.read_at(0, b, &mut scratch)
+        })
+        .map_err(|e| e.at_shard(&at))?;
+        Ok(Self { body: Body::Mapped(payload), index, at, failed: std::sync::OnceLock::new() })
+    }
+
+    /// Opens a shard read by ranges: one read covers the header, salt, commitment and
+    /// the chunks of the record index, a second one the final chunk. The same checks
+    /// as for a file follow (header equal to the one the signed manifest implies, key
+    /// commitment, authenticated length, record index); the object's size is the
+    /// signed `file_bytes`, which every ranged response is checked against.
+    fn open_ranged(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend, src: Arc<dyn RangeSource>) -> Result<Self> {
+        let entry = ds.shard_entry(shard)?;
+        let at = ds.shard_ref(shard);
+        let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
+        let header = expected_header(ds, shard)?.encode();
+        let h = header.len() as u64;
+        let schema = &ds.manifest().schema;
+        let index_len =
+            index::index_len(entry.records, schema.fields.len()).ok_or_else(|| fail(IntegrityKind::IndexCorrupt))?;
+        let ct_len = entry.file_bytes.checked_sub(h).ok_or_else(|| fail(IntegrityKind::Truncated))?;
+        let (head_chunks, last) = sealed_layout(ct_len, index_len);
+        // Chunks [0, head_chunks) carry the record index; `last` is the final chunk.
+        let body_at = h + HEADER_LEN as u64;
+        let head = 0..(body_at + head_chunks * ENC_CHUNK_LEN as u64).min(entry.file_bytes);
+        let tail = (body_at + last * ENC_CHUNK_LEN as u64).min(entry.file_bytes)..entry.file_bytes;
+        let mut reqs = vec![(shard, head.clone())];
+        if tail.start >= head.end && !tail.is_empty() {
+            reqs.push((shard, tail.clone()));
+        }
+        let mut got = src.get_ranges(&reqs)?.into_iter();
+        let head_bytes = got.next().unwrap_or_default();
+        if head_bytes.get(..header.len()) != Some(&header[..]) {
+            return Err(fail(IntegrityKind::HeaderMismatch));
+        }
+        let prefix = head_bytes.get(header.len()..).unwrap_or_default();
+        let msg = Message::open(backend, dek.expose(), &header, prefix, ct_len).map_err(|e| e.at_shard(&at))?;
+        let runs = [
+            SealedRun {
+                first: 0,
+                end: head_chunks.min(msg.chunk_count()),
+                bytes: head_bytes.get(body_at as usize..).unwrap_or_default().to_vec(),
+            },
+            SealedRun { first: last, end: last + 1, bytes: got.next().unwrap_or_default() },
+        ];
+        let chunk = |k: u64, out: &mut [u8]| -> Result<usize> {
+            match runs.iter().find_map(|r| run_chunk(&msg, r, k)) {
+                Some(sealed) => msg.open_chunk(k, sealed, out),
+                None => Err(Error::integrity(IntegrityKind::Truncated, Some(k))),
+            }
+        };
+        let mut scratch = ChunkBuf::new();
+        chunk(msg.chunk_count() - 1, &mut scratch[..]).map_err(|e| e.at_shard(&at))?;
+        if msg.plaintext_len() != entry.plaintext_bytes {
+            return Err(fail(IntegrityKind::Truncated));
+        }
+        let path = at.file.clone().unwrap_or_default();
+        let index =
+            read_index(msg.plaintext_len(), schema, entry.records, &path, |b| msg.read_with(0, b, &mut scratch, chunk))
+                .map_err(|e| e.at_shard(&at))?;
+        let body = Body::Ranged { msg, src, shard, base: h };
+        Ok(Self { body, index, at, failed: std::sync::OnceLock::new() })
     }
 
     /// Number of records.
@@ -84,27 +172,126 @@ impl OpenShard {
         e.at_shard(&self.at)
     }
 
+    fn message(&self) -> &Message {
+        match &self.body {
+            Body::Mapped(p) => p.message(),
+            Body::Ranged { msg, .. } => msg,
+        }
+    }
+
     /// Decrypts plaintext bytes at `offset` into `out` (chunks authenticated first).
+    /// A shard read by ranges fetches the chunks that cover them first.
     pub fn read_at(&self, offset: u64, out: &mut [u8], scratch: &mut ChunkBuf) -> Result<()> {
         self.check_failed()?;
-        self.payload.read_at(offset, out, scratch).map_err(|e| self.note_failure(e))
+        let r = match &self.body {
+            Body::Mapped(p) => p.read_at(offset, out, scratch),
+            Body::Ranged { msg, .. } => {
+                let len = msg.plaintext_len();
+                let end = offset.checked_add(out.len() as u64).filter(|&e| e <= len).ok_or_else(|| {
+                    Error::InvalidArgument(format!("range {offset}+{} beyond plaintext of {len} bytes", out.len()))
+                })?;
+                let first = offset / CHUNK_LEN as u64;
+                // A read to the end also authenticates the (possibly empty) final chunk.
+                let stop = if end == len { msg.chunk_count() } else { end.div_ceil(CHUNK_LEN as u64) };
+                let runs = if first < stop { self.fetch(&[(first, stop)])? } else { Vec::new() };
+                msg.read_with(offset, out, scratch, |k, o| match runs.first() {
+                    Some(run) => self.open_fetched(run, k, o),
+                    None => Err(Error::Internal(format!("chunk {k} was not fetched"))),
+                })
+            }
+        };
+        r.map_err(|e| self.note_failure(e))
     }
 
     /// Decrypts chunk `k` into `out` (at least one chunk long); returns its length.
     pub fn decrypt_chunk(&self, k: u64, out: &mut [u8]) -> Result<usize> {
         self.check_failed()?;
-        self.payload.decrypt_chunk(k, out).map_err(|e| self.note_failure(e))
+        let r = match &self.body {
+            Body::Mapped(p) => p.decrypt_chunk(k, out),
+            Body::Ranged { msg, .. } if k >= msg.chunk_count() => {
+                Err(Error::InvalidArgument(format!("chunk {k} out of range (payload has {})", msg.chunk_count())))
+            }
+            Body::Ranged { .. } => match self.fetch(&[(k, k + 1)])?.pop() {
+                Some(run) => self.open_fetched(&run, k, out),
+                None => Err(Error::Internal("no ranged read".into())),
+            },
+        };
+        r.map_err(|e| self.note_failure(e))
+    }
+
+    /// True when chunks come from ranged reads: fetch them with
+    /// [`OpenShard::fetch`] (or, batched across shards, [`OpenShard::fetch_request`])
+    /// and decrypt with [`OpenShard::open_fetched`].
+    pub fn is_ranged(&self) -> bool {
+        matches!(self.body, Body::Ranged { .. })
+    }
+
+    /// The source and the request that fetch chunks `[first, end)` of a ranged shard.
+    pub(crate) fn fetch_request(&self, first: u64, end: u64) -> Result<(&Arc<dyn RangeSource>, RangeRequest)> {
+        let Body::Ranged { msg, src, shard, base } = &self.body else {
+            return Err(Error::Internal(format!("{}: a ranged read of a mapped shard", self.at)));
+        };
+        if first >= end || end > msg.chunk_count() {
+            return Err(Error::InvalidArgument(format!("{}: chunks {first}..{end} of {}", self.at, msg.chunk_count())));
+        }
+        let a = base + msg.chunk_range(first).start;
+        let z = base + msg.chunk_range(end - 1).end;
+        Ok((src, (*shard, a..z)))
+    }
+
+    /// Fetches chunk runs `[first, end)` of a ranged shard (one ranged read each).
+    pub(crate) fn fetch(&self, runs: &[(u64, u64)]) -> Result<Vec<SealedRun>> {
+        let mut reqs = Vec::with_capacity(runs.len());
+        let mut src = None;
+        for &(a, z) in runs {
+            let (s, r) = self.fetch_request(a, z)?;
+            src = Some(s);
+            reqs.push(r);
+        }
+        let Some(src) = src else { return Ok(Vec::new()) };
+        let got = src.get_ranges(&reqs).map_err(|e| e.at_shard(&self.at))?;
+        Ok(runs.iter().zip(got).map(|(&(first, end), bytes)| SealedRun { first, end, bytes }).collect())
+    }
+
+    /// Decrypts chunk `k` of a ranged shard from a fetched run that covers it.
+    pub(crate) fn open_fetched(&self, run: &SealedRun, k: u64, out: &mut [u8]) -> Result<usize> {
+        self.check_failed()?;
+        let msg = self.message();
+        if k >= msg.chunk_count() {
+            return Err(Error::InvalidArgument(format!("chunk {k} out of range (payload has {})", msg.chunk_count())));
+        }
+        let sealed = run_chunk(msg, run, k).ok_or_else(|| Error::Internal(format!("chunk {k} was not fetched")))?;
+        msg.open_chunk(k, sealed, out).map_err(|e| self.note_failure(e))
     }
 
     /// Number of payload chunks.
     pub fn chunk_count(&self) -> u64 {
-        self.payload.chunk_count()
+        self.message().chunk_count()
     }
 
     /// Plaintext length of chunk `k`.
     pub fn chunk_plaintext_len(&self, k: u64) -> usize {
-        self.payload.chunk_plaintext_len(k)
+        self.message().chunk_plaintext_len(k)
     }
+}
+
+/// For a ciphertext of `ct_len` bytes whose plaintext starts with a record index of
+/// `index_len` bytes: the number of leading chunks that hold the index, and the index
+/// of the final chunk. (An impossible length is caught by [`Message::open`].)
+fn sealed_layout(ct_len: u64, index_len: u64) -> (u64, u64) {
+    let body = ct_len.saturating_sub(HEADER_LEN as u64);
+    let last = body / ENC_CHUNK_LEN as u64;
+    (index_len.div_ceil(CHUNK_LEN as u64).min(last + 1), last)
+}
+
+/// The sealed bytes of chunk `k` within `run`, if it holds them.
+fn run_chunk<'a>(msg: &Message, run: &'a SealedRun, k: u64) -> Option<&'a [u8]> {
+    if k < run.first || k >= run.end {
+        return None;
+    }
+    let r = msg.chunk_range(k);
+    let a = (r.start - msg.chunk_range(run.first).start) as usize;
+    run.bytes.get(a..a + (r.end - r.start) as usize)
 }
 
 /// Random access to the records of one shard: an [`OpenShard`] plus its own scratch.
@@ -209,25 +396,27 @@ pub(super) fn expected_header(ds: &Dataset, shard: u32) -> Result<ShardHeader> {
     })
 }
 
-/// Decrypts and validates the record index; an inconsistent authenticated index is an
-/// integrity failure (only a buggy or malicious packer holding the DEK can cause it).
-pub(super) fn read_index<B: AsRef<[u8]>>(
-    payload: &Payload<B>,
+/// Decrypts (through `read`, which fills its argument with plaintext from offset 0)
+/// and validates the record index of a payload of `plaintext_len` bytes; an
+/// inconsistent authenticated index is an integrity failure (only a buggy or malicious
+/// packer holding the DEK can cause it).
+pub(super) fn read_index(
+    plaintext_len: u64,
     schema: &crate::format::Schema,
     records: u64,
     path: &Path,
-    scratch: &mut ChunkBuf,
+    read: impl FnOnce(&mut [u8]) -> Result<()>,
 ) -> Result<RecordIndex> {
     let corrupt = || Error::integrity(IntegrityKind::IndexCorrupt, None);
     let len = index::index_len(records, schema.fields.len()).ok_or_else(corrupt)?;
-    if len > payload.plaintext_len() {
+    if len > plaintext_len {
         return Err(corrupt());
     }
     let mut bytes = Zeroizing::new(vec![0u8; len as usize]);
-    payload.read_at(0, &mut bytes, scratch)?;
+    read(&mut bytes)?;
     let (n, _) = RecordIndex::parse_prologue(&bytes[..PROLOGUE_LEN], path)?;
     if n != records {
         return Err(corrupt());
     }
-    RecordIndex::parse(&bytes, schema, payload.plaintext_len(), path).map_err(|_| corrupt())
+    RecordIndex::parse(&bytes, schema, plaintext_len, path).map_err(|_| corrupt())
 }

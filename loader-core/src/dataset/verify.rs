@@ -95,7 +95,7 @@ pub fn verify_at(
     let loc = crate::remote::Location::parse(location)?;
     let ds = Dataset::open_location(&loc, trust, remote)?;
     let order: Vec<u32> = (0..ds.manifest().shards.len() as u32).collect();
-    ds.plan_shards(&order);
+    ds.plan_shards(&order, false);
     let dir = match &loc {
         crate::remote::Location::Local(d) => Some(d.as_path()),
         _ => None,
@@ -220,8 +220,10 @@ fn verify_shard(
         }
     }
     progress(done + header_len as u64);
-    read_index(&payload, &ds.manifest().schema, header.record_count, &path, &mut scratch)
-        .map_err(|err| err.at_shard(&at))?;
+    read_index(payload.plaintext_len(), &ds.manifest().schema, header.record_count, &path, |b| {
+        payload.read_at(0, b, &mut scratch)
+    })
+    .map_err(|err| err.at_shard(&at))?;
     // Authentication above names the failing chunk; the digest additionally pins the
     // exact file bytes the manifest was signed over.
     let mut h = Sha256::default();

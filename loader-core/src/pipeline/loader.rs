@@ -15,7 +15,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Access, Authorizer, AuthorizerConfig, Token};
 use crate::crypto::aead::Backend;
 use crate::crypto::chunked::CHUNK_LEN;
-use crate::dataset::{Dataset, OpenShard};
+use crate::dataset::{Dataset, OpenShard, SealedRun};
 use crate::error::{Error, Result};
 use crate::format::{FieldKind, Schema};
 use crate::keys::{KeyProvider, TrustAnchor};
@@ -693,7 +693,7 @@ impl EpochRun {
         let mut seen = std::collections::HashSet::new();
         let order: Vec<u32> =
             samples.iter().take(n_batches * b).map(|s| s.shard()).filter(|&s| seen.insert(s)).collect();
-        shared.ds.plan_shards(&order);
+        shared.ds.plan_shards(&order, shared.spec.shuffle == Shuffle::Global);
         let flow = Arc::new((Mutex::new(Flow { next: 0, consumed: 0, stop: false }), Condvar::new()));
         let (tx, rx) = crossbeam_channel::bounded(shared.depth + shared.workers);
         let cache = Arc::new(ShardCache::default());
@@ -938,6 +938,7 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
     let Some(out) = batch.buf.as_mut().map(|b| b.prefix_mut(total)) else {
         return Err(Error::Internal("batch without a buffer".into()));
     };
+    let fetched = fetch_ranged(&open, refs, &shard_of, &slots)?;
     // Decrypt in storage order (shard, record) so neighbouring samples share the
     // worker's cached chunk, while each sample lands in its shuffled slot.
     let mut order: Vec<usize> = (0..n).collect();
@@ -970,21 +971,98 @@ fn fill(job: &Job, k: usize, cc: &mut ChunkCache) -> Result<Batch> {
                     continue;
                 }
                 let (sid, shard) = (&open[rp].0, &open[rp].1);
-                copy_plain(shard, *sid, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
+                let runs = fetched.get(rp).map_or(&[][..], |r| &r[..]);
+                copy_plain(shard, *sid, runs, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
             }
             run = Some((p, a, z, dest[j]));
         }
         if let Some((rp, ra, rz, rd)) = run {
             let (sid, shard) = (&open[rp].0, &open[rp].1);
-            copy_plain(shard, *sid, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
+            let runs = fetched.get(rp).map_or(&[][..], |r| &r[..]);
+            copy_plain(shard, *sid, runs, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
         }
     }
     Ok(batch)
 }
 
+/// For shards read by ranges (remote, `global` shuffle, not cached): fetches every
+/// chunk this batch needs from them in one burst of concurrent ranged reads, adjacent
+/// chunks coalesced into one read. Per open shard, its fetched runs sorted by first
+/// chunk (empty for mapped shards; an empty result when no shard is ranged).
+fn fetch_ranged(
+    open: &[(u32, Arc<OpenShard>)],
+    refs: &[SampleRef],
+    shard_of: &[usize],
+    slots: &[FieldSlot],
+) -> Result<Vec<Vec<SealedRun>>> {
+    if !open.iter().any(|(_, s)| s.is_ranged()) {
+        return Ok(Vec::new());
+    }
+    let c = CHUNK_LEN as u64;
+    let mut wanted: Vec<Vec<(u64, u64)>> = vec![Vec::new(); open.len()];
+    for (r, &p) in refs.iter().zip(shard_of) {
+        let s = &open[p].1;
+        if !s.is_ranged() {
+            continue;
+        }
+        for slot in slots {
+            let (a, z) = s.index().field_range(u64::from(r.record()), slot.schema_pos);
+            if z > a {
+                wanted[p].push((a / c, (z - 1) / c + 1));
+            }
+        }
+    }
+    let mut reqs = Vec::new();
+    let mut owners = Vec::new();
+    let mut src = None;
+    for (p, runs) in wanted.iter_mut().enumerate() {
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for &(a, z) in runs.iter() {
+            match merged.last_mut() {
+                Some(m) if a <= m.1 => m.1 = m.1.max(z),
+                _ => merged.push((a, z)),
+            }
+        }
+        for (a, z) in merged {
+            let (s, req) = open[p].1.fetch_request(a, z)?;
+            src.get_or_insert_with(|| s.clone());
+            reqs.push(req);
+            owners.push((p, a, z));
+        }
+    }
+    let mut out: Vec<Vec<SealedRun>> = (0..open.len()).map(|_| Vec::new()).collect();
+    let Some(src) = src else { return Ok(out) };
+    // A failure is a typed `Error::Remote` naming the shard object.
+    let got = src.get_ranges(&reqs)?;
+    for ((p, first, end), bytes) in owners.into_iter().zip(got) {
+        out[p].push(SealedRun { first, end, bytes });
+    }
+    Ok(out)
+}
+
 /// Copies authenticated plaintext `[a, z)` of `shard` into `dest`: whole chunks are
 /// decrypted straight into the batch, partial ones through the worker's chunk cache.
-fn copy_plain(shard: &OpenShard, sid: u32, a: u64, z: u64, dest: &mut [u8], cc: &mut ChunkCache) -> Result<()> {
+/// A shard read by ranges decrypts from `runs`, the chunks [`fetch_ranged`] fetched.
+fn copy_plain(
+    shard: &OpenShard,
+    sid: u32,
+    runs: &[SealedRun],
+    a: u64,
+    z: u64,
+    dest: &mut [u8],
+    cc: &mut ChunkCache,
+) -> Result<()> {
+    let decrypt = |k: u64, out: &mut [u8]| -> Result<usize> {
+        if !shard.is_ranged() {
+            return shard.decrypt_chunk(k, out);
+        }
+        let i = runs.partition_point(|r| r.end <= k);
+        match runs.get(i) {
+            Some(run) if run.first <= k => shard.open_fetched(run, k, out),
+            _ => shard.decrypt_chunk(k, out),
+        }
+    };
     let mut pos = a;
     let mut w = 0usize;
     while pos < z {
@@ -994,11 +1072,11 @@ fn copy_plain(shard: &OpenShard, sid: u32, a: u64, z: u64, dest: &mut [u8], cc: 
         let take = ((z - pos) as usize).min(n - within);
         let cached = cc.key == Some((sid, k));
         if within == 0 && take == n && !cached {
-            shard.decrypt_chunk(k, &mut dest[w..w + n])?;
+            decrypt(k, &mut dest[w..w + n])?;
         } else {
             if !cached {
                 cc.key = None;
-                shard.decrypt_chunk(k, &mut cc.buf.as_mut_slice()[..CHUNK_LEN])?;
+                decrypt(k, &mut cc.buf.as_mut_slice()[..CHUNK_LEN])?;
                 cc.key = Some((sid, k));
             }
             dest[w..w + take].copy_from_slice(&cc.buf.as_slice()[within..within + take]);

@@ -20,12 +20,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use object_store::GetOptions;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{GetOptions, GetRange};
 
 use super::store::{backoff, runtime, Bucket, Failure};
-use super::{Location, RemoteOptions};
+use super::{Location, RangeReads, RangeRequest, RangeSource, RemoteOptions};
 use crate::crypto::Sha256;
+use crate::dataset::ShardData;
 use crate::error::{Error, RemoteFailure, Result};
 use crate::format::manifest::{self, Manifest};
 
@@ -78,6 +79,11 @@ struct State {
     closed: bool,
     /// Bumped when the reader stops (loader dropped): waiters give up at once.
     interrupts: u64,
+    /// Shards the current epoch plan reads with ranged GETs instead of the cache.
+    ranged: Vec<bool>,
+    /// ETag of each shard object as first seen by a ranged read in this epoch: later
+    /// ranges of it are `If-Match` requests, so a replaced object fails cleanly.
+    etags: Vec<Option<String>>,
 }
 
 struct Inner {
@@ -87,8 +93,11 @@ struct Inner {
     objects: Vec<Object>,
     budget: u64,
     concurrency: usize,
+    range_reads: RangeReads,
     state: Mutex<State>,
     cv: Condvar,
+    /// Bumped with `interrupts`: wakes ranged reads in flight so they give up.
+    irq: tokio::sync::watch::Sender<u64>,
 }
 
 /// The shards of one remote dataset and the cache they are fetched into.
@@ -140,7 +149,12 @@ impl RemoteShards {
                 )));
             }
         }
-        let state = State { slots: vec![Slot::Absent; objects.len()], ..Default::default() };
+        let state = State {
+            slots: vec![Slot::Absent; objects.len()],
+            ranged: vec![false; objects.len()],
+            etags: vec![None; objects.len()],
+            ..Default::default()
+        };
         let inner = Arc::new(Inner {
             bucket,
             handle: rt.handle().clone(),
@@ -148,8 +162,10 @@ impl RemoteShards {
             objects,
             budget,
             concurrency: opts.concurrency.max(1),
+            range_reads: opts.range_reads,
             state: Mutex::new(state),
             cv: Condvar::new(),
+            irq: tokio::sync::watch::Sender::new(0),
         });
         Ok(Self { inner, _rt: rt })
     }
@@ -165,8 +181,10 @@ impl RemoteShards {
     }
 
     /// A new epoch plan: prefetch `order` (first use first); shards the plan does not
-    /// name become eviction candidates.
-    pub(crate) fn plan(&self, order: &[u32]) {
+    /// name become eviction candidates. With `random_access` (global shuffle) and
+    /// [`RangeReads::Auto`], shards not already cached are read with ranged GETs when
+    /// the plan's shards do not fit in the cache budget.
+    pub(crate) fn plan(&self, order: &[u32], random_access: bool) {
         let inner = &self.inner;
         let mut st = inner.lock();
         for s in st.slots.iter_mut() {
@@ -174,17 +192,37 @@ impl RemoteShards {
                 *s = Slot::Absent;
             }
         }
-        let mut wanted = vec![false; st.slots.len()];
-        for &i in order {
-            if let Some(w) = wanted.get_mut(i as usize) {
-                *w = true;
+        let n = st.slots.len();
+        let order: Vec<u32> = order.iter().copied().filter(|&i| (i as usize) < n).collect();
+        let mut wanted = vec![false; n];
+        for &i in &order {
+            wanted[i as usize] = true;
+        }
+        st.released =
+            (0..n as u32).filter(|&i| !wanted[i as usize] && matches!(st.slots[i as usize], Slot::Ready)).collect();
+        let plan_bytes: u64 = order.iter().map(|&i| inner.objects[i as usize].size).sum();
+        let ranged = match inner.range_reads {
+            RangeReads::Never => false,
+            RangeReads::Always => true,
+            RangeReads::Auto => random_access && plan_bytes > inner.budget,
+        };
+        st.ranged = vec![false; n];
+        st.etags = vec![None; n];
+        if ranged {
+            for &i in &order {
+                if !matches!(st.slots[i as usize], Slot::Ready | Slot::Fetching) && !inner.adopt_cached(&mut st, i) {
+                    st.ranged[i as usize] = true;
+                }
             }
         }
-        st.released = (0..st.slots.len() as u32)
-            .filter(|&i| !wanted[i as usize] && matches!(st.slots[i as usize], Slot::Ready))
-            .collect();
-        st.queue = order.iter().copied().filter(|&i| (i as usize) < st.slots.len()).collect();
+        st.queue = order.iter().copied().filter(|&i| !st.ranged[i as usize]).collect();
         pump(inner, &mut st);
+    }
+
+    /// Shards the current plan reads with ranged GETs.
+    pub(crate) fn ranged_shards(&self) -> Vec<u32> {
+        let st = self.inner.lock();
+        (0..st.ranged.len() as u32).filter(|&i| st.ranged[i as usize]).collect()
     }
 
     /// The plan is done with shard `i` for this epoch: it may be evicted when space
@@ -205,12 +243,27 @@ impl RemoteShards {
     pub(crate) fn interrupt(&self) {
         self.inner.lock().interrupts += 1;
         self.inner.cv.notify_all();
+        self.inner.irq.send_modify(|v| *v += 1);
+    }
+
+    /// Shard `i`: its verified cache file, or, where the plan reads it by ranges and
+    /// it is not cached, its object (see [`RemoteShards::open_file`]).
+    pub(crate) fn open(&self, i: u32) -> Result<ShardData> {
+        {
+            let mut st = self.inner.lock();
+            let ranged = st.ranged.get(i as usize).copied().unwrap_or(false);
+            if ranged && matches!(st.slots[i as usize], Slot::Absent) && !self.inner.adopt_cached(&mut st, i) {
+                return Ok(ShardData::Ranged(self.inner.clone()));
+            }
+        }
+        let (f, p) = self.open_file(i)?;
+        Ok(ShardData::File(f, p))
     }
 
     /// Opens shard `i`'s verified cache file, downloading it now if the prefetcher has
     /// not. Waits at most about twice the per-object timeout; never returns a file
     /// that did not match the signed manifest's size and SHA-256.
-    pub(crate) fn open(&self, i: u32) -> Result<(File, PathBuf)> {
+    pub(crate) fn open_file(&self, i: u32) -> Result<(File, PathBuf)> {
         let inner = &self.inner;
         let o = inner.objects.get(i as usize).ok_or_else(|| Error::InvalidArgument(format!("no shard {i}")))?;
         let path = inner.final_path(o);
@@ -535,4 +588,112 @@ fn create_cache_dir(dir: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(Error::io("create", dir))
+}
+
+impl RangeSource for Inner {
+    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<Vec<u8>>> {
+        let mut irq = self.irq.subscribe();
+        let all = futures::stream::iter(reqs.iter().cloned())
+            .map(|(i, r)| get_range(self, i, r))
+            .buffered(self.concurrency * 8)
+            .try_collect::<Vec<_>>();
+        let stop = async move {
+            let _ = irq.changed().await;
+        };
+        let first = reqs.first().map(|(i, _)| *i);
+        let url = first.and_then(|i| self.objects.get(i as usize)).map(|o| o.url.clone()).unwrap_or_default();
+        self.handle.block_on(async move {
+            match futures::future::select(Box::pin(all), Box::pin(stop)).await {
+                futures::future::Either::Left((r, _)) => r,
+                futures::future::Either::Right(_) => Err(Error::Remote {
+                    url,
+                    shard: first,
+                    kind: RemoteFailure::Unavailable,
+                    detail: "the reader stopped while waiting for ranged reads".into(),
+                }),
+            }
+        })
+    }
+}
+
+/// One ranged GET of shard `i`'s object, retried with backoff until the per-object
+/// timeout. The first read of a shard in an epoch records its ETag; later ones require
+/// it (`If-Match`), so an object replaced mid-epoch fails as
+/// [`RemoteFailure::Modified`] instead of mixing versions.
+async fn get_range(inner: &Inner, i: u32, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
+    let o = inner.objects.get(i as usize).ok_or_else(|| Error::InvalidArgument(format!("no shard {i}")))?;
+    let b = &inner.bucket;
+    if range.start >= range.end || range.end > o.size {
+        return Err(Error::InvalidArgument(format!("bytes {range:?} of {} ({} bytes)", o.url, o.size)));
+    }
+    let start = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let etag = inner.lock().etags[i as usize].clone();
+        let last = match range_once(inner, o, range.clone(), etag.clone()).await {
+            Ok((bytes, tag)) => {
+                if etag.is_none() {
+                    if let Some(t) = tag {
+                        inner.lock().etags[i as usize].get_or_insert(t);
+                    }
+                }
+                return Ok(bytes);
+            }
+            Err(Failure::Permanent(kind, detail)) => {
+                return Err(Error::Remote { url: o.url.clone(), shard: Some(i), kind, detail })
+            }
+            Err(Failure::Transient(detail)) => detail,
+        };
+        let wait = backoff(attempt);
+        if start.elapsed() + wait > b.timeout {
+            return Err(b.gave_up(&o.url, Some(i), attempt, start, &last));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One attempt of [`get_range`]: the bytes and the object's ETag.
+async fn range_once(
+    inner: &Inner,
+    o: &Object,
+    range: std::ops::Range<u64>,
+    if_match: Option<String>,
+) -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
+    let b = &inner.bucket;
+    let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), if_match, ..Default::default() };
+    let got = tokio::time::timeout(b.stall, b.store.get_opts(&b.key(&o.name), opts))
+        .await
+        .map_err(|_| Failure::Transient(format!("no response within {:?}", b.stall)))?
+        .map_err(|e| b.classify(e))?;
+    if got.meta.size != o.size {
+        return Err(Failure::Permanent(
+            RemoteFailure::Modified,
+            format!("object has {} bytes, the signed manifest says {}", got.meta.size, o.size),
+        ));
+    }
+    if got.range != range {
+        return Err(Failure::Transient(format!("asked for bytes {range:?}, got {:?}", got.range)));
+    }
+    let tag = got.meta.e_tag.clone();
+    let want = (range.end - range.start) as usize;
+    let mut out = Vec::with_capacity(want);
+    let mut s = got.into_stream();
+    loop {
+        match tokio::time::timeout(b.stall, s.next()).await {
+            Err(_) => return Err(Failure::Transient(format!("no data for {:?} after {} bytes", b.stall, out.len()))),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(b.classify(e)),
+            Ok(Some(Ok(bytes))) => {
+                if out.len() + bytes.len() > want {
+                    return Err(Failure::Transient(format!("more than the {want} bytes asked for")));
+                }
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+    if out.len() != want {
+        return Err(Failure::Transient(format!("body ended after {} of {want} bytes", out.len())));
+    }
+    Ok((out, tag))
 }

@@ -21,6 +21,47 @@ mod store;
 
 #[cfg(feature = "s3")]
 pub(crate) use fetch::{fetch_manifest, RemoteShards};
+
+/// Byte ranges of a remote dataset's shard objects, fetched on demand (ranged GETs)
+/// instead of through the cache. What comes back is ciphertext exactly as stored;
+/// the reader authenticates every chunk it decrypts, as for a local file.
+pub(crate) trait RangeSource: Send + Sync {
+    /// Fetches each `(shard, byte range)` (ranges within the shard's object),
+    /// concurrently, retrying transient failures; results are in request order.
+    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// Bytes `.1` of shard `.0`'s object.
+pub(crate) type RangeRequest = (u32, std::ops::Range<u64>);
+
+/// When shards of a remote dataset are read with ranged GETs of just the chunks a
+/// batch needs, instead of being downloaded whole into the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RangeReads {
+    /// Ranged reads when they are cheaper: `global` shuffle over shards (not yet
+    /// cached) that do not all fit in `cache_bytes`. Whole-shard downloads would then
+    /// evict shards the epoch still needs and fetch them again, while ranged reads
+    /// move each needed chunk once per epoch. Otherwise whole shards are cached, and
+    /// later epochs read them from local disk.
+    #[default]
+    Auto,
+    /// Every shard not already in the cache is read with ranged GETs.
+    Always,
+    /// Whole shards only.
+    Never,
+}
+
+impl RangeReads {
+    /// Parses `auto`, `always` or `never`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(Error::InvalidArgument(format!("range reads {s:?}: expected auto, always or never"))),
+        }
+    }
+}
 #[cfg(feature = "s3")]
 pub use store::upload_dir;
 
@@ -138,6 +179,10 @@ pub struct RemoteOptions {
     pub stall_timeout: Duration,
     /// Connection timeout (default 5 s).
     pub connect_timeout: Duration,
+    /// Ranged GETs of just the needed chunks instead of whole shards (default
+    /// [`RangeReads::Auto`]: for `global` shuffle when the shards do not fit in
+    /// `cache_bytes`).
+    pub range_reads: RangeReads,
 }
 
 impl Default for RemoteOptions {
@@ -155,6 +200,7 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
+            range_reads: RangeReads::Auto,
         }
     }
 }
@@ -174,6 +220,7 @@ impl fmt::Debug for RemoteOptions {
             .field("concurrency", &self.concurrency)
             .field("timeout", &self.timeout)
             .field("stall_timeout", &self.stall_timeout)
+            .field("range_reads", &self.range_reads)
             .finish()
     }
 }
@@ -182,7 +229,8 @@ impl RemoteOptions {
     /// Sets one option by name, for bindings and the CLI: `endpoint`, `region`,
     /// `access_key_id`, `secret_access_key`, `session_token`, `allow_http`,
     /// `cache_dir`, `cache_bytes`, `concurrency`, `timeout`, `stall_timeout`,
-    /// `connect_timeout` (durations like `30s`, `2m`). An error never echoes the value.
+    /// `connect_timeout` (durations like `30s`, `2m`), `range_reads` (`auto`, `always`,
+    /// `never`). An error never echoes the value.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         let bad = |what: &str| Error::InvalidArgument(format!("s3 option {key}: {what}"));
         let dur = |v: &str| crate::auth::parse_ttl(v).map_err(|_| bad("expected a duration such as 30s or 2m"));
@@ -211,11 +259,14 @@ impl RemoteOptions {
             "timeout" => self.timeout = dur(value)?,
             "stall_timeout" => self.stall_timeout = dur(value)?,
             "connect_timeout" => self.connect_timeout = dur(value)?,
+            "range_reads" => {
+                self.range_reads = RangeReads::parse(value).map_err(|_| bad("expected auto, always or never"))?
+            }
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "unknown s3 option {key:?} (known: endpoint, region, access_key_id, secret_access_key, \
                      session_token, allow_http, cache_dir, cache_bytes, concurrency, timeout, stall_timeout, \
-                     connect_timeout)"
+                     connect_timeout, range_reads)"
                 )))
             }
         }

@@ -119,6 +119,10 @@ impl Bucket {
     pub(crate) fn classify(&self, e: object_store::Error) -> Failure {
         match e {
             object_store::Error::NotFound { .. } => Failure::Permanent(RemoteFailure::NotFound, "404".into()),
+            object_store::Error::Precondition { .. } => Failure::Permanent(
+                RemoteFailure::Modified,
+                "the object was replaced while this epoch read it (its ETag changed)".into(),
+            ),
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
                 Failure::Permanent(RemoteFailure::Denied, self.scrub(e.to_string()))
             }

@@ -169,6 +169,7 @@ pub struct Proxy {
     fault: Arc<Mutex<Fault>>,
     stop: Arc<AtomicBool>,
     injected: Arc<AtomicUsize>,
+    forwarded: Arc<AtomicUsize>,
     port: u16,
 }
 
@@ -179,7 +180,8 @@ impl Proxy {
         let fault = Arc::new(Mutex::new(Fault::Pass));
         let stop = Arc::new(AtomicBool::new(false));
         let injected = Arc::new(AtomicUsize::new(0));
-        let (f, st, inj) = (fault.clone(), stop.clone(), injected.clone());
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let (f, st, inj, fwd) = (fault.clone(), stop.clone(), injected.clone(), forwarded.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -200,11 +202,11 @@ impl Proxy {
                     }
                     m
                 };
-                let (st, inj, live) = (st.clone(), inj.clone(), f.clone());
-                std::thread::spawn(move || serve(client, upstream, mode, &live, &st, &inj));
+                let (st, inj, live, fwd) = (st.clone(), inj.clone(), f.clone(), fwd.clone());
+                std::thread::spawn(move || serve(client, upstream, mode, &live, &st, &inj, &fwd));
             }
         });
-        Self { endpoint: format!("http://127.0.0.1:{port}"), fault, stop, injected, port }
+        Self { endpoint: format!("http://127.0.0.1:{port}"), fault, stop, injected, forwarded, port }
     }
 
     pub fn set(&self, f: Fault) {
@@ -214,6 +216,11 @@ impl Proxy {
     /// Faults actually injected so far (503s sent, connections cut).
     pub fn injected(&self) -> usize {
         self.injected.load(Ordering::SeqCst)
+    }
+
+    /// Response bytes (headers and bodies) forwarded to clients so far.
+    pub fn forwarded(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
     }
 }
 
@@ -231,6 +238,7 @@ fn serve(
     live: &Mutex<Fault>,
     stop: &AtomicBool,
     injected: &AtomicUsize,
+    forwarded: &AtomicUsize,
 ) {
     match mode {
         Fault::Status503(_) => {
@@ -286,6 +294,7 @@ fn serve(
                 if client.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                forwarded.fetch_add(n, Ordering::SeqCst);
                 sent += n;
             }
             let _ = client.shutdown(Shutdown::Both);
