@@ -1,12 +1,15 @@
 """Streaming from S3-compatible object storage (a real ``moto_server``), mirroring
 ``loader-core/tests/s3.rs``: batches equal the local ones, the cache holds ciphertext
-only, a second epoch comes from the cache, and errors are typed and credential-free.
+only, a second epoch comes from the cache, two processes share one cache directory, and
+errors are typed and credential-free.
 
 The server is started on a free port of 127.0.0.1 per module and killed at the end,
 also when a test fails. Without ``moto_server`` the module is skipped with the reason,
 unless ``SHARDLOCK_REQUIRE_S3=1`` (``make test``), where that is a failure.
 """
 
+import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -20,6 +23,7 @@ import pytest
 
 import shardlock
 
+HERE = pathlib.Path(__file__).resolve().parent
 ACCESS_KEY = "AKIDPYCANARY42"
 SECRET_KEY = "SECRETPYCANARY-0a1b2c3d-never-log"
 CANARY = b"CANARY-py-PLAINTEXT-NOT-IN-CACHE"
@@ -113,6 +117,13 @@ def _epoch(loader):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _assert_ciphertext_only(cache: pathlib.Path) -> None:
+    for p in cache.iterdir():
+        data = p.read_bytes()
+        assert CANARY not in data, f"plaintext in cache file {p.name}"
+        assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data
+
+
 def test_streams_like_local_and_caches_ciphertext_only(env, server, remote):
     local, url, x, y = remote
     cache = env.root / "cache"
@@ -129,10 +140,110 @@ def test_streams_like_local_and_caches_ciphertext_only(env, server, remote):
     del loader
     names = sorted(p.name for p in cache.iterdir())
     assert any(n.endswith(".slk") for n in names)
-    for p in cache.iterdir():
-        data = p.read_bytes()
-        assert CANARY not in data, f"plaintext in cache file {p.name}"
-        assert SECRET_KEY.encode() not in data and ACCESS_KEY.encode() not in data
+    _assert_ciphertext_only(cache)
+
+
+@pytest.mark.parametrize("range_reads", ["always", "auto"])
+def test_global_shuffle_by_ranged_reads_equals_local(env, server, remote, range_reads):
+    """Global shuffle reading just the needed chunks by ranged GETs (forced, or chosen by
+    `auto` because the dataset does not fit in `cache_bytes`): the same batches as from
+    the local directory, and nothing in the cache."""
+    local, url, _, _ = remote
+    cache = env.root / "ranged-cache"
+    shard_bytes = max(p.stat().st_size for p in local.glob("*.slk"))
+    opts = _opts(server, cache, range_reads=range_reads, cache_bytes=str(shard_bytes))
+    kw = dict(dataset="pyds", shuffle="global", seed=11, output="numpy", batch_size=16)
+    loader = env.loader(url, storage_options=opts, **kw)
+    local_loader = env.loader(local, **kw)
+    for epoch in range(2):
+        lx, ly = _epoch(local_loader)
+        rx, ry = _epoch(loader)
+        assert np.array_equal(ry, ly), f"epoch {epoch}: {ry[:20]} vs {ly[:20]}"
+        assert np.array_equal(rx, lx)
+    del loader
+    cached = sorted(p.name for p in cache.glob("*.slk"))
+    assert cached == [], f"ranged reads downloaded whole shards: {cached}"
+    if cache.exists():
+        _assert_ciphertext_only(cache)
+
+
+def _share_cache_child(spec_json: str) -> None:
+    """One process of test_processes_share_one_cache_dir (run as its own interpreter):
+    once every process is ready, streams one epoch and saves its batches to spec["out"]."""
+    spec = json.loads(spec_json)
+    barrier = pathlib.Path(spec["barrier"])
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < spec["processes"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other processes did not start within 60 s")
+        time.sleep(0.01)
+    x, y = _epoch(shardlock.Loader(spec["url"], **spec["loader"]))
+    np.savez(spec["out"], x=x, y=y)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_processes_share_one_cache_dir(env, server, remote, world):
+    """Two OS processes (ranks on one node: both rank 0 of 1, or ranks 0 and 1 of 2)
+    stream the same s3:// dataset at the same time through one cache directory that does
+    not exist yet. Each gets the batches a local-directory loader yields for its rank; the
+    cache ends with one complete, verified `<sha256>.slk` per shard read, nothing partial
+    and no plaintext."""
+    local, url, _, _ = remote
+    cache = env.root / "shared-cache"
+    barrier = env.root / "barrier"
+    barrier.mkdir()
+    kw = {"shuffle": "window", "seed": 3, "output": "numpy", "batch_size": 16, "world_size": world}
+    token = env.token("pyds", name="shared.token")
+    options = {k: str(v) for k, v in _opts(server, cache, timeout="20s").items()}
+    ranks = [0, 1] if world == 2 else [0, 0]
+    procs = []
+    try:
+        for i, rank in enumerate(ranks):
+            spec = {
+                "url": url,
+                "barrier": str(barrier),
+                "processes": len(ranks),
+                "out": str(env.root / f"process{i}.npz"),
+                "loader": dict(kw, rank=rank, keyring=str(env.keyring), token=str(token), trust=str(env.trust), storage_options=options),
+            }
+            code = "import sys, test_s3; test_s3._share_cache_child(sys.argv[1])"
+            procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], cwd=HERE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + 180
+        for i, p in enumerate(procs):
+            try:
+                _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"process {i} sharing the cache did not finish within 180 s")
+            assert p.returncode == 0, f"process {i} exited with {p.returncode}: {err[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    read = []
+    for i, rank in enumerate(ranks):
+        lx, ly = _epoch(env.loader(local, dataset="pyds", token=token, rank=rank, **kw))
+        got = np.load(env.root / f"process{i}.npz")
+        assert np.array_equal(got["y"], ly), f"process {i} (rank {rank} of {world}): ids {got['y'][:20]} vs local {ly[:20]}"
+        assert np.array_equal(got["x"], lx), f"process {i} (rank {rank} of {world}): bytes differ from the local batches"
+        read.append(got["y"])
+
+    shards = json.loads((local / "manifest.json").read_text())["body"]["shards"]
+    shard_end = np.cumsum([s["records"] for s in shards])  # y is the sample index
+    needed = {f"{shards[j]['sha256']}.slk" for j in np.unique(np.searchsorted(shard_end, np.concatenate(read), side="right"))}
+    by_name = {f"{s['sha256']}.slk": s for s in shards}
+    names = {p.name for p in cache.iterdir()}
+    slk = {n for n in names if n.endswith(".slk")}
+    assert needed <= slk <= set(by_name), f"shards read {sorted(needed)}, cached {sorted(slk)}"
+    assert all(n.endswith(".lock") for n in names - slk), f"left in the cache: {sorted(names - slk)}"
+    for name in slk:
+        data = (cache / name).read_bytes()
+        assert len(data) == by_name[name]["file_bytes"], f"{name}: {len(data)} bytes"
+        assert hashlib.sha256(data).hexdigest() == by_name[name]["sha256"], f"{name}: content is not the shard"
+    _assert_ciphertext_only(cache)
 
 
 def test_unreachable_store_raises_remote_error_without_credentials(env, remote):

@@ -66,11 +66,14 @@ class Loader:
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
     ``access_key_id``, ``secret_access_key``, ``session_token``, ``allow_http``,
-    ``cache_dir``, ``cache_bytes``, ``concurrency``, ``timeout``, ``stall_timeout``
-    (anything unset comes from the ``AWS_*`` environment variables). Shards are fetched
-    ahead of the epoch plan into ``cache_dir`` as ciphertext, checked against the
-    signed manifest's size and SHA-256 before use; failures raise
-    :class:`shardlock.RemoteError` with ``.kind``, ``.url`` and ``.shard``.
+    ``cache_dir``, ``cache_bytes``, ``concurrency``, ``timeout``, ``stall_timeout``,
+    ``connect_timeout``, ``range_reads`` (anything unset comes from the ``AWS_*``
+    environment variables). Shards are fetched ahead of the epoch plan into
+    ``cache_dir`` as ciphertext, checked against the signed manifest's size and
+    SHA-256 before use; failures raise :class:`shardlock.RemoteError` with ``.kind``,
+    ``.url`` and ``.shard``. With ``shuffle="global"`` and shards that do not fit in
+    ``cache_bytes``, each batch instead fetches just the chunks it needs with ranged
+    GETs (``range_reads="auto"``, the default; ``"always"`` / ``"never"`` force it).
     """
 
     def __init__(
