@@ -18,6 +18,13 @@ Starts ``moto_server`` on a free port of 127.0.0.1 and writes ``--gib`` GiB of r
    Every litdata epoch must yield every sample exactly once (a few rows of ~50 batches
    are compared with the plaintext byte for byte); otherwise the script exits 1.
 
+3. with ``--s3s-fs PATH``: uploads the shardlock dataset to an ``s3s-fs`` server too and
+   runs one cold ``global``-shuffle epoch twice with ``--cache-bytes`` a quarter of the
+   dataset: whole shards (``--range-reads never``) and ranged reads of just the needed
+   chunks (``auto`` picks them); "GB moved" is what the loader received from the
+   server (``remote_bytes``), "cache MB" what the cache holds at the end. moto is not used for this: it reads the whole object
+   for every ranged GET.
+
 It prints one table (first-batch latency, GB/s of sample bytes delivered, samples per
 epoch) and one JSON line with everything. First batch: from the start of the epoch's
 iteration, after the manifest (shardlock) or ``index.json`` (litdata) was fetched.
@@ -145,6 +152,50 @@ def shardlock_rows(exe: str, work: pathlib.Path, npy: pathlib.Path, a: argparse.
             "bytes": sum(p.stat().st_size for p in ds.iterdir()), "shards": len(list(ds.glob("*.slk")))}
 
 
+def dir_bytes(d: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+
+
+def global_rows(exe: str, work: pathlib.Path, a: argparse.Namespace) -> dict[str, Any]:
+    """`global` shuffle from s3://, one cold epoch each with `cache_bytes` a quarter of
+    the dataset: whole shards (`range_reads=never`) and ranged reads (`auto` picks them). Served by s3s-fs (`--s3s-fs`): moto reads the whole object for every
+    ranged GET, which would measure moto."""
+    if not a.s3s_fs:
+        return {"skipped": "needs --s3s-fs PATH (cargo install s3s-fs@0.14.1 --features binary): moto reads the "
+                           "whole object for every ranged GET"}
+    ds = work / "ds"
+    root = work / "s3s-root"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / BUCKET).mkdir(parents=True)
+    port = free_port()
+    env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    server = subprocess.Popen([a.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key",
+                               CREDENTIALS["AWS_ACCESS_KEY_ID"], "--secret-key", CREDENTIALS["AWS_SECRET_ACCESS_KEY"], str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        run([exe, "upload", str(ds), f"s3://{BUCKET}/ds"], env)
+        total = sum(p.stat().st_size for p in ds.glob("*.slk"))
+        largest = max(p.stat().st_size for p in ds.glob("*.slk"))
+        common = ["--keyring", str(work / "keyring.json"), "--token", str(work / "job.token"),
+                  "--trust", str(work / "issuer.key.pub"), "--batch-size", str(a.batch_size),
+                  "--shuffle", "global", "--epochs", "1", "--json"]
+        budget = max(total // 4, largest)
+        out: dict[str, Any] = {"budget": budget}
+        for name, mode in (("whole", "never"), ("ranged", "auto")):
+            extra = ["--cache-bytes", str(budget), "--range-reads", mode]
+            cache = work / f"cache-{name}"
+            shutil.rmtree(cache, ignore_errors=True)
+            r = json.loads(run([exe, "bench", f"s3://{BUCKET}/ds", "--cache-dir", str(cache), *common, *extra], env))
+            out[name] = dict(r["epochs"][0], cache_bytes=dir_bytes(cache))
+            shutil.rmtree(cache, ignore_errors=True)
+        return out
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def allow_http_for_litdata(endpoint: str) -> None:
     """litdata builds its obstore S3Store with fixed client options (no ``allow_http``),
     which overrule ``AWS_ALLOW_HTTP``; obstore then refuses an ``http://`` endpoint."""
@@ -240,6 +291,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", default="64MiB")
     ap.add_argument("--skip-litdata", action="store_true", help="shardlock rows only")
+    ap.add_argument("--s3s-fs", default=None, help="s3s-fs binary: adds global-shuffle rows, whole shards vs ranged reads")
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temp dir, removed)")
     a = ap.parse_args()
     exe = os.path.abspath(a.shardlock)
@@ -264,6 +316,7 @@ def main() -> None:
         conn.close()
 
         sl = shardlock_rows(exe, work, npy, a, env)
+        glob = global_rows(exe, work, a)
         lit = {} if a.skip_litdata else litdata_rows(shape, work, endpoint)
 
         print(f"dataset: {n} samples of {a.sample_kib} KiB ({shape.total_bytes / 1e9:.2f} GB), batch {a.batch_size}; "
@@ -283,12 +336,20 @@ def main() -> None:
         for name, r in lit.items():
             if "skipped" in r:
                 print(f"{name}: skipped: {r['skipped']}")
+        if "skipped" in glob:
+            print(f"global shuffle rows: skipped: {glob['skipped']}")
+        else:
+            print(f"global shuffle from s3s-fs, one cold epoch each, cache_bytes {glob['budget'] / 1e6:.0f} MB:\n"
+                  f"{'reads':<32} {'first batch ms':>15} {'GB/s':>8} {'samples':>9} {'GB moved':>9} {'cache MB':>9}")
+            for label, e in (("whole shards (never)", glob["whole"]), ("ranged (auto)", glob["ranged"])):
+                print(f"{label:<32} {e['first_batch_ms']:>15.1f} {e['gb_per_s']:>8.2f} {e['samples']:>9} "
+                      f"{e['remote_bytes'] / 1e9:>9.2f} {e['cache_bytes'] / 1e6:>9.1f}")
         errors = [f"{name} epoch {i}: {err}" for name, r in lit.items() for i, e in enumerate(r.get("epochs", []))
                   for err in e["errors"]]
         for err in errors:
             print(f"WRONG SAMPLES: {err}")
         print(json.dumps({"local": sl["local"], "s3": sl["s3"], "upload_s": sl["upload_s"], "bytes": sl["bytes"],
-                          "litdata": lit}))
+                          "global": glob, "litdata": lit}))
         if errors:
             sys.exit(1)
     finally:

@@ -126,7 +126,10 @@ fn streams_through_a_ciphertext_only_cache_and_rereads_from_it() {
     assert_eq!(epoch(&mut l).unwrap(), samples, "first (cold) epoch");
     let cached = files(&cache).iter().filter(|p| p.extension().is_some_and(|e| e == "slk")).count();
     assert_eq!(cached, 8, "every shard is cached after a full epoch");
+    let total: u64 = fx.open(&dir).unwrap().manifest().shards.iter().map(|s| s.file_bytes).sum();
+    assert_eq!(l.dataset().remote_bytes(), total, "each shard downloaded once");
     assert_eq!(epoch(&mut l).unwrap(), samples, "second (cached) epoch");
+    assert_eq!(l.dataset().remote_bytes(), total, "nothing downloaded for the cached epoch");
     drop(l);
     assert_cache_clean(&cache);
     assert!(!files(&cache).iter().any(|p| p.extension().is_some_and(|e| e == "partial")));
@@ -501,6 +504,8 @@ fn a_rank_reading_part_of_a_dataset_moves_only_its_chunks() {
     // under half of the 2.6 MB a whole-shard download of every shard would move.
     assert!(moved < total / 2, "{moved} bytes moved for a rank's eighth of {total}");
     assert!(moved > 8 * (40 << 10), "{moved} bytes cannot hold 8 samples");
+    let counted = l.dataset().remote_bytes();
+    assert!(counted <= moved && counted > 8 * (40 << 10), "remote_bytes {counted}, {moved} through the proxy");
     drop(l);
     assert_eq!(slk_files(&fx.path("cache")), 0);
 }

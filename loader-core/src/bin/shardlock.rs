@@ -829,6 +829,9 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
             e.cpu_utilisation
         );
     }
+    for e in report.epochs.iter().filter(|e| e.remote_bytes > 0) {
+        println!("epoch {}: {:.3} GB received from object storage", e.epoch, e.remote_bytes as f64 / 1e9);
+    }
     println!(
         "peak RssAnon {:.1} MiB (baseline {:.1} MiB); {} batch buffers allocated",
         report.peak_rss_anon as f64 / 1048576.0,

@@ -207,6 +207,16 @@ impl Dataset {
         let _ = (order, random_access);
     }
 
+    /// Bytes received from object storage so far: shard downloads and ranged reads,
+    /// retries included (0 for a local dataset; the manifest is not counted).
+    pub fn remote_bytes(&self) -> u64 {
+        match &self.source {
+            #[cfg(feature = "s3")]
+            Source::Remote(r) => r.received_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Shards the current epoch plan of a remote dataset reads with ranged GETs
     /// (empty for a local dataset).
     pub fn ranged_shards(&self) -> Vec<u32> {

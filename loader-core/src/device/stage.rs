@@ -707,4 +707,8 @@ impl crate::pipeline::bench::Source for DeviceLoader {
     fn buffers_allocated(&self) -> usize {
         self.loader.buffers_allocated() + self.allocated
     }
+
+    fn remote_bytes(&self) -> u64 {
+        self.loader.dataset().remote_bytes()
+    }
 }

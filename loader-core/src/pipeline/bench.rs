@@ -33,6 +33,9 @@ pub struct EpochReport {
     pub p99_batch_ms: f64,
     /// CPU seconds / wall seconds (2.0 = two cores busy).
     pub cpu_utilisation: f64,
+    /// Bytes received from object storage during the epoch (whole-shard downloads and
+    /// ranged reads, retries included); 0 for a local dataset.
+    pub remote_bytes: u64,
 }
 
 /// Numbers of a whole run.
@@ -66,6 +69,8 @@ pub trait Source {
     fn next_delivered(&mut self) -> Option<Result<(u64, u64)>>;
     /// Batch buffers allocated so far.
     fn buffers_allocated(&self) -> usize;
+    /// Bytes received from object storage so far ([`crate::Dataset::remote_bytes`]).
+    fn remote_bytes(&self) -> u64;
 }
 
 impl Source for Loader {
@@ -80,6 +85,10 @@ impl Source for Loader {
     fn buffers_allocated(&self) -> usize {
         Loader::buffers_allocated(self)
     }
+
+    fn remote_bytes(&self) -> u64 {
+        self.dataset().remote_bytes()
+    }
 }
 
 /// Streams `epochs` epochs, touching nothing but the batch metadata, and reports.
@@ -90,7 +99,7 @@ pub fn run(loader: &mut dyn Source, epochs: u64, progress: &mut dyn FnMut(u64, u
     let mut reports = Vec::new();
     for _ in 0..epochs {
         let epoch = loader.epoch();
-        let (t0, c0) = (Instant::now(), process_cpu_seconds());
+        let (t0, c0, r0) = (Instant::now(), process_cpu_seconds(), loader.remote_bytes());
         let mut last = t0;
         let mut waits = Vec::new();
         let (mut batches, mut samples, mut bytes) = (0u64, 0u64, 0u64);
@@ -124,6 +133,7 @@ pub fn run(loader: &mut dyn Source, epochs: u64, progress: &mut dyn FnMut(u64, u
             p50_batch_ms: percentile(&waits, 0.5),
             p99_batch_ms: percentile(&waits, 0.99),
             cpu_utilisation: cpu / secs,
+            remote_bytes: loader.remote_bytes().saturating_sub(r0),
         });
     }
     Ok(BenchReport {

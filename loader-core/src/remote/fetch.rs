@@ -98,6 +98,8 @@ struct Inner {
     cv: Condvar,
     /// Bumped with `interrupts`: wakes ranged reads in flight so they give up.
     irq: tokio::sync::watch::Sender<u64>,
+    /// Object bytes received (downloads and ranged reads, retries included).
+    received: std::sync::atomic::AtomicU64,
 }
 
 /// The shards of one remote dataset and the cache they are fetched into.
@@ -166,6 +168,7 @@ impl RemoteShards {
             state: Mutex::new(state),
             cv: Condvar::new(),
             irq: tokio::sync::watch::Sender::new(0),
+            received: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Self { inner, _rt: rt })
     }
@@ -217,6 +220,11 @@ impl RemoteShards {
         }
         st.queue = order.iter().copied().filter(|&i| !st.ranged[i as usize]).collect();
         pump(inner, &mut st);
+    }
+
+    /// Object bytes received so far.
+    pub(crate) fn received_bytes(&self) -> u64 {
+        self.inner.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Shards the current plan reads with ranged GETs.
@@ -554,6 +562,7 @@ async fn get_once(inner: &Inner, o: &Object, partial: &std::path::Path) -> std::
                 })
             }
             Ok(Some(Ok(bytes))) => {
+                inner.received.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 n += bytes.len() as u64;
                 if n > o.size {
                     return Err(Failure::Permanent(
@@ -685,6 +694,7 @@ async fn range_once(
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(b.classify(e)),
             Ok(Some(Ok(bytes))) => {
+                inner.received.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if out.len() + bytes.len() > want {
                     return Err(Failure::Transient(format!("more than the {want} bytes asked for")));
                 }
