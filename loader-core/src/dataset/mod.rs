@@ -217,6 +217,16 @@ impl Dataset {
         }
     }
 
+    /// [`Dataset::plan_shards`] for reading whole files (verify): a remote dataset
+    /// prefetches them into the cache and reads none by ranges.
+    pub(crate) fn plan_whole_files(&self, order: &[u32]) {
+        #[cfg(feature = "s3")]
+        if let Source::Remote(r) = &self.source {
+            r.plan_whole_files(order);
+        }
+        let _ = order;
+    }
+
     /// Shards the current epoch plan of a remote dataset reads with ranged GETs
     /// (empty for a local dataset).
     pub fn ranged_shards(&self) -> Vec<u32> {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{Dataset, ShardData};
 use crate::crypto::aead::Backend;
@@ -35,6 +35,10 @@ enum Body {
         shard: u32,
         /// Object offset of the ciphertext (the header length).
         base: u64,
+        /// The object's ETag when the shard was opened: every later range is an
+        /// `If-Match` request for it. `None` if the server sends none (then only
+        /// chunk authentication notices a replaced object).
+        etag: Option<String>,
     },
 }
 
@@ -100,12 +104,22 @@ impl OpenShard {
         let body_at = h + HEADER_LEN as u64;
         let head = 0..(body_at + head_chunks * ENC_CHUNK_LEN as u64).min(entry.file_bytes);
         let tail = (body_at + last * ENC_CHUNK_LEN as u64).min(entry.file_bytes)..entry.file_bytes;
-        let mut reqs = vec![(shard, head.clone())];
+        let mut reqs = vec![RangeRequest { shard, range: head.clone(), if_match: None }];
         if tail.start >= head.end && !tail.is_empty() {
-            reqs.push((shard, tail.clone()));
+            reqs.push(RangeRequest { shard, range: tail, if_match: None });
         }
         let mut got = src.get_ranges(&reqs)?.into_iter();
-        let head_bytes = got.next().unwrap_or_default();
+        let (head_bytes, etag) = got.next().unwrap_or_default();
+        let (tail_bytes, tail_etag) = got.next().unwrap_or_default();
+        if reqs.len() == 2 && tail_etag != etag {
+            // Replaced between the two reads: neither is known to match the other.
+            return Err(Error::Remote {
+                url: at.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default(),
+                shard: Some(shard),
+                kind: crate::error::RemoteFailure::Modified,
+                detail: "the object was replaced while the shard was being opened (its ETag changed)".into(),
+            });
+        }
         if head_bytes.get(..header.len()) != Some(&header[..]) {
             return Err(fail(IntegrityKind::HeaderMismatch));
         }
@@ -117,7 +131,7 @@ impl OpenShard {
                 end: head_chunks.min(msg.chunk_count()),
                 bytes: head_bytes.get(body_at as usize..).unwrap_or_default().to_vec(),
             },
-            SealedRun { first: last, end: last + 1, bytes: got.next().unwrap_or_default() },
+            SealedRun { first: last, end: last + 1, bytes: tail_bytes },
         ];
         let chunk = |k: u64, out: &mut [u8]| -> Result<usize> {
             match runs.iter().find_map(|r| run_chunk(&msg, r, k)) {
@@ -125,16 +139,17 @@ impl OpenShard {
                 None => Err(Error::integrity(IntegrityKind::Truncated, Some(k))),
             }
         };
-        let mut scratch = ChunkBuf::new();
-        chunk(msg.chunk_count() - 1, &mut scratch[..]).map_err(|e| e.at_shard(&at))?;
+        // The order of docs/FORMAT.md section 11: length, then the final chunk.
         if msg.plaintext_len() != entry.plaintext_bytes {
             return Err(fail(IntegrityKind::Truncated));
         }
+        let mut scratch = ChunkBuf::new();
+        chunk(msg.chunk_count() - 1, &mut scratch[..]).map_err(|e| e.at_shard(&at))?;
         let path = at.file.clone().unwrap_or_default();
         let index =
             read_index(msg.plaintext_len(), schema, entry.records, &path, |b| msg.read_with(0, b, &mut scratch, chunk))
                 .map_err(|e| e.at_shard(&at))?;
-        let body = Body::Ranged { msg, src, shard, base: h };
+        let body = Body::Ranged { msg, src, shard, base: h, etag };
         Ok(Self { body, index, at, failed: std::sync::OnceLock::new() })
     }
 
@@ -193,11 +208,17 @@ impl OpenShard {
                 let first = offset / CHUNK_LEN as u64;
                 // A read to the end also authenticates the (possibly empty) final chunk.
                 let stop = if end == len { msg.chunk_count() } else { end.div_ceil(CHUNK_LEN as u64) };
-                let runs = if first < stop { self.fetch(&[(first, stop)])? } else { Vec::new() };
-                msg.read_with(offset, out, scratch, |k, o| match runs.first() {
-                    Some(run) => self.open_fetched(run, k, o),
-                    None => Err(Error::Internal(format!("chunk {k} was not fetched"))),
-                })
+                let runs = if first < stop { self.fetch(&[(first, stop)]) } else { Ok(Vec::new()) };
+                match runs {
+                    Ok(runs) => msg.read_with(offset, out, scratch, |k, o| match runs.first() {
+                        Some(run) => self.open_fetched(run, k, o),
+                        None => Err(Error::Internal(format!("{}: chunk {k} was not fetched", self.at))),
+                    }),
+                    Err(e) => {
+                        out.zeroize();
+                        Err(e)
+                    }
+                }
             }
         };
         r.map_err(|e| self.note_failure(e))
@@ -213,7 +234,7 @@ impl OpenShard {
             }
             Body::Ranged { .. } => match self.fetch(&[(k, k + 1)])?.pop() {
                 Some(run) => self.open_fetched(&run, k, out),
-                None => Err(Error::Internal("no ranged read".into())),
+                None => Err(Error::Internal(format!("{}: no ranged read of chunk {k}", self.at))),
             },
         };
         r.map_err(|e| self.note_failure(e))
@@ -228,7 +249,7 @@ impl OpenShard {
 
     /// The source and the request that fetch chunks `[first, end)` of a ranged shard.
     pub(crate) fn fetch_request(&self, first: u64, end: u64) -> Result<(&Arc<dyn RangeSource>, RangeRequest)> {
-        let Body::Ranged { msg, src, shard, base } = &self.body else {
+        let Body::Ranged { msg, src, shard, base, etag } = &self.body else {
             return Err(Error::Internal(format!("{}: a ranged read of a mapped shard", self.at)));
         };
         if first >= end || end > msg.chunk_count() {
@@ -236,7 +257,7 @@ impl OpenShard {
         }
         let a = base + msg.chunk_range(first).start;
         let z = base + msg.chunk_range(end - 1).end;
-        Ok((src, (*shard, a..z)))
+        Ok((src, RangeRequest { shard: *shard, range: a..z, if_match: etag.clone() }))
     }
 
     /// Fetches chunk runs `[first, end)` of a ranged shard (one ranged read each).
@@ -250,7 +271,7 @@ impl OpenShard {
         }
         let Some(src) = src else { return Ok(Vec::new()) };
         let got = src.get_ranges(&reqs).map_err(|e| e.at_shard(&self.at))?;
-        Ok(runs.iter().zip(got).map(|(&(first, end), bytes)| SealedRun { first, end, bytes }).collect())
+        Ok(runs.iter().zip(got).map(|(&(first, end), (bytes, _))| SealedRun { first, end, bytes }).collect())
     }
 
     /// Decrypts chunk `k` of a ranged shard from a fetched run that covers it.
@@ -260,7 +281,8 @@ impl OpenShard {
         if k >= msg.chunk_count() {
             return Err(Error::InvalidArgument(format!("chunk {k} out of range (payload has {})", msg.chunk_count())));
         }
-        let sealed = run_chunk(msg, run, k).ok_or_else(|| Error::Internal(format!("chunk {k} was not fetched")))?;
+        let sealed =
+            run_chunk(msg, run, k).ok_or_else(|| Error::Internal(format!("{}: chunk {k} was not fetched", self.at)))?;
         msg.open_chunk(k, sealed, out).map_err(|e| self.note_failure(e))
     }
 

@@ -95,7 +95,7 @@ pub fn verify_at(
     let loc = crate::remote::Location::parse(location)?;
     let ds = Dataset::open_location(&loc, trust, remote)?;
     let order: Vec<u32> = (0..ds.manifest().shards.len() as u32).collect();
-    ds.plan_shards(&order, false);
+    ds.plan_whole_files(&order);
     let dir = match &loc {
         crate::remote::Location::Local(d) => Some(d.as_path()),
         _ => None,

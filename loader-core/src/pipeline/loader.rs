@@ -1032,10 +1032,11 @@ fn fetch_ranged(
         }
     }
     let mut out: Vec<Vec<SealedRun>> = (0..open.len()).map(|_| Vec::new()).collect();
+    // Every shard of one dataset shares its source, so one burst serves them all. A
+    // failure is a typed `Error::Remote` naming the shard object.
     let Some(src) = src else { return Ok(out) };
-    // A failure is a typed `Error::Remote` naming the shard object.
     let got = src.get_ranges(&reqs)?;
-    for ((p, first, end), bytes) in owners.into_iter().zip(got) {
+    for ((p, first, end), (bytes, _)) in owners.into_iter().zip(got) {
         out[p].push(SealedRun { first, end, bytes });
     }
     Ok(out)

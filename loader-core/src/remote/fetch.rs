@@ -81,9 +81,9 @@ struct State {
     interrupts: u64,
     /// Shards the current epoch plan reads with ranged GETs instead of the cache.
     ranged: Vec<bool>,
-    /// ETag of each shard object as first seen by a ranged read in this epoch: later
-    /// ranges of it are `If-Match` requests, so a replaced object fails cleanly.
-    etags: Vec<Option<String>>,
+    /// The interrupt generation when the current plan started: ranged reads give up
+    /// once it moves on (the reader stopped), even if that happened before they began.
+    plan_irq: u64,
 }
 
 struct Inner {
@@ -111,6 +111,8 @@ pub(crate) struct RemoteShards {
 impl Drop for RemoteShards {
     fn drop(&mut self) {
         self.inner.lock().closed = true;
+        // Ranged reads still running (a reader that outlived its dataset) give up.
+        self.inner.irq.send_modify(|v| *v += 1);
         // The runtime is dropped next: running downloads are cancelled, their
         // partial files stay under temporary names and are overwritten next time.
     }
@@ -154,7 +156,6 @@ impl RemoteShards {
         let state = State {
             slots: vec![Slot::Absent; objects.len()],
             ranged: vec![false; objects.len()],
-            etags: vec![None; objects.len()],
             ..Default::default()
         };
         let inner = Arc::new(Inner {
@@ -188,8 +189,18 @@ impl RemoteShards {
     /// [`RangeReads::Auto`], shards not already cached are read with ranged GETs when
     /// the plan's shards do not fit in the cache budget.
     pub(crate) fn plan(&self, order: &[u32], random_access: bool) {
+        self.plan_with(order, random_access, true);
+    }
+
+    /// [`RemoteShards::plan`] for whole-file use (verify): no shard is read by ranges.
+    pub(crate) fn plan_whole_files(&self, order: &[u32]) {
+        self.plan_with(order, false, false);
+    }
+
+    fn plan_with(&self, order: &[u32], random_access: bool, may_range: bool) {
         let inner = &self.inner;
         let mut st = inner.lock();
+        st.plan_irq = *inner.irq.borrow();
         for s in st.slots.iter_mut() {
             if matches!(s, Slot::Failed(_)) {
                 *s = Slot::Absent;
@@ -204,16 +215,19 @@ impl RemoteShards {
         st.released =
             (0..n as u32).filter(|&i| !wanted[i as usize] && matches!(st.slots[i as usize], Slot::Ready)).collect();
         let plan_bytes: u64 = order.iter().map(|&i| inner.objects[i as usize].size).sum();
-        let ranged = match inner.range_reads {
-            RangeReads::Never => false,
-            RangeReads::Always => true,
-            RangeReads::Auto => random_access && plan_bytes > inner.budget,
-        };
+        let ranged = may_range
+            && match inner.range_reads {
+                RangeReads::Never => false,
+                RangeReads::Always => true,
+                RangeReads::Auto => random_access && plan_bytes > inner.budget,
+            };
         st.ranged = vec![false; n];
-        st.etags = vec![None; n];
         if ranged {
             for &i in &order {
-                if !matches!(st.slots[i as usize], Slot::Ready | Slot::Fetching) && !inner.adopt_cached(&mut st, i) {
+                // A complete file in the cache (this or another process) is read from
+                // there; it is adopted when opened, as on the whole-shard path.
+                let cached = inner.cached_file(i);
+                if !matches!(st.slots[i as usize], Slot::Ready | Slot::Fetching) && !cached {
                     st.ranged[i as usize] = true;
                 }
             }
@@ -335,18 +349,21 @@ impl Inner {
         self.dir.join(format!("{}.slk", o.sha256))
     }
 
+    /// True if a complete file for shard `i` is under its final name.
+    fn cached_file(&self, i: u32) -> bool {
+        let o = &self.objects[i as usize];
+        std::fs::metadata(self.final_path(o)).is_ok_and(|m| m.len() == o.size)
+    }
+
     /// A complete file already under the final name (another rank, an earlier run)
     /// becomes `Ready` without a download.
     fn adopt_cached(&self, st: &mut State, i: u32) -> bool {
-        let o = &self.objects[i as usize];
-        match std::fs::metadata(self.final_path(o)) {
-            Ok(m) if m.len() == o.size => {
-                st.slots[i as usize] = Slot::Ready;
-                st.held_bytes += o.size;
-                true
-            }
-            _ => false,
+        if !self.cached_file(i) {
+            return false;
         }
+        st.slots[i as usize] = Slot::Ready;
+        st.held_bytes += self.objects[i as usize].size;
+        true
     }
 
     /// Evicts released shards until `need` more bytes fit in the budget.
@@ -600,36 +617,66 @@ fn create_cache_dir(dir: &std::path::Path) -> Result<()> {
 }
 
 impl RangeSource for Inner {
-    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<Vec<u8>>> {
+    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<(Vec<u8>, Option<String>)>> {
+        let first = reqs.first().map(|r| r.shard);
+        let url = first.and_then(|i| self.objects.get(i as usize)).map(|o| o.url.clone()).unwrap_or_default();
+        let stopped = |detail: &str| Error::Remote {
+            url: url.clone(),
+            shard: first,
+            kind: RemoteFailure::Unavailable,
+            detail: detail.into(),
+        };
+        let base = {
+            let st = self.lock();
+            if st.closed {
+                return Err(stopped("the dataset was closed"));
+            }
+            st.plan_irq
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::InvalidArgument(
+                "ranged reads of an s3:// shard block: call them outside an async runtime (e.g. spawn_blocking)".into(),
+            ));
+        }
         let mut irq = self.irq.subscribe();
+        // The reader stopped (now, or before this call began).
+        let stop = async move {
+            let _ = irq.wait_for(|g| *g != base).await;
+        };
         let all = futures::stream::iter(reqs.iter().cloned())
-            .map(|(i, r)| get_range(self, i, r))
+            .map(|r| get_range(self, r))
             .buffered(self.concurrency * 8)
             .try_collect::<Vec<_>>();
-        let stop = async move {
-            let _ = irq.changed().await;
-        };
-        let first = reqs.first().map(|(i, _)| *i);
-        let url = first.and_then(|i| self.objects.get(i as usize)).map(|o| o.url.clone()).unwrap_or_default();
         self.handle.block_on(async move {
             match futures::future::select(Box::pin(all), Box::pin(stop)).await {
                 futures::future::Either::Left((r, _)) => r,
-                futures::future::Either::Right(_) => Err(Error::Remote {
-                    url,
-                    shard: first,
-                    kind: RemoteFailure::Unavailable,
-                    detail: "the reader stopped while waiting for ranged reads".into(),
-                }),
+                futures::future::Either::Right(_) => Err(stopped("the reader stopped while waiting for ranged reads")),
             }
         })
     }
 }
 
-/// One ranged GET of shard `i`'s object, retried with backoff until the per-object
-/// timeout. The first read of a shard in an epoch records its ETag; later ones require
-/// it (`If-Match`), so an object replaced mid-epoch fails as
-/// [`RemoteFailure::Modified`] instead of mixing versions.
-async fn get_range(inner: &Inner, i: u32, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
+/// One ranged GET (retried with backoff) of a shard object, within the per-object
+/// timeout overall: a server that trickles bytes cannot stretch it.
+async fn get_range(inner: &Inner, req: RangeRequest) -> Result<(Vec<u8>, Option<String>)> {
+    let b = &inner.bucket;
+    match tokio::time::timeout(b.timeout, get_range_retried(inner, &req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let url = inner.objects.get(req.shard as usize).map(|o| o.url.clone()).unwrap_or_default();
+            Err(Error::Remote {
+                url,
+                shard: Some(req.shard),
+                kind: RemoteFailure::Unavailable,
+                detail: format!("bytes {:?} did not arrive within the timeout ({:?})", req.range, b.timeout),
+            })
+        }
+    }
+}
+
+async fn get_range_retried(inner: &Inner, req: &RangeRequest) -> Result<(Vec<u8>, Option<String>)> {
+    let i = req.shard;
+    let range = req.range.clone();
     let o = inner.objects.get(i as usize).ok_or_else(|| Error::InvalidArgument(format!("no shard {i}")))?;
     let b = &inner.bucket;
     if range.start >= range.end || range.end > o.size {
@@ -639,16 +686,8 @@ async fn get_range(inner: &Inner, i: u32, range: std::ops::Range<u64>) -> Result
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let etag = inner.lock().etags[i as usize].clone();
-        let last = match range_once(inner, o, range.clone(), etag.clone()).await {
-            Ok((bytes, tag)) => {
-                if etag.is_none() {
-                    if let Some(t) = tag {
-                        inner.lock().etags[i as usize].get_or_insert(t);
-                    }
-                }
-                return Ok(bytes);
-            }
+        let last = match range_once(inner, o, range.clone(), req.if_match.clone()).await {
+            Ok(got) => return Ok(got),
             Err(Failure::Permanent(kind, detail)) => {
                 return Err(Error::Remote { url: o.url.clone(), shard: Some(i), kind, detail })
             }

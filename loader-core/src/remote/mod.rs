@@ -26,13 +26,19 @@ pub(crate) use fetch::{fetch_manifest, RemoteShards};
 /// instead of through the cache. What comes back is ciphertext exactly as stored;
 /// the reader authenticates every chunk it decrypts, as for a local file.
 pub(crate) trait RangeSource: Send + Sync {
-    /// Fetches each `(shard, byte range)` (ranges within the shard's object),
-    /// concurrently, retrying transient failures; results are in request order.
-    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<Vec<u8>>>;
+    /// Fetches each request concurrently, retrying transient failures, each within the
+    /// per-object timeout; results (bytes, the object's ETag) are in request order.
+    fn get_ranges(&self, reqs: &[RangeRequest]) -> Result<Vec<(Vec<u8>, Option<String>)>>;
 }
 
-/// Bytes `.1` of shard `.0`'s object.
-pub(crate) type RangeRequest = (u32, std::ops::Range<u64>);
+/// Bytes `range` of shard `shard`'s object; with `if_match`, only from the object
+/// version with that ETag (a replaced object fails as [`RemoteFailure::Modified`]).
+#[derive(Clone, Debug)]
+pub(crate) struct RangeRequest {
+    pub(crate) shard: u32,
+    pub(crate) range: std::ops::Range<u64>,
+    pub(crate) if_match: Option<String>,
+}
 
 /// When shards of a remote dataset are read with ranged GETs of just the chunks a
 /// batch needs, instead of being downloaded whole into the cache.
