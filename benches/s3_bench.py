@@ -22,7 +22,8 @@ Starts ``moto_server`` on a free port of 127.0.0.1 and writes ``--gib`` GiB of r
    runs one cold ``global``-shuffle epoch twice with ``--cache-bytes`` a quarter of the
    dataset: whole shards (``--range-reads never``) and ranged reads of just the needed
    chunks (``auto`` picks them); "GB moved" is what the loader received from the
-   server (``remote_bytes``), "cache MB" what the cache holds at the end. moto is not used for this: it reads the whole object
+   server (``remote_bytes``), "cache MB" what the cache holds at the end and "peak MB"
+   the most it held during the epoch (sampled every 0.1 s). moto is not used for this: it reads the whole object
    for every ranged GET.
 
 It prints one table (first-batch latency, GB/s of sample bytes delivered, samples per
@@ -55,6 +56,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -186,8 +188,22 @@ def global_rows(exe: str, work: pathlib.Path, a: argparse.Namespace) -> dict[str
             extra = ["--cache-bytes", str(budget), "--range-reads", mode]
             cache = work / f"cache-{name}"
             shutil.rmtree(cache, ignore_errors=True)
-            r = json.loads(run([exe, "bench", f"s3://{BUCKET}/ds", "--cache-dir", str(cache), *common, *extra], env))
-            out[name] = dict(r["epochs"][0], cache_bytes=dir_bytes(cache))
+            peak = [0]
+            done = threading.Event()
+
+            def sample(cache: pathlib.Path = cache, peak: list[int] = peak, done: threading.Event = done) -> None:
+                while not done.wait(0.1):
+                    with contextlib.suppress(OSError):
+                        peak[0] = max(peak[0], dir_bytes(cache))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                r = json.loads(run([exe, "bench", f"s3://{BUCKET}/ds", "--cache-dir", str(cache), *common, *extra], env))
+            finally:
+                done.set()
+                sampler.join()
+            out[name] = dict(r["epochs"][0], cache_bytes=dir_bytes(cache), cache_peak_bytes=max(peak[0], dir_bytes(cache)))
             shutil.rmtree(cache, ignore_errors=True)
         return out
     finally:
@@ -340,10 +356,11 @@ def main() -> None:
             print(f"global shuffle rows: skipped: {glob['skipped']}")
         else:
             print(f"global shuffle from s3s-fs, one cold epoch each, cache_bytes {glob['budget'] / 1e6:.0f} MB:\n"
-                  f"{'reads':<32} {'first batch ms':>15} {'GB/s':>8} {'samples':>9} {'GB moved':>9} {'cache MB':>9}")
+                  f"{'reads':<32} {'first batch ms':>15} {'GB/s':>8} {'samples':>9} {'GB moved':>9} {'cache MB':>9} "
+                  f"{'peak MB':>8}")
             for label, e in (("whole shards (never)", glob["whole"]), ("ranged (auto)", glob["ranged"])):
                 print(f"{label:<32} {e['first_batch_ms']:>15.1f} {e['gb_per_s']:>8.2f} {e['samples']:>9} "
-                      f"{e['remote_bytes'] / 1e9:>9.2f} {e['cache_bytes'] / 1e6:>9.1f}")
+                      f"{e['remote_bytes'] / 1e9:>9.2f} {e['cache_bytes'] / 1e6:>9.1f} {e['cache_peak_bytes'] / 1e6:>8.1f}")
         errors = [f"{name} epoch {i}: {err}" for name, r in lit.items() for i, e in enumerate(r.get("epochs", []))
                   for err in e["errors"]]
         for err in errors:
