@@ -40,7 +40,8 @@ enum Source {
 pub(crate) enum ShardData {
     /// A local file (the dataset directory, or a verified file in the remote cache).
     File(std::fs::File, PathBuf),
-    /// Ranged reads of the shard's object (remote, not cached).
+    /// Ranged reads of the shard's object (remote, not cached; needs the `s3` feature).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     Ranged(std::sync::Arc<dyn crate::remote::RangeSource>),
 }
 

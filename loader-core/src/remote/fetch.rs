@@ -544,10 +544,15 @@ fn is_disk_full(e: &std::io::Error) -> bool {
         || e.raw_os_error() == Some(libc::EDQUOT)
 }
 
-/// One GET of the whole object into `partial`, hashing as it goes.
-async fn get_once(inner: &Inner, o: &Object, partial: &std::path::Path) -> std::result::Result<(), Failure> {
+/// Sends one GET of `o` and checks that the object has the size the signed manifest
+/// gives; the body is left to the caller.
+async fn start_get(
+    inner: &Inner,
+    o: &Object,
+    opts: GetOptions,
+) -> std::result::Result<object_store::GetResult, Failure> {
     let b = &inner.bucket;
-    let got = tokio::time::timeout(b.stall, b.store.get_opts(&b.key(&o.name), GetOptions::default()))
+    let got = tokio::time::timeout(b.stall, b.store.get_opts(&b.key(&o.name), opts))
         .await
         .map_err(|_| Failure::Transient(format!("no response within {:?}", b.stall)))?
         .map_err(|e| b.classify(e))?;
@@ -557,6 +562,13 @@ async fn get_once(inner: &Inner, o: &Object, partial: &std::path::Path) -> std::
             format!("object has {} bytes, the signed manifest says {}", got.meta.size, o.size),
         ));
     }
+    Ok(got)
+}
+
+/// One GET of the whole object into `partial`, hashing as it goes.
+async fn get_once(inner: &Inner, o: &Object, partial: &std::path::Path) -> std::result::Result<(), Failure> {
+    let b = &inner.bucket;
+    let got = start_get(inner, o, GetOptions::default()).await?;
     let io = |op: &str, e: std::io::Error| {
         if is_disk_full(&e) {
             Failure::Permanent(RemoteFailure::CacheFull, format!("{op} {}: {e}", partial.display()))
@@ -710,16 +722,7 @@ async fn range_once(
 ) -> std::result::Result<(Vec<u8>, Option<String>), Failure> {
     let b = &inner.bucket;
     let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), if_match, ..Default::default() };
-    let got = tokio::time::timeout(b.stall, b.store.get_opts(&b.key(&o.name), opts))
-        .await
-        .map_err(|_| Failure::Transient(format!("no response within {:?}", b.stall)))?
-        .map_err(|e| b.classify(e))?;
-    if got.meta.size != o.size {
-        return Err(Failure::Permanent(
-            RemoteFailure::Modified,
-            format!("object has {} bytes, the signed manifest says {}", got.meta.size, o.size),
-        ));
-    }
+    let got = start_get(inner, o, opts).await?;
     if got.range != range {
         return Err(Failure::Transient(format!("asked for bytes {range:?}, got {:?}", got.range)));
     }
