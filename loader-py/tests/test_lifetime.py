@@ -30,8 +30,12 @@ def test_tensors_held_in_random_patterns_keep_their_data(env, numbers):
 def test_ctrl_c_interrupts_iteration_promptly(env, numbers):
     path, _, _ = numbers
     token = env.token("numbers")
+    # The child installs Python's own SIGINT handler: a parent started in the background
+    # by a non-interactive shell (nohup ... &) passes SIGINT down as ignored, and Python
+    # then never raises KeyboardInterrupt at all.
     code = textwrap.dedent(f"""
-        import sys, shardlock
+        import signal, sys, shardlock
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         l = shardlock.Loader({str(path)!r}, keyring={str(env.keyring)!r}, token={str(token)!r},
                              trust={str(env.trust)!r}, batch_size=1, shuffle="global", workers=1)
         print("started", flush=True)
