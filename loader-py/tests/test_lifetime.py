@@ -48,13 +48,19 @@ def test_ctrl_c_interrupts_iteration_promptly(env, numbers):
             sys.exit(3)
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "started"
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    p.send_signal(signal.SIGINT)
-    rc = p.wait(timeout=10)
-    assert rc == 3, rc
-    # Prompt, not timed: the loop wakes every 100 ms; this only rules out waiting out
-    # the epoch (the machine is shared, so no tight bound).
-    assert time.monotonic() - t0 < 8.0
-    assert "interrupted" in p.stdout.read()
+    try:
+        assert p.stdout.readline().strip() == "started"
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=10)
+        assert rc == 3, rc
+        # Prompt, not timed: the loop wakes every 100 ms; this only rules out waiting
+        # out the epoch (the machine is shared, so no tight bound).
+        assert time.monotonic() - t0 < 8.0
+        assert "interrupted" in p.stdout.read()
+    finally:
+        # A failed run must not leave the endless loop behind.
+        if p.poll() is None:
+            p.kill()
+            p.wait()
