@@ -62,7 +62,7 @@ rust-test:
 	$(CARGO) test -p shardlock --lib
 
 # Fuzz targets must keep building; libFuzzer needs nightly flags, which cargo-fuzz
-# passes on stable with RUSTC_BOOTSTRAP=1 (see shared/NOTES-crates.md).
+# passes on stable with RUSTC_BOOTSTRAP=1 (cargo-fuzz documents it).
 fuzz-build:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install -q cargo-fuzz --locked
 	cd loader-core/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O 2>&1 | tail -n 3

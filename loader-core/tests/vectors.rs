@@ -15,7 +15,8 @@
 //! apply are counted against a pinned number, so a silently skipped vector fails.
 //!
 //! The vector directory is `$SHARDLOCK_VECTORS` if set, else
-//! `<repo>/../shared/vectors/wycheproof`. A missing directory is a failure, not a skip.
+//! `loader-core/tests/vectors/wycheproof` (vendored, with its LICENSE). A missing directory is a
+//! failure, not a skip.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use shardlock::crypto::{kwp, sign};
 fn vectors_dir() -> PathBuf {
     let dir = match std::env::var_os("SHARDLOCK_VECTORS") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/wycheproof")),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/wycheproof")),
     };
     assert!(
         dir.is_dir(),
