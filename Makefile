@@ -44,7 +44,7 @@ $(VENV)/compare-peers/.done: $(VENV)/.deps-ok benches/compare/install.sh
 	touch $@
 
 demo: setup py-build-release
-	$(CARGO) build --release -q -p shardlock
+	$(CARGO) build --release -q -p shardlock --features cli
 	PATH="$(CURDIR)/target/release:$$PATH" PY="$(PY)" bash examples/demo.sh
 
 lint:
@@ -95,7 +95,7 @@ bench:
 # loader yields a wrong, missing or repeated sample.
 SMALL ?=
 compare: setup $(VENV)/compare-peers/.done py-build-release
-	$(CARGO) build --release -q -p shardlock
+	$(CARGO) build --release -q -p shardlock --features cli
 	SHARDLOCK_BIN=$(CURDIR)/target/release/shardlock $(PY) benches/compare/run.py \
 	  $(if $(SMALL),--small --data target/compare-small-data --out target/compare-small)
 

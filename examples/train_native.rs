@@ -7,13 +7,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use shardlock::auth::{Operation, ShardSet, Token, TokenSpec};
 use shardlock::{DType, DatasetWriter, Field, IssuerKey, Keyring, Loader, PackOptions, Schema, Shuffle};
+use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 const DIM: usize = 16;
 
 fn main() -> shardlock::Result<()> {
-    let dir = tempfile::tempdir().map_err(|e| shardlock::Error::Io { op: "tempdir", path: ".".into(), source: e })?;
+    let dir =
+        tempfile::tempdir().map_err(|e| shardlock::Error::Io { op: "tempdir", path: ".".into(), source: e.into() })?;
     let keyring = std::sync::Arc::new(Keyring::create(&dir.path().join("keyring.json"))?);
     let issuer = IssuerKey::generate()?;
 

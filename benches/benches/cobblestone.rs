@@ -9,8 +9,8 @@
 use std::io::Write;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use shardlock::crypto::aead::Backend;
-use shardlock::crypto::chunked::{ChunkBuf, Encryptor, Payload, CHUNK_LEN, ENC_CHUNK_LEN, HEADER_LEN};
+use shardlock::primitives::chunked::{ChunkBuf, Encryptor, Payload, CHUNK_LEN, ENC_CHUNK_LEN, HEADER_LEN};
+use shardlock::Backend;
 
 const PLAINTEXT: usize = 64 << 20;
 /// Plaintext goes into a reused buffer of this size, as into a pool of batch buffers.
@@ -31,7 +31,7 @@ fn bench(c: &mut Criterion) {
         let mut enc = Encryptor::new(backend, &key, context, std::fs::File::create(&path).unwrap()).unwrap();
         enc.write(&plaintext).unwrap();
         enc.finish().unwrap().0.flush().unwrap();
-        let map = shardlock::memory::map_file(&path).unwrap();
+        let map = shardlock::primitives::map_file(&path).unwrap();
 
         // Raw AEAD baseline on the same layout: chunk i sealed with nonce i.
         let raw_key = backend.key(&key);
@@ -47,7 +47,7 @@ fn bench(c: &mut Criterion) {
         let raw_path = dir.path().join(format!("raw-{}", backend.name()));
         std::fs::write(&raw_path, &raw).unwrap();
         drop(raw);
-        let raw = shardlock::memory::map_file(&raw_path).unwrap();
+        let raw = shardlock::primitives::map_file(&raw_path).unwrap();
 
         let mut out = vec![0u8; OUT];
         g.bench_function(BenchmarkId::new("cobblestone", backend.name()), |b| {

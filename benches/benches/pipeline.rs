@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use shardlock::auth::{Operation, ShardSet, Token, TokenSpec};
 use shardlock::{DType, DatasetWriter, Field, IssuerKey, Keyring, Loader, PackOptions, Schema, Shuffle};
+use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-use shardlock::crypto::aead::Backend;
-use shardlock::crypto::chunked::{CHUNK_LEN, ENC_CHUNK_LEN};
+use shardlock::primitives::chunked::{CHUNK_LEN, ENC_CHUNK_LEN};
+use shardlock::Backend;
 
 fn nonce(i: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
@@ -28,7 +28,7 @@ fn main() {
     let path = dir.path().join("ct.bin");
     std::fs::write(&path, &ct).unwrap();
     drop(ct);
-    let map = shardlock::memory::map_file(&path).unwrap();
+    let map = shardlock::primitives::map_file(&path).unwrap();
     let map = &map[..];
     for threads in [1usize, 2] {
         let mut best = 0f64;

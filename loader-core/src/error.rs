@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -155,6 +156,26 @@ impl ProviderFailure {
     }
 }
 
+impl ProviderFailure {
+    /// [`ProviderFailure::name`] prefixed `provider_`, as [`Error::code`] gives it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ModuleLoad => "provider_module_load",
+            Self::TokenNotFound => "provider_token_not_found",
+            Self::PinSource => "provider_pin_source",
+            Self::PinIncorrect => "provider_pin_incorrect",
+            Self::PinLocked => "provider_pin_locked",
+            Self::KekNotFound => "provider_kek_not_found",
+            Self::KekAmbiguous => "provider_kek_ambiguous",
+            Self::KekExtractable => "provider_kek_extractable",
+            Self::KekUnusable => "provider_kek_unusable",
+            Self::Unsupported => "provider_unsupported",
+            Self::AlreadyExists => "provider_already_exists",
+            Self::Unavailable => "provider_unavailable",
+        }
+    }
+}
+
 impl fmt::Display for ProviderFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -226,6 +247,20 @@ impl RemoteFailure {
     }
 }
 
+impl RemoteFailure {
+    /// [`RemoteFailure::name`] prefixed `remote_`, as [`Error::code`] gives it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Unavailable => "remote_unavailable",
+            Self::NotFound => "remote_not_found",
+            Self::Denied => "remote_denied",
+            Self::Modified => "remote_modified",
+            Self::CacheFull => "remote_cache_full",
+            Self::Config => "remote_config",
+        }
+    }
+}
+
 impl fmt::Display for RemoteFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -239,8 +274,116 @@ impl fmt::Display for RemoteFailure {
     }
 }
 
+/// What a reader wants to do with a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Stream records (training).
+    Read,
+    /// Authenticate every chunk without releasing plaintext (`shardlock verify`).
+    Verify,
+}
+
+impl Operation {
+    /// The name used in tokens and the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Verify => "verify",
+        }
+    }
+
+    /// Parses "read" / "verify".
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s.trim() {
+            "read" => Ok(Operation::Read),
+            "verify" => Ok(Operation::Verify),
+            o => Err(Error::InvalidArgument(format!("unknown operation {o:?} (read, verify)"))),
+        }
+    }
+
+    /// Parses a comma-separated list ("read,verify").
+    pub fn parse_list(s: &str) -> Result<Vec<Self>> {
+        let mut v: Vec<Self> =
+            s.split(',').filter(|p| !p.trim().is_empty()).map(Self::from_name).collect::<Result<_>>()?;
+        v.dedup();
+        if v.is_empty() {
+            return Err(Error::InvalidArgument("no operation given".into()));
+        }
+        Ok(v)
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why access was denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// No token was given.
+    MissingToken,
+    /// The token does not parse or its signature chain does not verify under the
+    /// trusted issuer key (forged, from another issuer, truncated, a block removed).
+    InvalidToken,
+    /// The token is for another dataset.
+    WrongDataset,
+    /// The shard is outside the token's shard set (or an attenuation narrowed it out).
+    ShardOutOfScope,
+    /// The operation is not granted.
+    OperationNotGranted,
+    /// The token (or an attenuation of it) has expired.
+    TokenExpired,
+    /// The token is not valid yet.
+    NotYetValid,
+    /// One of the token's revocation ids is on the deny list.
+    Revoked,
+    /// Another check of an attenuation block failed.
+    AttenuationCheck,
+}
+
+impl DenyReason {
+    /// Stable snake_case name, used in the audit log and in Python.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyReason::MissingToken => "missing_token",
+            DenyReason::InvalidToken => "invalid_token",
+            DenyReason::WrongDataset => "wrong_dataset",
+            DenyReason::ShardOutOfScope => "shard_out_of_scope",
+            DenyReason::OperationNotGranted => "operation_not_granted",
+            DenyReason::TokenExpired => "token_expired",
+            DenyReason::NotYetValid => "not_yet_valid",
+            DenyReason::Revoked => "revoked",
+            DenyReason::AttenuationCheck => "attenuation_check",
+        }
+    }
+
+    /// What the user can do about it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            DenyReason::MissingToken => "pass a token (--token FILE / token=...) issued by the data owner",
+            DenyReason::InvalidToken => "the token is corrupt, truncated, or not signed by the issuer key given as the trust anchor; ask the data owner for a new one",
+            DenyReason::WrongDataset => "this token is for another dataset; ask for a token for this one",
+            DenyReason::ShardOutOfScope => "this token does not cover this shard; ask for a token with a wider shard set",
+            DenyReason::OperationNotGranted => "this token does not grant this operation; ask for one that does (--ops)",
+            DenyReason::TokenExpired => "the token has expired; ask the data owner for a fresh one",
+            DenyReason::NotYetValid => "the token is not valid yet; check the clock, or wait until its not-before time",
+            DenyReason::Revoked => "the token was revoked; ask the data owner for a new one",
+            DenyReason::AttenuationCheck => "a check added when the token was attenuated does not hold",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Everything that can go wrong in shardlock.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O error on a named file.
@@ -250,9 +393,20 @@ pub enum Error {
         op: &'static str,
         /// The file concerned.
         path: PathBuf,
+        /// The underlying error (shared, so the error can be cloned).
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+
+    /// The operating system refused a resource that is not a file: a thread, a
+    /// runtime, a memory mapping.
+    #[error("cannot {op}: {source}")]
+    Os {
+        /// What was being done ("start a decrypt worker", ...).
+        op: &'static str,
         /// The underlying error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// A file that is not what it claims to be: a malformed header, manifest, keyring,
@@ -310,9 +464,9 @@ pub enum Error {
         /// Shard requested.
         shard: Option<u32>,
         /// Operation requested.
-        operation: Option<crate::auth::Operation>,
+        operation: Option<Operation>,
         /// Why.
-        reason: crate::auth::DenyReason,
+        reason: DenyReason,
         /// The rule (Datalog check, deny-list entry, signature) that failed.
         rule: String,
     },
@@ -434,78 +588,67 @@ pub enum Error {
         detail: String,
     },
 
-    /// A worker thread panicked; the pipeline stopped. This is a bug.
-    #[error("internal error in a pipeline worker: {0}")]
+    /// A broken invariant inside shardlock (a worker thread panicked, a state that
+    /// cannot happen): a bug, never the caller's input. The operation stopped; please
+    /// report it.
+    #[error("internal error (a bug in shardlock; please report it): {0}")]
     Internal(String),
 
     /// A caller error: an argument out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// An invariant of a cryptographic library was violated (should not happen).
+    /// A cryptographic library failed where it cannot fail for valid input (key
+    /// setup, the system random generator): should not happen.
     #[error("cryptographic library error: {0}")]
     Crypto(&'static str),
 }
 
 impl Error {
-    /// A copy of this error for a second recipient (an I/O source is rebuilt from its
-    /// kind and message).
-    pub fn duplicate(&self) -> Error {
-        match self {
-            Error::Io { op, path, source } => {
-                Error::Io { op, path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
-            }
-            Error::Format { what, path, detail } => Error::Format { what, path: path.clone(), detail: detail.clone() },
-            Error::Integrity { shard, chunk, kind } => {
-                Error::Integrity { shard: shard.clone(), chunk: *chunk, kind: *kind }
-            }
-            Error::ManifestSignature { path, detail } => {
-                Error::ManifestSignature { path: path.clone(), detail: detail.clone() }
-            }
-            Error::Rollback { path, generation, min } => {
-                Error::Rollback { path: path.clone(), generation: *generation, min: *min }
-            }
-            Error::AccessDenied { dataset, shard, operation, reason, rule } => Error::AccessDenied {
-                dataset: dataset.clone(),
-                shard: *shard,
-                operation: *operation,
-                reason: *reason,
-                rule: rule.clone(),
-            },
-            Error::Audit { path, line, detail } => {
-                Error::Audit { path: path.clone(), line: *line, detail: detail.clone() }
-            }
-            Error::KeyUnavailable { key_id, detail } => {
-                Error::KeyUnavailable { key_id: key_id.clone(), detail: detail.clone() }
-            }
-            Error::KeyProvider { provider, kind, detail } => {
-                Error::KeyProvider { provider: provider.clone(), kind: *kind, detail: detail.clone() }
-            }
-            Error::InsecurePermissions { path, mode } => Error::InsecurePermissions { path: path.clone(), mode: *mode },
-            Error::Input { path, detail } => Error::Input { path: path.clone(), detail: detail.clone() },
-            Error::Schema { sample, detail } => Error::Schema { sample: *sample, detail: detail.clone() },
-            Error::AlreadyExists { path } => Error::AlreadyExists { path: path.clone() },
-            Error::MemoryLock { bytes, limit, detail } => {
-                Error::MemoryLock { bytes: *bytes, limit: *limit, detail: detail.clone() }
-            }
-            Error::DeviceUnavailable { device, detail } => {
-                Error::DeviceUnavailable { device: device.clone(), detail: detail.clone() }
-            }
-            Error::Device { device, op, detail } => {
-                Error::Device { device: device.clone(), op, detail: detail.clone() }
-            }
-            Error::Remote { url, shard, kind, detail } => {
-                Error::Remote { url: url.clone(), shard: *shard, kind: *kind, detail: detail.clone() }
-            }
-            Error::Internal(s) => Error::Internal(s.clone()),
-            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
-            Error::Crypto(s) => Error::Crypto(s),
-        }
-    }
-
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Error::Io { op, path, source }
+        move |source| Error::Io { op, path, source: Arc::new(source) }
+    }
+
+    /// An I/O error on `path` (for call sites that already hold the `io::Error`).
+    pub(crate) fn io_at(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { op, path: path.into(), source: Arc::new(source) }
+    }
+
+    /// An OS resource failure that is not about a file.
+    pub(crate) fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Error::Os { op, source: Arc::new(source) }
+    }
+
+    /// The one stable snake_case name of this failure, used alike by the audit log,
+    /// `verify`'s report, the CLI's `--json` output and the Python bindings: the
+    /// integrity kind (`chunk_auth`, ...), the deny reason (`shard_out_of_scope`, ...),
+    /// `remote_<kind>` and `provider_<kind>` for object-store and key-provider
+    /// failures, else the variant's name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::Os { .. } => "os",
+            Error::Format { .. } => "format",
+            Error::Integrity { kind, .. } => kind.name(),
+            Error::ManifestSignature { .. } => "manifest_signature",
+            Error::Rollback { .. } => "rollback",
+            Error::AccessDenied { reason, .. } => reason.name(),
+            Error::Audit { .. } => "audit",
+            Error::KeyUnavailable { .. } => "key_unavailable",
+            Error::KeyProvider { kind, .. } => kind.code(),
+            Error::InsecurePermissions { .. } => "insecure_permissions",
+            Error::Input { .. } => "input",
+            Error::Schema { .. } => "schema",
+            Error::AlreadyExists { .. } => "already_exists",
+            Error::MemoryLock { .. } => "memory_lock",
+            Error::DeviceUnavailable { .. } => "device_unavailable",
+            Error::Device { .. } => "device",
+            Error::Remote { kind, .. } => kind.code(),
+            Error::Internal(_) => "internal",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Crypto(_) => "crypto",
+        }
     }
 
     pub(crate) fn integrity(kind: IntegrityKind, chunk: Option<u64>) -> Self {

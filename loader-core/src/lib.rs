@@ -5,50 +5,82 @@
 //! wrapped by a KEK); readers check a signed manifest and authenticate every 16 KiB
 //! chunk before any plaintext is released.
 //!
-//! Layout of the crate (one concern per module):
-//! - [`format`]: wire types and parsers, no keys;
-//! - [`crypto`]: AEAD backends, Cobblestone-256, AES-KWP, Ed25519;
-//! - [`keys`]: secret types, keyring file, the [`keys::KeyProvider`] trait;
-//! - [`pack`]: writing datasets;
-//! - [`auth`]: Biscuit tokens, the authorizer, revocation, and [`auth::Access`], the
-//!   only path from a token to a shard's DEK;
-//! - [`audit`]: the hash-chained audit log;
-//! - [`dataset`]: opening, reading, verifying and rotating datasets;
-//! - [`pipeline`]: the streaming [`Loader`];
-//! - [`device`]: the CUDA device stage (feature `cuda`) and [`kernels`], NVRTC decode
-//!   kernels with their CPU references;
-//! - [`memory`]: mapped and locked memory (with `device/` and `kernels/`, the only
-//!   places with `unsafe`);
-//! - [`remote`]: datasets in S3-compatible object storage (feature `s3`), read through a
-//!   local cache that holds ciphertext only.
+//! What a user imports is re-exported here; the modules are private, so the layout
+//! can change without breaking callers (`docs/ARCHITECTURE.md` maps the layers):
+//! - streaming: [`Loader`] and its [`LoaderBuilder`], [`Batch`] and its views,
+//!   [`LoaderState`] for resume, the [`BatchStream`] trait shared with the device stage;
+//! - writing: [`DatasetWriter`], [`PackOptions`], [`pack_paths`];
+//! - keys: the [`KeyProvider`] trait, [`Keyring`], [`IssuerKey`], [`TrustAnchor`],
+//!   [`open_provider`], and (feature `pkcs11`) the [`pkcs11`] provider;
+//! - access: [`Token`], [`TokenSpec`], [`Authorizer`], [`Access`] (the only path from a
+//!   token to a shard's DEK), the audit log ([`AuditLog`], [`verify_log`]);
+//! - datasets: [`Dataset`] and [`ShardReader`], [`inspect`], [`verify`], [`rotate`],
+//!   [`upload_dir`], [`Location`] and [`RemoteOptions`] for `s3://` (feature `s3`);
+//! - errors: [`Error`] (one code per failure: [`Error::code`]) and its sub-kinds.
+//!
+//! Features: `pkcs11` (HSM key custody), `s3` (object storage), `cuda` (device stage),
+//! `rustcrypto` (pure-Rust AES backend), `cli` (the `shardlock` binary; turns on the
+//! other three). The default build has none of them.
 //!
 //! The normative format description is `docs/FORMAT.md`.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod audit;
-pub mod auth;
-pub mod crypto;
-pub mod dataset;
+// Layers, bottom up: each module uses only those above it in this list.
+mod access;
+mod audit;
+mod auth;
+mod bench;
+mod crypto;
+mod dataset;
 pub mod device;
-pub mod error;
-pub mod format;
+mod error;
+mod format;
+mod fs;
 pub mod kernels;
-pub mod keys;
-pub mod memory;
-pub mod pack;
-pub mod pipeline;
-pub mod remote;
+mod keys;
+mod memory;
+mod ops;
+mod pack;
+mod pipeline;
+mod remote;
+mod time;
 
-pub use auth::{Access, Authorizer, AuthorizerConfig, DenyReason, Operation, Token};
+pub use access::Access;
+pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};
+pub use auth::{inspect_unverified, Authorizer, AuthorizerConfig, Clock, DenyList, ShardSet, Token, TokenSpec};
+pub use bench::{run as run_bench, BenchReport, EpochReport, Source as BenchSource};
 pub use crypto::aead::Backend;
-pub use dataset::{Dataset, ShardReader};
-pub use error::{Error, IntegrityKind, ProviderFailure, RemoteFailure, Result, ShardRef};
-pub use format::{DType, Field, Manifest, Schema};
-pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
-pub use pack::{DatasetWriter, PackOptions};
-pub use pipeline::{Batch, Loader, LoaderBuilder, LoaderState, Remainder, Shuffle};
+pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};
+pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, RemoteFailure, Result, ShardRef};
+pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
+pub use fs::{read_secret_file, write_new_file};
+#[cfg(feature = "pkcs11")]
+pub use keys::pkcs11;
+pub use keys::{
+    is_pkcs11_uri, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring, TrustAnchor,
+};
+pub use memory::MemoryPolicy;
+pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
+pub use pack::{pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, DEFAULT_SHARD_SIZE};
+pub use pipeline::{
+    Batch, BatchLayout, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder, Shuffle,
+    TensorView, DEFAULT_MEMORY_BUDGET,
+};
+pub use remote::{Location, RangeReads, RemoteOptions};
+pub use time::{max_time, parse_time, parse_ttl, time_after};
+
+/// Not a stable API: the crypto primitives and format internals, for the Wycheproof
+/// vector tests, the tamper tests, the benches and the fuzz targets. Raw-mode
+/// Cobblestone lives here, never in the public surface (the C2SP spec says it SHOULD
+/// NOT be exposed).
+#[doc(hidden)]
+pub mod primitives {
+    pub use crate::crypto::{aead, chunked, kwp, sign};
+    pub use crate::format::index;
+    pub use crate::memory::{map_file, process_cpu_seconds, rss_anon};
+}
 
 /// Entry points for `cargo fuzz` targets (loader-core/fuzz). Not a stable API.
 #[doc(hidden)]

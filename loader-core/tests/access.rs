@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::Fixture;
-use shardlock::audit::{verify_log, AuditLog};
-use shardlock::auth::{Access, Authorizer, AuthorizerConfig, DenyList, Grant, Operation, ShardSet, Token, TokenSpec};
-use shardlock::keys::{Dek, KeyProvider};
+use shardlock::{verify_log, AuditLog};
+use shardlock::{Access, Authorizer, AuthorizerConfig, DenyList, Grant, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{Dek, KeyProvider};
 use shardlock::{DenyReason, Error};
 
 /// Counts unwraps, so a test can prove none happened for a denied shard.
@@ -94,8 +94,7 @@ impl Setup {
             Operation::Verify => {
                 // Verify reports per shard; only `shard` is checked here.
                 let r =
-                    shardlock::dataset::verify(self.ds.dir(), &self.fx.trust, access, &Default::default(), &mut |_| {})
-                        .unwrap();
+                    shardlock::verify(self.ds.dir(), &self.fx.trust, access, &Default::default(), &mut |_| {}).unwrap();
                 let rep = &r.shards[shard as usize];
                 assert_eq!(rep.failure.as_deref(), Some(format!("AccessDenied:{}", reason.name()).as_str()), "{rep:?}");
                 let msg = rep.error.clone().unwrap_or_default();
@@ -315,9 +314,7 @@ fn a_token_from_another_anchor_or_for_verify_only_gets_no_plaintext() {
     // A verify-only token authenticates every shard but cannot open one for reading.
     let verify_only = s
         .access(Some(s.token(&spec("ds1", ShardSet::All, vec![Operation::Verify], 3600))), AuthorizerConfig::default());
-    assert!(
-        shardlock::dataset::verify(s.ds.dir(), &s.fx.trust, &verify_only, &Default::default(), &mut |_| {}).unwrap().ok
-    );
+    assert!(shardlock::verify(s.ds.dir(), &s.fx.trust, &verify_only, &Default::default(), &mut |_| {}).unwrap().ok);
     s.denied(&verify_only, 0, Operation::Read, DenyReason::OperationNotGranted);
     assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 3, "only verify's three unwraps");
 }
@@ -399,8 +396,7 @@ fn audit_log_holds_no_secrets_and_catches_edits() {
             samples.push(r.read_record(rec).unwrap()[0].to_vec());
         }
     }
-    let report =
-        shardlock::dataset::verify(s.ds.dir(), &s.fx.trust, &access, &Default::default(), &mut |_| {}).unwrap();
+    let report = shardlock::verify(s.ds.dir(), &s.fx.trust, &access, &Default::default(), &mut |_| {}).unwrap();
     assert!(report.ok);
     s.denied(&s.access(None, AuthorizerConfig::default()), 0, Operation::Read, DenyReason::MissingToken);
 

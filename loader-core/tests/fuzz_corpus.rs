@@ -48,7 +48,7 @@ fn write_seeds() {
     seeds.push(("manifest", "badfile".into(), text.replacen("shard-00000.slk", "../../etc/passwd", 1).into_bytes()));
     let index = {
         let mut v = vec![0u8];
-        v.extend(shardlock::format::index::encode(2, 2, &[3, 4, 0, 4]));
+        v.extend(shardlock::primitives::index::encode(2, 2, &[3, 4, 0, 4]));
         v
     };
     seeds.push(("record_index", "valid".into(), index.clone()));

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::Fixture;
-use shardlock::auth::{AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::{DType, DenyReason, Error, Field, IntegrityKind, Loader, LoaderBuilder, Remainder, Schema, Shuffle};
 
 /// 10 shards x 37 records: `x` = u16[3] holding (id, id*3, 7), `blob` = id as text.

@@ -29,7 +29,7 @@ fn rss_anon_stays_under_budget_for_a_dataset_four_times_larger() {
         .shuffle(shardlock::Shuffle::Window)
         .build()
         .unwrap();
-    let report = shardlock::pipeline::bench::run(&mut loader, 1, &mut |_, _| {}).unwrap();
+    let report = shardlock::run_bench(&mut loader, 1, &mut |_, _| {}).unwrap();
     assert_eq!(report.epochs[0].samples, (n / 64 * 64) as u64);
     assert!(report.epochs[0].bytes > 4 * BUDGET);
     let grown = report.peak_rss_anon.saturating_sub(report.baseline_rss_anon);

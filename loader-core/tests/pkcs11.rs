@@ -18,10 +18,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Fixture;
-use shardlock::auth::{Operation, ShardSet, Token, TokenSpec};
-use shardlock::keys::pkcs11::{self, Pkcs11Provider, Pkcs11Uri};
-use shardlock::keys::{open_provider, KeyProvider, Keyring};
-use shardlock::{dataset, DenyReason, Error, Loader, ProviderFailure, Shuffle};
+use shardlock::pkcs11::{self, Pkcs11Provider, Pkcs11Uri};
+use shardlock::{open_provider, KeyProvider, Keyring};
+use shardlock::{DenyReason, Error, Loader, ProviderFailure, Shuffle};
+use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 const TOKENS: &[&str] =
     &["e2e", "once", "rotate", "compat", "pin", "errors", "extract", "samekid", "threads", "remove", "cli", "bench"];
@@ -183,7 +183,7 @@ fn rotate_file_to_hsm_to_new_hsm_key_and_back_leaves_payloads_untouched() {
     let a_uri = hsm::uri("rotate", "kek-a");
     keygen(&a_uri);
     let a = open(&a_uri);
-    let m = dataset::rotate(&dir, &*fx.keyring, &*a, &fx.issuer).unwrap();
+    let m = shardlock::rotate(&dir, &*fx.keyring, &*a, &fx.issuer).unwrap();
     assert_eq!(m.generation, 2);
     assert!(m.shards.iter().all(|s| s.kek_id == a.active_kek_id()));
     assert_eq!(payloads(&dir), before, "rotation must not touch a payload byte");
@@ -198,7 +198,7 @@ fn rotate_file_to_hsm_to_new_hsm_key_and_back_leaves_payloads_untouched() {
     keygen(&b_uri);
     let b = open(&b_uri);
     assert_ne!(a.active_kek_id(), b.active_kek_id());
-    dataset::rotate(&dir, &*a, &*b, &fx.issuer).unwrap();
+    shardlock::rotate(&dir, &*a, &*b, &fx.issuer).unwrap();
     assert_eq!(payloads(&dir), before);
     match fx.read_all_with(&dir, a.clone()) {
         Err(Error::KeyUnavailable { detail, .. }) => {
@@ -211,7 +211,7 @@ fn rotate_file_to_hsm_to_new_hsm_key_and_back_leaves_payloads_untouched() {
 
     // HSM -> a new keyring file (leaving the HSM is a rewrap too).
     let back: Arc<dyn KeyProvider> = Arc::new(Keyring::create(&fx.path("back.json")).unwrap());
-    let m = dataset::rotate(&dir, &*b, &*back, &fx.issuer).unwrap();
+    let m = shardlock::rotate(&dir, &*b, &*back, &fx.issuer).unwrap();
     assert_eq!(m.generation, 4);
     assert_eq!(payloads(&dir), before);
     assert!(matches!(fx.read_all_with(&dir, b), Err(Error::KeyUnavailable { .. })));
@@ -239,7 +239,7 @@ fn wrapped_deks_are_byte_identical_to_the_keyring_aes_kwp() {
     // Rewrapping the same DEKs under the same KEK in the HSM gives the same bytes:
     // AES-KWP is deterministic, so this is byte equality of the two implementations.
     let by_keyring = wrapped(&fx, &dir);
-    dataset::rotate(&dir, &ring, &*hsm, &fx.issuer).unwrap();
+    shardlock::rotate(&dir, &ring, &*hsm, &fx.issuer).unwrap();
     assert_eq!(hsm.stats().wraps, 4);
     assert_eq!(wrapped(&fx, &dir), by_keyring);
 
@@ -248,7 +248,7 @@ fn wrapped_deks_are_byte_identical_to_the_keyring_aes_kwp() {
     let by_hsm = wrapped(&fx, &dir2);
     let ring: Arc<dyn KeyProvider> = Arc::new(ring);
     assert_eq!(fx.read_all_with(&dir2, ring.clone()).unwrap(), samples2);
-    dataset::rotate(&dir2, &*hsm, &*ring, &fx.issuer).unwrap();
+    shardlock::rotate(&dir2, &*hsm, &*ring, &fx.issuer).unwrap();
     assert_eq!(wrapped(&fx, &dir2), by_hsm);
 }
 
@@ -300,11 +300,11 @@ fn pin_sources_env_file_and_refusals() {
     // A PIN file of mode 0600 with a trailing newline.
     let dir = tempfile::tempdir().unwrap();
     let pin = dir.path().join("pin");
-    shardlock::keys::write_new_file(&pin, format!("{}\n", hsm::PIN).as_bytes(), 0o600).unwrap();
+    shardlock::write_new_file(&pin, format!("{}\n", hsm::PIN).as_bytes(), 0o600).unwrap();
     open(&format!("{base}&pin-source=file:{}", pin.display()));
     // ... but not one that others can read.
     let loose = dir.path().join("loose");
-    shardlock::keys::write_new_file(&loose, hsm::PIN.as_bytes(), 0o644).unwrap();
+    shardlock::write_new_file(&loose, hsm::PIN.as_bytes(), 0o644).unwrap();
     let e = Pkcs11Provider::open_uri(&format!("{base}&pin-source={}", loose.display())).unwrap_err();
     assert!(matches!(e, Error::InsecurePermissions { .. }), "{e}");
     // An unset variable.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Fixture;
-use shardlock::keys::pkcs11::{self, Pkcs11Provider, Pkcs11Uri};
+use shardlock::pkcs11::{self, Pkcs11Provider, Pkcs11Uri};
 use shardlock::{Error, Loader};
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use common::Fixture;
 use proptest::prelude::*;
-use shardlock::crypto::chunked::CHUNK_LEN;
+use shardlock::primitives::chunked::CHUNK_LEN;
 use shardlock::{DType, Field, Schema};
 
 /// Sizes that sit on and around chunk boundaries, plus small ones.

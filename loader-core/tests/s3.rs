@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::Fixture;
 use s3::{options, Fault, Proxy, S3Server, ACCESS_KEY, SECRET_KEY};
-use shardlock::remote::RemoteOptions;
+use shardlock::RemoteOptions;
 use shardlock::{Error, Field, Loader, RemoteFailure, Schema, Shuffle};
 
 const CANARY: &[u8] = b"CANARY-5ee3-PLAINTEXT-NOT-IN-CACHE";

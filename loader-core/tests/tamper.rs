@@ -5,10 +5,10 @@
 mod common;
 
 use common::{flip, write_npy, Fixture};
-use shardlock::crypto::chunked::{ENC_CHUNK_LEN, HEADER_LEN};
-use shardlock::dataset::{verify, VerifyOptions};
-use shardlock::keys::Keyring;
-use shardlock::pack::{pack_paths, PackOptions};
+use shardlock::primitives::chunked::{ENC_CHUNK_LEN, HEADER_LEN};
+use shardlock::Keyring;
+use shardlock::{pack_paths, PackOptions};
+use shardlock::{verify, VerifyOptions};
 use shardlock::{Error, IntegrityKind};
 
 fn header_len(ds: &std::path::Path) -> usize {
@@ -160,7 +160,7 @@ fn truncation_and_trailing_bytes_are_size_mismatches() {
 #[test]
 fn truncation_below_the_manifest_is_caught_by_cobblestone_too() {
     // Without the manifest's size check, every cut still fails in the payload layer.
-    use shardlock::crypto::chunked::{decrypt, encrypt};
+    use shardlock::primitives::chunked::{decrypt, encrypt};
     let key = [3u8; 32];
     let pt = vec![0x5A; 3 * 16384 + 100];
     let ct = encrypt(shardlock::Backend::default(), &key, b"c", &pt).unwrap();
@@ -269,7 +269,7 @@ fn rolled_back_manifest_is_refused_with_min_generation() {
     let ds = big(&fx, "ds", "ds1");
     let old_manifest = std::fs::read(ds.join("manifest.json")).unwrap();
     let new_ring = Keyring::create(&fx.path("new.json")).unwrap();
-    let m = shardlock::dataset::rotate(&ds, &*fx.keyring, &new_ring, &fx.issuer).unwrap();
+    let m = shardlock::rotate(&ds, &*fx.keyring, &new_ring, &fx.issuer).unwrap();
     assert_eq!(m.generation, 2);
     std::fs::write(ds.join("manifest.json"), old_manifest).unwrap();
     let opts = VerifyOptions { min_generation: Some(2), ..Default::default() };
@@ -291,14 +291,14 @@ fn wrong_kek_and_bad_keyrings_are_key_errors() {
     let key_hex = text.split("\"key\": \"").nth(1).unwrap()[..64].to_owned();
     let forged = text.replace(&key_hex, &"ab".repeat(32));
     let forged_path = fx.path("forged.json");
-    shardlock::keys::write_new_file(&forged_path, forged.as_bytes(), 0o600).unwrap();
+    shardlock::write_new_file(&forged_path, forged.as_bytes(), 0o600).unwrap();
     let ring = std::sync::Arc::new(Keyring::load(&forged_path).unwrap());
     let r = verify(&ds, &fx.trust, &fx.access_with("ds1", ring), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(r.shards.iter().all(|s| s.failure.as_deref() == Some("KeyUnavailable")));
     assert!(!r.shards[0].error.as_ref().unwrap().contains(&key_hex));
     // Corrupted keyring file.
     let bad = fx.path("bad.json");
-    shardlock::keys::write_new_file(&bad, b"{\"format\":\"shardlock-keyring/1\",\"active\":", 0o600).unwrap();
+    shardlock::write_new_file(&bad, b"{\"format\":\"shardlock-keyring/1\",\"active\":", 0o600).unwrap();
     assert!(matches!(Keyring::load(&bad), Err(Error::Format { what: "keyring", .. })));
     // Group-readable keyring.
     use std::os::unix::fs::PermissionsExt;

@@ -22,11 +22,11 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use shardlock::crypto::aead::{Backend, KEY_LEN, NONCE_LEN, TAG_LEN};
-use shardlock::crypto::chunked::{
+use shardlock::primitives::aead::{Backend, KEY_LEN, NONCE_LEN, TAG_LEN};
+use shardlock::primitives::chunked::{
     self, ChunkBuf, Encryptor, Payload, StreamDecryptor, CHUNK_LEN, HEADER_LEN, SALT_LEN,
 };
-use shardlock::crypto::{kwp, sign};
+use shardlock::primitives::{kwp, sign};
 
 // ----------------------------------------------------------------------------------
 // Loading

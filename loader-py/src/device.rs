@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use shardlock::device::DeviceBatch;
-use shardlock::format::DType;
+use shardlock::DType;
 
 use crate::errors::IntoPy;
 

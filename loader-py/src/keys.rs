@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use shardlock::auth::{self, Operation, ShardSet, Token, TokenSpec};
-use shardlock::keys::{pkcs11, IssuerKey, Keyring, TrustAnchor};
+use shardlock::{pkcs11, IssuerKey, Keyring, TrustAnchor};
+use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 use crate::errors::IntoPy;
 
@@ -49,8 +49,8 @@ fn issue_token(
         principal,
         shards: ShardSet::parse(shards).py()?,
         ops: Operation::parse_list(ops).py()?,
-        expires: auth::time_after(std::time::SystemTime::now(), auth::parse_ttl(ttl).py()?).py()?,
-        not_before: not_before.map(auth::parse_time).transpose().py()?,
+        expires: shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_ttl(ttl).py()?).py()?,
+        not_before: not_before.map(shardlock::parse_time).transpose().py()?,
     };
     let t = Token::issue(&issuer, &spec).py()?;
     t.save(&out).py()?;
@@ -73,7 +73,7 @@ fn attenuate_token(
     let shards = shards.map(ShardSet::parse).transpose().py()?;
     let ops = ops.map(Operation::parse_list).transpose().py()?;
     let expires = ttl
-        .map(|s| auth::parse_ttl(s).and_then(|d| auth::time_after(std::time::SystemTime::now(), d)))
+        .map(|s| shardlock::parse_ttl(s).and_then(|d| shardlock::time_after(std::time::SystemTime::now(), d)))
         .transpose()
         .py()?;
     let n = t.attenuate(shards.as_ref(), ops.as_deref(), expires).py()?;
@@ -84,9 +84,9 @@ fn attenuate_token(
 /// Adds the token's revocation id to a deny list (revoking it and its attenuations).
 #[pyfunction]
 fn revoke_token(token: PathBuf, deny_list: PathBuf) -> PyResult<String> {
-    let (_, ids) = auth::inspect_unverified(&token).py()?;
+    let (_, ids) = shardlock::inspect_unverified(&token).py()?;
     let id = ids.last().cloned().unwrap_or_default();
-    auth::DenyList::append(&deny_list, &id, "revoked from Python").py()?;
+    shardlock::DenyList::append(&deny_list, &id, "revoked from Python").py()?;
     Ok(id)
 }
 

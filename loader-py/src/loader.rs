@@ -9,9 +9,9 @@ use numpy::ndarray::{ArrayView, IxDyn};
 use numpy::{Element, PyArray};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
-use shardlock::format::{DType, FieldKind};
-use shardlock::pipeline::{Batch, Next};
-use shardlock::remote::RemoteOptions;
+use shardlock::RemoteOptions;
+use shardlock::{Batch, Next};
+use shardlock::{DType, FieldKind};
 use shardlock::{Loader, LoaderState, Remainder, Shuffle};
 
 use crate::errors::{to_py, IntoPy};

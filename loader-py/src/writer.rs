@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use shardlock::format::{DType, Field, Schema};
-use shardlock::keys::{self, IssuerKey};
-use shardlock::pack::{DatasetWriter, PackOptions};
+use shardlock::IssuerKey;
+use shardlock::{DType, Field, Schema};
+use shardlock::{DatasetWriter, PackOptions};
 
 use crate::errors::IntoPy;
 
@@ -50,7 +50,7 @@ impl NativeWriter {
         force: bool,
     ) -> PyResult<Self> {
         py.detach(|| {
-            let keys = keys::open_provider_path(&keyring)?;
+            let keys = shardlock::open_provider_path(&keyring)?;
             let issuer = Arc::new(IssuerKey::load(&issuer_key)?);
             let mut opts = PackOptions::new(dataset_id);
             opts.shard_size = shard_size;

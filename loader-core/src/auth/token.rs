@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use biscuit_auth::builder::{self as bb, BlockBuilder};
 use biscuit_auth::{Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit};
@@ -184,7 +184,7 @@ impl Token {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut text = self.to_base64()?;
         text.push('\n');
-        crate::keys::write_atomic(path, text.as_bytes(), 0o600)
+        crate::fs::write_atomic(path, text.as_bytes(), 0o600)
     }
 
     /// A narrower token: only `shards`, only `ops`, and/or expiring within `ttl`.
@@ -253,36 +253,4 @@ fn read_token_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         return Err(invalid(format!("{}: token file larger than 64 KiB", path.display())));
     }
     Ok(text)
-}
-
-/// Parses a duration like "90s", "30m", "1h", "7d" (at most 100 years).
-pub fn parse_ttl(s: &str) -> Result<Duration> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| Error::InvalidArgument(format!("duration {s:?}: {e} (e.g. 90s, 30m, 1h, 7d)")))?;
-    if d > Duration::from_secs(100 * 365 * 86400) {
-        return Err(Error::InvalidArgument(format!("duration {s:?} is longer than 100 years")));
-    }
-    Ok(d)
-}
-
-/// Latest time tokens may name (RFC 3339 dates end before year 10000).
-pub fn max_time() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
-}
-
-/// `now + d`, refusing times past [`max_time`].
-pub fn time_after(now: SystemTime, d: Duration) -> Result<SystemTime> {
-    now.checked_add(d).filter(|t| *t <= max_time()).ok_or_else(|| Error::InvalidArgument("time out of range".into()))
-}
-
-/// Parses an RFC 3339 time ("2026-11-26T10:00:00Z") or Unix seconds.
-pub fn parse_time(s: &str) -> Result<SystemTime> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(secs))
-            .filter(|t| *t < max_time())
-            .ok_or_else(|| Error::InvalidArgument(format!("time {s:?} is out of range")));
-    }
-    humantime::parse_rfc3339_weak(s)
-        .map_err(|e| Error::InvalidArgument(format!("time {s:?}: {e} (RFC 3339, e.g. 2026-11-26T10:00:00Z)")))
 }

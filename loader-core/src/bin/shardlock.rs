@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use shardlock::audit::AuditLog;
-use shardlock::auth::{self, Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
-use shardlock::dataset::{self, VerifyOptions};
-use shardlock::keys::{self, IssuerKey, Keyring, TrustAnchor};
-use shardlock::pack::{self, PackOptions};
-use shardlock::remote::RemoteOptions;
+use shardlock::AuditLog;
+use shardlock::PackOptions;
+use shardlock::RemoteOptions;
+use shardlock::VerifyOptions;
+use shardlock::{Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::{Backend, Error};
+use shardlock::{IssuerKey, Keyring, TrustAnchor};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -210,10 +210,10 @@ struct ReaderArgs {
 
 impl ReaderArgs {
     fn access(&self) -> Result<(TrustAnchor, Access), Error> {
-        let keys = keys::open_provider(&self.keyring)?;
+        let keys = shardlock::open_provider(&self.keyring)?;
         let trust = TrustAnchor::load(&self.trust)?;
         let cfg = AuthorizerConfig {
-            skew: auth::parse_ttl(&self.clock_skew)?,
+            skew: shardlock::parse_ttl(&self.clock_skew)?,
             deny_list: self.deny_list.clone(),
             ..Default::default()
         };
@@ -447,7 +447,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Token(t) => token_cmd(t)?,
         Command::Bench(a) => bench_cmd(a)?,
         Command::Audit(AuditCmd::Verify { file, json }) => {
-            return match shardlock::audit::verify_log(&file) {
+            return match shardlock::verify_log(&file) {
                 Ok(s) => {
                     if json {
                         print_json(&serde_json::json!({"ok": true, "records": s.records, "head": s.head}));
@@ -470,15 +470,15 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Inspect(a) => return inspect_cmd(a),
         Command::Upload(a) => {
-            let n = shardlock::remote::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
+            let n = shardlock::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
             println!("uploaded {} ({:.1} MB, ciphertext as packed) to {}", a.dir.display(), n as f64 / 1e6, a.dest);
         }
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => {
-            let old = keys::open_provider(&a.keyring)?;
-            let new = keys::open_provider(&a.new_keyring)?;
+            let old = shardlock::open_provider(&a.keyring)?;
+            let new = shardlock::open_provider(&a.new_keyring)?;
             let issuer = IssuerKey::load(&a.issuer_key)?;
-            let m = dataset::rotate(&a.dir, &*old, &*new, &issuer)?;
+            let m = shardlock::rotate(&a.dir, &*old, &*new, &issuer)?;
             if a.json {
                 print_json(
                     &serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": new.active_kek_id(), "provider": new.describe()}),
@@ -500,8 +500,8 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
 
 #[cfg(feature = "pkcs11")]
 fn keygen_pkcs11(uri: &str) -> Result<(), Error> {
-    let uri = keys::pkcs11::Pkcs11Uri::parse(uri)?;
-    let id = keys::pkcs11::generate_kek(&uri)?;
+    let uri = shardlock::pkcs11::Pkcs11Uri::parse(uri)?;
+    let id = shardlock::pkcs11::generate_kek(&uri)?;
     println!("generated non-extractable AES-256 KEK {id} as {} inside the HSM", uri.describe());
     Ok(())
 }
@@ -512,11 +512,11 @@ fn keygen_pkcs11(_uri: &str) -> Result<(), Error> {
 }
 
 fn pack_cmd(a: PackArgs) -> Result<(), Error> {
-    let keys = keys::open_provider(&a.keyring)?;
+    let keys = shardlock::open_provider(&a.keyring)?;
     let issuer = IssuerKey::load(&a.issuer_key)?;
-    let src = pack::InputSource::from_paths(&a.inputs)?;
+    let src = shardlock::InputSource::from_paths(&a.inputs)?;
     let opts = PackOptions { dataset_id: a.dataset_id, shard_size: a.shard_size, force: a.force, backend: a.backend };
-    let mut w = pack::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
+    let mut w = shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
     let t = std::time::Instant::now();
     src.write_into(&mut w, &mut |n| pb.set_position(n))?;
@@ -545,7 +545,7 @@ fn pack_cmd(a: PackArgs) -> Result<(), Error> {
 
 fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
     let trust = a.trust.as_deref().map(TrustAnchor::load).transpose()?;
-    let i = dataset::inspect_at(&a.dir, trust.as_ref(), &a.remote.options()?)?;
+    let i = shardlock::inspect_at(&a.dir, trust.as_ref(), &a.remote.options()?)?;
     let m = &i.manifest;
     let signature = match i.signature_valid {
         Some(true) => "valid",
@@ -581,10 +581,10 @@ fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
         println!("fields");
         for f in &m.schema.fields {
             match &f.kind {
-                shardlock::format::FieldKind::Tensor { dtype, shape } => {
+                shardlock::FieldKind::Tensor { dtype, shape } => {
                     println!("  {:<16} {} {:?}", f.name, dtype.name(), shape)
                 }
-                shardlock::format::FieldKind::Bytes => println!("  {:<16} bytes", f.name),
+                shardlock::FieldKind::Bytes => println!("  {:<16} bytes", f.name),
             }
         }
         println!("shards");
@@ -609,7 +609,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
     let pb = bar(total, a.json, "verifying {bar:40} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]");
     let opts = VerifyOptions { backend: a.backend, min_generation: a.min_generation };
     let access = access.with_backend(a.backend);
-    let report = dataset::verify_at(&a.dir, &trust, &access, &opts, &remote, &mut |n| pb.inc(n))?;
+    let report = shardlock::verify_at(&a.dir, &trust, &access, &opts, &remote, &mut |n| pb.inc(n))?;
     pb.finish_and_clear();
     if a.json {
         print_json(&serde_json::to_value(&report).unwrap_or_default());
@@ -633,21 +633,21 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
 }
 
 fn total_bytes(dir: &str, remote: &RemoteOptions) -> u64 {
-    dataset::inspect_at(dir, None, remote).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
+    shardlock::inspect_at(dir, None, remote).map(|i| i.manifest.shards.iter().map(|s| s.file_bytes).sum()).unwrap_or(0)
 }
 
 fn token_cmd(t: TokenCmd) -> Result<(), Error> {
     match t {
         TokenCmd::Issue { issuer_key, dataset, principal, shards, ops, ttl, not_before, out } => {
             let issuer = IssuerKey::load(&issuer_key)?;
-            let expires = auth::time_after(std::time::SystemTime::now(), auth::parse_ttl(&ttl)?)?;
+            let expires = shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_ttl(&ttl)?)?;
             let spec = TokenSpec {
                 dataset,
                 principal,
                 shards: ShardSet::parse(&shards)?,
                 ops: Operation::parse_list(&ops)?,
                 expires,
-                not_before: not_before.as_deref().map(auth::parse_time).transpose()?,
+                not_before: not_before.as_deref().map(shardlock::parse_time).transpose()?,
             };
             let token = Token::issue(&issuer, &spec)?;
             token.save(&out)?;
@@ -667,9 +667,9 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
             let ops = ops.as_deref().map(Operation::parse_list).transpose()?;
             let expires = ttl
                 .as_deref()
-                .map(auth::parse_ttl)
+                .map(shardlock::parse_ttl)
                 .transpose()?
-                .map(|d| auth::time_after(std::time::SystemTime::now(), d))
+                .map(|d| shardlock::time_after(std::time::SystemTime::now(), d))
                 .transpose()?;
             if shards.is_none() && ops.is_none() && expires.is_none() {
                 return Err(Error::InvalidArgument("nothing to narrow: give --shards, --ops and/or --ttl".into()));
@@ -689,7 +689,7 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
                     (t.blocks(), t.revocation_ids(), Some(true))
                 }
                 None => {
-                    let (b, i) = auth::inspect_unverified(&token)?;
+                    let (b, i) = shardlock::inspect_unverified(&token)?;
                     (b, i, None)
                 }
             };
@@ -713,9 +713,9 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
             }
         }
         TokenCmd::Revoke { token, deny_list } => {
-            let (_, ids) = auth::inspect_unverified(&token)?;
+            let (_, ids) = shardlock::inspect_unverified(&token)?;
             let id = ids.last().cloned().ok_or_else(|| Error::InvalidArgument("token has no blocks".into()))?;
-            auth::DenyList::append(
+            shardlock::DenyList::append(
                 &deny_list,
                 &id,
                 &format!("revoked {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
@@ -727,10 +727,7 @@ fn token_cmd(t: TokenCmd) -> Result<(), Error> {
 }
 
 /// The loader itself, or the device stage in front of it for `--device`.
-fn bench_source(
-    loader: shardlock::Loader,
-    a: &BenchArgs,
-) -> Result<Box<dyn shardlock::pipeline::bench::Source>, Error> {
+fn bench_source(loader: shardlock::Loader, a: &BenchArgs) -> Result<Box<dyn shardlock::BenchSource>, Error> {
     let Some(spec) = &a.device else { return Ok(Box::new(loader)) };
     let ordinal = shardlock::device::parse_device(spec)?;
     #[cfg(feature = "cuda")]
@@ -748,7 +745,7 @@ fn bench_source(
 
 /// With `--device`: the bandwidth of a plain async copy of one batch-sized locked
 /// buffer, the ceiling the device stage is measured against.
-fn h2d_report(a: &BenchArgs, r: &shardlock::pipeline::bench::BenchReport) -> Result<Option<serde_json::Value>, Error> {
+fn h2d_report(a: &BenchArgs, r: &shardlock::BenchReport) -> Result<Option<serde_json::Value>, Error> {
     let (Some(spec), Some(e)) = (&a.device, r.epochs.first()) else { return Ok(None) };
     let bytes = (e.bytes / e.batches.max(1)).max(1) as usize;
     #[cfg(feature = "cuda")]
@@ -776,7 +773,7 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         .memory_budget(a.memory_budget)
         .allow_unlocked_memory(a.allow_unlocked_memory)
         .authorizer_config(AuthorizerConfig {
-            skew: auth::parse_ttl(&r.clock_skew)?,
+            skew: shardlock::parse_ttl(&r.clock_skew)?,
             deny_list: r.deny_list.clone(),
             ..Default::default()
         });
@@ -796,7 +793,7 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let per_epoch = loader.len()? as u64;
     let mut source = bench_source(loader, &a)?;
     let pb = bar(per_epoch * a.epochs, a.json, "streaming {bar:40} {pos}/{len} batches [{elapsed_precise}]");
-    let report = shardlock::pipeline::bench::run(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
+    let report = shardlock::run_bench(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
     pb.finish_and_clear();
     drop(source);
     let h2d = h2d_report(&a, &report)?;

@@ -444,7 +444,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Io { op: "read", path: "<stream>".into(), source: e }),
+            Err(e) => return Err(Error::io_at("read", "<stream>", e)),
         }
     }
     Ok(got)
@@ -527,7 +527,7 @@ impl<W: Write> Encryptor<W> {
 }
 
 fn write_all(w: &mut impl Write, data: &[u8], counter: &mut u64) -> Result<()> {
-    w.write_all(data).map_err(|e| Error::Io { op: "write", path: "<ciphertext>".into(), source: e })?;
+    w.write_all(data).map_err(Error::io("write", "<ciphertext>"))?;
     *counter += data.len() as u64;
     Ok(())
 }

@@ -1,23 +1,20 @@
 //! A packed dataset: its signed manifest and its shards, in a local directory or (feature
 //! `s3`) in object storage behind a ciphertext-only local cache.
 
-mod rotate;
+mod fetched;
 mod shard;
-mod verify;
 
-pub use rotate::rotate;
-pub(crate) use rotate::write_signed as write_signed_manifest;
-pub(crate) use shard::SealedRun;
+pub(crate) use fetched::FetchedChunks;
+pub(crate) use shard::{expected_header, read_index};
 pub use shard::{OpenShard, ShardReader};
-pub use verify::{verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 
 use std::path::{Path, PathBuf};
 
 use crate::crypto::aead::Backend;
 use crate::error::{Error, Result, ShardRef};
 use crate::format::manifest::{self, Manifest, ShardEntry, SignedManifest};
-use crate::keys::{Dek, TrustAnchor};
-use crate::remote::{Location, RemoteOptions};
+use crate::keys::{Dek, IssuerKey, TrustAnchor};
+use crate::remote::{Location, RemoteOptions, ShardSource};
 
 /// A dataset whose manifest signature has been verified against a trust anchor.
 pub struct Dataset {
@@ -36,15 +33,6 @@ enum Source {
     Remote(crate::remote::RemoteShards),
 }
 
-/// How the ciphertext of one shard is reached.
-pub(crate) enum ShardData {
-    /// A local file (the dataset directory, or a verified file in the remote cache).
-    File(std::fs::File, PathBuf),
-    /// Ranged reads of the shard's object (remote, not cached; needs the `s3` feature).
-    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
-    Ranged(std::sync::Arc<dyn crate::remote::RangeSource>),
-}
-
 /// What `inspect` can say about a manifest without any key.
 pub struct Inspection {
     /// The parsed (unverified unless `signature_valid`) manifest.
@@ -55,7 +43,7 @@ pub struct Inspection {
     pub consistency_error: Option<String>,
 }
 
-fn manifest_path(dir: &Path) -> PathBuf {
+pub(crate) fn manifest_path(dir: &Path) -> PathBuf {
     dir.join(manifest::FILE_NAME)
 }
 
@@ -68,7 +56,7 @@ fn read_manifest(dir: &Path) -> Result<(PathBuf, SignedManifest)> {
                 detail: "no manifest.json: not a shardlock dataset, or packing did not complete".into(),
             }
         } else {
-            Error::Io { op: "read", path: path.clone(), source: e }
+            Error::io_at("read", path.clone(), e)
         }
     })?;
     let signed = SignedManifest::parse(&bytes, &path)?;
@@ -163,19 +151,19 @@ impl Dataset {
     /// Opens the ciphertext of shard `index`: a file in the directory, a file in the
     /// cache of a remote dataset after a download verified against the manifest, or
     /// (a remote shard the epoch plan reads by ranges) its object.
-    pub(crate) fn open_shard_data(&self, index: u32) -> Result<ShardData> {
+    pub(crate) fn open_shard_data(&self, index: u32) -> Result<ShardSource> {
         let entry = self.shard_entry(index)?;
         match &self.source {
             Source::Local => {
                 let path = self.dir.join(&entry.file);
                 match std::fs::File::open(&path) {
-                    Ok(f) => Ok(ShardData::File(f, path)),
+                    Ok(f) => Ok(ShardSource::File(f, path)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Integrity {
                         shard: self.shard_ref(index),
                         chunk: None,
                         kind: crate::error::IntegrityKind::MissingShard,
                     }),
-                    Err(e) => Err(Error::Io { op: "open", path, source: e }),
+                    Err(e) => Err(Error::io_at("open", path, e)),
                 }
             }
             #[cfg(feature = "s3")]
@@ -190,8 +178,8 @@ impl Dataset {
             #[cfg(feature = "s3")]
             Source::Remote(r) => r.open_file(index),
             _ => match self.open_shard_data(index)? {
-                ShardData::File(f, p) => Ok((f, p)),
-                ShardData::Ranged(_) => Err(Error::Internal("a local shard read by ranges".into())),
+                ShardSource::File(f, p) => Ok((f, p)),
+                ShardSource::Ranged(_) => Err(Error::Internal("a local shard read by ranges".into())),
             },
         }
     }
@@ -331,4 +319,13 @@ impl Dataset {
     pub fn open_shard(&self, index: u32, dek: &Dek, backend: Backend) -> Result<ShardReader> {
         ShardReader::open(self, index, dek, backend)
     }
+}
+
+/// Signs `m` with `issuer` and replaces `dir/manifest.json` atomically.
+pub(crate) fn write_signed_manifest(dir: &Path, m: &Manifest, issuer: &IssuerKey) -> Result<()> {
+    let mut body = serde_json::to_vec_pretty(m).map_err(|e| Error::Internal(format!("manifest encoding: {e}")))?;
+    body.shrink_to_fit();
+    let sig = issuer.sign(&SignedManifest::signed_message(&body))?;
+    let bytes = SignedManifest::encode(&body, &sig)?;
+    crate::fs::write_atomic(&manifest_path(dir), &bytes, 0o644)
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Dataset, ShardData};
+use super::Dataset;
 use crate::crypto::aead::Backend;
 use crate::crypto::chunked::{ChunkBuf, Message, Payload, CHUNK_LEN, ENC_CHUNK_LEN, HEADER_LEN};
 use crate::error::{Error, IntegrityKind, Result, ShardRef};
@@ -13,7 +13,7 @@ use crate::format::index::{self, RecordIndex, PROLOGUE_LEN};
 use crate::format::ShardHeader;
 use crate::keys::Dek;
 use crate::memory::{map_opened, Mapped};
-use crate::remote::{RangeRequest, RangeSource};
+use crate::remote::{RangeRequest, RangeSource, ShardSource};
 
 /// An opened shard shared by pipeline workers: its ciphertext (memory-mapped, or read
 /// by ranges from object storage), the payload key, and the authenticated record
@@ -43,20 +43,20 @@ enum Body {
 }
 
 /// Chunks `[first, end)` of one shard's ciphertext, fetched by one ranged read.
-pub(crate) struct SealedRun {
+pub(super) struct SealedRun {
     /// First chunk.
-    pub(crate) first: u64,
+    pub(super) first: u64,
     /// One past the last chunk.
-    pub(crate) end: u64,
+    pub(super) end: u64,
     /// Their ciphertext and tags, back to back.
-    pub(crate) bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
 }
 
 impl OpenShard {
     pub(crate) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
         let (file, path) = match ds.open_shard_data(shard)? {
-            ShardData::File(f, p) => (f, p),
-            ShardData::Ranged(src) => return Self::open_ranged(ds, shard, dek, backend, src),
+            ShardSource::File(f, p) => (f, p),
+            ShardSource::Ranged(src) => return Self::open_ranged(ds, shard, dek, backend, src),
         };
         let entry = ds.shard_entry(shard)?;
         let at = ds.shard_ref(shard);
@@ -187,7 +187,7 @@ impl OpenShard {
         e.at_shard(&self.at)
     }
 
-    fn message(&self) -> &Message {
+    pub(super) fn message(&self) -> &Message {
         match &self.body {
             Body::Mapped(p) => p.message(),
             Body::Ranged { msg, .. } => msg,
@@ -240,15 +240,14 @@ impl OpenShard {
         r.map_err(|e| self.note_failure(e))
     }
 
-    /// True when chunks come from ranged reads: fetch them with
-    /// [`OpenShard::fetch`] (or, batched across shards, [`OpenShard::fetch_request`])
-    /// and decrypt with [`OpenShard::open_fetched`].
+    /// True when chunks come from ranged reads (a remote shard that is not cached):
+    /// a batch fetches them with [`super::FetchedChunks`].
     pub fn is_ranged(&self) -> bool {
         matches!(self.body, Body::Ranged { .. })
     }
 
     /// The source and the request that fetch chunks `[first, end)` of a ranged shard.
-    pub(crate) fn fetch_request(&self, first: u64, end: u64) -> Result<(&Arc<dyn RangeSource>, RangeRequest)> {
+    pub(super) fn fetch_request(&self, first: u64, end: u64) -> Result<(&Arc<dyn RangeSource>, RangeRequest)> {
         let Body::Ranged { msg, src, shard, base, etag } = &self.body else {
             return Err(Error::Internal(format!("{}: a ranged read of a mapped shard", self.at)));
         };
@@ -261,7 +260,7 @@ impl OpenShard {
     }
 
     /// Fetches chunk runs `[first, end)` of a ranged shard (one ranged read each).
-    pub(crate) fn fetch(&self, runs: &[(u64, u64)]) -> Result<Vec<SealedRun>> {
+    fn fetch(&self, runs: &[(u64, u64)]) -> Result<Vec<SealedRun>> {
         let mut reqs = Vec::with_capacity(runs.len());
         let mut src = None;
         for &(a, z) in runs {
@@ -275,7 +274,7 @@ impl OpenShard {
     }
 
     /// Decrypts chunk `k` of a ranged shard from a fetched run that covers it.
-    pub(crate) fn open_fetched(&self, run: &SealedRun, k: u64, out: &mut [u8]) -> Result<usize> {
+    pub(super) fn open_fetched(&self, run: &SealedRun, k: u64, out: &mut [u8]) -> Result<usize> {
         self.check_failed()?;
         let msg = self.message();
         if k >= msg.chunk_count() {
@@ -307,7 +306,7 @@ fn sealed_layout(ct_len: u64, index_len: u64) -> (u64, u64) {
 }
 
 /// The sealed bytes of chunk `k` within `run`, if it holds them.
-fn run_chunk<'a>(msg: &Message, run: &'a SealedRun, k: u64) -> Option<&'a [u8]> {
+pub(super) fn run_chunk<'a>(msg: &Message, run: &'a SealedRun, k: u64) -> Option<&'a [u8]> {
     if k < run.first || k >= run.end {
         return None;
     }
@@ -399,7 +398,7 @@ impl ShardReader {
 }
 
 /// The header the signed manifest says shard `shard` must carry.
-pub(super) fn expected_header(ds: &Dataset, shard: u32) -> Result<ShardHeader> {
+pub(crate) fn expected_header(ds: &Dataset, shard: u32) -> Result<ShardHeader> {
     let m = ds.manifest();
     let e = ds.shard_entry(shard)?;
     let at = ds.shard_ref(shard);
@@ -422,7 +421,7 @@ pub(super) fn expected_header(ds: &Dataset, shard: u32) -> Result<ShardHeader> {
 /// and validates the record index of a payload of `plaintext_len` bytes; an
 /// inconsistent authenticated index is an integrity failure (only a buggy or malicious
 /// packer holding the DEK can cause it).
-pub(super) fn read_index(
+pub(crate) fn read_index(
     plaintext_len: u64,
     schema: &crate::format::Schema,
     records: u64,

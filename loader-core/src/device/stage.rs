@@ -683,7 +683,7 @@ pub fn measure_h2d(ordinal: usize, bytes: usize, iters: usize, pinned: bool) -> 
     Ok((bytes * iters.max(1)) as f64 / secs / 1e9)
 }
 
-impl crate::pipeline::bench::Source for DeviceLoader {
+impl crate::bench::Source for DeviceLoader {
     fn epoch(&self) -> u64 {
         DeviceLoader::epoch(self)
     }

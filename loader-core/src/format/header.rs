@@ -27,8 +27,6 @@ pub const FORMAT_VERSION: u16 = 1;
 /// Payload scheme id of Cobblestone-256.
 pub const SCHEME_COBBLESTONE_256: u8 = 1;
 const FIXED_LEN: usize = 84;
-/// Maximum header length (fixed part + longest dataset id).
-pub const MAX_LEN: usize = FIXED_LEN + 255;
 
 /// The authenticated header of one shard.
 #[derive(Clone, Debug, PartialEq, Eq)]

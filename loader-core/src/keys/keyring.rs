@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{files, Dek, Kek, KeyProvider};
-use crate::auth::Grant;
+use super::Grant;
+use super::{Dek, Kek, KeyProvider};
 use crate::error::{Error, Result};
 
 const FORMAT: &str = "shardlock-keyring/1";
@@ -51,7 +51,7 @@ impl Keyring {
         let kek = Kek::generate()?;
         let ring = Self { path: path.to_owned(), active: kek.id.clone(), keks: vec![kek] };
         let bytes = ring.encode();
-        files::write_new_file(path, &bytes, 0o600)?;
+        crate::fs::write_new_file(path, &bytes, 0o600)?;
         Ok(ring)
     }
 
@@ -69,7 +69,7 @@ impl Keyring {
     /// Loads a keyring file. Refuses files readable by group or others, and names
     /// the file and what is wrong for a corrupted one (never printing key bytes).
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = files::read_secret_file(path)?;
+        let bytes = crate::fs::read_secret_file(path)?;
         let bad = |detail: String| Error::Format { what: "keyring", path: path.to_owned(), detail };
         let f: KeyringFile = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("not a shardlock keyring (line {}, column {})", e.line(), e.column())))?;

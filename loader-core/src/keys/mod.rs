@@ -7,13 +7,15 @@
 //!   PKCS#11 HSM ([`pkcs11`], feature `pkcs11`). [`open_provider`] opens either from one
 //!   string (a file path or a `pkcs11:` URI).
 
-mod files;
+mod grant;
 mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 
-pub(crate) use files::write_atomic;
-pub use files::{read_secret_file, write_new_file};
+// Until the pkcs11 module imports `crate::fs` itself.
+#[cfg(feature = "pkcs11")]
+use crate::fs as files;
+pub use grant::Grant;
 pub use keyring::Keyring;
 
 use std::fmt;
@@ -23,7 +25,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::auth::Grant;
 use crate::crypto;
 use crate::error::{Error, Result};
 
@@ -175,7 +176,7 @@ impl IssuerKey {
 
     /// Loads a secret key file written by [`IssuerKey::save`] (must be 0600).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = read_secret_file(path)?;
+        let text = crate::fs::read_secret_file(path)?;
         let bad =
             |detail: &str| Error::Format { what: "issuer key file", path: path.to_owned(), detail: detail.into() };
         let mut f: IssuerFile =
@@ -198,11 +199,11 @@ impl IssuerKey {
             "{{\"format\":\"{ISSUER_FORMAT}\",\"alg\":\"ed25519\",\"secret\":\"{}\"}}\n",
             secret.as_str()
         ));
-        write_new_file(path, body.as_bytes(), 0o600)?;
+        crate::fs::write_new_file(path, body.as_bytes(), 0o600)?;
         let mut pub_path = path.as_os_str().to_owned();
         pub_path.push(".pub");
         let pub_path = std::path::PathBuf::from(pub_path);
-        write_new_file(&pub_path, &self.trust_anchor().to_file_bytes(), 0o644)?;
+        crate::fs::write_new_file(&pub_path, &self.trust_anchor().to_file_bytes(), 0o644)?;
         Ok(pub_path)
     }
 
@@ -216,8 +217,7 @@ impl IssuerKey {
         crypto::sign::sign(&self.seed, msg)
     }
 
-    /// The raw 32-byte seed, for token libraries rooted in the same key.
-    #[allow(dead_code)]
+    /// The raw 32-byte seed, for the token library (Biscuit roots tokens in this key).
     pub(crate) fn seed(&self) -> &[u8; 32] {
         &self.seed
     }

@@ -70,13 +70,10 @@ impl LockedBuf {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(Error::Io {
-                op: "mmap",
-                path: "<batch buffer>".into(),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(Error::os("map batch buffer memory")(std::io::Error::last_os_error()));
         }
-        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::Crypto("mmap returned null"))?;
+        let ptr =
+            NonNull::new(raw.cast::<u8>()).ok_or_else(|| Error::Internal("mmap returned a null mapping".into()))?;
         let mut buf = Self { ptr, cap, locked: false, dirty: 0 };
         #[allow(unsafe_code)]
         // SAFETY: [ptr, ptr+cap) is the mapping just created and owned by `buf`.
@@ -105,6 +102,7 @@ impl LockedBuf {
     }
 
     /// Whether the pages are locked in RAM.
+    #[cfg(test)]
     pub fn is_locked(&self) -> bool {
         self.locked
     }

@@ -25,11 +25,6 @@ use crate::keys::{Dek, IssuerKey, KeyProvider};
 /// Default shard plaintext size: 256 MiB.
 pub const DEFAULT_SHARD_SIZE: u64 = 256 << 20;
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// Options of a [`DatasetWriter`].
 #[derive(Clone, Debug)]
 pub struct PackOptions {
@@ -213,7 +208,7 @@ impl<'a> DatasetWriter<'a> {
         enc.write(&self.data)?;
         let (out, ct_len) = enc.finish()?;
         let HashingWriter { inner, hash, .. } = out;
-        let f = inner.into_inner().map_err(|e| Error::Io { op: "write", path: tmp.clone(), source: e.into_error() })?;
+        let f = inner.into_inner().map_err(|e| Error::io_at("write", tmp.clone(), e.into_error()))?;
         f.sync_all().map_err(Error::io("sync", &tmp))?;
         std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
         let (kek_id, wrapped) = self.keys.wrap_dek(&dek)?;
@@ -244,7 +239,7 @@ impl<'a> DatasetWriter<'a> {
         let m = Manifest {
             dataset_id: self.opts.dataset_id.clone(),
             generation: 1,
-            created_unix: unix_now(),
+            created_unix: crate::time::unix_now(),
             issuer_key_id: self.issuer.trust_anchor().key_id(),
             schema_digest: hex::encode(self.schema.digest()),
             schema: self.schema.clone(),

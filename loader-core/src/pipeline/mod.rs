@@ -18,10 +18,13 @@
 //! ```
 
 mod batch;
-pub mod bench;
+mod builder;
+mod epoch;
+mod gather;
 mod loader;
-pub mod plan;
+mod plan;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
-pub use loader::{Loader, LoaderBuilder, LoaderState, Next, DEFAULT_MEMORY_BUDGET};
-pub use plan::{Remainder, Shuffle};
+pub use builder::{LoaderBuilder, DEFAULT_MEMORY_BUDGET};
+pub use loader::{Loader, LoaderState, Next};
+pub use plan::{Consumed, Remainder, Shuffle};

@@ -24,9 +24,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange};
 
 use super::store::{backoff, runtime, Bucket, Failure};
-use super::{Location, RangeReads, RangeRequest, RangeSource, RemoteOptions};
+use super::{Location, RangeReads, RangeRequest, RangeSource, RemoteOptions, ShardSource};
 use crate::crypto::Sha256;
-use crate::dataset::ShardData;
 use crate::error::{Error, RemoteFailure, Result};
 use crate::format::manifest::{self, Manifest};
 
@@ -53,7 +52,7 @@ enum Slot {
     /// Complete and verified under its final name.
     Ready,
     /// The download failed for good (until the next epoch plan).
-    Failed(Arc<Error>),
+    Failed(Error),
 }
 
 struct Object {
@@ -270,16 +269,16 @@ impl RemoteShards {
 
     /// Shard `i`: its verified cache file, or, where the plan reads it by ranges and
     /// it is not cached, its object (see [`RemoteShards::open_file`]).
-    pub(crate) fn open(&self, i: u32) -> Result<ShardData> {
+    pub(crate) fn open(&self, i: u32) -> Result<ShardSource> {
         {
             let mut st = self.inner.lock();
             let ranged = st.ranged.get(i as usize).copied().unwrap_or(false);
             if ranged && matches!(st.slots[i as usize], Slot::Absent) && !self.inner.adopt_cached(&mut st, i) {
-                return Ok(ShardData::Ranged(self.inner.clone()));
+                return Ok(ShardSource::Ranged(self.inner.clone()));
             }
         }
         let (f, p) = self.open_file(i)?;
-        Ok(ShardData::File(f, p))
+        Ok(ShardSource::File(f, p))
     }
 
     /// Opens shard `i`'s verified cache file, downloading it now if the prefetcher has
@@ -307,7 +306,7 @@ impl RemoteShards {
                                 st.released.retain(|&r| r != i);
                             }
                         }
-                        Err(e) => return Err(Error::Io { op: "open", path, source: e }),
+                        Err(e) => return Err(Error::io_at("open", path, e)),
                     }
                 }
                 Slot::Absent => {
@@ -334,7 +333,7 @@ impl RemoteShards {
                     }
                     st = inner.cv.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
                 }
-                Slot::Failed(e) => return Err(e.duplicate()),
+                Slot::Failed(e) => return Err(e),
             }
         }
     }
@@ -433,8 +432,13 @@ impl Drop for Done {
                 st.held_bytes += o.size;
                 Slot::Ready
             }
-            Some(Err(e)) => Slot::Failed(Arc::new(e)),
-            None => Slot::Failed(Arc::new(Error::Internal(format!("download of {} stopped", o.url)))),
+            Some(Err(e)) => Slot::Failed(e),
+            None => Slot::Failed(Error::Remote {
+                url: o.url.clone(),
+                shard: Some(self.i),
+                kind: RemoteFailure::Unavailable,
+                detail: "the download stopped before it finished (the dataset was closed)".into(),
+            }),
         };
         pump(&self.inner, &mut st);
         drop(st);
@@ -535,7 +539,7 @@ fn cache_error(inner: &Inner, op: &'static str, path: &std::path::Path, e: std::
             detail: format!("{op} {}: {e}", path.display()),
         };
     }
-    Error::Io { op, path: path.to_owned(), source: e }
+    Error::io_at(op, path, e)
 }
 
 fn is_disk_full(e: &std::io::Error) -> bool {

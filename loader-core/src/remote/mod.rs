@@ -22,6 +22,15 @@ mod store;
 #[cfg(feature = "s3")]
 pub(crate) use fetch::{fetch_manifest, RemoteShards};
 
+/// How the ciphertext of one shard is reached.
+pub(crate) enum ShardSource {
+    /// A local file: the dataset directory's, or a verified file in the remote cache.
+    File(std::fs::File, PathBuf),
+    /// Ranged reads of the shard's object (remote, not cached; needs the `s3` feature).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    Ranged(std::sync::Arc<dyn RangeSource>),
+}
+
 /// Byte ranges of a remote dataset's shard objects, fetched on demand (ranged GETs)
 /// instead of through the cache. What comes back is ciphertext exactly as stored;
 /// the reader authenticates every chunk it decrypts, as for a local file.
@@ -71,7 +80,7 @@ impl RangeReads {
     }
 }
 #[cfg(feature = "s3")]
-pub use store::upload_dir;
+pub(crate) use store::put_files;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -241,7 +250,7 @@ impl RemoteOptions {
     /// `never`). An error never echoes the value.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         let bad = |what: &str| Error::InvalidArgument(format!("s3 option {key}: {what}"));
-        let dur = |v: &str| crate::auth::parse_ttl(v).map_err(|_| bad("expected a duration such as 30s or 2m"));
+        let dur = |v: &str| crate::time::parse_ttl(v).map_err(|_| bad("expected a duration such as 30s or 2m"));
         match key {
             "endpoint" | "endpoint_url" => self.endpoint = Some(value.to_owned()),
             "region" => self.region = Some(value.to_owned()),
@@ -299,10 +308,10 @@ impl RemoteOptions {
     }
 }
 
-/// Uploads a packed dataset directory to `dest` (needs the `s3` feature).
+/// Without the `s3` feature: every upload fails with [`RemoteFailure::Config`].
 #[cfg(not(feature = "s3"))]
-pub fn upload_dir(dir: &Path, dest: &str, opts: &RemoteOptions) -> Result<u64> {
-    let _ = (dir, opts);
+pub(crate) fn put_files(dir: &Path, names: &[String], dest: &str, opts: &RemoteOptions) -> Result<u64> {
+    let _ = (dir, names, opts);
     Err(unsupported(&Location::parse(dest)?))
 }
 

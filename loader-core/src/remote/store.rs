@@ -212,28 +212,23 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .thread_name("shardlock-s3")
         .enable_all()
         .build()
-        .map_err(|e| Error::Internal(format!("cannot start the object store runtime: {e}")))
+        .map_err(Error::os("start the object store runtime"))
 }
 
-/// Uploads a packed dataset directory (every shard the manifest lists, then the
-/// manifest last, so a reader never sees a manifest whose shards are not there yet) to
-/// `dest` (`s3://bucket/prefix`). Returns the bytes uploaded. Nothing is decrypted:
-/// the objects are the ciphertext files as they are.
-pub fn upload_dir(dir: &std::path::Path, dest: &str, opts: &RemoteOptions) -> Result<u64> {
+/// Uploads the files `names` of `dir`, in that order, to `dest` (`s3://bucket/prefix`)
+/// under the same names. Returns the bytes uploaded.
+pub(crate) fn put_files(dir: &std::path::Path, names: &[String], dest: &str, opts: &RemoteOptions) -> Result<u64> {
     let loc = Location::parse(dest)?;
     let bucket = Bucket::new(&loc, opts)?;
-    let insp = crate::dataset::inspect(dir, None)?;
     let rt = runtime()?;
-    let mut names: Vec<String> = insp.manifest.shards.iter().map(|s| s.file.clone()).collect();
-    names.push(crate::format::manifest::FILE_NAME.to_owned());
     let mut total = 0u64;
     for name in names {
-        let path = dir.join(&name);
+        let path = dir.join(name);
         let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
         total += bytes.len() as u64;
         let payload = PutPayload::from(bytes);
-        rt.block_on(bucket.store.put(&bucket.key(&name), payload)).map_err(|e| Error::Remote {
-            url: bucket.url(&name),
+        rt.block_on(bucket.store.put(&bucket.key(name), payload)).map_err(|e| Error::Remote {
+            url: bucket.url(name),
             shard: None,
             kind: match bucket.classify(e) {
                 Failure::Permanent(k, _) => k,

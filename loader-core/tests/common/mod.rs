@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use shardlock::auth::{Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
-use shardlock::dataset::Dataset;
-use shardlock::format::{DType, Field, Schema};
-use shardlock::keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
-use shardlock::pack::{DatasetWriter, PackOptions};
 use shardlock::Backend;
+use shardlock::Dataset;
+use shardlock::{Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{DType, Field, Schema};
+use shardlock::{DatasetWriter, PackOptions};
+use shardlock::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardlock::remote::RemoteOptions;
+use shardlock::RemoteOptions;
 
 /// Credentials the tests use; they must never show up in an error, log or file.
 pub const ACCESS_KEY: &str = "AKIDCANARY7Q2W";
@@ -101,7 +101,7 @@ impl S3Server {
     pub fn upload(&self, dir: &Path, bucket: &str, prefix: &str) -> String {
         self.create_bucket(bucket);
         let url = format!("s3://{bucket}/{prefix}");
-        shardlock::remote::upload_dir(dir, &url, &options(&self.endpoint, None)).unwrap();
+        shardlock::upload_dir(dir, &url, &options(&self.endpoint, None)).unwrap();
         url
     }
 }

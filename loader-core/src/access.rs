@@ -1,13 +1,15 @@
-//! `Access`: the single gate between a reader and a shard's DEK.
+//! [`Access`]: the single gate between a reader and a shard's DEK. It authorizes the
+//! token ([`crate::auth`]), and only on a pass makes the [`Grant`] that the key
+//! provider needs to unwrap the DEK, audits both decisions, and opens the shard.
 
 use std::sync::Arc;
 
-use super::{Authorizer, Grant, Operation};
 use crate::audit::{AuditEvent, AuditLog};
+use crate::auth::Authorizer;
 use crate::crypto::aead::Backend;
 use crate::dataset::{Dataset, OpenShard, ShardReader};
-use crate::error::{Error, Result};
-use crate::keys::{Dek, KeyProvider};
+use crate::error::{DenyReason, Error, Operation, Result};
+use crate::keys::{Dek, Grant, KeyProvider};
 
 /// Authorizes, unwraps and audits, in that order, for every shard open.
 pub struct Access {
@@ -76,7 +78,7 @@ impl Access {
                 dataset: Some(dataset.clone()),
                 shard: Some(shard),
                 operation: Some(op),
-                reason: super::DenyReason::InvalidToken,
+                reason: DenyReason::InvalidToken,
                 rule: format!(
                     "the dataset was verified with issuer key {}, the token with {}",
                     ds.trust_anchor().key_id(),

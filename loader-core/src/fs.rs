@@ -1,4 +1,5 @@
-//! Reading and writing secret files with safe permissions.
+//! Files that must not be seen half-written or by other users: secret files read
+//! with a permission check, new files created exclusively, atomic replacement.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -35,7 +36,7 @@ pub fn write_new_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::InvalidArgument(format!("{} already exists; refusing to overwrite a key file", path.display()))
         } else {
-            Error::Io { op: "create", path: path.to_owned(), source: e }
+            Error::io_at("create", path, e)
         }
     })?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(Error::io("write", path))

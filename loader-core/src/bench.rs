@@ -4,9 +4,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::loader::Loader;
 use crate::error::Result;
 use crate::memory::{process_cpu_seconds, rss_anon};
+use crate::pipeline::Loader;
 
 /// Numbers of one epoch.
 #[derive(Clone, Debug, Serialize)]

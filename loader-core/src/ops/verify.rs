@@ -5,12 +5,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::shard::{expected_header, read_index};
-use super::Dataset;
-use crate::auth::{Access, Operation};
+use crate::access::Access;
 use crate::crypto::aead::Backend;
 use crate::crypto::chunked::{ChunkBuf, Payload, CHUNK_LEN};
 use crate::crypto::Sha256;
+use crate::dataset::{expected_header, read_index, Dataset};
+use crate::error::Operation;
 use crate::error::{Error, IntegrityKind, Result};
 use crate::format::ShardHeader;
 use crate::keys::TrustAnchor;
