@@ -187,7 +187,9 @@ impl Dataset {
     /// Tells a remote dataset which shards the coming epoch reads, first use first,
     /// so it can fetch ahead; `random_access` says that batches draw samples from
     /// all over the dataset (`global` shuffle), where ranged reads can be cheaper
-    /// than whole shards ([`crate::remote::RangeReads`]). No effect on a local dataset.
+    /// than whole shards ([`crate::RangeReads`]). No effect on a local dataset.
+    /// (The loader calls this for every epoch; a test hook, not an API.)
+    #[doc(hidden)]
     pub fn plan_shards(&self, order: &[u32], random_access: bool) {
         #[cfg(feature = "s3")]
         if let Source::Remote(r) = &self.source {
@@ -217,7 +219,8 @@ impl Dataset {
     }
 
     /// Shards the current epoch plan of a remote dataset reads with ranged GETs
-    /// (empty for a local dataset).
+    /// (empty for a local dataset). A test hook, not an API.
+    #[doc(hidden)]
     pub fn ranged_shards(&self) -> Vec<u32> {
         match &self.source {
             #[cfg(feature = "s3")]
@@ -228,7 +231,7 @@ impl Dataset {
 
     /// Makes threads waiting for a remote shard's download give up now (the reader is
     /// stopping). No effect on a local dataset.
-    pub fn interrupt_fetches(&self) {
+    pub(crate) fn interrupt_fetches(&self) {
         #[cfg(feature = "s3")]
         if let Source::Remote(r) = &self.source {
             r.interrupt();
@@ -237,7 +240,7 @@ impl Dataset {
 
     /// Tells a remote dataset the epoch is done with shard `index` (its cache file may
     /// be evicted when the byte budget needs room). No effect on a local dataset.
-    pub fn release_shard(&self, index: u32) {
+    pub(crate) fn release_shard(&self, index: u32) {
         #[cfg(feature = "s3")]
         if let Source::Remote(r) = &self.source {
             r.release(index);

@@ -15,12 +15,18 @@
 //! fails with [`crate::Error::Remote`] ([`crate::RemoteFailure::Config`]).
 
 #[cfg(feature = "s3")]
-mod fetch;
+mod cache;
+#[cfg(feature = "s3")]
+mod download;
+#[cfg(feature = "s3")]
+mod prefetch;
+#[cfg(feature = "s3")]
+mod ranged;
 #[cfg(feature = "s3")]
 mod store;
 
 #[cfg(feature = "s3")]
-pub(crate) use fetch::{fetch_manifest, RemoteShards};
+pub(crate) use prefetch::{fetch_manifest, RemoteShards};
 
 /// How the ciphertext of one shard is reached.
 pub(crate) enum ShardSource {

@@ -133,56 +133,65 @@ impl Bucket {
     /// Fetches a small object whole (the manifest), retrying transient failures until
     /// the deadline.
     pub(crate) async fn get_small(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
-        let start = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let r = async {
-                let got = tokio::time::timeout(self.stall, self.store.get_opts(&self.key(name), GetOptions::default()))
-                    .await
-                    .map_err(|_| Failure::Transient(format!("no response within {:?}", self.stall)))?
-                    .map_err(|e| self.classify(e))?;
-                if got.meta.size > limit {
-                    return Err(Failure::Permanent(
-                        RemoteFailure::Modified,
-                        format!("{} bytes, more than the {limit} accepted", got.meta.size),
-                    ));
-                }
-                let mut out = Vec::with_capacity(got.meta.size as usize);
-                let mut s = got.into_stream();
-                loop {
-                    match tokio::time::timeout(self.stall, s.next()).await {
-                        Err(_) => return Err(Failure::Transient(format!("stalled for {:?}", self.stall))),
-                        Ok(None) => break,
-                        Ok(Some(Err(e))) => return Err(self.classify(e)),
-                        Ok(Some(Ok(b))) => {
-                            if (out.len() + b.len()) as u64 > limit {
-                                return Err(Failure::Permanent(RemoteFailure::Modified, "too large".into()));
-                            }
-                            out.extend_from_slice(&b);
+        self.with_retries(&self.url(name), None, || async {
+            let got = tokio::time::timeout(self.stall, self.store.get_opts(&self.key(name), GetOptions::default()))
+                .await
+                .map_err(|_| Failure::Transient(format!("no response within {:?}", self.stall)))?
+                .map_err(|e| self.classify(e))?;
+            if got.meta.size > limit {
+                return Err(Failure::Permanent(
+                    RemoteFailure::Modified,
+                    format!("{} bytes, more than the {limit} accepted", got.meta.size),
+                ));
+            }
+            let mut out = Vec::with_capacity(got.meta.size as usize);
+            let mut s = got.into_stream();
+            loop {
+                match tokio::time::timeout(self.stall, s.next()).await {
+                    Err(_) => return Err(Failure::Transient(format!("stalled for {:?}", self.stall))),
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => return Err(self.classify(e)),
+                    Ok(Some(Ok(b))) => {
+                        if (out.len() + b.len()) as u64 > limit {
+                            return Err(Failure::Permanent(RemoteFailure::Modified, "too large".into()));
                         }
+                        out.extend_from_slice(&b);
                     }
                 }
-                Ok(out)
             }
-            .await;
-            match r {
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The one retry loop of every request to the store: runs `attempt` until it
+    /// succeeds or fails permanently, retrying transient failures with backoff while
+    /// the per-object timeout allows; the error names `url` (and `shard`).
+    pub(crate) async fn with_retries<T, F, Fut>(&self, url: &str, shard: Option<u32>, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Failure>>,
+    {
+        let start = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let last = match attempt().await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Permanent(kind, detail)) => {
-                    return Err(Error::Remote { url: self.url(name), shard: None, kind, detail })
+                    return Err(Error::Remote { url: url.to_owned(), shard, kind, detail })
                 }
-                Err(Failure::Transient(last)) => {
-                    let wait = backoff(attempt);
-                    if start.elapsed() + wait > self.timeout {
-                        return Err(self.gave_up(&self.url(name), None, attempt, start, &last));
-                    }
-                    tokio::time::sleep(wait).await;
-                }
+                Err(Failure::Transient(last)) => last,
+            };
+            let wait = backoff(attempts);
+            if start.elapsed() + wait > self.timeout {
+                return Err(self.gave_up(url, shard, attempts, start, &last));
             }
+            tokio::time::sleep(wait).await;
         }
     }
 
-    pub(crate) fn gave_up(&self, url: &str, shard: Option<u32>, attempts: u32, start: Instant, last: &str) -> Error {
+    fn gave_up(&self, url: &str, shard: Option<u32>, attempts: u32, start: Instant, last: &str) -> Error {
         Error::Remote {
             url: url.to_owned(),
             shard,
@@ -198,7 +207,7 @@ impl Bucket {
 }
 
 /// Exponential backoff with jitter: 100 ms, 200 ms, ... capped at 5 s.
-pub(crate) fn backoff(attempt: u32) -> Duration {
+fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5000);
     let mut r = [0u8; 2];
     let _ = crate::crypto::random_bytes(&mut r);

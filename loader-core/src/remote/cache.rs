@@ -1,0 +1,74 @@
+//! The local cache directory of remote shards: what its names mean, how it is created,
+//! and which I/O errors mean it is full.
+//!
+//! Cache layout (one flat directory, shared by every process and dataset that uses it):
+//!
+//! | name | what |
+//! | --- | --- |
+//! | `<sha256>.slk` | a complete shard file whose size and SHA-256 matched a signed manifest |
+//! | `<sha256>.partial` | a download in progress (only the holder of the lock writes it) |
+//! | `<sha256>.lock` | `flock`ed by the process downloading that shard |
+//!
+//! Files are named by their SHA-256 from the signed manifest, so a name can only ever
+//! hold those exact bytes: a replaced object fails the digest and never gets the
+//! name, and two datasets or ranks that share a shard share its file. Everything in
+//! the directory is ciphertext exactly as stored in the bucket.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The cache directory and the names of one shard's files in it.
+pub(super) struct CacheDir {
+    dir: PathBuf,
+}
+
+impl CacheDir {
+    /// Opens (creating it if needed) the cache directory `dir`.
+    pub(super) fn open(dir: PathBuf) -> Result<Self> {
+        create_cache_dir(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The final name of the shard file with this SHA-256: complete and verified.
+    pub(super) fn complete(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.slk"))
+    }
+
+    /// The name a download of it is written to until it is verified.
+    pub(super) fn partial(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.partial"))
+    }
+
+    /// The lock file of its download.
+    pub(super) fn lock(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.lock"))
+    }
+
+    /// True if a complete file of `size` bytes is under the final name.
+    pub(super) fn has_complete(&self, sha256: &str, size: u64) -> bool {
+        std::fs::metadata(self.complete(sha256)).is_ok_and(|m| m.len() == size)
+    }
+}
+
+/// Creates the cache directory (mode 0700: it holds only ciphertext, but other users
+/// have no business filling or pruning it).
+fn create_cache_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(Error::io("create", dir))
+}
+
+/// True for the errors of a full disk or an exhausted quota.
+pub(super) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        || e.raw_os_error() == Some(libc::ENOSPC)
+        || e.raw_os_error() == Some(libc::EDQUOT)
+}
