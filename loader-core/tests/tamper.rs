@@ -243,6 +243,31 @@ fn removed_added_and_rolled_back_shards_are_detected() {
 }
 
 #[test]
+fn dot_files_are_ignored_but_unlisted_shards_are_not() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    let verify_ds = || verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
+    // What a macOS copy leaves behind: AppleDouble files beside each file, .DS_Store.
+    std::fs::write(ds.join("._shard-00000.slk"), b"\x00\x05\x16\x07AppleDouble").unwrap();
+    std::fs::write(ds.join(".DS_Store"), b"Bud1").unwrap();
+    let r = verify_ds();
+    assert!(r.ok, "{:?}", r.shards);
+    assert_eq!(r.shards.len(), 3);
+    // An unlisted shard file is still reported, and only it.
+    std::fs::copy(ds.join("shard-00002.slk"), ds.join("shard-99999.slk")).unwrap();
+    let r = verify_ds();
+    assert!(!r.ok);
+    let extra: Vec<_> = r.shards.iter().filter(|s| s.index.is_none()).collect();
+    assert_eq!(extra.len(), 1, "{extra:?}");
+    assert_eq!((extra[0].file.as_str(), extra[0].failure.as_deref()), ("shard-99999.slk", Some("ExtraShard")));
+    // A forced pack into the directory leaves the dot-files alone and removes the old shards.
+    assert_eq!(big(&fx, "ds", "ds1"), ds);
+    assert!(ds.join("._shard-00000.slk").exists() && ds.join(".DS_Store").exists());
+    assert!(!ds.join("shard-99999.slk").exists());
+    assert!(verify_ds().ok);
+}
+
+#[test]
 fn edited_or_foreign_manifests_fail_the_signature() {
     let fx = Fixture::new();
     let ds = big(&fx, "ds", "ds1");

@@ -109,7 +109,8 @@ impl<'a> DatasetWriter<'a> {
         if opts.force {
             for e in std::fs::read_dir(dir).map_err(Error::io("list", dir))?.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".slk") || name.ends_with(".slk.partial") {
+                // Pack never writes a dot-file shard; dot-files are not ours to delete.
+                if !name.starts_with('.') && (name.ends_with(".slk") || name.ends_with(".slk.partial")) {
                     let p = e.path();
                     std::fs::remove_file(&p).map_err(Error::io("remove", &p))?;
                 }
