@@ -288,6 +288,46 @@ fn edited_or_foreign_manifests_fail_the_signature() {
     assert!(matches!(fx.open(&ds), Err(Error::Format { what: "manifest", .. })));
 }
 
+/// Rewrites `ds`'s manifest with `edit` applied to its body and signs it with the
+/// fixture's issuer key, as a buggy or malicious writer holding that key would.
+fn resign(fx: &Fixture, ds: &std::path::Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
+    use shardlock::format::SignedManifest;
+    let path = ds.join("manifest.json");
+    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
+    edit(&mut m);
+    let body = serde_json::to_vec_pretty(&m).unwrap();
+    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
+    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
+}
+
+#[test]
+fn wrapped_dek_must_be_80_lowercase_hex_digits() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    let good = fx.open(&ds).unwrap().manifest().shards[1].wrapped_dek.clone();
+    assert_eq!(good.len(), 80);
+    let cases = [
+        good[..64].to_owned(),        // 32 bytes: used to pass, failing only when unwrapped
+        format!("{good}0000"),        // 42 bytes
+        good[..79].to_owned(),        // odd
+        good.to_uppercase(),          // uppercase
+        format!("{}zz", &good[..78]), // not hex
+        String::new(),
+    ];
+    for bad in cases {
+        resign(&fx, &ds, |m| m.shards[1].wrapped_dek = bad.clone());
+        match fx.open(&ds) {
+            Err(Error::Format { what: "manifest", detail, .. }) => {
+                assert!(detail.contains("shard 1: wrapped_dek must be 80 lowercase hex digits"), "{bad:?}: {detail}")
+            }
+            Err(e) => panic!("{bad:?}: expected a manifest format error, got {e}"),
+            Ok(_) => panic!("{bad:?}: a manifest with this wrapped_dek opened"),
+        }
+    }
+    resign(&fx, &ds, |m| m.shards[1].wrapped_dek = good.clone());
+    assert!(fx.read_all(&ds).is_ok());
+}
+
 #[test]
 fn rolled_back_manifest_is_refused_with_min_generation() {
     let fx = Fixture::new();
