@@ -78,7 +78,7 @@ pub use time::{max_time, parse_time, parse_ttl, time_after};
 #[doc(hidden)]
 pub mod primitives {
     pub use crate::crypto::{aead, chunked, kwp, sign};
-    pub use crate::format::index;
+    pub use crate::format::{index, SignedManifest};
     pub use crate::memory::{map_file, process_cpu_seconds, rss_anon};
 }
 

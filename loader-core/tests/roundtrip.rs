@@ -6,7 +6,9 @@ mod common;
 use common::Fixture;
 use proptest::prelude::*;
 use shardlock::primitives::chunked::CHUNK_LEN;
-use shardlock::{DType, Field, Schema};
+use shardlock::primitives::SignedManifest;
+use shardlock::{verify, VerifyOptions};
+use shardlock::{DType, Field, Loader, Schema};
 
 /// Sizes that sit on and around chunk boundaries, plus small ones.
 fn edge_len() -> impl Strategy<Value = usize> {
@@ -71,6 +73,52 @@ fn zero_records_make_an_empty_dataset() {
     assert_eq!(d.manifest().records, 0);
     assert!(d.manifest().shards.is_empty());
     assert!(fx.read_all(&ds).unwrap().is_empty());
+    // FORMAT.md section 12: a dataset of no shards verifies and loads as empty.
+    let r = verify(&ds, &fx.trust, &fx.access("e"), &VerifyOptions::default(), &mut |_| {}).unwrap();
+    assert!(r.ok && r.shards.is_empty());
+    let loader = Loader::builder(&ds)
+        .key_provider(fx.keyring.clone())
+        .token_value(fx.token("e"))
+        .trust_anchor(fx.trust)
+        .drop_last(false)
+        .build()
+        .unwrap();
+    assert_eq!(loader.len().unwrap(), 0);
+    assert_eq!(loader.count(), 0);
+}
+
+/// FORMAT.md section 9.1: a reader accepts the members of every manifest object in any
+/// order; the signature covers the body bytes as written, whatever their order.
+#[test]
+fn manifest_members_are_accepted_in_any_order() {
+    use serde_json::Value;
+    fn reversed(v: &Value) -> String {
+        match v {
+            Value::Object(m) => {
+                let members: Vec<String> =
+                    m.iter().rev().map(|(k, v)| format!("{}:{}", Value::String(k.clone()), reversed(v))).collect();
+                format!("{{{}}}", members.join(","))
+            }
+            Value::Array(a) => format!("[{}]", a.iter().map(reversed).collect::<Vec<_>>().join(",")),
+            v => v.to_string(),
+        }
+    }
+    let fx = Fixture::new();
+    let (ds, samples) = fx.standard("ds", "order", 9);
+    let path = ds.join("manifest.json");
+    let env: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let body = reversed(&env["body"]);
+    // Reversed, or sorted then reversed (without serde_json's preserve_order): either
+    // way not the order the writer emits.
+    assert!(body.find("\"shards\"") < body.find("\"dataset_id\""), "{body}");
+    assert!(body.find("\"wrapped_dek\"") < body.find("\"index\""), "{body}");
+    assert!(body.find("\"shape\"") < body.find("\"name\""), "{body}");
+    let sig = fx.issuer.sign(&SignedManifest::signed_message(body.as_bytes())).unwrap();
+    let text =
+        format!("{{\"signature\":\"{}\",\"body\":{body},\"format\":\"shardlock-manifest/1\"}}", hex::encode(sig));
+    std::fs::write(&path, text).unwrap();
+    assert_eq!(fx.read_all(&ds).unwrap(), samples);
+    assert!(verify(&ds, &fx.trust, &fx.access("order"), &VerifyOptions::default(), &mut |_| {}).unwrap().ok);
 }
 
 #[test]

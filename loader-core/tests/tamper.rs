@@ -243,6 +243,31 @@ fn removed_added_and_rolled_back_shards_are_detected() {
 }
 
 #[test]
+fn dot_files_are_ignored_but_unlisted_shards_are_not() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    let verify_ds = || verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
+    // What a macOS copy leaves behind: AppleDouble files beside each file, .DS_Store.
+    std::fs::write(ds.join("._shard-00000.slk"), b"\x00\x05\x16\x07AppleDouble").unwrap();
+    std::fs::write(ds.join(".DS_Store"), b"Bud1").unwrap();
+    let r = verify_ds();
+    assert!(r.ok, "{:?}", r.shards);
+    assert_eq!(r.shards.len(), 3);
+    // An unlisted shard file is still reported, and only it.
+    std::fs::copy(ds.join("shard-00002.slk"), ds.join("shard-99999.slk")).unwrap();
+    let r = verify_ds();
+    assert!(!r.ok);
+    let extra: Vec<_> = r.shards.iter().filter(|s| s.index.is_none()).collect();
+    assert_eq!(extra.len(), 1, "{extra:?}");
+    assert_eq!((extra[0].file.as_str(), extra[0].failure.as_deref()), ("shard-99999.slk", Some("ExtraShard")));
+    // A forced pack into the directory leaves the dot-files alone and removes the old shards.
+    assert_eq!(big(&fx, "ds", "ds1"), ds);
+    assert!(ds.join("._shard-00000.slk").exists() && ds.join(".DS_Store").exists());
+    assert!(!ds.join("shard-99999.slk").exists());
+    assert!(verify_ds().ok);
+}
+
+#[test]
 fn edited_or_foreign_manifests_fail_the_signature() {
     let fx = Fixture::new();
     let ds = big(&fx, "ds", "ds1");
@@ -261,6 +286,62 @@ fn edited_or_foreign_manifests_fail_the_signature() {
     // Garbage manifest: a format error, not a panic.
     std::fs::write(&mpath, b"{\"format\": 1").unwrap();
     assert!(matches!(fx.open(&ds), Err(Error::Format { what: "manifest", .. })));
+}
+
+/// Rewrites `ds`'s manifest with `edit` applied to its body and signs it with the
+/// fixture's issuer key, as a buggy or malicious writer holding that key would.
+fn resign(fx: &Fixture, ds: &std::path::Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
+    use shardlock::primitives::SignedManifest;
+    let path = ds.join("manifest.json");
+    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
+    edit(&mut m);
+    let body = serde_json::to_vec_pretty(&m).unwrap();
+    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
+    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
+}
+
+#[test]
+fn wrapped_dek_must_be_80_lowercase_hex_digits() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    let good = fx.open(&ds).unwrap().manifest().shards[1].wrapped_dek.clone();
+    assert_eq!(good.len(), 80);
+    let cases = [
+        good[..64].to_owned(),        // 32 bytes: used to pass, failing only when unwrapped
+        format!("{good}0000"),        // 42 bytes
+        good[..79].to_owned(),        // odd
+        good.to_uppercase(),          // uppercase
+        format!("{}zz", &good[..78]), // not hex
+        String::new(),
+    ];
+    for bad in cases {
+        resign(&fx, &ds, |m| m.shards[1].wrapped_dek = bad.clone());
+        match fx.open(&ds) {
+            Err(Error::Format { what: "manifest", detail, .. }) => {
+                assert!(detail.contains("shard 1: wrapped_dek must be 80 lowercase hex digits"), "{bad:?}: {detail}")
+            }
+            Err(e) => panic!("{bad:?}: expected a manifest format error, got {e}"),
+            Ok(_) => panic!("{bad:?}: a manifest with this wrapped_dek opened"),
+        }
+    }
+    resign(&fx, &ds, |m| m.shards[1].wrapped_dek = good.clone());
+    assert!(fx.read_all(&ds).is_ok());
+}
+
+/// A signed manifest whose sizes overflow u64 (`plaintext_bytes` near 2^64) is a typed
+/// format error, not an arithmetic panic (debug builds) or a wrapped size (release).
+#[test]
+fn manifest_sizes_that_overflow_are_a_format_error() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    for huge in [u64::MAX, u64::MAX - 16, u64::MAX / 16 * 15] {
+        resign(&fx, &ds, |m| m.shards[0].plaintext_bytes = huge);
+        match fx.open(&ds) {
+            Err(Error::Format { what: "manifest", detail, .. }) => assert!(detail.contains("shard 0"), "{detail}"),
+            Err(e) => panic!("plaintext_bytes {huge}: expected a manifest format error, got {e}"),
+            Ok(_) => panic!("plaintext_bytes {huge}: the manifest opened"),
+        }
+    }
 }
 
 #[test]

@@ -123,10 +123,10 @@ fn derive(backend: Backend, input_key: &[u8], salt: &[u8], context: &[u8]) -> Re
 }
 
 /// Ciphertext length for a plaintext of `plaintext_len` bytes.
-pub fn ciphertext_len(plaintext_len: u64) -> u64 {
+pub fn ciphertext_len(plaintext_len: u64) -> Option<u64> {
     let full = plaintext_len / CHUNK_LEN as u64;
     let last = plaintext_len % CHUNK_LEN as u64;
-    HEADER_LEN as u64 + full * ENC_CHUNK_LEN as u64 + last + TAG_LEN as u64
+    full.checked_mul(ENC_CHUNK_LEN as u64)?.checked_add(HEADER_LEN as u64 + last + TAG_LEN as u64)
 }
 
 /// Splits a ciphertext length into (chunk count, plaintext length of the final chunk),
@@ -538,7 +538,7 @@ pub fn encrypt(backend: Backend, input_key: &[u8], context: &[u8], plaintext: &[
         backend,
         input_key,
         context,
-        Vec::with_capacity(ciphertext_len(plaintext.len() as u64) as usize),
+        Vec::with_capacity(ciphertext_len(plaintext.len() as u64).unwrap_or(0) as usize),
     )?;
     enc.write(plaintext)?;
     Ok(enc.finish()?.0)
@@ -568,7 +568,7 @@ mod tests {
             let pt: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             for &b in Backend::ALL {
                 let ct = encrypt(b, &key, b"ctx", &pt).unwrap();
-                assert_eq!(ct.len() as u64, ciphertext_len(len as u64));
+                assert_eq!(Some(ct.len() as u64), ciphertext_len(len as u64));
                 assert_eq!(&decrypt(b, &key, b"ctx", &ct).unwrap()[..], &pt[..]);
                 assert_eq!(
                     decrypt(b, &key, b"other", &ct).unwrap_err().integrity_kind(),

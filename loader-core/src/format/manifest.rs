@@ -22,6 +22,9 @@ pub const FORMAT: &str = "shardlock-manifest/1";
 pub const SIGNING_PREFIX: &[u8] = b"shardlock-manifest/1\n";
 /// Manifest file name inside a dataset directory.
 pub const FILE_NAME: &str = "manifest.json";
+/// Hex digits of `wrapped_dek`: AES-KWP (RFC 5649) of a 32-byte DEK is 40 bytes,
+/// whether the keyring or a PKCS#11 token (`CKM_AES_KEY_WRAP_PAD`) wraps it.
+pub const WRAPPED_DEK_HEX_LEN: usize = 80;
 
 /// One shard as listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,14 +135,15 @@ impl SignedManifest {
         let mut ids = std::collections::HashSet::new();
         let lower_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         for (i, s) in m.shards.iter().enumerate() {
-            if !lower_hex(&s.id, 32)
-                || !lower_hex(&s.sha256, 64)
-                || s.wrapped_dek.is_empty()
-                || !lower_hex(&s.wrapped_dek, s.wrapped_dek.len())
+            for (field, value, digits) in
+                [("id", &s.id, 32), ("sha256", &s.sha256, 64), ("wrapped_dek", &s.wrapped_dek, WRAPPED_DEK_HEX_LEN)]
             {
-                return Err(bad(format!(
-                    "shard {i}: id, sha256 and wrapped_dek must be lowercase hex (32, 64, even digits)"
-                )));
+                if !lower_hex(value, digits) {
+                    return Err(bad(format!(
+                        "shard {i}: {field} must be {digits} lowercase hex digits (has {} characters)",
+                        value.len()
+                    )));
+                }
             }
             if !names.insert(s.file.as_str()) || !ids.insert(s.id.as_str()) {
                 return Err(bad(format!("shard {i}: file name or id listed twice")));
@@ -147,7 +151,7 @@ impl SignedManifest {
             let header_len = super::header::encoded_len(&m.dataset_id) as u64;
             let expected = super::index::index_len(s.records, m.schema.fields.len())
                 .filter(|&ix| ix <= s.plaintext_bytes)
-                .map(|_| header_len + crate::crypto::chunked::ciphertext_len(s.plaintext_bytes));
+                .and_then(|_| crate::crypto::chunked::ciphertext_len(s.plaintext_bytes)?.checked_add(header_len));
             if expected != Some(s.file_bytes) {
                 return Err(bad(format!("shard {i}: file_bytes/plaintext_bytes/records are inconsistent")));
             }

@@ -144,7 +144,9 @@ fn verify_dataset(
         extra = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".slk") && !listed.contains(n.as_str()))
+            // Dot-files are not ours (FORMAT.md section 1): `._shard-00000.slk` is
+            // the AppleDouble file a macOS copy leaves beside `shard-00000.slk`.
+            .filter(|n| !n.starts_with('.') && n.ends_with(".slk") && !listed.contains(n.as_str()))
             .collect();
     }
     extra.sort();

@@ -104,7 +104,8 @@ impl<'a> DatasetWriter<'a> {
         if opts.force {
             for e in std::fs::read_dir(dir).map_err(Error::io("list", dir))?.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".slk") || name.ends_with(".slk.partial") {
+                // Pack never writes a dot-file shard; dot-files are not ours to delete.
+                if !name.starts_with('.') && (name.ends_with(".slk") || name.ends_with(".slk.partial")) {
                     let p = e.path();
                     std::fs::remove_file(&p).map_err(Error::io("remove", &p))?;
                 }
@@ -307,5 +308,69 @@ impl<W: Write> Write for HashingWriter<'_, W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush().map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    // Reading back goes through the layers above pack, by their public names.
+    use crate::{
+        verify, Access, Authorizer, AuthorizerConfig, DType, Dataset, Field, Keyring, Loader, Operation, ShardSet,
+        Shuffle, Token, TokenSpec, VerifyOptions,
+    };
+
+    /// FORMAT.md section 12: pack never writes a shard without records, but readers
+    /// accept one (its index is 24 bytes: the prologue and `off[0] = 0`).
+    #[test]
+    fn readers_accept_a_shard_without_records() {
+        let t = tempfile::tempdir().unwrap();
+        let ring = Arc::new(Keyring::create(&t.path().join("keyring.json")).unwrap());
+        let issuer = IssuerKey::generate().unwrap();
+        let trust = issuer.trust_anchor();
+        let dir = t.path().join("ds");
+        let schema = Schema::new(vec![Field::tensor("x", DType::U8, &[3]), Field::bytes("b")]).unwrap();
+        let mut w = DatasetWriter::create(&dir, schema, PackOptions::new("zero"), &*ring, &issuer).unwrap();
+        w.write_sample(&[&[1, 2, 3], b"one"]).unwrap();
+        w.seal_shard().unwrap();
+        w.seal_shard().unwrap(); // shard 1: no records
+        w.write_sample(&[&[4, 5, 6], b"two"]).unwrap();
+        let m = w.finish().unwrap();
+        assert_eq!(m.shards.iter().map(|s| s.records).collect::<Vec<_>>(), [1, 0, 1]);
+        assert_eq!(m.shards[1].plaintext_bytes, 16 + 8);
+
+        let spec = TokenSpec {
+            dataset: "zero".into(),
+            principal: "tester".into(),
+            shards: ShardSet::All,
+            ops: vec![Operation::Read, Operation::Verify],
+            expires: SystemTime::now() + Duration::from_secs(3600),
+            not_before: None,
+        };
+        let token = Token::issue(&issuer, &spec).unwrap();
+        let ds = Dataset::open(&dir, &trust).unwrap();
+        let access = Access::new(
+            Authorizer::new(&trust, Some(token.clone()), AuthorizerConfig::default()).unwrap(),
+            ring.clone(),
+        );
+        assert!(access.open_shard(&ds, 1).unwrap().is_empty());
+        assert_eq!(access.open_shard(&ds, 2).unwrap().read_record(0).unwrap()[1].as_slice(), b"two");
+        let r = verify(&dir, &trust, &access, &VerifyOptions::default(), &mut |_| {}).unwrap();
+        assert!(r.ok, "{:?}", r.shards);
+        // Dataset order numbers records shard by shard: the empty shard takes no id.
+        let loader = Loader::builder(&dir)
+            .key_provider(ring)
+            .token_value(token)
+            .trust_anchor(trust)
+            .batch_size(2)
+            .shuffle(Shuffle::None)
+            .build()
+            .unwrap();
+        let ids: Vec<u64> = loader.flat_map(|b| b.unwrap().sample_ids().to_vec()).collect();
+        assert_eq!(ids, [0, 1]);
     }
 }
