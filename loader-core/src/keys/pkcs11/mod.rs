@@ -457,7 +457,7 @@ struct Module {
 struct Registry {
     pid: u32,
     modules: HashMap<PathBuf, Arc<Module>>,
-    pools: Vec<Arc<TokenPool>>,
+    pools: Vec<Arc<SessionPool>>,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -533,7 +533,7 @@ struct AuthState {
 }
 
 /// The logged-in sessions of one token, shared by every provider on it in this process.
-struct TokenPool {
+struct SessionPool {
     module: Arc<Module>,
     slot: Slot,
     serial: String,
@@ -550,7 +550,7 @@ fn token_matches(uri: &Pkcs11Uri, info: &cryptoki::slot::TokenInfo) -> bool {
         && uri.model.as_deref().is_none_or(|s| info.model() == s.trim_end())
 }
 
-fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<TokenPool>> {
+fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<SessionPool>> {
     let path = uri.module_path()?;
     let m = module(&path, provider)?;
     let unavailable = |e: CkError| Error::KeyProvider {
@@ -604,7 +604,7 @@ fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<TokenPool>> {
     }
     let mut salt = [0u8; 32];
     crypto::random_bytes(&mut salt)?;
-    let p = Arc::new(TokenPool {
+    let p = Arc::new(SessionPool {
         module: m,
         slot,
         serial: info.serial_number().to_owned(),
@@ -620,14 +620,14 @@ fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<TokenPool>> {
 /// A session taken from a pool for one call on one thread; it goes back to the pool when
 /// dropped, unless it was discarded (then it is closed).
 struct Lease<'a> {
-    pool: &'a TokenPool,
+    pool: &'a SessionPool,
     /// `Some` until the lease is dropped.
     session: Option<Session>,
     keep: Cell<bool>,
 }
 
 impl<'a> Lease<'a> {
-    fn new(pool: &'a TokenPool, s: Session) -> Self {
+    fn new(pool: &'a SessionPool, s: Session) -> Self {
         Self { pool, session: Some(s), keep: Cell::new(true) }
     }
 
@@ -666,7 +666,7 @@ impl Drop for Lease<'_> {
     }
 }
 
-impl TokenPool {
+impl SessionPool {
     fn ctx(&self) -> &Pkcs11 {
         &self.module.ctx
     }
@@ -867,7 +867,7 @@ pub struct Pkcs11Stats {
 pub struct Pkcs11Provider {
     uri: Pkcs11Uri,
     name: String,
-    pool: Arc<TokenPool>,
+    pool: Arc<SessionPool>,
     kek: Mutex<ObjectHandle>,
     kek_id: String,
     can_wrap: bool,
@@ -882,7 +882,7 @@ impl fmt::Debug for Pkcs11Provider {
     }
 }
 
-fn require_mechanisms(pool: &TokenPool, provider: &str, need: &[MechanismType]) -> Result<()> {
+fn require_mechanisms(pool: &SessionPool, provider: &str, need: &[MechanismType]) -> Result<()> {
     let have =
         pool.ctx().get_mechanism_list(pool.slot).map_err(|e| pool.unavailable(provider, "C_GetMechanismList", &e))?;
     for m in need {
