@@ -28,7 +28,7 @@ const MODULE_DIRS: &[&str] = &[
 pub enum PinSource {
     /// An environment variable.
     Env(String),
-    /// A file of mode 0600 (one trailing newline is ignored).
+    /// A file of mode 0600.
     File(PathBuf),
 }
 
@@ -314,7 +314,8 @@ impl fmt::Display for Pkcs11Uri {
 }
 
 impl PinSource {
-    /// Reads the PIN. The error names the source, never the PIN.
+    /// Reads the PIN, without its trailing line endings (`\n`, `\r`, however many, from
+    /// either source). The error names the source, never the PIN.
     pub(super) fn read(&self, provider: &str) -> Result<Zeroizing<Vec<u8>>> {
         let fail = |detail: String| Error::KeyProvider {
             provider: provider.to_owned(),
