@@ -17,9 +17,9 @@
 //!   token; `object` (label, required) and `id` select the KEK; `type` must be
 //!   `secret-key` when given;
 //! - query attributes: `module-path` (or `module-name`, searched in the usual module
-//!   directories), `pin-source` (`env:VAR`, `file:/path` or `/path`; the file must be
-//!   mode 0600; default: the `SHARDLOCK_PKCS11_PIN` variable), and the vendor attribute
-//!   `x-allow-extractable=yes` to accept a KEK that can leave the HSM.
+//!   directories), `pin-source` (`env:VAR`, `file:/path`, `file:///path` or `/path`;
+//!   the file must be mode 0600; default: the `SHARDLOCK_PKCS11_PIN` variable), and the
+//!   vendor attribute `x-allow-extractable=yes` to accept a KEK that can leave the HSM.
 //!   `pin-value` is refused: a PIN in a URI ends up in `ps`, shell history and logs.
 //!
 //! One module context and one pool of logged-in sessions per token and process are

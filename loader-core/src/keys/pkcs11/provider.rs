@@ -244,7 +244,8 @@ impl Pkcs11Provider {
         &self.uri
     }
 
-    /// Counters since the provider was opened.
+    /// Counters since the provider was opened, and the C_Login calls this process has made
+    /// on its token (shared with every provider on that token).
     pub fn stats(&self) -> Pkcs11Stats {
         Pkcs11Stats {
             wraps: self.wraps.load(Ordering::Relaxed),
@@ -375,7 +376,7 @@ impl KeyProvider for Pkcs11Provider {
             };
             let destroy = Destroy(lease, h);
             // cryptoki copies the value out of its own buffer, which it frees without
-            // zeroizing (see docs/HSM.md); every copy made here is zeroized.
+            // zeroizing (docs/HSM.md section 10); every copy made here is zeroized.
             let mut attrs = s.get_attributes(h, &[AttributeType::Value])?;
             let mut out = Zeroizing::new(Vec::with_capacity(32));
             for a in &attrs {

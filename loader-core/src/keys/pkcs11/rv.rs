@@ -2,7 +2,8 @@
 
 use cryptoki::error::{Error as CkError, RvError};
 
-/// Short PKCS#11 return-value name for error messages (`CKR_...`-like).
+/// Short PKCS#11 return-value name for error messages: the return value and the function
+/// (`PinIncorrect in Login`), not cryptoki's long description of the return value.
 pub(super) fn ck_name(e: &CkError) -> String {
     match e {
         CkError::Pkcs11(rv, f) => format!("{rv:?} in {f:?}"),
@@ -10,6 +11,7 @@ pub(super) fn ck_name(e: &CkError) -> String {
     }
 }
 
+/// The PKCS#11 return value of `e`, if the module returned one.
 pub(super) fn rv(e: &CkError) -> Option<RvError> {
     match e {
         CkError::Pkcs11(rv, _) => Some(*rv),
@@ -36,6 +38,8 @@ pub(super) fn is_fatal(e: &CkError) -> bool {
     ) || matches!(e, CkError::LibraryLoading(_) | CkError::NullFunctionPointer)
 }
 
+/// Errors that mean an object handle is stale (the token was re-inserted) or the object
+/// is gone.
 pub(super) fn is_handle_invalid(e: &CkError) -> bool {
     matches!(
         rv(e),

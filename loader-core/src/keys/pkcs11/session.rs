@@ -192,7 +192,8 @@ pub(super) fn pool(uri: &Pkcs11Uri, provider: &str) -> Result<Arc<SessionPool>> 
 }
 
 /// A session taken from a pool for one call on one thread; it goes back to the pool when
-/// dropped, unless it was discarded (then it is closed).
+/// dropped, unless it was discarded or the pool already keeps [`MAX_IDLE_SESSIONS`] idle
+/// ones (then it is closed), or it belongs to the parent of a fork (then it is leaked).
 pub(super) struct Lease<'a> {
     pool: &'a SessionPool,
     /// `Some` until the lease is dropped.
