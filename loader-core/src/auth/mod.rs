@@ -10,8 +10,5 @@ mod token;
 pub use authorizer::{Authorizer, AuthorizerConfig, Clock};
 pub use revocation::DenyList;
 pub use token::{inspect_unverified, ShardSet, Token, TokenSpec};
-// Until the pkcs11 module imports `crate::keys::Grant` itself.
-#[cfg(feature = "pkcs11")]
-pub(crate) use crate::keys::Grant;
 
 pub use crate::error::{DenyReason, Operation};

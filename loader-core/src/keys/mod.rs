@@ -12,9 +12,6 @@ mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 
-// Until the pkcs11 module imports `crate::fs` itself.
-#[cfg(feature = "pkcs11")]
-use crate::fs as files;
 pub use grant::Grant;
 pub use keyring::Keyring;
 

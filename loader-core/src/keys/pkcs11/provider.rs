@@ -14,7 +14,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::rv::{ck_name, is_fatal, is_handle_invalid, rv};
 use super::session::{pool, require_mechanisms, Lease, SessionPool};
 use super::uri::Pkcs11Uri;
-use crate::auth::Grant;
+use crate::keys::Grant;
 use crate::error::{Error, ProviderFailure, Result};
 use crate::keys::{Dek, KeyProvider};
 

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, ProviderFailure, Result};
-use crate::keys::files;
 
 /// Environment variable holding the PIN when the URI has no `pin-source`.
 pub const DEFAULT_PIN_ENV: &str = "SHARDLOCK_PKCS11_PIN";
@@ -332,7 +331,7 @@ impl PinSource {
                     )))
                 }
             },
-            PinSource::File(p) => files::read_secret_file(p)?,
+            PinSource::File(p) => crate::fs::read_secret_file(p)?,
         };
         while matches!(pin.last(), Some(b'\n' | b'\r')) {
             pin.pop();
