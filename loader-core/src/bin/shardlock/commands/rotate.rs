@@ -1,0 +1,30 @@
+//! `shardlock rotate`: every DEK rewrapped under another provider's KEK, manifest re-signed.
+
+use shardlock::dataset;
+use shardlock::keys::{self, IssuerKey};
+use shardlock::Error;
+
+use crate::cli::RotateArgs;
+use crate::output::print_json;
+
+pub(crate) fn rotate_cmd(a: RotateArgs) -> Result<(), Error> {
+    let old = keys::open_provider(&a.keyring)?;
+    let new = keys::open_provider(&a.new_keyring)?;
+    let issuer = IssuerKey::load(&a.issuer_key)?;
+    let m = dataset::rotate(&a.dir, &*old, &*new, &issuer)?;
+    if a.json {
+        print_json(
+            &serde_json::json!({"dataset": m.dataset_id, "generation": m.generation, "shards": m.shards.len(), "kek_id": new.active_kek_id(), "provider": new.describe()}),
+        );
+    } else {
+        println!(
+            "rotated {} shards of {:?} to KEK {} ({}); manifest generation {}",
+            m.shards.len(),
+            m.dataset_id,
+            new.active_kek_id(),
+            new.describe(),
+            m.generation
+        );
+    }
+    Ok(())
+}
