@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use shardlock::audit;
 use shardlock::Error;
 
 use crate::cli::AuditCmd;
@@ -10,7 +11,7 @@ use crate::output::print_json;
 pub(crate) fn audit_cmd(c: AuditCmd) -> Result<ExitCode, Error> {
     match c {
         AuditCmd::Verify { file, json } => {
-            match shardlock::audit::verify_log(&file) {
+            match audit::verify_log(&file) {
                 Ok(s) => {
                     if json {
                         print_json(&serde_json::json!({"ok": true, "records": s.records, "head": s.head}));

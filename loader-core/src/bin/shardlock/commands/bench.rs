@@ -2,40 +2,38 @@
 //! throughput, latency, CPU and memory.
 
 use shardlock::auth::{self, AuthorizerConfig};
-use shardlock::Error;
+use shardlock::pipeline::bench::{self, BenchReport, Source};
+use shardlock::{device, Error, Loader, Shuffle};
 
 use crate::cli::BenchArgs;
 use crate::output::{bar, print_json};
 
 /// The loader itself, or the device stage in front of it for `--device`.
-fn bench_source(
-    loader: shardlock::Loader,
-    a: &BenchArgs,
-) -> Result<Box<dyn shardlock::pipeline::bench::Source>, Error> {
+fn bench_source(loader: Loader, a: &BenchArgs) -> Result<Box<dyn Source>, Error> {
     let Some(spec) = &a.device else { return Ok(Box::new(loader)) };
-    let ordinal = shardlock::device::parse_device(spec)?;
+    let ordinal = device::parse_device(spec)?;
     #[cfg(feature = "cuda")]
     {
-        let opts = shardlock::device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
-        Ok(Box::new(shardlock::device::DeviceLoader::new(loader, opts)?))
+        let opts = device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
+        Ok(Box::new(device::DeviceLoader::new(loader, opts)?))
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (loader, a.pageable);
-        shardlock::device::open(ordinal)?;
+        device::open(ordinal)?;
         Err(Error::Internal("no device stage in this build".into()))
     }
 }
 
 /// With `--device`: the bandwidth of a plain async copy of one batch-sized locked
 /// buffer, the ceiling the device stage is measured against.
-fn h2d_report(a: &BenchArgs, r: &shardlock::pipeline::bench::BenchReport) -> Result<Option<serde_json::Value>, Error> {
+fn h2d_report(a: &BenchArgs, r: &BenchReport) -> Result<Option<serde_json::Value>, Error> {
     let (Some(spec), Some(e)) = (&a.device, r.epochs.first()) else { return Ok(None) };
     let bytes = (e.bytes / e.batches.max(1)).max(1) as usize;
     #[cfg(feature = "cuda")]
     {
-        let ordinal = shardlock::device::parse_device(spec)?;
-        let gbps = shardlock::device::measure_h2d(ordinal, bytes, 200, !a.pageable)?;
+        let ordinal = device::parse_device(spec)?;
+        let gbps = device::measure_h2d(ordinal, bytes, 200, !a.pageable)?;
         Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
     }
     #[cfg(not(feature = "cuda"))]
@@ -47,11 +45,11 @@ fn h2d_report(a: &BenchArgs, r: &shardlock::pipeline::bench::BenchReport) -> Res
 
 pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let r = &a.reader;
-    let mut b = shardlock::Loader::builder(&a.dir)
+    let mut b = Loader::builder(&a.dir)
         .keyring(&r.keyring)
         .trust(&r.trust)
         .batch_size(a.batch_size)
-        .shuffle(shardlock::Shuffle::parse(&a.shuffle)?)
+        .shuffle(Shuffle::parse(&a.shuffle)?)
         .seed(a.seed)
         .remote_options(a.remote.options()?)
         .memory_budget(a.memory_budget)
@@ -77,7 +75,7 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let per_epoch = loader.len()? as u64;
     let mut source = bench_source(loader, &a)?;
     let pb = bar(per_epoch * a.epochs, a.json, "streaming {bar:40} {pos}/{len} batches [{elapsed_precise}]");
-    let report = shardlock::pipeline::bench::run(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
+    let report = bench::run(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
     pb.finish_and_clear();
     drop(source);
     let h2d = h2d_report(&a, &report)?;

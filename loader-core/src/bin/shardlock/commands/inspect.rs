@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use shardlock::dataset;
+use shardlock::format::FieldKind;
 use shardlock::keys::TrustAnchor;
 use shardlock::Error;
 
@@ -47,10 +48,10 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
         println!("fields");
         for f in &m.schema.fields {
             match &f.kind {
-                shardlock::format::FieldKind::Tensor { dtype, shape } => {
+                FieldKind::Tensor { dtype, shape } => {
                     println!("  {:<16} {} {:?}", f.name, dtype.name(), shape)
                 }
-                shardlock::format::FieldKind::Bytes => println!("  {:<16} bytes", f.name),
+                FieldKind::Bytes => println!("  {:<16} bytes", f.name),
             }
         }
         println!("shards");

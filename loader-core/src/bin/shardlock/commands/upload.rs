@@ -1,11 +1,12 @@
 //! `shardlock upload`: a packed dataset directory to `s3://bucket/prefix`.
 
+use shardlock::remote;
 use shardlock::Error;
 
 use crate::cli::UploadArgs;
 
 pub(crate) fn upload_cmd(a: UploadArgs) -> Result<(), Error> {
-    let n = shardlock::remote::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
+    let n = remote::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
     println!("uploaded {} ({:.1} MB, ciphertext as packed) to {}", a.dir.display(), n as f64 / 1e6, a.dest);
     Ok(())
 }
