@@ -14,8 +14,8 @@ use zeroize::{Zeroize, Zeroizing};
 use super::rv::{ck_name, is_fatal, is_handle_invalid, rv};
 use super::session::{pool, require_mechanisms, Lease, SessionPool};
 use super::uri::Pkcs11Uri;
-use crate::keys::Grant;
 use crate::error::{Error, ProviderFailure, Result};
+use crate::keys::Grant;
 use crate::keys::{Dek, KeyProvider};
 
 /// Destroys a session object holding a DEK as soon as it is dropped, on every path; if

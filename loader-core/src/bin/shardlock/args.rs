@@ -1,0 +1,69 @@
+//! From command-line values to library values: size and backend parsers, and the
+//! remote and reader options shared by several commands.
+
+use std::sync::Arc;
+
+use shardlock::AuditLog;
+use shardlock::RemoteOptions;
+use shardlock::TrustAnchor;
+use shardlock::{Access, Authorizer, AuthorizerConfig};
+use shardlock::{Backend, Error};
+
+use crate::cli::{ReaderArgs, RemoteArgs};
+
+impl RemoteArgs {
+    pub(crate) fn options(&self) -> Result<RemoteOptions, Error> {
+        let mut o =
+            RemoteOptions { cache_dir: self.cache_dir.clone(), cache_bytes: self.cache_bytes, ..Default::default() };
+        o.endpoint.clone_from(&self.s3_endpoint);
+        o.region.clone_from(&self.s3_region);
+        if self.s3_allow_http {
+            o.allow_http = Some(true);
+        }
+        if let Some(t) = &self.s3_timeout {
+            o.set("timeout", t)?;
+        }
+        o.set("range_reads", &self.range_reads)?;
+        Ok(o)
+    }
+}
+
+impl ReaderArgs {
+    pub(crate) fn access(&self) -> Result<(TrustAnchor, Access), Error> {
+        let keys = shardlock::open_provider(&self.keyring)?;
+        let trust = TrustAnchor::load(&self.trust)?;
+        let cfg = AuthorizerConfig {
+            skew: shardlock::parse_ttl(&self.clock_skew)?,
+            deny_list: self.deny_list.clone(),
+            ..Default::default()
+        };
+        let authorizer = Authorizer::from_file(&trust, self.token.as_deref(), cfg)?;
+        let mut access = Access::new(authorizer, keys);
+        if let Some(p) = &self.audit_log {
+            access = access.with_audit(Arc::new(AuditLog::open(p)?));
+        }
+        Ok((trust, access))
+    }
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 268435456, 64MiB, 512k)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use k, MiB, GiB)")),
+    };
+    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+pub(crate) fn parse_backend(s: &str) -> Result<Backend, String> {
+    Backend::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Backend::ALL.iter().map(|b| b.name()).collect();
+        format!("unknown backend {s:?}; this build has: {}", names.join(", "))
+    })
+}

@@ -1,0 +1,336 @@
+//! The command line: clap's definitions of every command, its arguments and their help texts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use shardlock::Backend;
+
+use crate::args::{parse_backend, parse_size};
+
+#[derive(Parser)]
+#[command(name = "shardlock", version, about = "Encrypted, authenticated dataset shards for training", long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Create keys: a keyring with one KEK, or an Ed25519 issuer key pair.
+    #[command(subcommand)]
+    Keygen(Keygen),
+    /// Pack .npy files (one per field) or a directory of files into an encrypted dataset.
+    Pack(PackArgs),
+    /// Summarise a dataset's manifest without any key.
+    Inspect(InspectArgs),
+    /// Check the manifest signature and authenticate every chunk of every shard.
+    Verify(VerifyArgs),
+    /// Rewrap every DEK under another provider's KEK (keyring file or HSM) and re-sign the manifest.
+    Rotate(RotateArgs),
+    /// Stream a dataset through the loader and report throughput, latency, CPU and memory.
+    Bench(BenchArgs),
+    /// Issue, attenuate, inspect and revoke access tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Check the audit log's hash chain.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Upload a packed dataset directory to s3://bucket/prefix (shards first, manifest last).
+    Upload(UploadArgs),
+}
+
+/// Where to find an `s3://` dataset and where to cache it. Credentials come only from
+/// the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), never
+/// from the command line, where other users could read them.
+#[derive(Args, Default)]
+pub(crate) struct RemoteArgs {
+    /// S3 endpoint URL (default: AWS_ENDPOINT_URL / AWS_ENDPOINT, else AWS).
+    #[arg(long)]
+    pub(crate) s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1).
+    #[arg(long)]
+    pub(crate) s3_region: Option<String>,
+    /// Allow a plain http:// endpoint (implied for 127.0.0.1 / localhost).
+    #[arg(long)]
+    pub(crate) s3_allow_http: bool,
+    /// Give up on one object after this long, retries included (e.g. 120s).
+    #[arg(long)]
+    pub(crate) s3_timeout: Option<String>,
+    /// Ciphertext cache directory (default: $SHARDLOCK_CACHE_DIR, else ~/.cache/shardlock).
+    #[arg(long)]
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// Bytes of shards to keep in the cache before evicting ones the plan is done with.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) cache_bytes: Option<u64>,
+    /// Ranged GETs of just the needed chunks instead of whole shards: auto (for
+    /// global shuffle when the shards do not fit in --cache-bytes), always, never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub(crate) range_reads: String,
+}
+
+#[derive(Args)]
+pub(crate) struct UploadArgs {
+    /// Packed dataset directory.
+    pub(crate) dir: PathBuf,
+    /// Destination, s3://bucket/prefix.
+    pub(crate) dest: String,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCmd {
+    /// Issue a token with the data owner's issuer key.
+    Issue {
+        /// Issuer secret key file.
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// Dataset id the token is for.
+        #[arg(long)]
+        dataset: String,
+        /// Who the token is for (recorded in the audit log).
+        #[arg(long)]
+        principal: String,
+        /// Shards covered: "all" or a list like 0-3,7,10-12.
+        #[arg(long, default_value = "all")]
+        shards: String,
+        /// Operations granted: read, verify.
+        #[arg(long, default_value = "read")]
+        ops: String,
+        /// Lifetime (e.g. 90s, 30m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Not valid before this time (RFC 3339 or Unix seconds); default now.
+        #[arg(long)]
+        not_before: Option<String>,
+        /// Token file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Narrow a token offline (no key needed): fewer shards, fewer operations, sooner expiry.
+    Attenuate {
+        /// Token file to narrow.
+        token: PathBuf,
+        /// Issuer public key (.pub), to check the token before narrowing it.
+        #[arg(long)]
+        trust: PathBuf,
+        /// Keep only these shards.
+        #[arg(long)]
+        shards: Option<String>,
+        /// Keep only these operations.
+        #[arg(long)]
+        ops: Option<String>,
+        /// Expire within this duration from now.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Token file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a token's blocks, checks and revocation ids (never the token itself).
+    Inspect {
+        /// Token file.
+        token: PathBuf,
+        /// Issuer public key (.pub) to verify the signature chain.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a token's revocation id to a deny list (revokes it and everything attenuated from it).
+    Revoke {
+        /// Token file.
+        token: PathBuf,
+        /// Deny-list file to append to (created if missing).
+        #[arg(long)]
+        deny_list: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCmd {
+    /// Verify every line's hash and the chain; print the record count and head hash.
+    Verify {
+        /// Audit log file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options every reader takes.
+#[derive(Args)]
+pub(crate) struct ReaderArgs {
+    /// Keyring file holding the KEK the DEKs are wrapped under, or the pkcs11: URI of an
+    /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI).
+    #[arg(long)]
+    pub(crate) keyring: String,
+    /// Access token file (from `shardlock token issue`).
+    #[arg(long)]
+    pub(crate) token: Option<PathBuf>,
+    /// Issuer public key (.pub): the trust anchor for manifest and token.
+    #[arg(long)]
+    pub(crate) trust: PathBuf,
+    /// Deny-list file of revoked token ids, re-read when it changes.
+    #[arg(long)]
+    pub(crate) deny_list: Option<PathBuf>,
+    /// Append every decision to this hash-chained audit log.
+    #[arg(long)]
+    pub(crate) audit_log: Option<PathBuf>,
+    /// Allowed clock skew for token validity (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    pub(crate) clock_skew: String,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Keygen {
+    /// A new KEK: a keyring file (mode 0600) holding one fresh 256-bit KEK, or a
+    /// non-extractable AES-256 KEK generated inside a PKCS#11 HSM.
+    #[command(group(clap::ArgGroup::new("dest").required(true).args(["out", "pkcs11"])))]
+    Kek {
+        /// Keyring file to create (refuses to overwrite).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// pkcs11: URI (RFC 7512) naming the token and the new KEK's label (object=);
+        /// the PIN comes from pin-source=env:VAR or file:PATH. Refuses an existing label.
+        #[arg(long)]
+        pkcs11: Option<String>,
+    },
+    /// A new Ed25519 issuer key: secret in FILE (0600), public trust anchor in FILE.pub.
+    Issuer {
+        /// Secret key file to create (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct PackArgs {
+    /// Keyring file whose active KEK wraps the shard DEKs, or a pkcs11: URI of an HSM KEK.
+    #[arg(long)]
+    pub(crate) keyring: String,
+    /// The data owner's issuer secret key; signs the manifest.
+    #[arg(long)]
+    pub(crate) issuer_key: PathBuf,
+    /// Dataset id bound into every shard ([A-Za-z0-9_.:/-], 1-255 characters).
+    #[arg(long)]
+    pub(crate) dataset_id: String,
+    /// Output directory.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Target plaintext bytes per shard (e.g. 268435456, 64MiB, 512k).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub(crate) shard_size: u64,
+    /// Replace a dataset already in the output directory.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// AEAD backend.
+    #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
+    pub(crate) backend: Backend,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// `.npy` files (field = file stem) or one directory (one sample per file, field `data`).
+    #[arg(required = true)]
+    pub(crate) inputs: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct InspectArgs {
+    /// Dataset directory, file:// URL or s3://bucket/prefix.
+    pub(crate) dir: String,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+    /// Issuer public key (.pub) to check the signature against.
+    #[arg(long)]
+    pub(crate) trust: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct VerifyArgs {
+    /// Dataset directory, file:// URL or s3://bucket/prefix (shards are downloaded to the cache).
+    pub(crate) dir: String,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+    #[command(flatten)]
+    pub(crate) reader: ReaderArgs,
+    /// Refuse a manifest older than this generation (rollback protection).
+    #[arg(long)]
+    pub(crate) min_generation: Option<u64>,
+    /// AEAD backend.
+    #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
+    pub(crate) backend: Backend,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Dataset directory, file:// URL or s3://bucket/prefix.
+    pub(crate) dir: String,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+    #[command(flatten)]
+    pub(crate) reader: ReaderArgs,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) batch_size: usize,
+    /// Epochs to run (the first reads from disk or page cache, later ones from page cache).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) epochs: u64,
+    /// Shuffle mode: none, window, global.
+    #[arg(long, default_value = "window")]
+    pub(crate) shuffle: String,
+    /// Decrypt worker threads (default: cores).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// Read only these fields (comma-separated).
+    #[arg(long)]
+    pub(crate) fields: Option<String>,
+    /// In-flight batch memory budget (e.g. 512MiB).
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    pub(crate) memory_budget: u64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Allow batch memory that is not locked in RAM (audited).
+    #[arg(long)]
+    pub(crate) allow_unlocked_memory: bool,
+    /// Deliver batches to this GPU ("cuda:N") instead of host memory; the numbers
+    /// count a batch once its copy to the device completed (needs the `cuda` feature
+    /// and an NVIDIA driver).
+    #[arg(long)]
+    pub(crate) device: Option<String>,
+    /// With --device: copy from pageable memory instead of registering the locked
+    /// batch buffers (for confidential-computing GPUs).
+    #[arg(long, requires = "device")]
+    pub(crate) pageable: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct RotateArgs {
+    /// Dataset directory.
+    pub(crate) dir: PathBuf,
+    /// Current key provider: keyring file or pkcs11: URI.
+    #[arg(long)]
+    pub(crate) keyring: String,
+    /// Key provider whose active KEK will wrap the DEKs: keyring file or pkcs11: URI.
+    #[arg(long)]
+    pub(crate) new_keyring: String,
+    /// The issuer secret key that signed the manifest.
+    #[arg(long)]
+    pub(crate) issuer_key: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

@@ -1,0 +1,11 @@
+//! `shardlock upload`: a packed dataset directory to `s3://bucket/prefix`.
+
+use shardlock::Error;
+
+use crate::cli::UploadArgs;
+
+pub(crate) fn upload_cmd(a: UploadArgs) -> Result<(), Error> {
+    let n = shardlock::upload_dir(&a.dir, &a.dest, &a.remote.options()?)?;
+    println!("uploaded {} ({:.1} MB, ciphertext as packed) to {}", a.dir.display(), n as f64 / 1e6, a.dest);
+    Ok(())
+}

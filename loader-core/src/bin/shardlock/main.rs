@@ -1,0 +1,49 @@
+//! The `shardlock` command-line tool: a thin layer over the library.
+
+mod args;
+mod cli;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use shardlock::Error;
+
+use crate::cli::{Cli, Command};
+use crate::commands::audit::audit_cmd;
+use crate::commands::bench::bench_cmd;
+use crate::commands::inspect::inspect_cmd;
+use crate::commands::keygen::keygen_cmd;
+use crate::commands::pack::pack_cmd;
+use crate::commands::rotate::rotate_cmd;
+use crate::commands::token::token_cmd;
+use crate::commands::upload::upload_cmd;
+use crate::commands::verify::verify_cmd;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Keygen(k) => keygen_cmd(k)?,
+        Command::Pack(a) => pack_cmd(a)?,
+        Command::Token(t) => token_cmd(t)?,
+        Command::Bench(a) => bench_cmd(a)?,
+        Command::Audit(c) => return audit_cmd(c),
+        Command::Inspect(a) => return inspect_cmd(a),
+        Command::Upload(a) => upload_cmd(a)?,
+        Command::Verify(a) => return verify_cmd(a),
+        Command::Rotate(a) => rotate_cmd(a)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
