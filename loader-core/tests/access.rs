@@ -96,7 +96,7 @@ impl Setup {
                 let r =
                     shardlock::verify(self.ds.dir(), &self.fx.trust, access, &Default::default(), &mut |_| {}).unwrap();
                 let rep = &r.shards[shard as usize];
-                assert_eq!(rep.failure.as_deref(), Some(format!("AccessDenied:{}", reason.name()).as_str()), "{rep:?}");
+                assert_eq!(rep.failure.as_deref(), Some(reason.name()), "{rep:?}");
                 let msg = rep.error.clone().unwrap_or_default();
                 let log = std::fs::read_to_string(&self.log).unwrap();
                 assert!(

@@ -229,7 +229,7 @@ fn removed_added_and_rolled_back_shards_are_detected() {
     std::fs::remove_file(&s1).unwrap();
     assert_open_fails(&fx, &ds, 1, IntegrityKind::MissingShard);
     let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
-    assert_eq!(r.shards[1].failure.as_deref(), Some("MissingShard"));
+    assert_eq!(r.shards[1].failure.as_deref(), Some("missing_shard"));
 
     std::fs::copy(old.join("shard-00001.slk"), &s1).unwrap();
     assert_open_fails(&fx, &ds, 1, IntegrityKind::HeaderMismatch);
@@ -239,7 +239,7 @@ fn removed_added_and_rolled_back_shards_are_detected() {
     let r = verify(&ds, &fx.trust, &fx.access("ds1"), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(!r.ok);
     let extra = r.shards.iter().find(|s| s.index.is_none()).unwrap();
-    assert_eq!((extra.file.as_str(), extra.failure.as_deref()), ("shard-00003.slk", Some("ExtraShard")));
+    assert_eq!((extra.file.as_str(), extra.failure.as_deref()), ("shard-00003.slk", Some("extra_shard")));
 }
 
 #[test]
@@ -259,7 +259,7 @@ fn dot_files_are_ignored_but_unlisted_shards_are_not() {
     assert!(!r.ok);
     let extra: Vec<_> = r.shards.iter().filter(|s| s.index.is_none()).collect();
     assert_eq!(extra.len(), 1, "{extra:?}");
-    assert_eq!((extra[0].file.as_str(), extra[0].failure.as_deref()), ("shard-99999.slk", Some("ExtraShard")));
+    assert_eq!((extra[0].file.as_str(), extra[0].failure.as_deref()), ("shard-99999.slk", Some("extra_shard")));
     // A forced pack into the directory leaves the dot-files alone and removes the old shards.
     assert_eq!(big(&fx, "ds", "ds1"), ds);
     assert!(ds.join("._shard-00000.slk").exists() && ds.join(".DS_Store").exists());
@@ -366,7 +366,7 @@ fn wrong_kek_and_bad_keyrings_are_key_errors() {
     let ds = big(&fx, "ds", "ds1");
     let other = std::sync::Arc::new(Keyring::create(&fx.path("other.json")).unwrap());
     let e = verify(&ds, &fx.trust, &fx.access_with("ds1", other), &VerifyOptions::default(), &mut |_| {}).unwrap();
-    assert_eq!(e.shards[0].failure.as_deref(), Some("KeyUnavailable"));
+    assert_eq!(e.shards[0].failure.as_deref(), Some("key_unavailable"));
     // Same KEK id, different key bytes: the KWP integrity check refuses the unwrap.
     let text = std::fs::read_to_string(fx.path("keyring.json")).unwrap();
     let key_hex = text.split("\"key\": \"").nth(1).unwrap()[..64].to_owned();
@@ -375,7 +375,7 @@ fn wrong_kek_and_bad_keyrings_are_key_errors() {
     shardlock::write_new_file(&forged_path, forged.as_bytes(), 0o600).unwrap();
     let ring = std::sync::Arc::new(Keyring::load(&forged_path).unwrap());
     let r = verify(&ds, &fx.trust, &fx.access_with("ds1", ring), &VerifyOptions::default(), &mut |_| {}).unwrap();
-    assert!(r.shards.iter().all(|s| s.failure.as_deref() == Some("KeyUnavailable")));
+    assert!(r.shards.iter().all(|s| s.failure.as_deref() == Some("key_unavailable")));
     assert!(!r.shards[0].error.as_ref().unwrap().contains(&key_hex));
     // Corrupted keyring file.
     let bad = fx.path("bad.json");

@@ -34,7 +34,8 @@ pub struct ShardReport {
     pub file: String,
     /// True if every check passed.
     pub ok: bool,
-    /// Kind of failure, as text.
+    /// The failure's [`Error::code`] (`chunk_auth`, `shard_out_of_scope`, `key_unavailable`,
+    /// `remote_modified`, ...), the same name the audit log and Python use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
     /// Failing chunk, when known.
@@ -176,14 +177,18 @@ fn verify_dataset(
 }
 
 fn report_error(index: Option<u32>, file: &str, err: &Error) -> ShardReport {
-    let (failure, chunk) = match err {
-        Error::Integrity { kind, chunk, .. } => (Some(format!("{kind:?}")), *chunk),
-        Error::KeyUnavailable { .. } => (Some("KeyUnavailable".to_owned()), None),
-        Error::AccessDenied { reason, .. } => (Some(format!("AccessDenied:{}", reason.name())), None),
-        Error::Remote { kind, .. } => (Some(format!("Remote:{}", kind.name())), None),
-        _ => (Some("Error".to_owned()), None),
+    let chunk = match err {
+        Error::Integrity { chunk, .. } => *chunk,
+        _ => None,
     };
-    ShardReport { index, file: file.to_owned(), ok: false, failure, chunk, error: Some(err.to_string()) }
+    ShardReport {
+        index,
+        file: file.to_owned(),
+        ok: false,
+        failure: Some(err.code().to_owned()),
+        chunk,
+        error: Some(err.to_string()),
+    }
 }
 
 fn verify_shard(
