@@ -1,5 +1,5 @@
 # shardlock: every set-up step a fresh machine needs lives here.
-#   make demo   keygen, pack, verify (and, as the loader lands, stream into torch)
+#   make demo   keygen, pack, token, stream into torch tensors, throughput
 #   make test   install what the tests need, then run every check and test
 #   make compare            shardlock vs peer loaders, ~1.5 GiB per shape -> benches/results/
 #   make compare SMALL=1    the same on ~30 MB per shape (a smoke run, part of make test)

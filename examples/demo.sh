@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: local keyring, local shards.
-# keygen -> pack -> inspect -> verify, printing throughput. Run via `make demo`.
+# keygen -> pack -> inspect -> token -> verify -> stream into torch tensors, printing
+# throughput. Run via `make demo`.
 set -euo pipefail
 PY=${PY:-python3}
 OUT=${OUT:-demo-out}

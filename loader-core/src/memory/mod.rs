@@ -1,5 +1,5 @@
 //! Memory that holds ciphertext or plaintext. The crate's `unsafe` is confined here
-//! (and, later, to `device/`), each block with the reason it holds.
+//! and to `device/` (CUDA), each block with a `// SAFETY:` line saying why it holds.
 //!
 //! - [`map_file`]: read-only maps of shard files (ciphertext);
 //! - [`LockedBuf`] / [`BatchPool`]: page-locked, never-dumped, zeroize-on-release
