@@ -1,20 +1,11 @@
 //! The `shardlock` binary end to end: keygen, pack, inspect, verify, rotate.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn shardlock(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardlock")).current_dir(dir).args(args).output().unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = shardlock(dir, args);
-    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
+use cli::{ok, run as shardlock};
 
 #[test]
 fn keygen_pack_inspect_verify_rotate() {

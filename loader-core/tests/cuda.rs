@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use common::Fixture;
 use shardlock::device::{DeviceLoader, DeviceOptions};
 use shardlock::kernels::{cpu, Kernels, Normalize};
-use shardlock::{DType, Error, Field, Loader, LoaderBuilder, Schema, Shuffle};
+use shardlock::{DType, Error, Field, LoaderBuilder, Schema, Shuffle};
 
 const H: usize = 5;
 const W: usize = 4;
@@ -40,14 +40,7 @@ fn dataset(fx: &Fixture, n: usize) -> PathBuf {
 }
 
 fn builder(fx: &Fixture, dir: &std::path::Path) -> LoaderBuilder {
-    Loader::builder(dir)
-        .key_provider(fx.keyring.clone())
-        .token_value(fx.token("cuda"))
-        .trust_anchor(fx.trust)
-        .batch_size(8)
-        .shuffle(Shuffle::Window)
-        .seed(7)
-        .drop_last(false)
+    fx.loader(dir, "cuda").batch_size(8).shuffle(Shuffle::Window).seed(7).drop_last(false)
 }
 
 /// The device stage, or `None` after checking that its absence is the typed error.

@@ -38,11 +38,7 @@ fn prefix(fx: &Fixture, dir: &std::path::Path) -> Vec<u64> {
 }
 
 fn builder(fx: &Fixture, dir: &std::path::Path) -> LoaderBuilder {
-    Loader::builder(dir)
-        .key_provider(fx.keyring.clone())
-        .token_value(fx.token("loader"))
-        .trust_anchor(fx.trust)
-        .batch_size(16)
+    fx.loader(dir, "loader").batch_size(16)
 }
 
 fn ids_of(loader: Loader) -> Vec<u64> {

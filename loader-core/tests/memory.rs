@@ -20,10 +20,8 @@ fn rss_anon_stays_under_budget_for_a_dataset_four_times_larger() {
         w.write_sample(&[&row]).unwrap();
     }
     w.finish().unwrap();
-    let mut loader = shardlock::Loader::builder(&dir)
-        .key_provider(fx.keyring.clone())
-        .token_value(fx.token("mem"))
-        .trust_anchor(fx.trust)
+    let mut loader = fx
+        .loader(&dir, "mem")
         .batch_size(64)
         .memory_budget(BUDGET)
         .shuffle(shardlock::Shuffle::Window)

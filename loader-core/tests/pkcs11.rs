@@ -7,13 +7,17 @@
 //! tests fail saying so, they do not skip.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/cli.rs"]
+mod cli_run;
 mod common;
 #[path = "common/hsm.rs"]
 mod hsm;
 
+use cli_run::{ok as cli_ok, run as cli};
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -155,15 +159,8 @@ fn unwrap_only_after_authorization_and_once_per_shard_per_epoch() {
     assert_eq!(hsm.stats().unwraps, 1, "no unwrap without a passing authorization");
 
     // Batches of 1 record: many batches (and chunks) per shard, one unwrap per shard and epoch.
-    let mut loader = Loader::builder(&dir)
-        .key_provider(hsm.clone())
-        .token_value(fx.token("once"))
-        .trust_anchor(fx.trust)
-        .batch_size(1)
-        .workers(2)
-        .memory_budget(1 << 20)
-        .build()
-        .unwrap();
+    let mut loader =
+        fx.loader_with(&dir, "once", hsm.clone()).batch_size(1).workers(2).memory_budget(1 << 20).build().unwrap();
     let before = hsm.stats().unwraps;
     assert_eq!(stream(&mut loader).unwrap().len(), 24);
     assert_eq!(hsm.stats().unwraps - before, shards);
@@ -520,15 +517,8 @@ fn a_token_removed_mid_run_is_key_unavailable_not_a_hang() {
     let hsm = open(&uri);
     let fx = Fixture::new();
     let (dir, _) = fx.standard_with(&*hsm, "ds", "remove", 24);
-    let mut loader = Loader::builder(&dir)
-        .key_provider(hsm.clone())
-        .token_value(fx.token("remove"))
-        .trust_anchor(fx.trust)
-        .batch_size(4)
-        .workers(2)
-        .memory_budget(1 << 20)
-        .build()
-        .unwrap();
+    let mut loader =
+        fx.loader_with(&dir, "remove", hsm.clone()).batch_size(4).workers(2).memory_budget(1 << 20).build().unwrap();
     assert_eq!(stream(&mut loader).unwrap().len(), 24);
     // Pull the token: its whole state, keys included, disappears from SoftHSM.
     std::fs::remove_dir_all(&hsm_env.token_dirs["remove"]).unwrap();
@@ -549,21 +539,6 @@ fn a_token_removed_mid_run_is_key_unavailable_not_a_hang() {
     assert!(matches!(second, Some(Err(_))), "the epoch keeps failing: {second:?}");
     let ds = fx.open(&dir).unwrap();
     assert!(matches!(fx.access_with("remove", hsm).open_shard(&ds, 0), Err(Error::KeyUnavailable { .. })));
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardlock")).current_dir(dir).args(args).output().unwrap()
-}
-
-fn cli_ok(dir: &Path, args: &[&str]) -> String {
-    let o = cli(dir, args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]
@@ -660,10 +635,8 @@ fn first_batch(fx: &Fixture, dir: &Path, hsm: &Arc<Pkcs11Provider>, batch: usize
     for _ in 0..10 {
         let before = hsm.stats();
         let t = Instant::now();
-        let mut loader = Loader::builder(dir)
-            .key_provider(hsm.clone())
-            .token_value(fx.token("bench"))
-            .trust_anchor(fx.trust)
+        let mut loader = fx
+            .loader_with(dir, "bench", hsm.clone())
             .batch_size(batch)
             .workers(2)
             .memory_budget(16 << 20)

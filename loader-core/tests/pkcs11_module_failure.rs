@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::Fixture;
 use shardlock::pkcs11::{self, Pkcs11Provider, Pkcs11Uri};
-use shardlock::{Error, Loader};
+use shardlock::Error;
 
 #[test]
 fn a_module_that_fails_mid_run_is_key_unavailable() {
@@ -24,10 +24,8 @@ fn a_module_that_fails_mid_run_is_key_unavailable() {
     let fx = Fixture::new();
     let (dir, samples) = fx.standard_with(&*provider, "ds", "modfail", 16);
     assert_eq!(fx.read_all_with(&dir, provider.clone()).unwrap(), samples);
-    let mut loader = Loader::builder(&dir)
-        .key_provider(provider.clone())
-        .token_value(fx.token("modfail"))
-        .trust_anchor(fx.trust)
+    let mut loader = fx
+        .loader_with(&dir, "modfail", provider.clone())
         .batch_size(4)
         .workers(2)
         .memory_budget(1 << 20)

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use shardlock::primitives::chunked::CHUNK_LEN;
 use shardlock::primitives::SignedManifest;
 use shardlock::{verify, VerifyOptions};
-use shardlock::{DType, Field, Loader, Schema};
+use shardlock::{DType, Field, Schema};
 
 /// Sizes that sit on and around chunk boundaries, plus small ones.
 fn edge_len() -> impl Strategy<Value = usize> {
@@ -76,13 +76,7 @@ fn zero_records_make_an_empty_dataset() {
     // FORMAT.md section 12: a dataset of no shards verifies and loads as empty.
     let r = verify(&ds, &fx.trust, &fx.access("e"), &VerifyOptions::default(), &mut |_| {}).unwrap();
     assert!(r.ok && r.shards.is_empty());
-    let loader = Loader::builder(&ds)
-        .key_provider(fx.keyring.clone())
-        .token_value(fx.token("e"))
-        .trust_anchor(fx.trust)
-        .drop_last(false)
-        .build()
-        .unwrap();
+    let loader = fx.loader(&ds, "e").drop_last(false).build().unwrap();
     assert_eq!(loader.len().unwrap(), 0);
     assert_eq!(loader.count(), 0);
 }

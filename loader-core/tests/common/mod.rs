@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use shardlock::Backend;
-use shardlock::Dataset;
 use shardlock::{Access, Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::{DType, Field, Schema};
+use shardlock::{Dataset, Loader, LoaderBuilder};
 use shardlock::{DatasetWriter, PackOptions};
 use shardlock::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 
@@ -106,6 +106,17 @@ impl Fixture {
             not_before: None,
         };
         Token::issue(&self.issuer, &spec).unwrap()
+    }
+
+    /// A loader over `dir` with `keys` and a full token for `dataset`, trusting the
+    /// fixture's issuer; everything else at its default.
+    pub fn loader_with(&self, dir: &Path, dataset: &str, keys: Arc<dyn KeyProvider>) -> LoaderBuilder {
+        Loader::builder(dir).key_provider(keys).token_value(self.token(dataset)).trust_anchor(self.trust)
+    }
+
+    /// [`Fixture::loader_with`] the fixture's keyring.
+    pub fn loader(&self, dir: &Path, dataset: &str) -> LoaderBuilder {
+        self.loader_with(dir, dataset, self.keyring.clone())
     }
 
     /// A gate over `keys` with a full token for `dataset`.
