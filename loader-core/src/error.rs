@@ -1,4 +1,8 @@
-//! The one error type of the crate.
+//! The failure vocabulary of the crate: [`Error`], its sub-kinds ([`IntegrityKind`],
+//! [`ProviderFailure`], [`RemoteFailure`], [`DenyReason`]), [`Operation`] and
+//! [`ShardRef`], with their stable names. One concern, longer than most files: every
+//! failure is defined here, so no module needs another one's types to say what went
+//! wrong, and this module depends on none.
 //!
 //! Every variant says what happened and where (file, dataset, shard, chunk, rule) and,
 //! where there is one, what to do. Decryption failures are deliberately opaque about

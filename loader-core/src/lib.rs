@@ -27,25 +27,41 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-// Layers, bottom up: each module uses only those above it in this list.
-mod access;
-mod audit;
-mod auth;
-mod bench;
-mod crypto;
-mod dataset;
-pub mod device;
+// The layers, bottom up: each module uses only modules above it in this list (checked
+// by tests/layers.rs). docs/ARCHITECTURE.md says what each one keeps.
+// The failure vocabulary.
 mod error;
-mod format;
+// Helpers: files that must not be seen half-written, durations and the clock.
 mod fs;
-pub mod kernels;
-mod keys;
-mod memory;
-mod ops;
-mod pack;
-mod pipeline;
-mod remote;
 mod time;
+// Primitives: crypto (no I/O) and memory (mapped and locked; the unsafe lives here).
+mod crypto;
+mod memory;
+// Wire formats: parsers and encoders, no keys.
+mod format;
+// Key custody: secret types, Grant, providers.
+mod keys;
+// Access policy: tokens, the authorizer, the deny list.
+mod auth;
+// The hash-chained audit log.
+mod audit;
+// Object storage and the ciphertext cache.
+mod remote;
+// A verified dataset and its shards.
+mod dataset;
+// The only gate from a token to a DEK.
+mod access;
+// Writing datasets.
+mod pack;
+// Whole-dataset operations: verify, rotate, upload.
+mod ops;
+// The streaming loader.
+mod pipeline;
+// The CUDA device stage.
+pub mod device;
+pub mod kernels;
+// Throughput measurement over any batch stream.
+mod bench;
 
 pub use access::Access;
 pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};

@@ -177,7 +177,7 @@ impl Token {
 
     /// The base64 encoding (a bearer secret: never log it).
     pub fn to_base64(&self) -> Result<Zeroizing<String>> {
-        self.biscuit.to_base64().map(Zeroizing::new).map_err(|_| Error::Crypto("token serialisation"))
+        self.biscuit.to_base64().map(Zeroizing::new).map_err(|_| Error::Internal("token serialisation failed".into()))
     }
 
     /// Writes the token to `path` with mode 0600 (atomically).

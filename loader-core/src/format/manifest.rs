@@ -113,10 +113,12 @@ impl SignedManifest {
 
     /// Serialises a manifest body and its signature into the file encoding.
     pub fn encode(body: &[u8], signature: &[u8]) -> Result<Vec<u8>> {
-        let raw = std::str::from_utf8(body).map_err(|_| Error::Crypto("manifest body not UTF-8"))?;
-        let raw = RawValue::from_string(raw.to_owned()).map_err(|_| Error::Crypto("manifest body not JSON"))?;
+        let raw =
+            std::str::from_utf8(body).map_err(|_| Error::Internal("manifest body to sign is not UTF-8".into()))?;
+        let raw = RawValue::from_string(raw.to_owned())
+            .map_err(|e| Error::Internal(format!("manifest body to sign is not JSON: {e}")))?;
         let env = Envelope { format: FORMAT.into(), body: &raw, signature: hex::encode(signature) };
-        let mut out = serde_json::to_vec(&env).map_err(|_| Error::Crypto("manifest encoding"))?;
+        let mut out = serde_json::to_vec(&env).map_err(|e| Error::Internal(format!("manifest encoding: {e}")))?;
         out.push(b'\n');
         Ok(out)
     }
