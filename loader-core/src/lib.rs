@@ -15,10 +15,10 @@
 //! - [`audit`]: the hash-chained audit log;
 //! - [`dataset`]: opening, reading, verifying and rotating datasets;
 //! - [`pipeline`]: the streaming [`Loader`];
-//! - [`device`]: the CUDA device stage (feature `cuda`) and [`kernels`], NVRTC decode
-//!   kernels with their CPU references;
-//! - [`memory`]: mapped and locked memory (with `device/` and `kernels/`, the only
-//!   places with `unsafe`);
+//! - [`device`]: the CUDA device stage (feature `cuda`) and [`device::kernels`], NVRTC
+//!   decode kernels with their CPU references;
+//! - [`memory`]: mapped and locked memory (with `device/`, the only places with
+//!   `unsafe`);
 //! - [`remote`]: datasets in S3-compatible object storage (feature `s3`), read through a
 //!   local cache that holds ciphertext only.
 //!
@@ -34,7 +34,6 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod format;
-pub mod kernels;
 pub mod keys;
 pub mod memory;
 pub mod pack;

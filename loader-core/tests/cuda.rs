@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use common::Fixture;
 use shardlock::device::{DeviceLoader, DeviceOptions};
-use shardlock::kernels::{cpu, Kernels, Normalize};
+use shardlock::device::kernels::{cpu, Kernels, Normalize};
 use shardlock::{DType, Error, Field, Loader, LoaderBuilder, Schema, Shuffle};
 
 const H: usize = 5;

@@ -23,6 +23,8 @@
 
 use crate::error::{Error, Result};
 
+pub mod kernels;
+
 /// `cuda:N` for ordinal `N`.
 pub fn device_name(ordinal: usize) -> String {
     format!("cuda:{ordinal}")
