@@ -20,6 +20,11 @@
 //!
 //! Without a driver ([`open`] probes `libcuda` before any driver call) every entry
 //! point returns [`Error::DeviceUnavailable`]; nothing panics.
+//!
+//! Files, one concern each: `stage.rs` ([`DeviceLoader`]: read-ahead and the ordering
+//! above), `buffers.rs` (device buffer lists, host registration), `batch.rs`
+//! ([`DeviceBatch`], consumer-stream synchronization), `h2d.rs` ([`measure_h2d`]),
+//! `probe.rs` (driver probe, [`open`]), `kernels/` (NVRTC decode kernels).
 
 use crate::error::{Error, Result};
 
@@ -45,14 +50,25 @@ pub fn parse_device(spec: &str) -> Result<usize> {
 }
 
 #[cfg(feature = "cuda")]
+mod batch;
+#[cfg(feature = "cuda")]
+mod buffers;
+#[cfg(feature = "cuda")]
+mod h2d;
+#[cfg(feature = "cuda")]
+mod probe;
+#[cfg(feature = "cuda")]
 mod stage;
 #[cfg(feature = "cuda")]
-pub use stage::{measure_h2d, open, DeviceBatch, DeviceLoader, DeviceNext, DeviceOptions, DeviceTensorView};
-
+pub use batch::{DeviceBatch, DeviceTensorView};
 #[cfg(feature = "cuda")]
-pub(crate) fn device_error<'a, E: std::fmt::Display>(device: &'a str, op: &'static str) -> impl Fn(E) -> Error + 'a {
-    move |e| Error::Device { device: device.to_owned(), op, detail: e.to_string() }
-}
+pub use h2d::measure_h2d;
+#[cfg(feature = "cuda")]
+pub(crate) use probe::device_error;
+#[cfg(feature = "cuda")]
+pub use probe::open;
+#[cfg(feature = "cuda")]
+pub use stage::{DeviceLoader, DeviceNext, DeviceOptions};
 
 /// Without the `cuda` feature: the error every device request gets.
 #[cfg(not(feature = "cuda"))]
