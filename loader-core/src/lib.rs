@@ -47,7 +47,7 @@ pub use error::{Error, IntegrityKind, ProviderFailure, RemoteFailure, Result, Sh
 pub use format::{DType, Field, Manifest, Schema};
 pub use keys::{IssuerKey, KeyProvider, Keyring, TrustAnchor};
 pub use pack::{DatasetWriter, PackOptions};
-pub use pipeline::{Batch, Loader, LoaderBuilder, LoaderState, Remainder, Shuffle};
+pub use pipeline::{Batch, BatchStream, Loader, LoaderBuilder, LoaderState, Remainder, Shuffle};
 
 /// Entry points for `cargo fuzz` targets (loader-core/fuzz). Not a stable API.
 #[doc(hidden)]

@@ -12,9 +12,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use common::Fixture;
-use shardlock::device::{DeviceLoader, DeviceOptions};
 use shardlock::device::kernels::{cpu, Kernels, Normalize};
-use shardlock::{DType, Error, Field, Loader, LoaderBuilder, Schema, Shuffle};
+use shardlock::device::{DeviceLoader, DeviceOptions};
+use shardlock::{BatchStream, DType, Error, Field, Loader, LoaderBuilder, Schema, Shuffle};
 
 const H: usize = 5;
 const W: usize = 4;

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple};
 use shardlock::format::{DType, FieldKind};
 use shardlock::pipeline::{Batch, Next};
 use shardlock::remote::RemoteOptions;
-use shardlock::{Loader, LoaderState, Remainder, Shuffle};
+use shardlock::{BatchStream, Loader, LoaderState, Remainder, Shuffle};
 
 use crate::errors::{to_py, IntoPy};
 
@@ -36,12 +36,50 @@ enum Inner {
     Device(shardlock::device::DeviceLoader),
 }
 
-impl Inner {
-    fn loader(&self) -> &Loader {
-        match self {
-            Inner::Host(l) => l,
+/// `$body` with `$s` bound to the stream in `$inner` (a `&Inner` or `&mut Inner`),
+/// host or device: both are [`BatchStream`]s, so the code is written once.
+macro_rules! with_stream {
+    ($inner:expr, $s:ident => $body:expr) => {
+        match $inner {
+            Inner::Host($s) => $body,
             #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.loader(),
+            Inner::Device($s) => $body,
+        }
+    };
+}
+
+/// A batch as the Python tuple `(fields, sample_ids)`.
+trait ToPy {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>>;
+}
+
+impl ToPy for Batch {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+        batch_to_py(py, self)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ToPy for shardlock::device::DeviceBatch {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+        device_batch_to_py(py, self)
+    }
+}
+
+/// The next batch of `stream`, or `None` at the end of the epoch. Waits with the GIL
+/// released, waking every 100 ms to let Ctrl-C through.
+fn next_from<'py, S>(py: Python<'py>, stream: &mut S) -> PyResult<Option<Bound<'py, PyTuple>>>
+where
+    S: BatchStream + Send,
+    S::Batch: ToPy + Send,
+{
+    let wait = Duration::from_millis(100);
+    loop {
+        match py.detach(|| stream.next_within(wait)) {
+            Next::Pending => py.check_signals()?,
+            Next::End => return Ok(None),
+            Next::Batch(Ok(b)) => return b.to_py(py).map(Some),
+            Next::Batch(Err(e)) => return Err(to_py(e)),
         }
     }
 }
@@ -230,73 +268,41 @@ impl NativeLoader {
     /// The next batch as `(fields, sample_ids)`, or `None` at the end of the epoch.
     /// Waits with the GIL released, waking every 100 ms to let Ctrl-C through.
     fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let wait = Duration::from_millis(100);
-        loop {
-            match &mut self.inner {
-                Inner::Host(inner) => match py.detach(|| inner.next_within(wait)) {
-                    Next::Pending => py.check_signals()?,
-                    Next::End => return Ok(None),
-                    Next::Batch(Ok(b)) => return batch_to_py(py, b).map(Some),
-                    Next::Batch(Err(e)) => return Err(to_py(e)),
-                },
-                #[cfg(feature = "cuda")]
-                Inner::Device(inner) => {
-                    use shardlock::device::DeviceNext;
-                    match py.detach(|| inner.next_within(wait)) {
-                        DeviceNext::Pending => py.check_signals()?,
-                        DeviceNext::End => return Ok(None),
-                        DeviceNext::Batch(Ok(b)) => return device_batch_to_py(py, b).map(Some),
-                        DeviceNext::Batch(Err(e)) => return Err(to_py(e)),
-                    }
-                }
-            }
-        }
+        with_stream!(&mut self.inner, s => next_from(py, s))
     }
 
     /// Batches per epoch for this rank.
     fn __len__(&self) -> PyResult<usize> {
-        self.inner.loader().len().py()
+        with_stream!(&self.inner, s => s.len()).py()
     }
 
     /// The epoch the next iteration reads.
     #[getter]
     fn epoch(&self) -> u64 {
-        self.inner.loader().epoch()
+        with_stream!(&self.inner, s => s.epoch())
     }
 
     /// Sets the epoch of the next iteration.
     fn set_epoch(&mut self, epoch: u64) {
-        match &mut self.inner {
-            Inner::Host(l) => l.set_epoch(epoch),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.set_epoch(epoch),
-        }
+        with_stream!(&mut self.inner, s => s.set_epoch(epoch))
     }
 
     /// Names of the fields each batch holds.
     fn field_names(&self) -> Vec<String> {
-        self.inner.loader().field_names().into_iter().map(str::to_owned).collect()
+        with_stream!(&self.inner, s => s.loader().field_names().into_iter().map(str::to_owned).collect())
     }
 
     /// Resume state as JSON.
     fn state_json(&self) -> PyResult<String> {
-        let state = match &self.inner {
-            Inner::Host(l) => l.state(),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.state(),
-        };
+        let state = with_stream!(&self.inner, s => s.state());
         serde_json::to_string(&state).map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
     }
 
     /// Restores a state from `state_json`.
     fn load_state_json(&mut self, state: &str) -> PyResult<()> {
-        let s: LoaderState = serde_json::from_str(state)
+        let state: LoaderState = serde_json::from_str(state)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("loader state: {e}")))?;
-        match &mut self.inner {
-            Inner::Host(l) => l.load_state(&s).py(),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.load_state(&s).py(),
-        }
+        with_stream!(&mut self.inner, s => s.load_state(&state).py())
     }
 }
 

@@ -88,6 +88,12 @@ impl DeviceBatch {
         &self.ready
     }
 
+    /// Blocks the calling thread until the batch's bytes are on the device (its
+    /// [`DeviceBatch::ready_event`] completed).
+    pub fn synchronize(&self) -> Result<()> {
+        self.ready.synchronize().map_err(device_error(&self.device, "cuEventSynchronize"))
+    }
+
     fn buf(&self) -> Result<&DevBuf> {
         self.buf.as_ref().ok_or_else(|| Error::Internal("device batch without a buffer".into()))
     }

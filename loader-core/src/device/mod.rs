@@ -68,7 +68,7 @@ pub(crate) use probe::device_error;
 #[cfg(feature = "cuda")]
 pub use probe::open;
 #[cfg(feature = "cuda")]
-pub use stage::{DeviceLoader, DeviceNext, DeviceOptions};
+pub use stage::{DeviceLoader, DeviceOptions};
 
 /// Without the `cuda` feature: the error every device request gets.
 #[cfg(not(feature = "cuda"))]

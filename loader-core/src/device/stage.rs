@@ -12,7 +12,7 @@ use super::buffers::{DevBuf, DeviceBuffers, HostRegistrations};
 use super::device_name;
 use super::probe::{clear_stale, device_error, open};
 use crate::error::{Error, Result};
-use crate::pipeline::{Batch, Loader, LoaderState, Next};
+use crate::pipeline::{Batch, BatchStream, Loader, LoaderState, Next};
 
 /// Options of the device stage.
 #[derive(Clone, Debug)]
@@ -40,20 +40,9 @@ struct InFlight {
     done: Arc<CudaEvent>,
 }
 
-/// Outcome of [`DeviceLoader::next_within`].
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // moved once per batch; boxing would allocate per batch
-pub enum DeviceNext {
-    /// A batch on the device, or the error that stopped the epoch.
-    Batch(Result<DeviceBatch>),
-    /// The epoch is over.
-    End,
-    /// Nothing arrived within the timeout; call again.
-    Pending,
-}
-
-/// A [`Loader`] whose batches are delivered in GPU memory: an iterator of
-/// `Result<DeviceBatch>` with the loader's epoch, resume and ordering semantics.
+/// A [`Loader`] whose batches are delivered in GPU memory: a [`BatchStream`] (an
+/// iterator of `Result<DeviceBatch>`) with the loader's epoch, resume and ordering
+/// semantics.
 pub struct DeviceLoader {
     ctx: Arc<CudaContext>,
     device: String,
@@ -127,44 +116,6 @@ impl DeviceLoader {
     /// DLPack export does).
     pub fn set_consumer_stream(&mut self, stream: Option<Arc<CudaStream>>) {
         self.consumer = stream;
-    }
-
-    /// The wrapped loader (epoch, field names, dataset).
-    pub fn loader(&self) -> &Loader {
-        &self.loader
-    }
-
-    /// The epoch the next iteration reads.
-    pub fn epoch(&self) -> u64 {
-        self.loader.epoch()
-    }
-
-    /// Sets the epoch of the next iteration (drops copies read ahead).
-    pub fn set_epoch(&mut self, epoch: u64) {
-        self.discard_read_ahead();
-        self.loader.set_epoch(epoch);
-    }
-
-    /// Batches this rank yields in the current epoch.
-    pub fn len(&self) -> Result<usize> {
-        self.loader.len()
-    }
-
-    /// True when an epoch yields no batch.
-    pub fn is_empty(&self) -> Result<bool> {
-        self.loader.is_empty()
-    }
-
-    /// Resume state. Batches copied ahead but not yet handed out count as not read.
-    pub fn state(&self) -> LoaderState {
-        let ahead: u64 = self.inflight.iter().map(|f| f.host.len() as u64).sum();
-        self.loader.state_excluding(ahead)
-    }
-
-    /// Restores a state from [`DeviceLoader::state`] or [`Loader::state`].
-    pub fn load_state(&mut self, s: &LoaderState) -> Result<()> {
-        self.discard_read_ahead();
-        self.loader.load_state(s)
     }
 
     /// Device buffers allocated so far (stays flat in steady state).
@@ -292,30 +243,76 @@ impl DeviceLoader {
             }
         }
     }
+}
 
-    /// Like [`Iterator::next`], but waits at most `timeout` for the next batch.
-    pub fn next_within(&mut self, timeout: Duration) -> DeviceNext {
+impl BatchStream for DeviceLoader {
+    type Batch = DeviceBatch;
+
+    fn loader(&self) -> &Loader {
+        &self.loader
+    }
+
+    fn epoch(&self) -> u64 {
+        self.loader.epoch()
+    }
+
+    /// Drops copies read ahead.
+    fn set_epoch(&mut self, epoch: u64) {
+        self.discard_read_ahead();
+        self.loader.set_epoch(epoch);
+    }
+
+    fn len(&self) -> Result<usize> {
+        self.loader.len()
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        self.loader.is_empty()
+    }
+
+    /// Batches copied ahead but not yet handed out count as not read.
+    fn state(&self) -> LoaderState {
+        let ahead: u64 = self.inflight.iter().map(|f| f.host.len() as u64).sum();
+        self.loader.state_excluding(ahead)
+    }
+
+    fn load_state(&mut self, s: &LoaderState) -> Result<()> {
+        self.discard_read_ahead();
+        self.loader.load_state(s)
+    }
+
+    fn next_within(&mut self, timeout: Duration) -> Next<DeviceBatch> {
         self.release_copied();
         if self.inflight.is_empty() {
             if let Some(e) = self.pending_err.take() {
-                return DeviceNext::Batch(Err(e));
+                return Next::Batch(Err(e));
             }
             match self.loader.next_within(timeout) {
-                Next::Pending => return DeviceNext::Pending,
-                Next::End => return DeviceNext::End,
-                Next::Batch(Err(e)) => return DeviceNext::Batch(Err(e)),
+                Next::Pending => return Next::Pending,
+                Next::End => return Next::End,
+                Next::Batch(Err(e)) => return Next::Batch(Err(e)),
                 Next::Batch(Ok(b)) => {
                     if let Err(e) = self.issue(b) {
-                        return DeviceNext::Batch(Err(e));
+                        return Next::Batch(Err(e));
                     }
                 }
             }
         }
         self.top_up();
         match self.inflight.pop_front() {
-            Some(f) => DeviceNext::Batch(self.hand_out(f)),
-            None => DeviceNext::Batch(Err(Error::Internal("device stage lost a batch".into()))),
+            Some(f) => Next::Batch(self.hand_out(f)),
+            None => Next::Batch(Err(Error::Internal("device stage lost a batch".into()))),
         }
+    }
+
+    /// Host and device buffers.
+    fn buffers_allocated(&self) -> usize {
+        self.loader.buffers_allocated() + self.buffers.allocated()
+    }
+
+    /// Waits for the batch's copy to complete.
+    fn wait_ready(&self, batch: &DeviceBatch) -> Result<()> {
+        batch.synchronize()
     }
 }
 
@@ -325,9 +322,9 @@ impl Iterator for DeviceLoader {
     fn next(&mut self) -> Option<Result<DeviceBatch>> {
         loop {
             match self.next_within(Duration::from_secs(3600)) {
-                DeviceNext::Pending => continue,
-                DeviceNext::End => return None,
-                DeviceNext::Batch(b) => return Some(b),
+                Next::Pending => continue,
+                Next::End => return None,
+                Next::Batch(b) => return Some(b),
             }
         }
     }
@@ -342,36 +339,8 @@ impl Drop for DeviceLoader {
         // SAFETY: every registered buffer belongs to `self.loader`'s pool, which is
         // dropped after this body, so it is still mapped; no copy from one is pending
         // (the copy stream was synchronized above).
-        unsafe { self.registered.unregister_all(&self.ctx) };
-    }
-}
-
-impl crate::pipeline::bench::Source for DeviceLoader {
-    fn epoch(&self) -> u64 {
-        DeviceLoader::epoch(self)
-    }
-
-    /// Waits for the batch's copy to complete: the bytes counted are on the device.
-    fn next_delivered(&mut self) -> Option<Result<(u64, u64)>> {
-        let b = match self.next()? {
-            Ok(b) => b,
-            Err(e) => return Some(Err(e)),
+        unsafe {
+            self.registered.unregister_all(&self.ctx)
         };
-        if let Err(e) = b.ready_event().synchronize() {
-            return Some(Err(Error::Device {
-                device: self.device.clone(),
-                op: "cuEventSynchronize",
-                detail: e.to_string(),
-            }));
-        }
-        Some(Ok((b.len() as u64, b.fields().iter().map(|f| f.len as u64).sum())))
-    }
-
-    fn buffers_allocated(&self) -> usize {
-        self.loader.buffers_allocated() + self.buffers.allocated()
-    }
-
-    fn remote_bytes(&self) -> u64 {
-        self.loader.dataset().remote_bytes()
     }
 }

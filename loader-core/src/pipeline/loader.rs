@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, BatchLayout, FieldSlot};
 use super::plan::{self, Consumed, PlanSpec, Remainder, SampleRef, Shuffle};
+use super::stream::Next;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Access, Authorizer, AuthorizerConfig, Token};
 use crate::crypto::aead::Backend;
@@ -397,17 +398,6 @@ pub struct Loader {
     pid: u32,
 }
 
-/// Outcome of [`Loader::next_within`].
-#[derive(Debug)]
-pub enum Next {
-    /// A batch, or the error that stopped the epoch.
-    Batch(Result<Batch>),
-    /// The epoch is over.
-    End,
-    /// Nothing arrived within the timeout; call again.
-    Pending,
-}
-
 impl Drop for Loader {
     fn drop(&mut self) {
         if self.abandon_if_forked() {
@@ -442,7 +432,7 @@ impl Loader {
 
     /// Like [`Iterator::next`], but waits at most `timeout` for the next batch, so a
     /// caller can service signals (Ctrl-C in Python) while the pipeline works.
-    pub fn next_within(&mut self, timeout: std::time::Duration) -> Next {
+    pub fn next_within(&mut self, timeout: std::time::Duration) -> Next<Batch> {
         if self.abandon_if_forked() {
             return Next::Batch(Err(self.forked_error()));
         }

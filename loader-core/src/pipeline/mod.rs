@@ -1,4 +1,5 @@
-//! The streaming pipeline: epoch plan, decrypt workers, batches, and the [`Loader`].
+//! The streaming pipeline: epoch plan, decrypt workers, batches, the [`Loader`], and
+//! [`BatchStream`], what it shares with the device stage.
 //!
 //! ```no_run
 //! # fn main() -> shardlock::Result<()> {
@@ -21,7 +22,9 @@ mod batch;
 pub mod bench;
 mod loader;
 pub mod plan;
+mod stream;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
-pub use loader::{Loader, LoaderBuilder, LoaderState, Next, DEFAULT_MEMORY_BUDGET};
+pub use loader::{Loader, LoaderBuilder, LoaderState, DEFAULT_MEMORY_BUDGET};
 pub use plan::{Remainder, Shuffle};
+pub use stream::{BatchStream, Next};
