@@ -9,29 +9,10 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::batch::DeviceBatch;
 use super::buffers::{DevBuf, DeviceBuffers, HostRegistrations};
-use super::device_name;
 use super::probe::{clear_stale, device_error, open};
+use super::{device_name, DeviceOptions};
 use crate::error::{Error, Result};
 use crate::pipeline::{Batch, BatchStream, Loader, LoaderState, Next};
-
-/// Options of the device stage.
-#[derive(Clone, Debug)]
-pub struct DeviceOptions {
-    /// CUDA device ordinal.
-    pub ordinal: usize,
-    /// Register the locked host buffers with the driver for DMA (default). `false`
-    /// copies from pageable memory: for NVIDIA confidential-computing deployments,
-    /// where pinned host memory is not supported; slower.
-    pub pinned: bool,
-    /// Copies in flight ahead of the consumer (at least 2: double buffering).
-    pub depth: usize,
-}
-
-impl Default for DeviceOptions {
-    fn default() -> Self {
-        Self { ordinal: 0, pinned: true, depth: 3 }
-    }
-}
 
 /// A copy issued but not yet handed out.
 struct InFlight {

@@ -132,6 +132,10 @@ pub mod cpu {
 
 #[cfg(feature = "cuda")]
 mod gpu;
+/// Without the `cuda` feature: the same type, whose constructors return
+/// [`crate::Error::DeviceUnavailable`].
+#[cfg(not(feature = "cuda"))]
+pub use super::placeholder::Kernels;
 #[cfg(feature = "cuda")]
 pub use gpu::Kernels;
 
