@@ -9,11 +9,13 @@ use numpy::ndarray::{ArrayView, IxDyn};
 use numpy::{Element, PyArray};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use shardlock::device::{DeviceBatch, DeviceLoader, DeviceOptions};
 use shardlock::format::{DType, FieldKind};
 use shardlock::pipeline::{Batch, Next};
 use shardlock::remote::RemoteOptions;
 use shardlock::{BatchStream, Loader, LoaderState, Remainder, Shuffle};
 
+use crate::device::DeviceTensor;
 use crate::errors::{to_py, IntoPy};
 
 /// Owns one batch; every array of the batch keeps it alive as its NumPy base.
@@ -29,11 +31,12 @@ pub struct NativeLoader {
 }
 
 /// Host batches, or the device stage in front of the loader.
+/// (Without the core's `cuda` feature, `Device` cannot be built: [`DeviceLoader::new`]
+/// fails with `DeviceUnavailable`.)
 #[allow(clippy::large_enum_variant)] // one per loader; the variants are of similar size with `cuda` on
 enum Inner {
     Host(Loader),
-    #[cfg(feature = "cuda")]
-    Device(shardlock::device::DeviceLoader),
+    Device(DeviceLoader),
 }
 
 /// `$body` with `$s` bound to the stream in `$inner` (a `&Inner` or `&mut Inner`),
@@ -42,7 +45,6 @@ macro_rules! with_stream {
     ($inner:expr, $s:ident => $body:expr) => {
         match $inner {
             Inner::Host($s) => $body,
-            #[cfg(feature = "cuda")]
             Inner::Device($s) => $body,
         }
     };
@@ -59,8 +61,7 @@ impl ToPy for Batch {
     }
 }
 
-#[cfg(feature = "cuda")]
-impl ToPy for shardlock::device::DeviceBatch {
+impl ToPy for DeviceBatch {
     fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
         device_batch_to_py(py, self)
     }
@@ -88,26 +89,14 @@ where
 fn with_device(loader: Loader, device: Option<&str>, pinned: bool) -> shardlock::Result<Inner> {
     let Some(spec) = device.filter(|d| *d != "cpu") else { return Ok(Inner::Host(loader)) };
     let ordinal = shardlock::device::parse_device(spec)?;
-    #[cfg(feature = "cuda")]
-    {
-        let opts = shardlock::device::DeviceOptions { ordinal, pinned, ..Default::default() };
-        let mut d = shardlock::device::DeviceLoader::new(loader, opts)?;
-        // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
-        d.set_consumer_stream(None);
-        Ok(Inner::Device(d))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (loader, pinned);
-        shardlock::device::open(ordinal)?;
-        Err(shardlock::Error::Internal("no device stage in this build".into()))
-    }
+    let mut d = DeviceLoader::new(loader, DeviceOptions { ordinal, pinned, ..Default::default() })?;
+    // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
+    d.set_consumer_stream(None);
+    Ok(Inner::Device(d))
 }
 
 /// A device batch as `({name: (dtype, DeviceTensor) | ("bytes", values, offsets)}, ids)`.
-#[cfg(feature = "cuda")]
-fn device_batch_to_py<'py>(py: Python<'py>, batch: shardlock::device::DeviceBatch) -> PyResult<Bound<'py, PyTuple>> {
-    use crate::device::DeviceTensor;
+fn device_batch_to_py<'py>(py: Python<'py>, batch: DeviceBatch) -> PyResult<Bound<'py, PyTuple>> {
     let batch = std::sync::Arc::new(batch);
     let out = PyDict::new(py);
     let n = batch.len();
@@ -308,7 +297,6 @@ impl NativeLoader {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeLoader>()?;
-    #[cfg(feature = "cuda")]
-    m.add_class::<crate::device::DeviceTensor>()?;
+    m.add_class::<DeviceTensor>()?;
     m.add_class::<BatchOwner>()
 }
