@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::memory::{process_cpu_seconds, rss_anon};
-use crate::pipeline::Loader;
+use crate::pipeline::BatchStream;
 
 /// Numbers of one epoch.
 #[derive(Clone, Debug, Serialize)]
@@ -59,13 +59,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// What the benchmark streams: the [`Loader`], or the device stage.
+/// What [`run`] streams: any [`BatchStream`] (the [`crate::Loader`], or the device
+/// stage), as a trait object, so the stream can be chosen at run time
+/// (`Box<dyn Source>`) although the two have different batch types. Implemented for
+/// every [`BatchStream`]; there is nothing to implement by hand.
 pub trait Source {
     /// The epoch the next batch belongs to.
     fn epoch(&self) -> u64;
     /// The next batch as `(samples, bytes of the selected fields)`, once it is
-    /// delivered (in host memory; on the device, after its copy completed); `None`
-    /// at the end of the epoch.
+    /// delivered ([`BatchStream::wait_ready`]: in host memory; on the device, after
+    /// its copy completed); `None` at the end of the epoch.
     fn next_delivered(&mut self) -> Option<Result<(u64, u64)>>;
     /// Batch buffers allocated so far.
     fn buffers_allocated(&self) -> usize;
@@ -73,21 +76,28 @@ pub trait Source {
     fn remote_bytes(&self) -> u64;
 }
 
-impl Source for Loader {
+impl<S: BatchStream> Source for S {
     fn epoch(&self) -> u64 {
-        Loader::epoch(self)
+        BatchStream::epoch(self)
     }
 
     fn next_delivered(&mut self) -> Option<Result<(u64, u64)>> {
-        self.next().map(|b| b.map(|b| (b.len() as u64, b.fields().iter().map(|f| f.len as u64).sum())))
+        let b = match self.next()? {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = self.wait_ready(&b) {
+            return Some(Err(e));
+        }
+        Some(Ok((b.len() as u64, b.fields().iter().map(|f| f.len as u64).sum())))
     }
 
     fn buffers_allocated(&self) -> usize {
-        Loader::buffers_allocated(self)
+        BatchStream::buffers_allocated(self)
     }
 
     fn remote_bytes(&self) -> u64 {
-        self.dataset().remote_bytes()
+        self.loader().dataset().remote_bytes()
     }
 }
 

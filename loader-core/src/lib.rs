@@ -59,7 +59,6 @@ mod ops;
 mod pipeline;
 // The CUDA device stage.
 pub mod device;
-pub mod kernels;
 // Throughput measurement over any batch stream.
 mod bench;
 
@@ -81,8 +80,8 @@ pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 pub use pack::{pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, DEFAULT_SHARD_SIZE};
 pub use pipeline::{
-    Batch, BatchLayout, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder, Shuffle,
-    TensorView, DEFAULT_MEMORY_BUDGET,
+    Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,
+    Shuffle, TensorView, DEFAULT_MEMORY_BUDGET,
 };
 pub use remote::{Location, RangeReads, RemoteOptions};
 pub use time::{max_time, parse_time, parse_ttl, time_after};

@@ -12,9 +12,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use common::Fixture;
+use shardlock::device::kernels::{cpu, Kernels, Normalize};
 use shardlock::device::{DeviceLoader, DeviceOptions};
-use shardlock::kernels::{cpu, Kernels, Normalize};
-use shardlock::{DType, Error, Field, LoaderBuilder, Schema, Shuffle};
+use shardlock::{BatchStream, DType, Error, Field, LoaderBuilder, Schema, Shuffle};
 
 const H: usize = 5;
 const W: usize = 4;

@@ -1,6 +1,7 @@
-//! Device batches as DLPack producers (feature `cuda`): `torch.from_dlpack` turns each
-//! field into a CUDA tensor over the batch's device buffer, zero-copy, on the stream
-//! the consumer names.
+//! Device batches as DLPack producers: `torch.from_dlpack` turns each field into a CUDA
+//! tensor over the batch's device buffer, zero-copy, on the stream the consumer names.
+//! (Built with and without the `cuda` feature; without it no device batch can exist,
+//! so no `DeviceTensor` is ever made.)
 //!
 //! DLPack stream semantics: `__dlpack__(stream=S)` makes stream `S` wait for the
 //! batch's copy (an event wait, no host blocking) and records `S` as a user of the

@@ -3,12 +3,12 @@
 //! in exactly one place (`shardlock/_lib.py`).
 //!
 //! One file per core module: `errors.rs` (error mapping), `keys.rs` (keys and
-//! tokens), `writer.rs` (pack), `loader.rs` (pipeline), `device.rs` (DLPack export of device batches, feature
-//! `cuda`).
+//! tokens), `writer.rs` (pack), `loader.rs` (pipeline), `device.rs` (DLPack export of device batches). The
+//! same code builds with and without the `cuda` feature: without it the core's
+//! device API is its placeholder, whose constructors return `DeviceUnavailable`.
 
 #![deny(unsafe_code)]
 
-#[cfg(feature = "cuda")]
 mod device;
 mod errors;
 mod keys;

@@ -9,11 +9,13 @@ use numpy::ndarray::{ArrayView, IxDyn};
 use numpy::{Element, PyArray};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use shardlock::device::{DeviceBatch, DeviceLoader, DeviceOptions};
 use shardlock::RemoteOptions;
-use shardlock::{Batch, Next};
+use shardlock::{Batch, BatchStream, Next};
 use shardlock::{DType, FieldKind};
 use shardlock::{Loader, LoaderState, Remainder, Shuffle};
 
+use crate::device::DeviceTensor;
 use crate::errors::{to_py, IntoPy};
 
 /// Owns one batch; every array of the batch keeps it alive as its NumPy base.
@@ -29,19 +31,56 @@ pub struct NativeLoader {
 }
 
 /// Host batches, or the device stage in front of the loader.
+/// (Without the core's `cuda` feature, `Device` cannot be built: [`DeviceLoader::new`]
+/// fails with `DeviceUnavailable`.)
 #[allow(clippy::large_enum_variant)] // one per loader; the variants are of similar size with `cuda` on
 enum Inner {
     Host(Loader),
-    #[cfg(feature = "cuda")]
-    Device(shardlock::device::DeviceLoader),
+    Device(DeviceLoader),
 }
 
-impl Inner {
-    fn loader(&self) -> &Loader {
-        match self {
-            Inner::Host(l) => l,
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.loader(),
+/// `$body` with `$s` bound to the stream in `$inner` (a `&Inner` or `&mut Inner`),
+/// host or device: both are [`BatchStream`]s, so the code is written once.
+macro_rules! with_stream {
+    ($inner:expr, $s:ident => $body:expr) => {
+        match $inner {
+            Inner::Host($s) => $body,
+            Inner::Device($s) => $body,
+        }
+    };
+}
+
+/// A batch as the Python tuple `(fields, sample_ids)`.
+trait ToPy {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>>;
+}
+
+impl ToPy for Batch {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+        batch_to_py(py, self)
+    }
+}
+
+impl ToPy for DeviceBatch {
+    fn to_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+        device_batch_to_py(py, self)
+    }
+}
+
+/// The next batch of `stream`, or `None` at the end of the epoch. Waits with the GIL
+/// released, waking every 100 ms to let Ctrl-C through.
+fn next_from<'py, S>(py: Python<'py>, stream: &mut S) -> PyResult<Option<Bound<'py, PyTuple>>>
+where
+    S: BatchStream + Send,
+    S::Batch: ToPy + Send,
+{
+    let wait = Duration::from_millis(100);
+    loop {
+        match py.detach(|| stream.next_within(wait)) {
+            Next::Pending => py.check_signals()?,
+            Next::End => return Ok(None),
+            Next::Batch(Ok(b)) => return b.to_py(py).map(Some),
+            Next::Batch(Err(e)) => return Err(to_py(e)),
         }
     }
 }
@@ -50,26 +89,14 @@ impl Inner {
 fn with_device(loader: Loader, device: Option<&str>, pinned: bool) -> shardlock::Result<Inner> {
     let Some(spec) = device.filter(|d| *d != "cpu") else { return Ok(Inner::Host(loader)) };
     let ordinal = shardlock::device::parse_device(spec)?;
-    #[cfg(feature = "cuda")]
-    {
-        let opts = shardlock::device::DeviceOptions { ordinal, pinned, ..Default::default() };
-        let mut d = shardlock::device::DeviceLoader::new(loader, opts)?;
-        // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
-        d.set_consumer_stream(None);
-        Ok(Inner::Device(d))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (loader, pinned);
-        shardlock::device::open(ordinal)?;
-        Err(shardlock::Error::Internal("no device stage in this build".into()))
-    }
+    let mut d = DeviceLoader::new(loader, DeviceOptions { ordinal, pinned, ..Default::default() })?;
+    // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
+    d.set_consumer_stream(None);
+    Ok(Inner::Device(d))
 }
 
 /// A device batch as `({name: (dtype, DeviceTensor) | ("bytes", values, offsets)}, ids)`.
-#[cfg(feature = "cuda")]
-fn device_batch_to_py<'py>(py: Python<'py>, batch: shardlock::device::DeviceBatch) -> PyResult<Bound<'py, PyTuple>> {
-    use crate::device::DeviceTensor;
+fn device_batch_to_py<'py>(py: Python<'py>, batch: DeviceBatch) -> PyResult<Bound<'py, PyTuple>> {
     let batch = std::sync::Arc::new(batch);
     let out = PyDict::new(py);
     let n = batch.len();
@@ -230,79 +257,46 @@ impl NativeLoader {
     /// The next batch as `(fields, sample_ids)`, or `None` at the end of the epoch.
     /// Waits with the GIL released, waking every 100 ms to let Ctrl-C through.
     fn next_batch<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let wait = Duration::from_millis(100);
-        loop {
-            match &mut self.inner {
-                Inner::Host(inner) => match py.detach(|| inner.next_within(wait)) {
-                    Next::Pending => py.check_signals()?,
-                    Next::End => return Ok(None),
-                    Next::Batch(Ok(b)) => return batch_to_py(py, b).map(Some),
-                    Next::Batch(Err(e)) => return Err(to_py(e)),
-                },
-                #[cfg(feature = "cuda")]
-                Inner::Device(inner) => {
-                    use shardlock::device::DeviceNext;
-                    match py.detach(|| inner.next_within(wait)) {
-                        DeviceNext::Pending => py.check_signals()?,
-                        DeviceNext::End => return Ok(None),
-                        DeviceNext::Batch(Ok(b)) => return device_batch_to_py(py, b).map(Some),
-                        DeviceNext::Batch(Err(e)) => return Err(to_py(e)),
-                    }
-                }
-            }
-        }
+        with_stream!(&mut self.inner, s => next_from(py, s))
     }
 
     /// Batches per epoch for this rank.
     fn __len__(&self) -> PyResult<usize> {
-        self.inner.loader().len().py()
+        with_stream!(&self.inner, s => s.len()).py()
     }
 
     /// The epoch the next iteration reads.
     #[getter]
     fn epoch(&self) -> u64 {
-        self.inner.loader().epoch()
+        with_stream!(&self.inner, s => s.epoch())
     }
 
     /// Sets the epoch of the next iteration.
     fn set_epoch(&mut self, epoch: u64) {
-        match &mut self.inner {
-            Inner::Host(l) => l.set_epoch(epoch),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.set_epoch(epoch),
-        }
+        with_stream!(&mut self.inner, s => s.set_epoch(epoch))
     }
 
     /// Names of the fields each batch holds.
     fn field_names(&self) -> Vec<String> {
-        self.inner.loader().field_names().into_iter().map(str::to_owned).collect()
+        with_stream!(&self.inner, s => s.loader().field_names().into_iter().map(str::to_owned).collect())
     }
 
     /// Resume state as JSON.
     fn state_json(&self) -> PyResult<String> {
-        let state = match &self.inner {
-            Inner::Host(l) => l.state(),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.state(),
-        };
+        let state = with_stream!(&self.inner, s => s.state());
         serde_json::to_string(&state).map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
     }
 
     /// Restores a state from `state_json`.
     fn load_state_json(&mut self, state: &str) -> PyResult<()> {
-        let s: LoaderState = serde_json::from_str(state)
+        let state: LoaderState = serde_json::from_str(state)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("loader state: {e}")))?;
-        match &mut self.inner {
-            Inner::Host(l) => l.load_state(&s).py(),
-            #[cfg(feature = "cuda")]
-            Inner::Device(d) => d.load_state(&s).py(),
-        }
+        with_stream!(&mut self.inner, s => s.load_state(&state).py())
     }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeLoader>()?;
-    #[cfg(feature = "cuda")]
-    m.add_class::<crate::device::DeviceTensor>()?;
+    m.add_class::<DeviceTensor>()?;
     m.add_class::<BatchOwner>()
 }

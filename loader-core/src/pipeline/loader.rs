@@ -10,6 +10,7 @@ use super::batch::Batch;
 use super::builder::{LoaderBuilder, Session};
 use super::epoch::{EpochRun, Poll};
 use super::plan::{self, Consumed};
+use super::stream::Next;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 
@@ -36,17 +37,6 @@ pub struct Loader {
     run: Option<EpochRun>,
     /// Process that built the loader: its worker threads do not exist after a fork.
     pid: u32,
-}
-
-/// Outcome of [`Loader::next_within`].
-#[derive(Debug)]
-pub enum Next {
-    /// A batch, or the error that stopped the epoch.
-    Batch(Result<Batch>),
-    /// The epoch is over.
-    End,
-    /// Nothing arrived within the timeout; call again.
-    Pending,
 }
 
 impl Drop for Loader {
@@ -87,7 +77,7 @@ impl Loader {
 
     /// Like [`Iterator::next`], but waits at most `timeout` for the next batch, so a
     /// caller can service signals (Ctrl-C in Python) while the pipeline works.
-    pub fn next_within(&mut self, timeout: std::time::Duration) -> Next {
+    pub fn next_within(&mut self, timeout: std::time::Duration) -> Next<Batch> {
         if self.abandon_if_forked() {
             return Next::Batch(Err(self.forked_error()));
         }

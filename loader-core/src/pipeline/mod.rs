@@ -1,4 +1,5 @@
-//! The streaming pipeline: epoch plan, decrypt workers, batches, and the [`Loader`].
+//! The streaming pipeline: epoch plan, decrypt workers, batches, the [`Loader`], and
+//! [`BatchStream`], what it shares with the device stage.
 //!
 //! ```no_run
 //! # fn main() -> shardlock::Result<()> {
@@ -23,8 +24,10 @@ mod epoch;
 mod gather;
 mod loader;
 mod plan;
+mod stream;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
 pub use builder::{LoaderBuilder, DEFAULT_MEMORY_BUDGET};
-pub use loader::{Loader, LoaderState, Next};
+pub use loader::{Loader, LoaderState};
 pub use plan::{Consumed, Remainder, Shuffle};
+pub use stream::{BatchStream, Next};

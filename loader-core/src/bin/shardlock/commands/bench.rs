@@ -12,17 +12,8 @@ use crate::output::{bar, print_json};
 fn bench_source(loader: Loader, a: &BenchArgs) -> Result<Box<dyn Source>, Error> {
     let Some(spec) = &a.device else { return Ok(Box::new(loader)) };
     let ordinal = device::parse_device(spec)?;
-    #[cfg(feature = "cuda")]
-    {
-        let opts = device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
-        Ok(Box::new(device::DeviceLoader::new(loader, opts)?))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (loader, a.pageable);
-        device::open(ordinal)?;
-        Err(Error::Internal("no device stage in this build".into()))
-    }
+    let opts = device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
+    Ok(Box::new(device::DeviceLoader::new(loader, opts)?))
 }
 
 /// With `--device`: the bandwidth of a plain async copy of one batch-sized locked
@@ -30,17 +21,9 @@ fn bench_source(loader: Loader, a: &BenchArgs) -> Result<Box<dyn Source>, Error>
 fn h2d_report(a: &BenchArgs, r: &BenchReport) -> Result<Option<serde_json::Value>, Error> {
     let (Some(spec), Some(e)) = (&a.device, r.epochs.first()) else { return Ok(None) };
     let bytes = (e.bytes / e.batches.max(1)).max(1) as usize;
-    #[cfg(feature = "cuda")]
-    {
-        let ordinal = device::parse_device(spec)?;
-        let gbps = device::measure_h2d(ordinal, bytes, 200, !a.pageable)?;
-        Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (spec, bytes);
-        Ok(None)
-    }
+    let ordinal = device::parse_device(spec)?;
+    let gbps = device::measure_h2d(ordinal, bytes, 200, !a.pageable)?;
+    Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
 }
 
 pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {

@@ -30,15 +30,9 @@ pub(crate) fn keygen_cmd(k: Keygen) -> Result<(), Error> {
     Ok(())
 }
 
-#[cfg(feature = "pkcs11")]
 fn keygen_pkcs11(uri: &str) -> Result<(), Error> {
     let uri = shardlock::pkcs11::Pkcs11Uri::parse(uri)?;
     let id = shardlock::pkcs11::generate_kek(&uri)?;
     println!("generated non-extractable AES-256 KEK {id} as {} inside the HSM", uri.describe());
     Ok(())
-}
-
-#[cfg(not(feature = "pkcs11"))]
-fn keygen_pkcs11(_uri: &str) -> Result<(), Error> {
-    Err(Error::InvalidArgument("this build of shardlock has no PKCS#11 support (cargo feature `pkcs11`)".into()))
 }

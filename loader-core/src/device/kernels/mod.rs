@@ -1,4 +1,4 @@
-//! On-device decoding of batch fields (`kernels/decode.cu`), and the CPU reference
+//! On-device decoding of batch fields (`loader-core/kernels/decode.cu`), and the CPU reference
 //! of each kernel.
 //!
 //! The CUDA C source is embedded with `include_str!` and compiled at run time with
@@ -14,6 +14,7 @@
 //! - `widen_u16_i64`: token ids stored as u16 become i64 (what embedding lookups take).
 
 /// The CUDA C source of the kernels.
+/// (`loader-core/kernels/decode.cu`, inside the crate so that `cargo package` ships it.)
 pub const SOURCE: &str = include_str!("../../../kernels/decode.cu");
 
 /// Output element types of the normalisation kernel.
@@ -131,6 +132,10 @@ pub mod cpu {
 
 #[cfg(feature = "cuda")]
 mod gpu;
+/// Without the `cuda` feature: the same type, whose constructors return
+/// [`crate::Error::DeviceUnavailable`].
+#[cfg(not(feature = "cuda"))]
+pub use super::placeholder::Kernels;
 #[cfg(feature = "cuda")]
 pub use gpu::Kernels;
 
@@ -206,7 +211,7 @@ mod tests {
         for k in
             [<f32 as NormOut>::KERNEL, <half::f16 as NormOut>::KERNEL, <half::bf16 as NormOut>::KERNEL, "widen_u16_i64"]
         {
-            assert!(SOURCE.contains(k), "{k} missing from kernels/decode.cu");
+            assert!(SOURCE.contains(k), "{k} missing from loader-core/kernels/decode.cu");
         }
     }
 }

@@ -1,8 +1,8 @@
 // On-device decoding of fixed-size batch fields for training input.
 //
 // Compiled at run time with NVRTC (no headers needed: half and bfloat16 results are
-// produced as their 16-bit patterns), once per device, by shardlock::kernels.
-// Each kernel has a CPU reference in loader-core/src/kernels/mod.rs (module `cpu`)
+// produced as their 16-bit patterns), once per device, by shardlock::device::kernels.
+// Each kernel has a CPU reference in loader-core/src/device/kernels/mod.rs (module `cpu`)
 // that the GPU test compares against bit for bit; build options: --fmad=false, so
 // (x - mean) * scale rounds exactly as on the CPU.
 

@@ -9,7 +9,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use super::{NormOut, Normalize, SOURCE};
-use crate::device::{device_error, device_name};
+use crate::device::{device_error, device_name, open};
 use crate::error::{Error, Result};
 
 /// The decode kernels, compiled for one device.
@@ -72,6 +72,11 @@ impl Kernels {
         let k = Arc::new(Kernels { module, device });
         map.insert(ctx.ordinal(), k.clone());
         Ok(k)
+    }
+
+    /// The kernels for device `ordinal`: [`open`], then [`Kernels::for_device`].
+    pub fn for_ordinal(ordinal: usize) -> Result<Arc<Kernels>> {
+        Self::for_device(&open(ordinal)?)
     }
 
     /// `u8[n, h, w, c]` (HWC) to `(x - mean) / std` as `T`, in CHW or HWC layout, on
