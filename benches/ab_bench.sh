@@ -26,14 +26,14 @@ done
 run() { # bin dataset batch shuffle -> median GB/s of epochs 2..4
   "$1" bench "$W/ds-$2" --keyring "$W/kr.json" --token "$W/$2.token" --trust "$W/iss.pub" \
     --batch-size "$3" --epochs 4 --shuffle "$4" --json |
-    "$PY" -c 'import json,sys,statistics as s; e=json.load(sys.stdin)["epochs"][1:]; print(f"{s.median(x["gb_per_s"] for x in e):.3f}")'
+    "$PY" -c 'import json,sys,statistics as s; e=json.load(sys.stdin)["epochs"][1:]; print("%.3f" % s.median(x["gb_per_s"] for x in e))'
 }
-printf '%-7s %-7s %-6s %-30s %-30s\n' samples shuffle round old_GB/s new_GB/s
+printf '%-7s %-7s %-6s %-10s %-10s\n' samples shuffle round old_GB/s new_GB/s
 for shape in "small 256" "large 64"; do
   set -- $shape
   for mode in window global; do
     for r in $(seq "$ROUNDS"); do
-      printf '%-7s %-7s %-6s %-30s %-30s\n' "$1" "$mode" "$r" "$(run "$OLD" "$1" "$2" "$mode")" "$(run "$NEW" "$1" "$2" "$mode")"
+      printf '%-7s %-7s %-6s %-10s %-10s\n' "$1" "$mode" "$r" "$(run "$OLD" "$1" "$2" "$mode")" "$(run "$NEW" "$1" "$2" "$mode")"
     done
   done
 done

@@ -11,6 +11,9 @@ pub(crate) fn bar(len: u64, json: bool, template: &str) -> ProgressBar {
     pb
 }
 
+/// Prints `v` as pretty JSON. A reader that closed the pipe early (`| head`, a script
+/// that stopped reading) is not an error worth a panic: the output is just dropped.
 pub(crate) fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
