@@ -11,7 +11,7 @@
 //!   [`LoaderState`] for resume, the [`BatchStream`] trait shared with the device stage;
 //! - writing: [`DatasetWriter`], [`PackOptions`], [`pack_paths`];
 //! - keys: the [`KeyProvider`] trait, [`Keyring`], [`IssuerKey`], [`TrustAnchor`],
-//!   [`open_provider`], and (feature `pkcs11`) the [`pkcs11`] provider;
+//!   [`open_provider`], and (feature `pkcs11`) the `pkcs11` provider module;
 //! - access: [`Token`], [`TokenSpec`], [`Authorizer`], [`Access`] (the only path from a
 //!   token to a shard's DEK), the audit log ([`AuditLog`], [`verify_log`]);
 //! - datasets: [`Dataset`] and [`ShardReader`], [`inspect`], [`verify`], [`rotate`],

@@ -157,7 +157,7 @@ impl Authorizer {
 
     /// Authorizes one request at the current time; on failure `Error::AccessDenied`
     /// naming the dataset, shard, operation, reason and failing rule. Only
-    /// [`super::Access`] turns a success into a key-releasing [`super::Grant`].
+    /// [`crate::Access`] turns a success into a key-releasing [`crate::Grant`].
     pub fn authorize(&self, dataset: &str, shard: u32, op: Operation) -> Result<()> {
         let deny = |reason: DenyReason, rule: String| Error::AccessDenied {
             dataset: Some(dataset.to_owned()),

@@ -241,7 +241,7 @@ impl OpenShard {
     }
 
     /// True when chunks come from ranged reads (a remote shard that is not cached):
-    /// a batch fetches them with [`super::FetchedChunks`].
+    /// the loader fetches the chunks each batch needs in one burst.
     pub fn is_ranged(&self) -> bool {
         matches!(self.body, Body::Ranged { .. })
     }

@@ -82,7 +82,8 @@ struct Envelope<'a> {
 }
 
 /// A manifest as read from disk: its body bytes, signature and parsed content. The
-/// content must not be trusted before [`SignedManifest::verify`] succeeds.
+/// content must not be trusted before its signature verifies against the trust
+/// anchor (`Dataset::open` does that, then [`SignedManifest::check_consistency`]).
 pub struct SignedManifest {
     /// The parsed body.
     pub manifest: Manifest,

@@ -119,7 +119,7 @@ pub fn is_pkcs11_uri(spec: &str) -> bool {
     spec.starts_with("pkcs11:")
 }
 
-/// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see [`pkcs11`]) or
+/// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see the `pkcs11` module, feature `pkcs11`) or
 /// the path of a keyring file. (A keyring file whose path starts with `pkcs11:` is
 /// reached as `./pkcs11:...`.)
 pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {

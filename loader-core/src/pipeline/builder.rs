@@ -101,7 +101,7 @@ impl LoaderBuilder {
 
     /// Keyring file (the embedded default key custody), or a PKCS#11 URI
     /// (`pkcs11:token=...;object=...?module-path=...&pin-source=...`, see
-    /// [`crate::keys::pkcs11`]): anything [`crate::keys::open_provider`] accepts.
+    /// `shardlock::pkcs11`, feature `pkcs11`): anything [`crate::open_provider`] accepts.
     pub fn keyring(mut self, path: impl AsRef<Path>) -> Self {
         self.keyring_path = Some(path.as_ref().to_owned());
         self

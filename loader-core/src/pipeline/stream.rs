@@ -24,7 +24,7 @@ pub enum Next<B> {
 ///
 /// Implemented by the [`Loader`] (host batches) and by the device stage
 /// ([`crate::device::DeviceLoader`], batches in GPU memory), so consumers (the Python
-/// binding, [`super::bench::run`]) are written once for both.
+/// binding, [`crate::run_bench`]) are written once for both.
 pub trait BatchStream: Iterator<Item = Result<<Self as BatchStream>::Batch>> {
     /// What the stream yields: length, sample ids and fields through
     /// [`BatchLayout`], plus where the bytes are.
