@@ -72,3 +72,48 @@ def test_writer_refuses_bad_input_and_an_aborted_writer_leaves_no_dataset(env):
         with shardlock.Writer(env.root / "shape", keyring=env.keyring, issuer_key=env.issuer, dataset_id="shape") as w:
             w.write({"a": np.zeros(3, dtype=np.uint8)})
             w.write({"a": np.zeros(4, dtype=np.uint8)})
+
+
+def test_writer_casts_losslessly_or_names_the_field_and_both_dtypes(env):
+    """Security review finding 6: against a schema ``f32[2]``, float64, big-endian
+    ``>f4`` and int32 arrays were all accepted and read back as garbage."""
+    schema = {"x": ("f32", [2]), "n": ("i16", [1])}
+    good = np.array([1.5, -2.25], dtype=np.float32)
+    with shardlock.Writer(env.root / "cast", keyring=env.keyring, issuer_key=env.issuer, dataset_id="cast", schema=schema) as w:
+        w.write({"x": good, "n": np.array([7], dtype=np.int16)})
+        w.write({"x": good.astype(">f4"), "n": np.array([-3], dtype=np.int8)})  # same values, other byte order; a narrower int
+        w.write({"x": [0.5, 1.0], "n": 12})  # Python numbers that fit
+        w.write_batch({"x": np.stack([good, good]).astype(">f4"), "n": np.array([[1], [2]], dtype=np.uint8)})
+    batch = next(iter(env.loader(env.root / "cast", batch_size=5, shuffle="none", drop_last=False)))
+    assert batch["x"].numpy().tolist() == [[1.5, -2.25], [1.5, -2.25], [0.5, 1.0], [1.5, -2.25], [1.5, -2.25]]
+    assert batch["n"].numpy().ravel().tolist() == [7, -3, 12, 1, 2]
+    bad = [
+        ({"x": good.astype(np.float64), "n": 1}, "float64"),
+        ({"x": np.array([1, 2], dtype=np.int32), "n": 1}, "int32"),
+        ({"x": good, "n": 70000}, "int64"),
+        ({"x": np.zeros(3, dtype=np.float32), "n": 1}, "shape [2]"),
+    ]
+    for sample, what in bad:
+        with pytest.raises(shardlock.FormatError) as e:
+            with shardlock.Writer(env.root / "bad-cast", keyring=env.keyring, issuer_key=env.issuer, dataset_id="b", schema=schema, force=True) as w:
+                w.write(sample)
+        msg = str(e.value)
+        assert what in msg and ("'x'" in msg or "'n'" in msg), msg
+    with pytest.raises(shardlock.FormatError, match="'x' expects f32"):
+        with shardlock.Writer(env.root / "bad-batch", keyring=env.keyring, issuer_key=env.issuer, dataset_id="b", schema=schema) as w:
+            w.write_batch({"x": np.zeros((2, 2), dtype=np.float64), "n": np.zeros((2, 1), dtype=np.int16)})
+
+
+def test_numpy_batch_views_are_read_only(env):
+    """Security review finding 7: ``x[0, 0] = 42`` succeeded on a view of the locked
+    buffer, and a bytes field's offsets could be rewritten."""
+    with shardlock.Writer(env.root / "ro", keyring=env.keyring, issuer_key=env.issuer, dataset_id="ro") as w:
+        for k in range(8):
+            w.write({"x": np.full(4, k, dtype=np.int32), "b": b"abc" * k})
+    batch = next(iter(env.loader(env.root / "ro", output="numpy", batch_size=4, shuffle="none")))
+    values, offsets = batch["b"]
+    for a in (batch["x"], values, offsets):
+        assert not a.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 42
+    assert offsets.tolist() == [0, 0, 3, 9, 18]

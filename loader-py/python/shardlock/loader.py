@@ -46,7 +46,9 @@ class Loader:
     Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
     arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
     the buffer is wiped and reused only after every tensor built on it is freed. A
-    bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``.
+    bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``. NumPy
+    arrays are read-only; torch has no read-only tensors, so a CPU tensor may be
+    written in place, which changes only that batch's buffer (wiped before reuse).
 
     ``device="cuda:N"`` delivers CUDA tensors instead: each batch is copied
     asynchronously from the locked buffer (registered with the driver, so the copy is
@@ -142,7 +144,11 @@ class Loader:
     def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         if self._output == "numpy":
+            # Read-only: the arrays are views of the locked batch buffer, and a bytes
+            # field's offsets must stay what the loader computed.
             for name, v in fields.items():
+                for a in v[1:]:
+                    a.flags.writeable = False
                 out[name] = (v[1], v[2]) if v[0] == "bytes" else v[1]
         else:
             import torch

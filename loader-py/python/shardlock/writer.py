@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from shardlock._lib import NativeWriter
+from shardlock._lib import FormatError, NativeWriter
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -25,6 +25,41 @@ _NP_TO_DTYPE = {
     np.dtype("float32"): "f32",
     np.dtype("float64"): "f64",
 }
+
+#: shardlock dtype name -> little-endian NumPy dtype (bf16 is stored as its 16 bits).
+_DTYPE_TO_NP = {v: k.newbyteorder("<") for k, v in _NP_TO_DTYPE.items()}
+_DTYPE_TO_NP["bf16"] = np.dtype("<u2")
+
+
+def _as_field(name: str, value: Any, arr: Any, forced: Optional[str], dt: str, shape: Tuple[int, ...]) -> Any:
+    """``arr`` as the little-endian dtype and the shape the schema gives field ``name``:
+    a lossless cast (another byte order, a narrower integer, a Python number that
+    fits), else :class:`FormatError` naming the field, the dtype given and the one
+    expected. Never a reinterpretation of the bytes."""
+    target = _DTYPE_TO_NP[dt]
+    if (forced == "bf16") != (dt == "bf16"):
+        raise FormatError(f"field {name!r} is {dt}; got {forced or arr.dtype}")
+    given = arr.dtype
+    if dt != "bf16" and not np.can_cast(given, target, casting="safe"):
+        ok = False
+        if not isinstance(value, (np.ndarray, np.generic)) and not type(value).__module__.startswith("torch"):
+            # Python numbers (or lists of them), which carry no dtype of their own: any
+            # into a float field; into an integer field only if they fit exactly.
+            if target.kind == "f":
+                ok = True
+            else:
+                with np.errstate(all="ignore"):
+                    cast = np.asarray(value).astype(target)
+                ok = bool(np.all(cast.astype(given) == np.asarray(value)))
+        if not ok:
+            raise FormatError(
+                f"field {name!r} expects {dt} ({target.str}); got {given} ({given.str}), which does not convert "
+                f"without loss: convert it first (e.g. .astype(np.{target.name}))"
+            )
+    if tuple(arr.shape) != tuple(shape):
+        raise FormatError(f"field {name!r} expects shape {list(shape)}; got {list(arr.shape)}")
+    return np.ascontiguousarray(arr).astype(target, copy=False)
+
 
 #: A field spec: ``"bytes"`` or ``(dtype_name, shape)``.
 FieldSpec = Union[str, Tuple[str, Sequence[int]]]
@@ -116,7 +151,7 @@ class Writer:
                     raise TypeError(f"field {name!r} holds bytes; got {type(sample[name]).__name__}")
                 values.append(arr)
             else:
-                values.append(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+                values.append(_as_field(name, sample[name], arr, forced, dt, shape).tobytes())
         assert self._native is not None
         self._native.write_sample(values)
 
@@ -142,7 +177,12 @@ class Writer:
                 fields[k] = (dt, tuple(a.shape[1:]))
             self._open(fields)
         self._check_names(cols.keys())
-        data = [np.ascontiguousarray(cols[name][0]).tobytes() for name in self._names]
+        data = []
+        for name, (dt, shape) in zip(self._names, self._specs):
+            a, forced = cols[name]
+            if dt == "bytes":
+                raise TypeError(f"field {name!r} holds bytes: write it one sample at a time with write()")
+            data.append(_as_field(name, a, a, forced, dt, (len(a), *shape)).tobytes())
         assert self._native is not None
         self._native.write_columns(data, n)
 
