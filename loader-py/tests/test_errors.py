@@ -71,3 +71,22 @@ def test_bad_arguments_are_value_errors(env, numbers):
     n = shardlock.pack_numpy(env.root / "e", {"a": np.zeros((0, 2))}, keyring=env.keyring, issuer_key=env.issuer, dataset_id="e")
     assert n == 0
     assert len(env.loader(env.root / "e")) == 0 and list(env.loader(env.root / "e")) == []
+
+
+def test_bad_batch_size_fields_and_shuffle_name_the_argument(env, numbers):
+    path, _, _ = numbers
+    for kw, what in [
+        ({"batch_size": -1}, "batch_size must be at least 1"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"fields": "xy"}, "list of field names"),  # not ['x', 'y']
+        ({"fields": ["x", 1]}, "list of field names"),
+        ({"shuffle": True}, "'none', 'window', 'global'"),
+        ({"shuffle": "sideways"}, "'none', 'window', 'global'"),
+        ({"seed": -1}, "seed must be at least 0"),
+        ({"rank": -1, "world_size": 2}, "rank must be at least 0"),
+        ({"rank": 0, "world_size": 0}, "world_size must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            env.loader(path, **kw)
+    assert env.loader(path, batch_size=np.int64(8), fields=("x",)).fields == ["x"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from shardlock._lib import NativeLoader, ShardlockError
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+SHUFFLES = ("none", "window", "global")
 
 
 def _dist_rank_world() -> Tuple[int, int]:
@@ -19,6 +22,50 @@ def _dist_rank_world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum`` (bool and float refused)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, not {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    return v
+
+
+def _check_rank_world(rank: Any, world_size: Any) -> Tuple[int, int]:
+    r, w = _int_arg("rank", rank, 0), _int_arg("world_size", world_size, 1)
+    if r >= w:
+        raise ValueError(f"rank must be in 0..world_size-1, got rank={r} with world_size={w}")
+    return r, w
+
+
+def _check_args(batch_size: Any, shuffle: Any, seed: Any, fields: Any) -> Tuple[int, str, int, Optional[List[str]]]:
+    """The arguments every loader checks before anything is opened, with a
+    ``ValueError`` that names the argument and what it accepts."""
+    bs = _int_arg("batch_size", batch_size, 1)
+    if not isinstance(shuffle, str) or shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle must be one of {', '.join(map(repr, SHUFFLES))}, not {shuffle!r}")
+    sd = _int_arg("seed", seed, 0)
+    if sd >= 1 << 64:
+        raise ValueError(f"seed must be below 2**64, got {sd}")
+    if fields is None:
+        names = None
+    elif isinstance(fields, (str, bytes)):
+        raise ValueError(f"fields must be a list of field names, not the string {fields!r} (did you mean [{fields!r}]?)")
+    else:
+        try:
+            names = list(fields)
+        except TypeError:
+            raise ValueError(f"fields must be a list of field names, not {fields!r}") from None
+        bad = [f for f in names if not isinstance(f, str)]
+        if bad:
+            raise ValueError(f"fields must be a list of field names (str), got {bad[0]!r} in {names!r}")
+    return bs, shuffle, sd, names
 
 
 def _storage_options(opts: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]]) -> Optional[List[Tuple[str, str]]]:
@@ -61,9 +108,11 @@ class Loader:
 
     One pass over the loader is one epoch; the next pass reads the next epoch (or the
     one given to :meth:`set_epoch`). ``rank``/``world_size`` default to
-    ``torch.distributed`` when it is initialised, else 0 / 1. Errors raise
-    subclasses of :class:`shardlock.ShardlockError` naming the dataset, shard, chunk
-    or rule.
+    ``torch.distributed`` when it is initialised, else 0 / 1. Bad arguments
+    (``batch_size`` not a positive integer, ``fields`` a string instead of a list,
+    ``shuffle`` not one of ``"none"``, ``"window"``, ``"global"``) raise ``ValueError``
+    before anything is opened. Errors raise subclasses of
+    :class:`shardlock.ShardlockError` naming the dataset, shard, chunk or rule.
 
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
@@ -106,11 +155,13 @@ class Loader:
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
+        batch_size, shuffle, seed, field_list = _check_args(batch_size, shuffle, seed, fields)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if rank is None:
             rank, world_size = _dist_rank_world()
         assert world_size is not None
+        rank, world_size = _check_rank_world(rank, world_size)
         self._device = device
         if device != "cpu" and output != "torch":
             raise ValueError("device= needs output='torch'")
@@ -122,13 +173,13 @@ class Loader:
             keyring=os.fspath(keyring),
             token=None if token is None else os.fspath(token),
             trust=os.fspath(trust),
-            batch_size=int(batch_size),
+            batch_size=batch_size,
             shuffle=shuffle,
-            seed=int(seed),
-            rank=int(rank),
-            world_size=int(world_size),
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
             drop_last=bool(drop_last),
-            fields=None if fields is None else list(fields),
+            fields=field_list,
             workers=workers,
             deny_list=None if deny_list is None else os.fspath(deny_list),
             audit_log=None if audit_log is None else os.fspath(audit_log),
@@ -139,7 +190,7 @@ class Loader:
             pinned=bool(pinned),
             storage_options=_storage_options(storage_options),
         )
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank, self.world_size = rank, world_size
 
     def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
