@@ -2,11 +2,14 @@
 repeat across runs with the same seed. Also runs examples/train_torch.py."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -50,3 +53,35 @@ def test_train_torch_example_loss_falls():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_torch.py"), "--samples", "4000", "--epochs", "3"],
                          check=True, capture_output=True, text=True, timeout=300).stdout
     assert "epoch 2" in out
+
+
+def test_rank_and_world_size_come_from_the_environment_without_a_process_group(env, numbers, monkeypatch, caplog):
+    import shardlock
+    import shardlock.torch as sltorch
+    import torch
+
+    path, _, _ = numbers
+    token = env.token("numbers")
+    kw = dict(keyring=env.keyring, token=token, trust=env.trust, batch_size=10, sample_ids=True, seed=5)
+    ids, via_workers = {}, {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with caplog.at_level(logging.INFO, logger="shardlock"):
+            loader = shardlock.Loader(path, **kw)
+        assert (loader.rank, loader.world_size) == (rank, 2)
+        assert "RANK/WORLD_SIZE environment" in caplog.text
+        ids[rank] = [i for b in loader for i in b["sample_id"].tolist()]
+        ds = sltorch.IterableDataset(path, **kw)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        via_workers[rank] = [i for b in dl for i in b["sample_id"].tolist()]
+        # Explicit values win.
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="shardlock"):
+            assert shardlock.Loader(path, rank=0, world_size=1, **kw).world_size == 1
+        assert "rank=/world_size= arguments" in caplog.text
+    for split in (ids, via_workers):
+        assert len(split[0]) == len(split[1]) == 500 and sorted(split[0] + split[1]) == list(range(1000))
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK"):
+        shardlock.Loader(path, **kw)

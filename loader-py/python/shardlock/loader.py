@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -11,17 +12,51 @@ from shardlock._lib import NativeLoader, ShardlockError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+logger = logging.getLogger("shardlock")
+
 SHUFFLES = ("none", "window", "global")
 
 
-def _dist_rank_world() -> Tuple[int, int]:
+def _dist_rank_world() -> Tuple[int, int, str]:
+    """(rank, world size, where they came from) when none were given: an initialised
+    ``torch.distributed`` process group, else the ``RANK``/``WORLD_SIZE`` environment
+    variables that torchrun (and most launchers) set, else 0 of 1."""
     try:
         import torch.distributed as dist
     except Exception:  # torch missing or built without distributed
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        dist = None  # type: ignore[assignment]
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), "torch.distributed"
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None:
+        try:
+            r, w = int(rank), int(world)
+        except ValueError:
+            raise ValueError(f"RANK={rank!r} / WORLD_SIZE={world!r} in the environment are not integers") from None
+        if not (w >= 1 and 0 <= r < w):
+            raise ValueError(f"RANK={r} / WORLD_SIZE={w} in the environment: need 0 <= RANK < WORLD_SIZE")
+        return r, w, "the RANK/WORLD_SIZE environment variables"
+    if rank is not None or world is not None:
+        logger.warning(
+            "only one of RANK (%r) and WORLD_SIZE (%r) is set in the environment: ignoring it, reading as rank 0 of 1",
+            rank, world,
+        )
+    return 0, 1, "the default (no torch.distributed process group, no RANK/WORLD_SIZE in the environment)"
+
+
+def _rank_world(rank: Optional[int], world_size: Optional[int], what: str = "Loader") -> Tuple[int, int]:
+    """The rank and world size to read as: the ones given, else :func:`_dist_rank_world`.
+    Logs (logger ``shardlock``, INFO) which source was used."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if rank is not None:
+        assert world_size is not None
+        r, w = _check_rank_world(rank, world_size)
+        source = "the rank=/world_size= arguments"
+    else:
+        r, w, source = _dist_rank_world()
+    logger.info("%s reads as rank %d of %d (from %s)", what, r, w, source)
+    return r, w
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
@@ -107,12 +142,16 @@ class Loader:
     raises :class:`shardlock.DeviceUnavailable`.
 
     One pass over the loader is one epoch; the next pass reads the next epoch (or the
-    one given to :meth:`set_epoch`). ``rank``/``world_size`` default to
-    ``torch.distributed`` when it is initialised, else 0 / 1. Bad arguments
-    (``batch_size`` not a positive integer, ``fields`` a string instead of a list,
-    ``shuffle`` not one of ``"none"``, ``"window"``, ``"global"``) raise ``ValueError``
-    before anything is opened. Errors raise subclasses of
-    :class:`shardlock.ShardlockError` naming the dataset, shard, chunk or rule.
+    one given to :meth:`set_epoch`).
+
+    ``rank``/``world_size`` default to ``torch.distributed`` when a process group is
+    initialised, else to the ``RANK``/``WORLD_SIZE`` environment variables (set by
+    torchrun), else 0 / 1; explicit values win. Which source was used is logged to the
+    ``shardlock`` logger (INFO). Bad arguments (``batch_size`` not a positive integer,
+    ``fields`` a string instead of a list, ``shuffle`` not one of ``"none"``,
+    ``"window"``, ``"global"``) raise ``ValueError`` before anything is opened. Errors
+    raise subclasses of :class:`shardlock.ShardlockError` naming the dataset, shard,
+    chunk or rule.
 
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
@@ -156,12 +195,7 @@ class Loader:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
         batch_size, shuffle, seed, field_list = _check_args(batch_size, shuffle, seed, fields)
-        if (rank is None) != (world_size is None):
-            raise ValueError("give both rank and world_size, or neither")
-        if rank is None:
-            rank, world_size = _dist_rank_world()
-        assert world_size is not None
-        rank, world_size = _check_rank_world(rank, world_size)
+        rank, world_size = _rank_world(rank, world_size)
         self._device = device
         if device != "cpu" and output != "torch":
             raise ValueError("device= needs output='torch'")

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch.utils.data
 
-from shardlock.loader import Loader, _dist_rank_world
+from shardlock.loader import Loader, _rank_world
 
 
 class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
@@ -38,9 +38,7 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
 
     def _make_loader(self) -> Loader:
         kw = dict(self._kwargs)
-        rank, world = kw.pop("rank", None), kw.pop("world_size", None)
-        if rank is None:
-            rank, world = _dist_rank_world()
+        rank, world = _rank_world(kw.pop("rank", None), kw.pop("world_size", None), "shardlock.torch.IterableDataset")
         info = torch.utils.data.get_worker_info()
         if info is not None:
             rank, world = rank * info.num_workers + info.id, world * info.num_workers
