@@ -1,6 +1,7 @@
 """PyTorch integration: zero-copy lifetime, DataLoader workers, epochs, len."""
 
 import numpy as np
+import pytest
 import torch
 
 import shardlock
@@ -96,3 +97,43 @@ def test_a_tensor_freed_in_a_forked_child_leaves_the_parent_intact(env, numbers)
         assert p.exitcode == 0
     np.testing.assert_array_equal(held.numpy(), x[ids])
     assert len(list(loader)) > 0
+
+
+def test_a_peek_does_not_take_a_batch_from_the_next_pass(env, numbers):
+    path, _, _ = numbers
+    loader = env.loader(path, batch_size=64, shuffle="window", seed=3, sample_ids=True)
+    reference = env.loader(path, batch_size=64, shuffle="window", seed=3, sample_ids=True)
+    e0 = [b["sample_id"].tolist() for b in reference]
+    e1 = [b["sample_id"].tolist() for b in reference]
+    peeked = next(iter(loader))
+    assert peeked["sample_id"].tolist() == e0[0]
+    assert len(loader) == len(e0) == 1000 // 64  # the peek does not change len()
+    # The peeked pass did not end: the next one reads the same epoch from its beginning.
+    assert [b["sample_id"].tolist() for b in loader] == e0
+    assert [b["sample_id"].tolist() for b in loader] == e1
+
+
+def test_a_restarted_pass_after_a_restore_starts_at_the_restored_point(env, numbers):
+    path, _, _ = numbers
+    first = env.loader(path, batch_size=50, seed=2, sample_ids=True)
+    it = iter(first)
+    seen = [i for _ in range(4) for i in next(it)["sample_id"].tolist()]
+    state = first.state_dict()
+    loader = env.loader(path, batch_size=50, seed=2, sample_ids=True)
+    loader.load_state_dict(state)
+    assert len(loader) == 16
+    next(iter(loader))  # a peek
+    assert len(loader) == 16
+    rest = [i for b in loader for i in b["sample_id"].tolist()]
+    assert sorted(seen + rest) == list(range(1000))
+
+
+def test_only_the_newest_iterator_yields(env, numbers):
+    path, _, _ = numbers
+    loader = env.loader(path, batch_size=100, shuffle="none", sample_ids=True)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    assert len(list(new)) == 10
+    with pytest.raises(StopIteration):
+        next(old)

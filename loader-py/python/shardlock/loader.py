@@ -142,7 +142,13 @@ class Loader:
     raises :class:`shardlock.DeviceUnavailable`.
 
     One pass over the loader is one epoch; the next pass reads the next epoch (or the
-    one given to :meth:`set_epoch`).
+    one given to :meth:`set_epoch`). A new ``iter()`` always starts a pass, like a
+    ``torch.utils.data.DataLoader``: if the previous pass did not reach its end (a peek
+    such as ``next(iter(loader))``, a ``break``, an error), the new pass reads that same
+    epoch again from its beginning, or, for the epoch a :meth:`load_state_dict` state
+    was loaded for, from the loaded point. ``len()`` is the number of batches the next
+    pass yields (so a peek does not change it), and only the newest iterator yields:
+    an older one stops. The epoch advances only when a pass reaches its end.
 
     ``rank``/``world_size`` default to ``torch.distributed`` when a process group is
     initialised, else to the ``RANK``/``WORLD_SIZE`` environment variables (set by
@@ -225,6 +231,13 @@ class Loader:
             storage_options=_storage_options(storage_options),
         )
         self.rank, self.world_size = rank, world_size
+        # The pass rule (see the class docstring): the newest iterator's number, whether
+        # its pass has started reading (and not ended), the epoch it reads, and the
+        # state loaded for that epoch (JSON), which a restarted pass goes back to.
+        self._pass = 0
+        self._started = False
+        self._pass_epoch = 0
+        self._loaded: Optional[Tuple[int, str]] = None
 
     def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -256,29 +269,52 @@ class Loader:
         return out
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        """Starts a pass: the next epoch, or the unfinished one again (class docstring)."""
         if os.getpid() != self._pid:
             raise ShardlockError(
                 "this Loader was created in another process (before a fork); create it inside the worker, "
                 "or use shardlock.torch.IterableDataset, which does"
             )
-        while True:
+        if self._started:
+            # The previous pass stopped before its end: read its epoch again, from the
+            # loaded point if a state was loaded for it, else from its beginning.
+            if self._loaded is not None and self._loaded[0] == self._pass_epoch:
+                self._native.load_state_json(self._loaded[1])
+            else:
+                self._native.set_epoch(self._pass_epoch)
+            self._started = False
+        self._pass += 1
+        return self._batches(self._pass)
+
+    def _batches(self, number: int) -> Iterator[Dict[str, Any]]:
+        while number == self._pass:
+            if not self._started:
+                self._pass_epoch = self._native.epoch
+                self._started = True
             nxt = self._native.next_batch()
-            if nxt is None:
+            if nxt is None:  # the end of the epoch: the next pass reads the next one
+                self._started = False
+                self._loaded = None
                 return
             yield self._convert(nxt[0], nxt[1])
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank (after a restore: left in this epoch)."""
+        """Batches the next pass yields for this rank: a whole epoch, or after a
+        restore what is left of the restored epoch (a pass in progress does not
+        change it)."""
         return len(self._native)
 
     @property
     def epoch(self) -> int:
-        """The epoch the next iteration reads."""
+        """The epoch the next iteration reads (while a pass runs: the one it reads)."""
         return self._native.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch of the next iteration (and stops one in progress)."""
-        self._native.set_epoch(int(epoch))
+        self._native.set_epoch(_int_arg("epoch", epoch, 0))
+        self._pass += 1
+        self._started = False
+        self._loaded = None
 
     @property
     def fields(self) -> List[str]:
@@ -291,5 +327,10 @@ class Loader:
         return dict(json.loads(self._native.state_json()))
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continues the epoch recorded in ``state``: no duplicates, no gaps."""
-        self._native.load_state_json(json.dumps(state))
+        """Continues the epoch recorded in ``state`` at the next iteration: no
+        duplicates, no gaps (a pass in progress stops)."""
+        text = json.dumps(state)
+        self._native.load_state_json(text)
+        self._pass += 1
+        self._started = False
+        self._loaded = (self._native.epoch, text)
