@@ -137,7 +137,7 @@ def shardlock_rows(exe: str, work: pathlib.Path, npy: pathlib.Path, a: argparse.
     run([exe, "token", "issue", "--issuer-key", str(work / "issuer.key"), "--dataset", "bench/s3",
          "--principal", "bench", "--ttl", "2h", "--out", str(work / "job.token")], env)
     t = time.monotonic()
-    run([exe, "upload", str(ds), f"s3://{BUCKET}/ds"], env)
+    run([exe, "upload", str(ds), f"s3://{BUCKET}/ds", "--trust", str(work / "issuer.key.pub")], env)
     upload_s = time.monotonic() - t
 
     common = ["--keyring", str(work / "keyring.json"), "--token", str(work / "job.token"),
@@ -176,7 +176,7 @@ def global_rows(exe: str, work: pathlib.Path, a: argparse.Namespace) -> dict[str
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        run([exe, "upload", str(ds), f"s3://{BUCKET}/ds"], env)
+        run([exe, "upload", str(ds), f"s3://{BUCKET}/ds", "--trust", str(work / "issuer.key.pub")], env)
         total = sum(p.stat().st_size for p in ds.glob("*.slk"))
         largest = max(p.stat().st_size for p in ds.glob("*.slk"))
         common = ["--keyring", str(work / "keyring.json"), "--token", str(work / "job.token"),

@@ -1,5 +1,7 @@
-//! Files that must not be seen half-written or by other users: secret files read
-//! with a permission check, new files created exclusively, atomic replacement.
+//! Files that must not be seen half-written or by other users, or that a hostile
+//! directory may have replaced: secret files read with a permission check, new files
+//! created exclusively, atomic replacement, and data files opened only if they are
+//! regular files (never blocking on a FIFO) and read within a size limit.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -28,6 +30,58 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
     std::io::Read::read_to_end(&mut f, &mut buf).map_err(Error::io("read", path))?;
     Ok(buf)
+}
+
+/// Opens `path` for reading only if it is a regular file: opened non-blocking (a FIFO
+/// or device put in its place cannot hang the reader), checked through the handle.
+/// With `follow_links` false a symbolic link is refused too (`O_NOFOLLOW`). `what`
+/// names the file in errors ("shard", "manifest").
+pub(crate) fn open_regular(path: &Path, follow_links: bool, what: &'static str) -> Result<std::fs::File> {
+    let mut flags = libc::O_NONBLOCK;
+    if !follow_links {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            Error::Input {
+                path: path.to_owned(),
+                detail: format!("the {what} is a symbolic link; refusing to follow it"),
+            }
+        } else {
+            Error::io_at("open", path, e)
+        }
+    })?;
+    let meta = f.metadata().map_err(Error::io("stat", path))?;
+    if !meta.is_file() {
+        return Err(Error::Input { path: path.to_owned(), detail: format!("the {what} is not a regular file") });
+    }
+    Ok(f)
+}
+
+/// Reads a regular file (see [`open_regular`]) of at most `limit` bytes; a larger one
+/// is an [`Error::Input`] and is not read.
+pub(crate) fn read_bounded(path: &Path, limit: u64, what: &'static str) -> Result<Vec<u8>> {
+    let f = open_regular(path, true, what)?;
+    let len = f.metadata().map_err(Error::io("stat", path))?.len();
+    let too_big = || Error::Input { path: path.to_owned(), detail: format!("the {what} is larger than {limit} bytes") };
+    if len > limit {
+        return Err(too_big());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut buf).map_err(Error::io("read", path))?;
+    if buf.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(buf)
+}
+
+/// The effective user id of this process.
+pub(crate) fn effective_uid() -> u32 {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid(2) takes no arguments, touches no memory of ours and cannot fail.
+    unsafe {
+        libc::geteuid()
+    }
 }
 
 /// Creates `path` with `mode`, failing if it exists, writes `data` and syncs.

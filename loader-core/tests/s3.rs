@@ -119,7 +119,7 @@ fn streams_through_a_ciphertext_only_cache_and_rereads_from_it() {
     let Some(srv) = S3Server::start("streams_through_a_ciphertext_only_cache") else { return };
     let fx = Fixture::new();
     let (dir, samples) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "datasets/one");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "datasets/one");
     let cache = fx.path("cache");
     let mut l = loader(&fx, &url, options(&srv.endpoint, Some(&cache))).unwrap();
     assert!(l.dataset().is_remote());
@@ -167,7 +167,7 @@ fn retries_503s_cut_connections_and_slow_responses() {
     let Some(srv) = S3Server::start("retries_503s_cut_connections_and_slow_responses") else { return };
     let fx = Fixture::new();
     let (dir, samples) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "faults");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "faults");
     let proxy = Proxy::start(srv.port);
 
     proxy.set(Fault::Status503(6));
@@ -201,7 +201,7 @@ fn a_stalled_server_and_a_vanished_server_fail_within_the_timeout() {
     let Some(srv) = S3Server::start("a_stalled_server_fails_within_the_timeout") else { return };
     let fx = Fixture::new();
     let (dir, _) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "stall");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "stall");
     let proxy = Proxy::start(srv.port);
     let mut o = options(&proxy.endpoint, Some(&fx.path("cache")));
     o.set("timeout", "4s").unwrap();
@@ -243,7 +243,7 @@ fn a_shard_replaced_or_deleted_mid_run_is_never_used() {
     let Some(srv) = S3Server::start("a_shard_replaced_or_deleted_mid_run_is_never_used") else { return };
     let fx = Fixture::new();
     let (dir, _) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "mutable");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "mutable");
     let m = fx.open(&dir).unwrap().manifest().clone();
 
     // Replaced after the manifest was read: same size, one byte different.
@@ -277,7 +277,7 @@ fn a_byte_budget_bounds_the_cache_and_two_readers_share_it() {
     let Some(srv) = S3Server::start("a_byte_budget_bounds_the_cache") else { return };
     let fx = Fixture::new();
     let (dir, samples) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "budget");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "budget");
     let shard_bytes = fx.open(&dir).unwrap().manifest().shards[0].file_bytes;
 
     let cache = fx.path("small-cache");
@@ -316,11 +316,11 @@ fn a_full_cache_disk_is_a_typed_error() {
     let Some(srv) = S3Server::start("a_full_cache_disk_is_a_typed_error") else { return };
     let fx = Fixture::new();
     let (dir, _) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "full");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "full");
     let mnt = fx.path("tiny");
     std::fs::create_dir(&mnt).unwrap();
     let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
         .arg(&mnt)
         .status()
         .is_ok_and(|s| s.success());
@@ -381,7 +381,7 @@ fn cli_inspects_verifies_and_benches_s3_without_leaking_credentials() {
     };
     srv.create_bucket(BUCKET);
     let url = format!("s3://{BUCKET}/cli");
-    let (ok, text) = run(&["upload", dir.to_str().unwrap(), &url], &srv.endpoint);
+    let (ok, text) = run(&["upload", dir.to_str().unwrap(), &url, "--trust", trust.to_str().unwrap()], &srv.endpoint);
     assert!(ok, "{text}");
     let (ok, text) = run(&["inspect", &url, "--trust", trust.to_str().unwrap()], &srv.endpoint);
     assert!(ok && text.contains("signature   valid"), "{text}");
@@ -433,7 +433,7 @@ fn global_shuffle_reads_just_the_needed_chunks_by_ranges() {
     let Some(srv) = S3Server::start("global_shuffle_reads_just_the_needed_chunks_by_ranges") else { return };
     let fx = Fixture::new();
     let (dir, _) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "ranged");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "ranged");
     let proxy = Proxy::start(srv.port);
     let shard_bytes = fx.open(&dir).unwrap().manifest().shards[0].file_bytes;
     let global = |b: shardlock::LoaderBuilder| b.shuffle(Shuffle::Global).seed(3);
@@ -490,7 +490,7 @@ fn a_rank_reading_part_of_a_dataset_moves_only_its_chunks() {
     let dir = fx.pack("big", "s3test", schema, &rows, 8 * (41 << 10));
     let total: u64 = fx.open(&dir).unwrap().manifest().shards.iter().map(|s| s.file_bytes).sum();
     assert_eq!(fx.open(&dir).unwrap().manifest().shards.len(), 8);
-    let url = srv.upload(&dir, BUCKET, "big");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "big");
     let proxy = Proxy::start(srv.port);
     let rank = |b: shardlock::LoaderBuilder| b.shuffle(Shuffle::Global).seed(5).rank(0, 8).batch_size(2);
     let want = local_epoch(&fx, &dir, rank, 1);
@@ -515,7 +515,7 @@ fn a_shard_replaced_during_ranged_reads_is_never_mixed_in() {
     let Some(srv) = S3Server::start("a_shard_replaced_during_ranged_reads_is_never_mixed_in") else { return };
     let fx = Fixture::new();
     let (dir, samples) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "swap");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "swap");
     let m = fx.open(&dir).unwrap().manifest().clone();
     let mut o = options(&srv.endpoint, Some(&fx.path("cache")));
     o.set("range_reads", "always").unwrap();
@@ -551,7 +551,7 @@ fn a_shard_reader_reads_records_and_chunks_by_ranges() {
     let Some(srv) = S3Server::start("a_shard_reader_reads_records_and_chunks_by_ranges") else { return };
     let fx = Fixture::new();
     let (dir, samples) = dataset(&fx);
-    let url = srv.upload(&dir, BUCKET, "reader");
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "reader");
     let mut o = options(&srv.endpoint, Some(&fx.path("cache")));
     o.set("range_reads", "always").unwrap();
     let ds = shardlock::Dataset::open_at(&url, &fx.trust, &o).unwrap();
@@ -581,4 +581,51 @@ fn a_shard_reader_reads_records_and_chunks_by_ranges() {
         assert!(r.read_at(len, &mut ta).is_err(), "a read past the end is refused");
     }
     assert_eq!(slk_files(&fx.path("cache")), 0);
+}
+
+/// Security review finding 3: an existing cache directory was accepted whatever its
+/// owner and mode. One that group or others may write is refused, saying how to fix it.
+#[test]
+fn a_cache_dir_others_can_write_is_refused() {
+    let Some(srv) = S3Server::start("a_cache_dir_others_can_write_is_refused") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "perm");
+    let cache = fx.path("cache");
+    std::fs::create_dir(&cache).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let e = loader(&fx, &url, options(&srv.endpoint, Some(&cache))).err().unwrap();
+    assert!(matches!(&e, Error::Input { detail, .. } if detail.contains("chmod 700")), "{e}");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut l = loader(&fx, &url, options(&srv.endpoint, Some(&cache))).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples);
+}
+
+/// Finding 3: `<sha256>.partial` was created following symlinks, so a planted link
+/// made the download overwrite its target (and the link became the cache entry); and a
+/// file of the right size under a final name was adopted without its hash being checked.
+#[test]
+fn planted_cache_files_are_neither_followed_nor_adopted() {
+    let Some(srv) = S3Server::start("planted_cache_files_are_neither_followed_nor_adopted") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "planted");
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    let cache = fx.path("cache");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&cache).unwrap();
+    let victim = fx.path("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join(format!("{}.partial", m.shards[0].sha256))).unwrap();
+    // Shard 2's ciphertext (the same size) under shard 1's final name.
+    assert_eq!(m.shards[1].file_bytes, m.shards[2].file_bytes);
+    std::fs::copy(dir.join(&m.shards[2].file), cache.join(format!("{}.slk", m.shards[1].sha256))).unwrap();
+    let mut l = loader(&fx, &url, options(&srv.endpoint, Some(&cache))).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples, "every shard read as signed");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the planted link's target is untouched");
+    for e in &m.shards[..2] {
+        let p = cache.join(format!("{}.slk", e.sha256));
+        assert!(!std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink(), "{}", p.display());
+        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(dir.join(&e.file)).unwrap(), "{}", p.display());
+    }
 }

@@ -91,6 +91,13 @@ impl AwsLcKey {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The address of the last ciphertext aws-lc opened on this thread (tests check
+    /// that it is never inside a caller's buffer, see `chunked`).
+    pub(crate) static LAST_OPENED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl AeadKey for AwsLcKey {
     fn open_to(
         &self,
@@ -104,6 +111,8 @@ impl AeadKey for AwsLcKey {
         if tag.len() != TAG_LEN || out.len() != ciphertext.len() {
             return Err(AeadError);
         }
+        #[cfg(test)]
+        LAST_OPENED.with(|p| p.set(ciphertext.as_ptr() as usize));
         let r = self.0.open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ciphertext, tag, out);
         if r.is_err() {
             // aws-lc-rs documents that `out` may hold unspecified bytes on failure.

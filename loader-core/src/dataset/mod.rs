@@ -47,18 +47,22 @@ pub(crate) fn manifest_path(dir: &Path) -> PathBuf {
     dir.join(manifest::FILE_NAME)
 }
 
-fn read_manifest(dir: &Path) -> Result<(PathBuf, SignedManifest)> {
+/// The bytes of `dir/manifest.json`: a regular file of at most
+/// [`manifest::MAX_LEN`] bytes.
+pub(crate) fn read_manifest_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
     let path = manifest_path(dir);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Input {
-                path: dir.to_owned(),
-                detail: "no manifest.json: not a shardlock dataset, or packing did not complete".into(),
-            }
-        } else {
-            Error::io_at("read", path.clone(), e)
-        }
+    let bytes = crate::fs::read_bounded(&path, manifest::MAX_LEN, "manifest").map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::Input {
+            path: dir.to_owned(),
+            detail: "no manifest.json: not a shardlock dataset, or packing did not complete".into(),
+        },
+        e => e,
     })?;
+    Ok((path, bytes))
+}
+
+fn read_manifest(dir: &Path) -> Result<(PathBuf, SignedManifest)> {
+    let (path, bytes) = read_manifest_bytes(dir)?;
     let signed = SignedManifest::parse(&bytes, &path)?;
     Ok((path, signed))
 }
@@ -99,7 +103,14 @@ impl Dataset {
     /// Opens `dir`, verifying the manifest signature with `trust` and checking the
     /// manifest's internal consistency. Nothing else is trusted before this passes.
     pub fn open(dir: &Path, trust: &TrustAnchor) -> Result<Self> {
-        let (path, signed) = read_manifest(dir)?;
+        let (path, bytes) = read_manifest_bytes(dir)?;
+        Self::from_manifest_bytes(dir, path, &bytes, trust)
+    }
+
+    /// A local dataset in `dir` from manifest `bytes` already read (from `path`), so
+    /// that what is verified is exactly what the caller goes on to use (upload).
+    pub(crate) fn from_manifest_bytes(dir: &Path, path: PathBuf, bytes: &[u8], trust: &TrustAnchor) -> Result<Self> {
+        let signed = SignedManifest::parse(bytes, &path)?;
         let manifest = verified(path, signed, trust)?;
         Ok(Self { dir: dir.to_owned(), manifest, trust: *trust, source: Source::Local })
     }
@@ -156,14 +167,17 @@ impl Dataset {
         match &self.source {
             Source::Local => {
                 let path = self.dir.join(&entry.file);
-                match std::fs::File::open(&path) {
+                // A FIFO or device in a shard's place is refused, never waited on.
+                match crate::fs::open_regular(&path, true, "shard") {
                     Ok(f) => Ok(ShardSource::File(f, path)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Integrity {
-                        shard: self.shard_ref(index),
-                        chunk: None,
-                        kind: crate::error::IntegrityKind::MissingShard,
-                    }),
-                    Err(e) => Err(Error::io_at("open", path, e)),
+                    Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        Err(Error::Integrity {
+                            shard: self.shard_ref(index),
+                            chunk: None,
+                            kind: crate::error::IntegrityKind::MissingShard,
+                        })
+                    }
+                    Err(e) => Err(e),
                 }
             }
             #[cfg(feature = "s3")]

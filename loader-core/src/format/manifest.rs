@@ -22,6 +22,9 @@ pub const FORMAT: &str = "shardlock-manifest/1";
 pub const SIGNING_PREFIX: &[u8] = b"shardlock-manifest/1\n";
 /// Manifest file name inside a dataset directory.
 pub const FILE_NAME: &str = "manifest.json";
+
+/// Largest manifest a reader accepts (local or from a bucket): about a million shards.
+pub const MAX_LEN: u64 = 256 << 20;
 /// Hex digits of `wrapped_dek`: AES-KWP (RFC 5649) of a 32-byte DEK is 40 bytes,
 /// whether the keyring or a PKCS#11 token (`CKM_AES_KEY_WRAP_PAD`) wraps it.
 pub const WRAPPED_DEK_HEX_LEN: usize = 80;

@@ -242,6 +242,13 @@ impl LoaderBuilder {
         if self.batch_size == 0 {
             return Err(Error::InvalidArgument("batch_size must be at least 1".into()));
         }
+        if self.world > super::plan::MAX_WORLD {
+            return Err(Error::InvalidArgument(format!(
+                "world size {} is more than the {} ranks a loader supports",
+                self.world,
+                super::plan::MAX_WORLD
+            )));
+        }
         if self.world == 0 || self.rank >= self.world {
             return Err(Error::InvalidArgument(format!("rank {} is not in 0..world_size {}", self.rank, self.world)));
         }
@@ -271,6 +278,17 @@ impl LoaderBuilder {
         let schema = ds.manifest().schema.clone();
         let selected = select_fields(&schema, self.fields.as_deref())?;
         let m = ds.manifest();
+        // Samples are addressed as (shard: u32, record: u32).
+        if let Some(s) = m.shards.iter().find(|s| s.records > u64::from(u32::MAX)) {
+            return Err(Error::Format {
+                what: "manifest",
+                path: ds.dir().join(crate::format::manifest::FILE_NAME),
+                detail: format!(
+                    "shard {} has {} records; the loader reads at most 2^32-1 per shard",
+                    s.index, s.records
+                ),
+            });
+        }
         let records: Vec<u64> = m.shards.iter().map(|s| s.records).collect();
         let avg_sample: u64 = {
             let plain: u64 = m.shards.iter().map(|s| s.plaintext_bytes).sum();

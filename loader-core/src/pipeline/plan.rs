@@ -212,9 +212,20 @@ fn rank_len(len: usize, world: usize, remainder: Remainder) -> usize {
     }
 }
 
+/// Largest world size (ranks x DataLoader workers) a resume state may name.
+pub(crate) const MAX_WORLD: u32 = 1 << 20;
+
 /// Removes the samples consumed in `history` from `order` (applied in sequence).
 pub fn remaining(mut order: Vec<SampleRef>, history: &[Consumed], spec: &PlanSpec) -> Result<Vec<SampleRef>> {
     for h in history {
+        // A hostile or corrupt state must not make the loop below run ~2^32 times.
+        if h.world > MAX_WORLD {
+            return Err(Error::InvalidArgument(format!(
+                "resume state names a world size of {}, more than the {MAX_WORLD} ranks a loader supports: \
+                 the state is corrupt or not from this loader",
+                h.world
+            )));
+        }
         let world = h.world.max(1) as usize;
         let len = rank_len(order.len(), world, spec.remainder);
         if h.per_rank as usize > len {

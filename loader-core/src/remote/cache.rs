@@ -24,10 +24,44 @@ pub(super) struct CacheDir {
 }
 
 impl CacheDir {
-    /// Opens (creating it if needed) the cache directory `dir`.
+    /// Opens (creating it if needed, mode 0700) the cache directory `dir`. An existing
+    /// directory must belong to this user and be closed to group and others: anyone who
+    /// can write in it could plant files under the names this cache trusts.
     pub(super) fn open(dir: PathBuf) -> Result<Self> {
         create_cache_dir(&dir)?;
+        check_private(&dir)?;
         Ok(Self { dir })
+    }
+
+    /// True if the file under the final name is a regular file (not a link) of `size`
+    /// bytes whose SHA-256 is `sha256`. A file that fails is removed: the name is this
+    /// cache's, and what it holds is not what the name says.
+    pub(super) fn verify_complete(&self, sha256: &str, size: u64) -> bool {
+        let path = self.complete(sha256);
+        if !self.has_complete(sha256, size) {
+            return false;
+        }
+        let ok = crate::fs::open_regular(&path, false, "cache file").is_ok_and(|f| {
+            let mut h = crate::crypto::Sha256::default();
+            let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+            let mut n = 0u64;
+            loop {
+                match std::io::BufRead::fill_buf(&mut r) {
+                    Ok([]) => break n == size && hex::encode(h.finish()) == sha256,
+                    Ok(b) => {
+                        let len = b.len();
+                        h.update(b);
+                        n += len as u64;
+                        std::io::BufRead::consume(&mut r, len);
+                    }
+                    Err(_) => break false,
+                }
+            }
+        });
+        if !ok {
+            let _ = std::fs::remove_file(&path);
+        }
+        ok
     }
 
     /// The directory.
@@ -64,6 +98,27 @@ fn create_cache_dir(dir: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(Error::io("create", dir))
+}
+
+/// Refuses a cache directory another user owns or may write to.
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir).map_err(Error::io("stat", dir))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let me = crate::fs::effective_uid();
+    if meta.uid() != me || mode & 0o077 != 0 {
+        return Err(Error::Input {
+            path: dir.to_owned(),
+            detail: format!(
+                "the s3 cache directory is owned by uid {} with mode {mode:03o}; it must be yours (uid {me}) and \
+                 closed to group and others, since whoever can write in it can plant shard files: run \
+                 `chmod 700 {}` as its owner, or choose another cache_dir",
+                meta.uid(),
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// True for the errors of a full disk or an exhausted quota.

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,17 @@ async fn get_once(inner: &Fetcher, o: &Object, partial: &std::path::Path) -> std
             Failure::Permanent(RemoteFailure::Config, format!("cache {op} {}: {e}", partial.display()))
         }
     };
-    let mut f = File::create(partial).map_err(|e| io("create", e))?;
+    // Created afresh, never through a name planted in the directory: a symbolic link at
+    // `partial` is removed, not followed (the download lock is held: no one else
+    // writes this name).
+    let _ = std::fs::remove_file(partial);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(|e| io("create", e))?;
     let mut h = Sha256::default();
     let mut n = 0u64;
     let mut s = got.into_stream();

@@ -86,7 +86,7 @@ impl RangeReads {
     }
 }
 #[cfg(feature = "s3")]
-pub(crate) use store::put_files;
+pub(crate) use store::Uploader;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -296,29 +296,49 @@ impl RemoteOptions {
         Ok(())
     }
 
-    /// The cache directory these options select.
-    pub fn resolved_cache_dir(&self) -> PathBuf {
+    /// The cache directory these options select. There is no shared fallback (such
+    /// as a directory under `/tmp`, where another user could have created it first):
+    /// with none of `cache_dir`, `SHARDLOCK_CACHE_DIR`, `XDG_CACHE_HOME` or `HOME` set,
+    /// this is an error that says so.
+    pub fn resolved_cache_dir(&self) -> Result<PathBuf> {
         if let Some(d) = &self.cache_dir {
-            return d.clone();
+            return Ok(d.clone());
         }
-        if let Some(d) = std::env::var_os("SHARDLOCK_CACHE_DIR") {
-            return PathBuf::from(d);
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(d) = env("SHARDLOCK_CACHE_DIR") {
+            return Ok(d);
         }
-        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-            return PathBuf::from(d).join("shardlock");
+        if let Some(d) = env("XDG_CACHE_HOME") {
+            return Ok(d.join("shardlock"));
         }
-        match std::env::var_os("HOME") {
-            Some(h) => PathBuf::from(h).join(".cache").join("shardlock"),
-            None => std::env::temp_dir().join("shardlock-cache"),
+        match env("HOME") {
+            Some(h) => Ok(h.join(".cache").join("shardlock")),
+            None => Err(Error::Remote {
+                url: String::new(),
+                shard: None,
+                kind: RemoteFailure::Config,
+                detail:
+                    "no cache directory: set the s3 option cache_dir, or SHARDLOCK_CACHE_DIR, XDG_CACHE_HOME or HOME"
+                        .into(),
+            }),
         }
     }
 }
 
-/// Without the `s3` feature: every upload fails with [`RemoteFailure::Config`].
+/// Without the `s3` feature: no uploader can be made ([`RemoteFailure::Config`]).
 #[cfg(not(feature = "s3"))]
-pub(crate) fn put_files(dir: &Path, names: &[String], dest: &str, opts: &RemoteOptions) -> Result<u64> {
-    let _ = (dir, names, opts);
-    Err(unsupported(&Location::parse(dest)?))
+pub(crate) enum Uploader {}
+
+#[cfg(not(feature = "s3"))]
+impl Uploader {
+    pub(crate) fn new(dest: &str, opts: &RemoteOptions) -> Result<Self> {
+        let _ = opts;
+        Err(unsupported(&Location::parse(dest)?))
+    }
+
+    pub(crate) fn put(&self, _name: &str, _bytes: Vec<u8>) -> Result<()> {
+        match *self {}
+    }
 }
 
 /// Fails for an `s3://` location in a build without the `s3` feature.

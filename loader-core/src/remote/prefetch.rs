@@ -16,9 +16,6 @@ use super::{Location, RangeReads, RemoteOptions, ShardSource};
 use crate::error::{Error, RemoteFailure, Result};
 use crate::format::manifest::{self, Manifest};
 
-/// Largest manifest accepted from a bucket.
-const MANIFEST_LIMIT: u64 = 256 << 20;
-
 /// The bytes of `manifest.json` at `loc`, and the client that fetched them.
 pub(crate) fn fetch_manifest(
     loc: &Location,
@@ -26,7 +23,7 @@ pub(crate) fn fetch_manifest(
 ) -> Result<(Vec<u8>, Bucket, tokio::runtime::Runtime)> {
     let bucket = Bucket::new(loc, opts)?;
     let rt = runtime()?;
-    let bytes = rt.block_on(bucket.get_small(manifest::FILE_NAME, MANIFEST_LIMIT))?;
+    let bytes = rt.block_on(bucket.get_small(manifest::FILE_NAME, manifest::MAX_LEN))?;
     Ok((bytes, bucket, rt))
 }
 
@@ -115,7 +112,7 @@ impl RemoteShards {
         rt: tokio::runtime::Runtime,
         opts: &RemoteOptions,
     ) -> Result<Self> {
-        let cache = CacheDir::open(opts.resolved_cache_dir())?;
+        let cache = CacheDir::open(opts.resolved_cache_dir()?)?;
         let mut objects = Vec::with_capacity(manifest.shards.len());
         for e in &manifest.shards {
             // The digest becomes a file name: accept exactly 64 lowercase hex digits.
@@ -284,10 +281,10 @@ impl RemoteShards {
             match st.slots[i as usize].clone() {
                 Slot::Ready => {
                     drop(st);
-                    match File::open(&path) {
+                    match crate::fs::open_regular(&path, false, "cache file") {
                         Ok(f) => return Ok((f, path)),
                         // Evicted meanwhile (by this or another process): fetch again.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                             st = inner.lock();
                             if matches!(st.slots[i as usize], Slot::Ready) {
                                 st.slots[i as usize] = Slot::Absent;
@@ -295,7 +292,7 @@ impl RemoteShards {
                                 st.released.retain(|&r| r != i);
                             }
                         }
-                        Err(e) => return Err(Error::io_at("open", path, e)),
+                        Err(e) => return Err(e),
                     }
                 }
                 Slot::Absent => {
@@ -348,8 +345,11 @@ impl Fetcher {
 
     /// A complete file already under the final name (another rank, an earlier run)
     /// becomes `Ready` without a download.
+    /// Its SHA-256 is checked first: the cache directory is the user's own, but a file
+    /// under a final name is not trusted to hold what the name says.
     fn adopt_cached(&self, st: &mut FetchState, i: u32) -> bool {
-        if !self.cached_file(i) {
+        let o = &self.objects[i as usize];
+        if !self.cache.verify_complete(&o.sha256, o.size) {
             return false;
         }
         st.slots[i as usize] = Slot::Ready;

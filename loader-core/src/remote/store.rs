@@ -224,29 +224,34 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(Error::os("start the object store runtime"))
 }
 
-/// Uploads the files `names` of `dir`, in that order, to `dest` (`s3://bucket/prefix`)
-/// under the same names. Returns the bytes uploaded.
-pub(crate) fn put_files(dir: &std::path::Path, names: &[String], dest: &str, opts: &RemoteOptions) -> Result<u64> {
-    let loc = Location::parse(dest)?;
-    let bucket = Bucket::new(&loc, opts)?;
-    let rt = runtime()?;
-    let mut total = 0u64;
-    for name in names {
-        let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
-        total += bytes.len() as u64;
-        let payload = PutPayload::from(bytes);
-        rt.block_on(bucket.store.put(&bucket.key(name), payload)).map_err(|e| Error::Remote {
-            url: bucket.url(name),
+/// A client that puts objects under `s3://bucket/prefix`, one at a time, in the
+/// order the caller gives (so a manifest can go last).
+pub(crate) struct Uploader {
+    bucket: Bucket,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Uploader {
+    /// A client for `dest` (`s3://bucket/prefix`).
+    pub(crate) fn new(dest: &str, opts: &RemoteOptions) -> Result<Self> {
+        let bucket = Bucket::new(&Location::parse(dest)?, opts)?;
+        Ok(Self { bucket, rt: runtime()? })
+    }
+
+    /// Puts `bytes` as object `prefix/name`.
+    pub(crate) fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let b = &self.bucket;
+        self.rt.block_on(b.store.put(&b.key(name), PutPayload::from(bytes))).map_err(|e| Error::Remote {
+            url: b.url(name),
             shard: None,
-            kind: match bucket.classify(e) {
+            kind: match b.classify(e) {
                 Failure::Permanent(k, _) => k,
                 Failure::Transient(_) => RemoteFailure::Unavailable,
             },
             detail: "upload failed".into(),
         })?;
+        Ok(())
     }
-    Ok(total)
 }
 
 fn scrub(secrets: &[Zeroizing<String>], mut s: String) -> String {

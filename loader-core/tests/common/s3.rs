@@ -97,11 +97,12 @@ impl S3Server {
         assert!(status == 204 || status == 200, "delete {key}: HTTP {status}");
     }
 
-    /// Creates `bucket` and uploads the packed dataset `dir` under `prefix`.
-    pub fn upload(&self, dir: &Path, bucket: &str, prefix: &str) -> String {
+    /// Creates `bucket` and uploads the packed dataset `dir` (signed by `trust`'s
+    /// issuer) under `prefix`.
+    pub fn upload(&self, trust: &shardlock::TrustAnchor, dir: &Path, bucket: &str, prefix: &str) -> String {
         self.create_bucket(bucket);
         let url = format!("s3://{bucket}/{prefix}");
-        shardlock::upload_dir(dir, &url, &options(&self.endpoint, None)).unwrap();
+        shardlock::upload_dir(dir, &url, trust, &options(&self.endpoint, None)).unwrap();
         url
     }
 }

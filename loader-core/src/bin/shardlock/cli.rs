@@ -75,6 +75,9 @@ pub(crate) struct UploadArgs {
     pub(crate) dir: PathBuf,
     /// Destination, s3://bucket/prefix.
     pub(crate) dest: String,
+    /// Issuer public key (.pub): only a dataset whose manifest it verifies is uploaded.
+    #[arg(long)]
+    pub(crate) trust: PathBuf,
     #[command(flatten)]
     pub(crate) remote: RemoteArgs,
 }

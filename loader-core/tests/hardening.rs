@@ -1,0 +1,154 @@
+//! Regression tests for the findings of the external security review (issue 15): each
+//! fails without its fix. Nothing here needs a server: the refusals come before any
+//! request is sent (the endpoint below accepts no connection).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::Fixture;
+use shardlock::{upload_dir, Consumed, Error, IntegrityKind, LoaderState, RemoteOptions};
+
+/// An endpoint nothing listens on: an upload that got past its checks fails as Remote.
+fn nowhere() -> RemoteOptions {
+    let mut o = RemoteOptions::default();
+    o.set("endpoint", "http://127.0.0.1:9").unwrap();
+    o.set("access_key_id", "test").unwrap();
+    o.set("secret_access_key", "test").unwrap();
+    o.set("timeout", "2s").unwrap();
+    o
+}
+
+/// Runs `f` on a thread and fails the test if it does not return within 20 s (instead
+/// of hanging the test binary).
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what} did not return within 20 s"))
+}
+
+fn mkfifo(path: &Path) {
+    let st = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(st.success(), "mkfifo {}", path.display());
+}
+
+fn edit_manifest_unsigned(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+/// Finding 1 (high): `upload` took an unverified manifest's file names. A manifest
+/// pointing a shard at `../keyring.json` (or an absolute path) would upload the KEK.
+#[test]
+fn upload_refuses_a_manifest_that_does_not_verify() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "up", 8);
+    for target in ["../keyring.json", "/etc/hostname"] {
+        let d = fx.path(&format!("copy-{}", target.len()));
+        std::fs::create_dir(&d).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        edit_manifest_unsigned(&d, |v| {
+            *v.pointer_mut("/body/shards/0/file").expect("envelope {format, body, signature}") =
+                serde_json::Value::from(target);
+        });
+        match upload_dir(&d, "s3://bucket/x", &fx.trust, &nowhere()) {
+            Err(Error::ManifestSignature { .. } | Error::Format { .. }) => {}
+            other => panic!("{target}: an edited manifest must be refused before any upload, got {other:?}"),
+        }
+    }
+}
+
+/// Finding 1: only regular files that match the manifest go up: a symbolic link, a
+/// FIFO or a modified shard in the directory is refused before anything is sent.
+#[test]
+fn upload_refuses_a_symlinked_fifo_or_modified_shard() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "up", 8);
+    let shard = dir.join("shard-00000.slk");
+    let keep = fx.path("shard0");
+    std::fs::rename(&shard, &keep).unwrap();
+
+    std::os::unix::fs::symlink(&keep, &shard).unwrap();
+    let e = upload_dir(&dir, "s3://bucket/x", &fx.trust, &nowhere()).unwrap_err();
+    assert!(matches!(&e, Error::Input { detail, .. } if detail.contains("symbolic link")), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+
+    mkfifo(&shard);
+    let (d, t) = (dir.clone(), fx.trust);
+    let e = within("upload with a FIFO shard", move || upload_dir(&d, "s3://bucket/x", &t, &nowhere())).unwrap_err();
+    assert!(matches!(&e, Error::Input { detail, .. } if detail.contains("not a regular file")), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+
+    std::fs::copy(&keep, &shard).unwrap();
+    common::flip(&shard, 200);
+    let e = upload_dir(&dir, "s3://bucket/x", &fx.trust, &nowhere()).unwrap_err();
+    assert!(
+        matches!(&e, Error::Integrity { kind: IntegrityKind::DigestMismatch, shard, .. } if shard.index == Some(0)),
+        "{e}"
+    );
+}
+
+/// Finding 8 (low): `manifest.json` was read with no size limit.
+#[test]
+fn a_huge_manifest_is_refused_without_being_read() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "big", 4);
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join("manifest.json")).unwrap();
+    f.set_len(300 << 20).unwrap(); // sparse: no disk, but 300 MiB to read
+    let e = fx.open(&dir).err().unwrap();
+    assert!(matches!(&e, Error::Input { detail, .. } if detail.contains("larger than")), "{e}");
+}
+
+/// Finding 8: a FIFO in place of a shard blocked a worker in `open` and hung the
+/// loader (and its drop). It is now a typed error at once.
+#[test]
+fn a_fifo_in_place_of_a_shard_is_an_error_not_a_hang() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "fifo", 8);
+    let shard = dir.join("shard-00001.slk");
+    std::fs::remove_file(&shard).unwrap();
+    mkfifo(&shard);
+    let loader = fx.loader(&dir, "fifo").batch_size(2).workers(2).shuffle(shardlock::Shuffle::None).build().unwrap();
+    // The epoch stops at its first error (and keeps failing after it).
+    let first_error = within("a loader epoch over a FIFO shard", move || {
+        let mut loader = loader;
+        loader.by_ref().find_map(|b| b.err()).map(|e| e.to_string())
+    });
+    let e = first_error.expect("an epoch over a FIFO shard must fail");
+    assert!(e.contains("not a regular file") && e.contains("shard-00001.slk"), "{e}");
+}
+
+/// Finding 8: a resume state with `world = u32::MAX` looped about 2^32 times.
+#[test]
+fn a_resume_state_with_an_absurd_world_is_refused_at_once() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "state", 8);
+    let mut loader = fx.loader(&dir, "state").batch_size(2).build().unwrap();
+    let state = LoaderState { epoch: 0, seed: 0, consumed: vec![Consumed { world: u32::MAX, per_rank: 0 }] };
+    let e = within("load_state", move || loader.load_state(&state)).unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("world size")), "{e}");
+}
+
+/// Finding 3: with `HOME` unset the cache fell back to a shared `/tmp/shardlock-cache`,
+/// which another user could create first. There is no fallback now.
+#[test]
+fn no_shared_cache_fallback_without_home() {
+    for k in ["SHARDLOCK_CACHE_DIR", "XDG_CACHE_HOME", "HOME"] {
+        std::env::remove_var(k);
+    }
+    let e = RemoteOptions::default().resolved_cache_dir().unwrap_err();
+    assert!(matches!(&e, Error::Remote { detail, .. } if detail.contains("no cache directory")), "{e}");
+    let mut o = RemoteOptions::default();
+    o.set("cache_dir", "/somewhere/mine").unwrap();
+    assert_eq!(o.resolved_cache_dir().unwrap(), Path::new("/somewhere/mine"));
+}
