@@ -77,16 +77,16 @@ def test_writer_refuses_bad_input_and_an_aborted_writer_leaves_no_dataset(env):
 def test_writer_casts_losslessly_or_names_the_field_and_both_dtypes(env):
     """Security review finding 6: against a schema ``f32[2]``, float64, big-endian
     ``>f4`` and int32 arrays were all accepted and read back as garbage."""
-    schema = {"x": ("f32", [2]), "n": ("i16", [1])}
+    schema = {"x": ("f32", [2]), "n": ("i16", [])}
     good = np.array([1.5, -2.25], dtype=np.float32)
     with shardlock.Writer(env.root / "cast", keyring=env.keyring, issuer_key=env.issuer, dataset_id="cast", schema=schema) as w:
-        w.write({"x": good, "n": np.array([7], dtype=np.int16)})
-        w.write({"x": good.astype(">f4"), "n": np.array([-3], dtype=np.int8)})  # same values, other byte order; a narrower int
+        w.write({"x": good, "n": np.int16(7)})
+        w.write({"x": good.astype(">f4"), "n": np.int8(-3)})  # same values, other byte order; a narrower int
         w.write({"x": [0.5, 1.0], "n": 12})  # Python numbers that fit
-        w.write_batch({"x": np.stack([good, good]).astype(">f4"), "n": np.array([[1], [2]], dtype=np.uint8)})
+        w.write_batch({"x": np.stack([good, good]).astype(">f4"), "n": np.array([1, 2], dtype=np.uint8)})
     batch = next(iter(env.loader(env.root / "cast", batch_size=5, shuffle="none", drop_last=False)))
     assert batch["x"].numpy().tolist() == [[1.5, -2.25], [1.5, -2.25], [0.5, 1.0], [1.5, -2.25], [1.5, -2.25]]
-    assert batch["n"].numpy().ravel().tolist() == [7, -3, 12, 1, 2]
+    assert batch["n"].numpy().tolist() == [7, -3, 12, 1, 2]
     bad = [
         ({"x": good.astype(np.float64), "n": 1}, "float64"),
         ({"x": np.array([1, 2], dtype=np.int32), "n": 1}, "int32"),
@@ -101,7 +101,7 @@ def test_writer_casts_losslessly_or_names_the_field_and_both_dtypes(env):
         assert what in msg and ("'x'" in msg or "'n'" in msg), msg
     with pytest.raises(shardlock.FormatError, match="'x' expects f32"):
         with shardlock.Writer(env.root / "bad-batch", keyring=env.keyring, issuer_key=env.issuer, dataset_id="b", schema=schema) as w:
-            w.write_batch({"x": np.zeros((2, 2), dtype=np.float64), "n": np.zeros((2, 1), dtype=np.int16)})
+            w.write_batch({"x": np.zeros((2, 2), dtype=np.float64), "n": np.zeros(2, dtype=np.int16)})
 
 
 def test_numpy_batch_views_are_read_only(env):
@@ -117,3 +117,18 @@ def test_numpy_batch_views_are_read_only(env):
         with pytest.raises(ValueError, match="read-only"):
             a[0] = 42
     assert offsets.tolist() == [0, 0, 3, 9, 18]
+
+
+def test_writer_stores_scalars_with_shape_empty(env):
+    """Issue 20 point 4: ``Writer`` stored Python/NumPy scalars with shape ``[1]``, so a
+    label came back ``(B, 1)`` and ``cross_entropy`` failed; ``pack_numpy`` gave ``[]``."""
+    import torch
+
+    with shardlock.Writer(env.root / "sc", keyring=env.keyring, issuer_key=env.issuer, dataset_id="sc") as w:
+        for k in range(8):
+            w.write({"label": k % 3, "score": np.float32(k / 2), "x": np.arange(4, dtype=np.float32)})
+    b = next(iter(env.loader(env.root / "sc", batch_size=4, shuffle="none")))
+    assert b["label"].shape == (4,) and b["score"].shape == (4,) and b["x"].shape == (4, 4)
+    assert b["label"].tolist() == [0, 1, 2, 0]
+    logits = torch.zeros(4, 3)
+    torch.nn.functional.cross_entropy(logits, b["label"])  # a (B, 1) target raised here

@@ -58,7 +58,7 @@ def _as_field(name: str, value: Any, arr: Any, forced: Optional[str], dt: str, s
             )
     if tuple(arr.shape) != tuple(shape):
         raise FormatError(f"field {name!r} expects shape {list(shape)}; got {list(arr.shape)}")
-    return np.ascontiguousarray(arr).astype(target, copy=False)
+    return np.asarray(arr, order="C").astype(target, copy=False)
 
 
 #: A field spec: ``"bytes"`` or ``(dtype_name, shape)``.
@@ -76,7 +76,8 @@ def _to_numpy(value: Any) -> Tuple[Any, Optional[str]]:
         if value.dtype == torch.bfloat16:
             return value.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16), "bf16"
         return value.detach().cpu().contiguous().numpy(), None
-    return np.ascontiguousarray(value), None
+    # asarray, not ascontiguousarray: a scalar stays 0-d (shape []), it does not become [1].
+    return np.asarray(value, order="C"), None
 
 
 def _field_of(value: Any) -> Tuple[str, Tuple[int, ...]]:
