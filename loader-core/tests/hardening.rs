@@ -152,3 +152,40 @@ fn no_shared_cache_fallback_without_home() {
     o.set("cache_dir", "/somewhere/mine").unwrap();
     assert_eq!(o.resolved_cache_dir().unwrap(), Path::new("/somewhere/mine"));
 }
+
+/// Finding 2 (medium): every pack wrote generation 1 and `--force` dropped the old
+/// manifest, so an older pack of the same dataset that was later rotated (generation 2)
+/// outranked a new pack and passed `--min-generation`. Generations now continue.
+#[test]
+fn a_repack_continues_the_generation_so_an_older_rotated_pack_is_refused() {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "regen", 8);
+    assert_eq!(fx.open(&dir).unwrap().manifest().generation, 1);
+    let k2 = shardlock::Keyring::create(&fx.path("kr2.json")).unwrap();
+    assert_eq!(shardlock::rotate(&dir, &*fx.keyring, &k2, &fx.issuer).unwrap().generation, 2);
+    let old = fx.path("old-rotated-copy");
+    std::fs::create_dir(&old).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+    }
+    // The owner re-packs the dataset (say, with poisoned records removed).
+    let (dir2, _) = fx.standard("ds", "regen", 6);
+    assert_eq!(dir2, dir);
+    let new_gen = fx.open(&dir).unwrap().manifest().generation;
+    assert_eq!(new_gen, 3, "a re-pack continues from the verified manifest it replaces");
+    let e = fx.open(&old).unwrap().require_generation(new_gen).unwrap_err();
+    assert!(matches!(e, Error::Rollback { generation: 2, min: 3, .. }), "{e}");
+    // An explicit generation may not go backwards, and may start a fresh directory.
+    let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("b")]).unwrap();
+    let mut opts = shardlock::PackOptions::new("regen");
+    opts.force = true;
+    opts.generation = Some(3);
+    let e =
+        shardlock::DatasetWriter::create(&dir, schema.clone(), opts.clone(), &*fx.keyring, &fx.issuer).err().unwrap();
+    assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("not above 3")), "{e}");
+    opts.generation = Some(10);
+    let mut w = shardlock::DatasetWriter::create(&fx.path("fresh"), schema, opts, &*fx.keyring, &fx.issuer).unwrap();
+    w.write_sample(&[b"x"]).unwrap();
+    assert_eq!(w.finish().unwrap().generation, 10);
+}

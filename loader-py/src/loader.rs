@@ -184,7 +184,7 @@ impl NativeLoader {
     #[new]
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
-        pad=false, window_shards=None, device=None, pinned=true, storage_options=None))]
+        pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -209,6 +209,7 @@ impl NativeLoader {
         device: Option<String>,
         pinned: bool,
         storage_options: Option<Vec<(String, String)>>,
+        min_generation: Option<u64>,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
         let mut remote = RemoteOptions::default();
@@ -229,6 +230,9 @@ impl NativeLoader {
                 .remote_options(remote);
             if let Some(t) = &token {
                 b = b.token(t);
+            }
+            if let Some(g) = min_generation {
+                b = b.min_generation(g);
             }
             if let Some(f) = fields {
                 b = b.fields(f);

@@ -37,7 +37,7 @@ fn parse_schema(fields: Vec<(String, String, Vec<u64>)>) -> shardlock::Result<Sc
 impl NativeWriter {
     /// `fields`: (name, dtype name or "bytes", shape) in record order.
     #[new]
-    #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false))]
+    #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,6 +48,7 @@ impl NativeWriter {
         fields: Vec<(String, String, Vec<u64>)>,
         shard_size: u64,
         force: bool,
+        generation: Option<u64>,
     ) -> PyResult<Self> {
         py.detach(|| {
             let keys = shardlock::open_provider_path(&keyring)?;
@@ -55,6 +56,7 @@ impl NativeWriter {
             let mut opts = PackOptions::new(dataset_id);
             opts.shard_size = shard_size;
             opts.force = force;
+            opts.generation = generation;
             DatasetWriter::create_owned(&out_dir, parse_schema(fields)?, opts, keys, issuer)
         })
         .py()

@@ -5,6 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
+
+import shardlock
+
 
 def run(code: str) -> str:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, capture_output=True, text=True).stdout
@@ -38,3 +43,17 @@ def test_resume_in_a_new_process_with_a_smaller_world(env, numbers):
     """))
     allids = data["seen"] + rest
     assert len(allids) == len(set(allids)) == 1000
+
+
+def test_min_generation_and_repack_generations(env):
+    """Security review finding 2: ``min_generation`` in the Python ``Loader``, and a
+    re-pack (``force=True``) continuing the generation instead of restarting at 1."""
+    x = np.arange(40, dtype=np.int64)
+    env.pack("g", {"x": x}, dataset="g")
+    shardlock.pack_numpy(env.root / "g", {"x": x[:20]}, keyring=env.keyring, issuer_key=env.issuer, dataset_id="g", force=True)
+    assert sum(len(b["x"]) for b in env.loader(env.root / "g", dataset="g", min_generation=2)) == 16
+    with pytest.raises(shardlock.IntegrityError) as e:
+        env.loader(env.root / "g", dataset="g", min_generation=3)
+    assert e.value.kind == "rollback"
+    with pytest.raises(ValueError, match="min_generation"):
+        env.loader(env.root / "g", dataset="g", min_generation=0)

@@ -36,6 +36,14 @@ pub struct PackOptions {
     pub force: bool,
     /// AEAD backend.
     pub backend: Backend,
+    /// Generation of the new manifest. Default: one past the generation of the
+    /// manifest already in the output directory, when that one verifies under the
+    /// issuer key and is for the same dataset id (a re-pack with `force`), else 1.
+    /// A value not above that manifest's generation is refused: generations only go
+    /// up, so a reader that requires the new one never accepts an older pack (or a
+    /// rotation of it). Give it for a fresh directory to continue from a pack made
+    /// elsewhere.
+    pub generation: Option<u64>,
 }
 
 impl PackOptions {
@@ -46,6 +54,7 @@ impl PackOptions {
             shard_size: DEFAULT_SHARD_SIZE,
             force: false,
             backend: Backend::default(),
+            generation: None,
         }
     }
 }
@@ -65,6 +74,7 @@ pub struct DatasetWriter<'a> {
     shards: Vec<ShardEntry>,
     samples: u64,
     bytes_in: u64,
+    generation: u64,
 }
 
 impl<'a> DatasetWriter<'a> {
@@ -95,10 +105,33 @@ impl<'a> DatasetWriter<'a> {
         }
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         let manifest = dir.join(FILE_NAME);
+        let mut previous = None;
         if manifest.exists() {
             if !opts.force {
                 return Err(Error::AlreadyExists { path: dir.to_owned() });
             }
+            // The dataset being replaced, if it is this owner's and this dataset's.
+            previous = crate::dataset::Dataset::open(dir, &issuer.trust_anchor())
+                .ok()
+                .filter(|ds| ds.manifest().dataset_id == opts.dataset_id)
+                .map(|ds| ds.manifest().generation);
+        }
+        let generation = match (opts.generation, previous) {
+            (Some(0), _) => return Err(Error::InvalidArgument("generation must be at least 1".into())),
+            (Some(n), Some(g)) if n <= g => {
+                return Err(Error::InvalidArgument(format!(
+                    "generation {n} is not above {g}, the generation of dataset {:?} already in {}: generations \
+                     only go up (leave it out to get {})",
+                    opts.dataset_id,
+                    dir.display(),
+                    g + 1
+                )))
+            }
+            (Some(n), _) => n,
+            (None, Some(g)) => g.checked_add(1).ok_or_else(|| Error::InvalidArgument("generation overflow".into()))?,
+            (None, None) => 1,
+        };
+        if manifest.exists() {
             std::fs::remove_file(&manifest).map_err(Error::io("remove", &manifest))?;
         }
         if opts.force {
@@ -124,6 +157,7 @@ impl<'a> DatasetWriter<'a> {
             shards: Vec::new(),
             samples: 0,
             bytes_in: 0,
+            generation,
         })
     }
 
@@ -239,7 +273,7 @@ impl<'a> DatasetWriter<'a> {
         let records = self.shards.iter().map(|s| s.records).sum();
         let m = Manifest {
             dataset_id: self.opts.dataset_id.clone(),
-            generation: 1,
+            generation: self.generation,
             created_unix: crate::time::unix_now(),
             issuer_key_id: self.issuer.trust_anchor().key_id(),
             schema_digest: hex::encode(self.schema.digest()),

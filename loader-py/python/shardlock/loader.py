@@ -141,6 +141,10 @@ class Loader:
     pageable memory (for confidential-computing GPUs). Without a usable GPU this
     raises :class:`shardlock.DeviceUnavailable`.
 
+    ``min_generation`` refuses a dataset whose signed manifest is older than that
+    generation (rollback protection: :class:`shardlock.IntegrityError` with
+    ``kind="rollback"``).
+
     One pass over the loader is one epoch; the next pass reads the next epoch (or the
     one given to :meth:`set_epoch`). A new ``iter()`` always starts a pass, like a
     ``torch.utils.data.DataLoader``: if the previous pass did not reach its end (a peek
@@ -197,6 +201,7 @@ class Loader:
         pad: bool = False,
         pinned: bool = True,
         storage_options: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]] = None,
+        min_generation: Optional[int] = None,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
@@ -229,6 +234,7 @@ class Loader:
             device=None if device == "cpu" else device,
             pinned=bool(pinned),
             storage_options=_storage_options(storage_options),
+            min_generation=None if min_generation is None else _int_arg("min_generation", min_generation, 1),
         )
         self.rank, self.world_size = rank, world_size
         # The pass rule (see the class docstring): the newest iterator's number, whether

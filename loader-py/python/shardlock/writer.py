@@ -103,6 +103,10 @@ class Writer:
     u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64); by default it is inferred from
     the first sample written.
 
+    ``generation`` is the new manifest's generation: by default one past the dataset
+    this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
+    a value not above the replaced one is refused, so generations only go up.
+
         >>> with shardlock.Writer("out/", keyring="kr.json", issuer_key="issuer.key",
         ...                       dataset_id="my/data") as w:
         ...     w.write({"image": img, "label": np.int64(3)})
@@ -118,8 +122,10 @@ class Writer:
         schema: Optional[Mapping[str, FieldSpec]] = None,
         shard_size: int = 256 << 20,
         force: bool = False,
+        generation: Optional[int] = None,
     ) -> None:
         self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, int(shard_size), bool(force))
+        self._generation = None if generation is None else int(generation)
         self._native: Optional[NativeWriter] = None
         self._names: List[str] = []
         self._specs: List[Tuple[str, Tuple[int, ...]]] = []
@@ -131,7 +137,9 @@ class Writer:
         out, kr, ik, ds, size, force = self._args
         self._names = list(fields)
         self._specs = [fields[n] for n in self._names]
-        self._native = NativeWriter(out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force)
+        self._native = NativeWriter(
+            out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation
+        )
 
     def _check_names(self, keys: Any) -> None:
         if set(keys) != set(self._names):
@@ -217,10 +225,14 @@ def pack_numpy(
     dataset_id: str,
     shard_size: int = 256 << 20,
     force: bool = False,
+    generation: Optional[int] = None,
 ) -> int:
     """Packs a dict of arrays (first axis = samples) into an encrypted dataset;
     returns the record count."""
-    w = Writer(out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force)
+    w = Writer(
+        out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
+        generation=generation,
+    )
     try:
         w.write_batch(arrays)
     except BaseException:

@@ -230,6 +230,10 @@ pub(crate) struct PackArgs {
     /// Replace a dataset already in the output directory.
     #[arg(long)]
     pub(crate) force: bool,
+    /// Generation of the new manifest (default: one past the dataset being replaced,
+    /// else 1; never at or below the one being replaced).
+    #[arg(long)]
+    pub(crate) generation: Option<u64>,
     /// AEAD backend.
     #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
     pub(crate) backend: Backend,
@@ -282,6 +286,9 @@ pub(crate) struct BenchArgs {
     pub(crate) remote: RemoteArgs,
     #[command(flatten)]
     pub(crate) reader: ReaderArgs,
+    /// Refuse a manifest older than this generation (rollback protection).
+    #[arg(long)]
+    pub(crate) min_generation: Option<u64>,
     /// Samples per batch.
     #[arg(long, default_value_t = 256)]
     pub(crate) batch_size: usize,

@@ -42,6 +42,9 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
             deny_list: r.deny_list.clone(),
             ..Default::default()
         });
+    if let Some(g) = a.min_generation {
+        b = b.min_generation(g);
+    }
     if let Some(t) = &r.token {
         b = b.token(t);
     }

@@ -11,7 +11,13 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
     let keys = shardlock::open_provider(&a.keyring)?;
     let issuer = IssuerKey::load(&a.issuer_key)?;
     let src = shardlock::InputSource::from_paths(&a.inputs)?;
-    let opts = PackOptions { dataset_id: a.dataset_id, shard_size: a.shard_size, force: a.force, backend: a.backend };
+    let opts = PackOptions {
+        dataset_id: a.dataset_id,
+        shard_size: a.shard_size,
+        force: a.force,
+        backend: a.backend,
+        generation: a.generation,
+    };
     let mut w = shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
     let t = std::time::Instant::now();
@@ -22,17 +28,18 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         print_json(&serde_json::json!({
-            "dataset": m.dataset_id, "out": a.out, "records": m.records, "shards": m.shards.len(),
+            "dataset": m.dataset_id, "generation": m.generation, "out": a.out, "records": m.records, "shards": m.shards.len(),
             "plaintext_bytes": bytes, "seconds": secs, "gb_per_s": bytes as f64 / secs / 1e9,
         }));
     } else {
         println!(
-            "packed {} records ({:.1} MB) into {} shard(s) in {} ({:.2} GB/s); manifest signed by issuer {}",
+            "packed {} records ({:.1} MB) into {} shard(s) in {} ({:.2} GB/s); manifest generation {} signed by issuer {}",
             m.records,
             bytes as f64 / 1e6,
             m.shards.len(),
             a.out.display(),
             bytes as f64 / secs / 1e9,
+            m.generation,
             m.issuer_key_id
         );
     }
