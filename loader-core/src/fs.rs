@@ -55,6 +55,8 @@ pub(crate) fn open_regular(path: &Path, follow_links: bool, what: &'static str) 
     if !meta.is_file() {
         return Err(Error::Input { path: path.to_owned(), detail: format!("the {what} is not a regular file") });
     }
+    // Reads block again from here on (a network or FUSE filesystem may honour the flag).
+    clear_nonblocking(&f).map_err(Error::io("fcntl", path))?;
     Ok(f)
 }
 
@@ -73,6 +75,26 @@ pub(crate) fn read_bounded(path: &Path, limit: u64, what: &'static str) -> Resul
         return Err(too_big());
     }
     Ok(buf)
+}
+
+fn clear_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` is an open descriptor owned by `f` for the whole call; F_GETFL and
+    // F_SETFL read and set its status flags and touch no memory of ours.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The effective user id of this process.

@@ -164,9 +164,9 @@ pub fn global_order(spec: &PlanSpec, epoch: u64) -> Vec<SampleRef> {
                 let mut runs: Vec<Vec<SampleRef>> = Vec::new();
                 for &s in window {
                     let n = spec.records[s as usize] as u32;
-                    let mut start = 0;
+                    let mut start = 0u32;
                     while start < n {
-                        let end = (start + run as u32).min(n);
+                        let end = start.saturating_add(u32::try_from(run).unwrap_or(u32::MAX)).min(n);
                         runs.push((start..end).map(|r| SampleRef::new(s, r)).collect());
                         start = end;
                     }
@@ -215,8 +215,18 @@ fn rank_len(len: usize, world: usize, remainder: Remainder) -> usize {
 /// Largest world size (ranks x DataLoader workers) a resume state may name.
 pub(crate) const MAX_WORLD: u32 = 1 << 20;
 
+/// Most save/restore segments a resume state may hold within one epoch.
+pub(crate) const MAX_HISTORY: usize = 1024;
+
 /// Removes the samples consumed in `history` from `order` (applied in sequence).
 pub fn remaining(mut order: Vec<SampleRef>, history: &[Consumed], spec: &PlanSpec) -> Result<Vec<SampleRef>> {
+    if history.len() > MAX_HISTORY {
+        return Err(Error::InvalidArgument(format!(
+            "resume state has {} save/restore segments, more than {MAX_HISTORY}: the state is corrupt or not \
+             from this loader",
+            history.len()
+        )));
+    }
     for h in history {
         // A hostile or corrupt state must not make the loop below run ~2^32 times.
         if h.world > MAX_WORLD {

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The cache directory and the names of one shard's files in it.
+#[derive(Clone)]
 pub(super) struct CacheDir {
     dir: PathBuf,
 }
@@ -29,39 +30,46 @@ impl CacheDir {
     /// can write in it could plant files under the names this cache trusts.
     pub(super) fn open(dir: PathBuf) -> Result<Self> {
         create_cache_dir(&dir)?;
+        // Resolved once: a symbolic link on the way that is re-pointed later does not
+        // move this cache to a directory that was never checked.
+        let dir = std::fs::canonicalize(&dir).map_err(Error::io("resolve", &dir))?;
         check_private(&dir)?;
         Ok(Self { dir })
     }
 
     /// True if the file under the final name is a regular file (not a link) of `size`
-    /// bytes whose SHA-256 is `sha256`. A file that fails is removed: the name is this
-    /// cache's, and what it holds is not what the name says.
+    /// bytes whose SHA-256 is `sha256`. A file that is a link, not a regular file, or
+    /// holds other bytes is removed (the name is this cache's, and what it holds is not
+    /// what the name says); one that merely cannot be read now is left alone.
     pub(super) fn verify_complete(&self, sha256: &str, size: u64) -> bool {
         let path = self.complete(sha256);
-        if !self.has_complete(sha256, size) {
-            return false;
-        }
-        let ok = crate::fs::open_regular(&path, false, "cache file").is_ok_and(|f| {
-            let mut h = crate::crypto::Sha256::default();
-            let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-            let mut n = 0u64;
-            loop {
-                match std::io::BufRead::fill_buf(&mut r) {
-                    Ok([]) => break n == size && hex::encode(h.finish()) == sha256,
-                    Ok(b) => {
-                        let len = b.len();
-                        h.update(b);
-                        n += len as u64;
-                        std::io::BufRead::consume(&mut r, len);
-                    }
-                    Err(_) => break false,
-                }
+        let f = match crate::fs::open_regular(&path, false, "cache file") {
+            Ok(f) => f,
+            Err(Error::Input { .. }) => {
+                let _ = std::fs::remove_file(&path);
+                return false;
             }
-        });
-        if !ok {
+            Err(_) => return false,
+        };
+        let mut h = crate::crypto::Sha256::default();
+        let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+        let mut n = 0u64;
+        let matches = loop {
+            match std::io::BufRead::fill_buf(&mut r) {
+                Ok([]) => break n == size && hex::encode(h.finish()) == sha256,
+                Ok(b) => {
+                    let len = b.len();
+                    h.update(b);
+                    n += len as u64;
+                    std::io::BufRead::consume(&mut r, len);
+                }
+                Err(_) => return false,
+            }
+        };
+        if !matches {
             let _ = std::fs::remove_file(&path);
         }
-        ok
+        matches
     }
 
     /// The directory.

@@ -31,6 +31,8 @@ pub(super) async fn download(inner: &Fetcher, i: u32) -> Result<()> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
         .map_err(|e| cache_error(inner, "create", &lock_path, e, i))?;
     loop {
@@ -54,9 +56,13 @@ pub(super) async fn download(inner: &Fetcher, i: u32) -> Result<()> {
             Err(std::fs::TryLockError::Error(e)) => return Err(cache_error(inner, "lock", &lock_path, e, i)),
         }
     }
-    // Another process may have finished it while we waited for the lock.
-    if std::fs::metadata(&final_path).is_ok_and(|m| m.len() == o.size) {
-        return Ok(());
+    // Another process (a rank, an earlier run) may have left it under the final name:
+    // used only if its SHA-256 is the signed one. Hashing blocks, so not on the runtime.
+    if inner.cache.has_complete(&o.sha256, o.size) {
+        let (cache, sha, size) = (inner.cache.clone(), o.sha256.clone(), o.size);
+        if tokio::task::spawn_blocking(move || cache.verify_complete(&sha, size)).await.unwrap_or(false) {
+            return Ok(());
+        }
     }
     // A replaced object may be mid-upload: look again a few times. A full disk is
     // worth another try once shards the plan is done with were evicted.

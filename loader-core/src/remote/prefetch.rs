@@ -257,9 +257,9 @@ impl RemoteShards {
     /// it is not cached, its object (see [`RemoteShards::open_file`]).
     pub(crate) fn open(&self, i: u32) -> Result<ShardSource> {
         {
-            let mut st = self.inner.lock();
+            let st = self.inner.lock();
             let ranged = st.ranged.get(i as usize).copied().unwrap_or(false);
-            if ranged && matches!(st.slots[i as usize], Slot::Absent) && !self.inner.adopt_cached(&mut st, i) {
+            if ranged && matches!(st.slots[i as usize], Slot::Absent) && !self.inner.cached_file(i) {
                 return Ok(ShardSource::Ranged(self.inner.clone()));
             }
         }
@@ -296,9 +296,9 @@ impl RemoteShards {
                     }
                 }
                 Slot::Absent => {
-                    if !inner.adopt_cached(&mut st, i) {
-                        start(inner, &mut st, i);
-                    }
+                    // A file another rank or run left under the final name is
+                    // hashed by the download task, off this lock, before it is used.
+                    start(inner, &mut st, i);
                 }
                 Slot::Fetching => {
                     if st.interrupts != interrupts {
@@ -337,24 +337,11 @@ impl Fetcher {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// True if a complete file for shard `i` is under its final name.
+    /// True if a file of shard `i`'s size is under its final name (a stat; its content
+    /// is hashed only when it is opened, by [`super::download::download`]).
     fn cached_file(&self, i: u32) -> bool {
         let o = &self.objects[i as usize];
         self.cache.has_complete(&o.sha256, o.size)
-    }
-
-    /// A complete file already under the final name (another rank, an earlier run)
-    /// becomes `Ready` without a download.
-    /// Its SHA-256 is checked first: the cache directory is the user's own, but a file
-    /// under a final name is not trusted to hold what the name says.
-    fn adopt_cached(&self, st: &mut FetchState, i: u32) -> bool {
-        let o = &self.objects[i as usize];
-        if !self.cache.verify_complete(&o.sha256, o.size) {
-            return false;
-        }
-        st.slots[i as usize] = Slot::Ready;
-        st.held_bytes += self.objects[i as usize].size;
-        true
     }
 
     /// Evicts released shards until `need` more bytes fit in the budget.
@@ -377,7 +364,7 @@ impl Fetcher {
 fn pump(inner: &Arc<Fetcher>, st: &mut FetchState) {
     while !st.closed && st.in_flight < inner.concurrency {
         let Some(&i) = st.queue.front() else { return };
-        if !matches!(st.slots[i as usize], Slot::Absent) || inner.adopt_cached(st, i) {
+        if !matches!(st.slots[i as usize], Slot::Absent) {
             st.queue.pop_front();
             continue;
         }
