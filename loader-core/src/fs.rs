@@ -97,7 +97,8 @@ fn clear_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The effective user id of this process.
+/// The effective user id of this process (the s3 cache checks its directory's owner).
+#[cfg(feature = "s3")]
 pub(crate) fn effective_uid() -> u32 {
     #[allow(unsafe_code)]
     // SAFETY: geteuid(2) takes no arguments, touches no memory of ours and cannot fail.
