@@ -186,6 +186,9 @@ pub(crate) struct ReaderArgs {
     /// Allowed clock skew for token validity (e.g. 30s).
     #[arg(long, default_value = "30s")]
     pub(crate) clock_skew: String,
+    /// Refuse a manifest older than this generation (rollback protection).
+    #[arg(long)]
+    pub(crate) min_generation: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -267,9 +270,6 @@ pub(crate) struct VerifyArgs {
     pub(crate) remote: RemoteArgs,
     #[command(flatten)]
     pub(crate) reader: ReaderArgs,
-    /// Refuse a manifest older than this generation (rollback protection).
-    #[arg(long)]
-    pub(crate) min_generation: Option<u64>,
     /// AEAD backend.
     #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
     pub(crate) backend: Backend,
@@ -286,9 +286,6 @@ pub(crate) struct BenchArgs {
     pub(crate) remote: RemoteArgs,
     #[command(flatten)]
     pub(crate) reader: ReaderArgs,
-    /// Refuse a manifest older than this generation (rollback protection).
-    #[arg(long)]
-    pub(crate) min_generation: Option<u64>,
     /// Samples per batch.
     #[arg(long, default_value_t = 256)]
     pub(crate) batch_size: usize,

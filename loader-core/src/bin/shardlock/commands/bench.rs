@@ -42,7 +42,7 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
             deny_list: r.deny_list.clone(),
             ..Default::default()
         });
-    if let Some(g) = a.min_generation {
+    if let Some(g) = r.min_generation {
         b = b.min_generation(g);
     }
     if let Some(t) = &r.token {

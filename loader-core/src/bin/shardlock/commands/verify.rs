@@ -14,7 +14,7 @@ pub(crate) fn verify_cmd(a: VerifyArgs) -> Result<ExitCode, Error> {
     let remote = a.remote.options()?;
     let total = total_bytes(&a.dir, &remote);
     let pb = bar(total, a.json, "verifying {bar:40} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]");
-    let opts = VerifyOptions { backend: a.backend, min_generation: a.min_generation };
+    let opts = VerifyOptions { backend: a.backend, min_generation: a.reader.min_generation };
     let access = access.with_backend(a.backend);
     let report = shardlock::verify_at(&a.dir, &trust, &access, &opts, &remote, &mut |n| pb.inc(n))?;
     pb.finish_and_clear();
