@@ -49,6 +49,7 @@ fn main() -> shardlock::Result<()> {
             ops: vec![Operation::Read],
             expires: SystemTime::now() + Duration::from_secs(600),
             not_before: None,
+            min_generation: None,
         },
     )?;
     let mut loader = Loader::builder(&data)

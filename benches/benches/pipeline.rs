@@ -57,6 +57,7 @@ fn loader(f: &Fixture, shuffle: Shuffle, batch: usize) -> Loader {
             ops: vec![Operation::Read],
             expires: SystemTime::now() + Duration::from_secs(3600),
             not_before: None,
+            min_generation: None,
         },
     )
     .unwrap();

@@ -86,7 +86,7 @@ impl Access {
                 ),
             })
         } else {
-            self.authorizer.authorize(dataset, shard, op)
+            self.authorizer.authorize(dataset, shard, op, ds.manifest().generation)
         };
         let mut ev = self.event("authorize", ds, shard, op);
         match &decision {

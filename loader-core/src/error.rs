@@ -344,6 +344,9 @@ pub enum DenyReason {
     NotYetValid,
     /// One of the token's revocation ids is on the deny list.
     Revoked,
+    /// The token requires a newer generation of the dataset than the manifest has
+    /// (an older pack or a rolled-back copy).
+    StaleGeneration,
     /// Another check of an attenuation block failed.
     AttenuationCheck,
 }
@@ -360,6 +363,7 @@ impl DenyReason {
             DenyReason::TokenExpired => "token_expired",
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::Revoked => "revoked",
+            DenyReason::StaleGeneration => "stale_generation",
             DenyReason::AttenuationCheck => "attenuation_check",
         }
     }
@@ -375,6 +379,7 @@ impl DenyReason {
             DenyReason::TokenExpired => "the token has expired; ask the data owner for a fresh one",
             DenyReason::NotYetValid => "the token is not valid yet; check the clock, or wait until its not-before time",
             DenyReason::Revoked => "the token was revoked; ask the data owner for a new one",
+            DenyReason::StaleGeneration => "the dataset's generation is older than this token accepts (an old pack or a rolled-back copy); read the current dataset",
             DenyReason::AttenuationCheck => "a check added when the token was attenuated does not hold",
         }
     }

@@ -64,7 +64,9 @@ mod bench;
 
 pub use access::Access;
 pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};
-pub use auth::{inspect_unverified, Authorizer, AuthorizerConfig, Clock, DenyList, ShardSet, Token, TokenSpec};
+pub use auth::{
+    inspect_unverified, Attenuation, Authorizer, AuthorizerConfig, Clock, DenyList, ShardSet, Token, TokenSpec,
+};
 pub use bench::{run as run_bench, BenchReport, EpochReport, Source as BenchSource};
 pub use crypto::aead::Backend;
 pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 
 use common::Fixture;
 use shardlock::{verify_log, AuditLog};
-use shardlock::{Access, Authorizer, AuthorizerConfig, DenyList, Grant, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{
+    Access, Attenuation, Authorizer, AuthorizerConfig, DenyList, Grant, Operation, ShardSet, Token, TokenSpec,
+};
 use shardlock::{Dek, KeyProvider};
 use shardlock::{DenyReason, Error};
 
@@ -60,7 +62,15 @@ fn spec(dataset: &str, shards: ShardSet, ops: Vec<Operation>, expires_in: i64) -
     } else {
         now - Duration::from_secs((-expires_in) as u64)
     };
-    TokenSpec { dataset: dataset.into(), principal: "alice".into(), shards, ops, expires, not_before: None }
+    TokenSpec {
+        dataset: dataset.into(),
+        principal: "alice".into(),
+        shards,
+        ops,
+        expires,
+        not_before: None,
+        min_generation: None,
+    }
 }
 
 impl Setup {
@@ -199,7 +209,8 @@ fn revocation_takes_effect_at_the_next_shard_open_of_a_running_job() {
     let deny = s.fx.path("deny.txt");
     std::fs::write(&deny, "# revoked tokens\n").unwrap();
     let token = s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], 3600));
-    let child = token.attenuate(Some(&ShardSet::parse("0-1").unwrap()), None, None).unwrap();
+    let child =
+        token.attenuate(&Attenuation { shards: Some(ShardSet::parse("0-1").unwrap()), ..Default::default() }).unwrap();
     let cfg = AuthorizerConfig { deny_list: Some(deny.clone()), ..Default::default() };
     let access = s.access(Some(child.clone()), cfg.clone());
     assert!(access.open_shard(&s.ds, 0).is_ok());
@@ -217,12 +228,20 @@ fn revocation_takes_effect_at_the_next_shard_open_of_a_running_job() {
 fn attenuation_narrows_and_never_widens() {
     let s = setup();
     let token = s.token(&spec("ds1", ShardSet::parse("0-1").unwrap(), vec![Operation::Read], 3600));
-    let narrow = token.attenuate(Some(&ShardSet::parse("1").unwrap()), Some(&[Operation::Read]), None).unwrap();
+    let narrow = token
+        .attenuate(&Attenuation {
+            shards: Some(ShardSet::parse("1").unwrap()),
+            ops: Some(vec![Operation::Read]),
+            ..Default::default()
+        })
+        .unwrap();
     let a = s.access(Some(narrow), AuthorizerConfig::default());
     assert!(a.open_shard(&s.ds, 1).is_ok());
     s.denied(&a, 0, Operation::Read, DenyReason::ShardOutOfScope);
     // An attenuated expiry is enforced without skew.
-    let soon = token.attenuate(None, None, Some(SystemTime::now() - Duration::from_secs(1))).unwrap();
+    let soon = token
+        .attenuate(&Attenuation { expires: Some(SystemTime::now() - Duration::from_secs(1)), ..Default::default() })
+        .unwrap();
     s.denied(&s.access(Some(soon), AuthorizerConfig::default()), 0, Operation::Read, DenyReason::TokenExpired);
     // Attempted widening: a block that asserts more shards, another dataset and the
     // verify operation. Facts of non-authority blocks are not trusted: still denied.
@@ -286,7 +305,8 @@ fn forged_foreign_truncated_garbage_and_block_removed_tokens_are_invalid() {
     s.denied(&from_file(&s, &p), 0, Operation::Read, DenyReason::InvalidToken);
     // An attenuated token with its attenuation block removed.
     use prost::Message;
-    let child = token.attenuate(Some(&ShardSet::parse("0").unwrap()), None, None).unwrap();
+    let child =
+        token.attenuate(&Attenuation { shards: Some(ShardSet::parse("0").unwrap()), ..Default::default() }).unwrap();
     let child_raw = base64_decode_url(&child.to_base64().unwrap());
     let mut pb = biscuit_auth::format::schema::Biscuit::decode(child_raw.as_slice()).unwrap();
     assert_eq!(pb.blocks.len(), 1);
@@ -468,4 +488,50 @@ fn an_unwritable_audit_log_fails_closed() {
     let e = access.open_shard(&s.ds, 0).err().unwrap();
     assert!(matches!(e, Error::Audit { .. }), "{e}");
     assert_eq!(s.keys.unwraps.load(Ordering::SeqCst), 0);
+}
+
+/// Security review finding 2 (token side): a token can require a minimum manifest
+/// generation, written by the issuer or added by attenuation, so it no longer covers
+/// an older pack of the same dataset id. Nothing is unwrapped for a stale dataset.
+#[test]
+fn a_token_can_require_a_minimum_generation() {
+    let s = setup();
+    assert_eq!(s.ds.manifest().generation, 1);
+    let mut sp = spec("ds1", ShardSet::All, vec![Operation::Read], 3600);
+    sp.min_generation = Some(2);
+    let issued = s.token(&sp);
+    let msg = s.denied(
+        &s.access(Some(issued.clone()), AuthorizerConfig::default()),
+        0,
+        Operation::Read,
+        DenyReason::StaleGeneration,
+    );
+    assert!(msg.contains("generation"), "{msg}");
+    sp.min_generation = Some(1);
+    assert!(s.access(Some(s.token(&sp)), AuthorizerConfig::default()).open_shard(&s.ds, 0).is_ok());
+
+    // Attenuation adds the same check to a token that had none.
+    let parent = s.token(&spec("ds1", ShardSet::All, vec![Operation::Read], 3600));
+    let child = parent.attenuate(&Attenuation { min_generation: Some(2), ..Default::default() }).unwrap();
+    assert!(child.blocks()[1].contains("generation($g), $g >= 2"), "{:?}", child.blocks());
+    s.denied(
+        &s.access(Some(child.clone()), AuthorizerConfig::default()),
+        1,
+        Operation::Read,
+        DenyReason::StaleGeneration,
+    );
+    assert!(s.access(Some(parent), AuthorizerConfig::default()).open_shard(&s.ds, 1).is_ok());
+
+    // The authorizer compares against the generation it is given (the verified
+    // manifest's): the same tokens pass once the dataset is at generation 2.
+    let a = Authorizer::new(&s.fx.trust, Some(child), AuthorizerConfig::default()).unwrap();
+    assert!(a.authorize("ds1", 0, Operation::Read, 2).is_ok());
+    let a = Authorizer::new(&s.fx.trust, Some(issued), AuthorizerConfig::default()).unwrap();
+    assert!(a.authorize("ds1", 0, Operation::Read, 3).is_ok());
+    match a.authorize("ds1", 0, Operation::Read, 1) {
+        Err(Error::AccessDenied { reason: DenyReason::StaleGeneration, .. }) => {}
+        other => panic!("expected StaleGeneration, got {other:?}"),
+    }
+    // Nothing to narrow is an argument error, not a token equal to its parent.
+    assert!(matches!(s.token(&sp).attenuate(&Attenuation::default()), Err(Error::InvalidArgument(_))));
 }

@@ -238,6 +238,38 @@ fn token_and_audit_commands() {
     assert_eq!(v["ok"], true);
     assert!(v["records"].as_u64().unwrap() >= 4);
 
+    // A token that requires a newer generation than the dataset has (finding 2): denied
+    // with its own reason, whether the issuer or an attenuation wrote the check.
+    ok(
+        d,
+        &[
+            "token",
+            "issue",
+            "--issuer-key",
+            "iss",
+            "--dataset",
+            "tok",
+            "--principal",
+            "bob",
+            "--ops",
+            "read,verify",
+            "--min-generation",
+            "2",
+            "--out",
+            "t2",
+        ],
+    );
+    ok(d, &["token", "attenuate", "t0", "--trust", "iss.pub", "--min-generation", "2", "--out", "t3"]);
+    ok(d, &["token", "attenuate", "t0", "--trust", "iss.pub", "--min-generation", "1", "--out", "t4"]);
+    for (tok, failure) in [("t2", Some("stale_generation")), ("t3", Some("stale_generation")), ("t4", None)] {
+        let o = shardlock(d, &args(tok));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        match failure {
+            Some(f) => assert_eq!(report["shards"][0]["failure"], f, "{tok}: {report}"),
+            None => assert_eq!(report["shards"][0]["ok"], true, "{tok}: {report}"),
+        }
+    }
+
     // An edited line is named.
     let log = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
     let edited = log.replacen("\"decision\":\"allow\"", "\"decision\":\"deny\"", 1);

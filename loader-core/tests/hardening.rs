@@ -193,4 +193,22 @@ fn a_repack_continues_the_generation_so_an_older_rotated_pack_is_refused() {
     let mut w = shardlock::DatasetWriter::create(&fx.path("fresh"), schema, opts, &*fx.keyring, &fx.issuer).unwrap();
     w.write_sample(&[b"x"]).unwrap();
     assert_eq!(w.finish().unwrap().generation, 10);
+
+    // The token side: a token that requires generation 3 opens the new pack and not
+    // the old rotated copy, although both carry the same dataset id.
+    let spec = shardlock::TokenSpec {
+        dataset: "regen".into(),
+        principal: "p".into(),
+        shards: shardlock::ShardSet::All,
+        ops: vec![shardlock::Operation::Read],
+        expires: std::time::SystemTime::now() + std::time::Duration::from_secs(600),
+        not_before: None,
+        min_generation: Some(new_gen),
+    };
+    let token = shardlock::Token::issue(&fx.issuer, &spec).unwrap();
+    let authorizer = || shardlock::Authorizer::new(&fx.trust, Some(token.clone()), Default::default()).unwrap();
+    let access = shardlock::Access::new(authorizer(), fx.keyring.clone());
+    assert!(access.open_shard(&fx.open(&dir).unwrap(), 0).is_ok());
+    let e = access.open_shard(&fx.open(&old).unwrap(), 0).err().unwrap();
+    assert!(matches!(e, Error::AccessDenied { reason: shardlock::DenyReason::StaleGeneration, .. }), "{e}");
 }

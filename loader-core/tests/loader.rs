@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::Fixture;
-use shardlock::{AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
+use shardlock::{Attenuation, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
 use shardlock::{DType, DenyReason, Error, Field, IntegrityKind, Loader, LoaderBuilder, Remainder, Schema, Shuffle};
 
 /// 10 shards x 37 records: `x` = u16[3] holding (id, id*3, 7), `blob` = id as text.
@@ -217,6 +217,7 @@ fn expiry_mid_epoch_stops_at_the_next_shard() {
         ops: vec![Operation::Read],
         expires: start + Duration::from_secs(60),
         not_before: Some(start - Duration::from_secs(5)),
+        min_generation: None,
     };
     let token = Token::issue(&fx.issuer, &spec).unwrap();
     let mut l = Loader::builder(&dir)
@@ -250,7 +251,10 @@ fn expiry_mid_epoch_stops_at_the_next_shard() {
 fn a_token_for_some_shards_only_reads_those_then_is_denied() {
     let fx = Fixture::new();
     let dir = dataset(&fx);
-    let t = fx.token("loader").attenuate(Some(&ShardSet::parse("0-1").unwrap()), None, None).unwrap();
+    let t = fx
+        .token("loader")
+        .attenuate(&Attenuation { shards: Some(ShardSet::parse("0-1").unwrap()), ..Default::default() })
+        .unwrap();
     let mut l = Loader::builder(&dir)
         .key_provider(fx.keyring.clone())
         .token_value(t)

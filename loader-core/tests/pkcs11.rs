@@ -142,6 +142,7 @@ fn unwrap_only_after_authorization_and_once_per_shard_per_epoch() {
         ops: vec![Operation::Read],
         expires: SystemTime::now() + Duration::from_secs(600),
         not_before: None,
+        min_generation: None,
     };
     let narrow = shardlock::Authorizer::new(
         &fx.trust,

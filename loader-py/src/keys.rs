@@ -31,7 +31,7 @@ fn create_issuer_key(path: PathBuf) -> PyResult<PathBuf> {
 
 /// Issues an access token file (mode 0600); returns its revocation id.
 #[pyfunction]
-#[pyo3(signature = (issuer_key, out, *, dataset, principal, shards="all", ops="read", ttl="1h", not_before=None))]
+#[pyo3(signature = (issuer_key, out, *, dataset, principal, shards="all", ops="read", ttl="1h", not_before=None, min_generation=None))]
 #[allow(clippy::too_many_arguments)]
 fn issue_token(
     issuer_key: PathBuf,
@@ -42,6 +42,7 @@ fn issue_token(
     ops: &str,
     ttl: &str,
     not_before: Option<&str>,
+    min_generation: Option<u64>,
 ) -> PyResult<String> {
     let issuer = IssuerKey::load(&issuer_key).py()?;
     let spec = TokenSpec {
@@ -51,6 +52,7 @@ fn issue_token(
         ops: Operation::parse_list(ops).py()?,
         expires: shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_ttl(ttl).py()?).py()?,
         not_before: not_before.map(shardlock::parse_time).transpose().py()?,
+        min_generation,
     };
     let t = Token::issue(&issuer, &spec).py()?;
     t.save(&out).py()?;
@@ -59,7 +61,7 @@ fn issue_token(
 
 /// Narrows a token offline; returns the new token's revocation id.
 #[pyfunction]
-#[pyo3(signature = (token, trust, out, *, shards=None, ops=None, ttl=None))]
+#[pyo3(signature = (token, trust, out, *, shards=None, ops=None, ttl=None, min_generation=None))]
 fn attenuate_token(
     token: PathBuf,
     trust: PathBuf,
@@ -67,6 +69,7 @@ fn attenuate_token(
     shards: Option<&str>,
     ops: Option<&str>,
     ttl: Option<&str>,
+    min_generation: Option<u64>,
 ) -> PyResult<String> {
     let trust = TrustAnchor::load(&trust).py()?;
     let t = Token::load(&token, &trust).py()?;
@@ -76,7 +79,7 @@ fn attenuate_token(
         .map(|s| shardlock::parse_ttl(s).and_then(|d| shardlock::time_after(std::time::SystemTime::now(), d)))
         .transpose()
         .py()?;
-    let n = t.attenuate(shards.as_ref(), ops.as_deref(), expires).py()?;
+    let n = t.attenuate(&shardlock::Attenuation { shards, ops, expires, min_generation }).py()?;
     n.save(&out).py()?;
     Ok(n.revocation_id())
 }

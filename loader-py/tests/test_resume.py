@@ -57,3 +57,24 @@ def test_min_generation_and_repack_generations(env):
     assert e.value.kind == "rollback"
     with pytest.raises(ValueError, match="min_generation"):
         env.loader(env.root / "g", dataset="g", min_generation=0)
+
+
+def test_a_token_can_require_a_minimum_generation(env):
+    """Finding 2, token side: ``min_generation`` written by the issuer or added by
+    ``attenuate_token`` denies an older generation with reason ``stale_generation``."""
+    x = np.arange(16, dtype=np.int64)
+    env.pack("h", {"x": x}, dataset="h")
+    strict = env.token("h", name="strict.token", min_generation=2)
+    with pytest.raises(shardlock.AccessDenied) as e:
+        list(env.loader(env.root / "h", dataset="h", token=strict))
+    assert e.value.reason == "stale_generation"
+    loose = env.token("h", name="loose.token")
+    narrowed = env.root / "narrowed.token"
+    shardlock.attenuate_token(loose, env.trust, narrowed, min_generation=2)
+    with pytest.raises(shardlock.AccessDenied) as e:
+        list(env.loader(env.root / "h", dataset="h", token=narrowed))
+    assert e.value.reason == "stale_generation"
+    # After a re-pack (generation 2) both tokens read it.
+    shardlock.pack_numpy(env.root / "h", {"x": x}, keyring=env.keyring, issuer_key=env.issuer, dataset_id="h", force=True)
+    for tok in (strict, narrowed):
+        assert sum(len(b["x"]) for b in env.loader(env.root / "h", dataset="h", token=tok)) == 16

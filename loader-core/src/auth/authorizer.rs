@@ -10,7 +10,7 @@ use biscuit_auth::error::{FailedCheck, Logic, Token as TokenError};
 use biscuit_auth::{AuthorizerBuilder, AuthorizerLimits};
 
 use super::revocation::DenyList;
-use super::token::Token;
+use super::token::{Token, GENERATION_CHECK};
 use super::{DenyReason, Operation};
 use crate::error::{Error, Result};
 use crate::keys::TrustAnchor;
@@ -79,7 +79,7 @@ pub struct Authorizer {
 /// The request-side Datalog: facts the authorizer asserts, and the checks that map
 /// one-to-one to deny reasons.
 const POLICY: &str = r#"
-dataset({dataset}); shard({shard}); operation({op});
+dataset({dataset}); shard({shard}); operation({op}); generation({generation});
 time({now}); now_early({early}); now_late({late});
 check if allowed_dataset($d), dataset($d);
 check if operation($op), allowed_op($op);
@@ -156,9 +156,10 @@ impl Authorizer {
     }
 
     /// Authorizes one request at the current time; on failure `Error::AccessDenied`
-    /// naming the dataset, shard, operation, reason and failing rule. Only
-    /// [`crate::Access`] turns a success into a key-releasing [`crate::Grant`].
-    pub fn authorize(&self, dataset: &str, shard: u32, op: Operation) -> Result<()> {
+    /// naming the dataset, shard, operation, reason and failing rule. `generation` is
+    /// the verified manifest's generation, which a token may require a minimum of.
+    /// Only [`crate::Access`] turns a success into a key-releasing [`crate::Grant`].
+    pub fn authorize(&self, dataset: &str, shard: u32, op: Operation, generation: u64) -> Result<()> {
         let deny = |reason: DenyReason, rule: String| Error::AccessDenied {
             dataset: Some(dataset.to_owned()),
             shard: Some(shard),
@@ -184,6 +185,9 @@ impl Authorizer {
         params.insert("dataset".to_owned(), bb::string(dataset));
         params.insert("shard".to_owned(), bb::int(shard.into()));
         params.insert("op".to_owned(), bb::string(op.name()));
+        // Generations past i64::MAX cannot be written by `pack` or `rotate`; saturate
+        // rather than fail so such a manifest still meets any minimum.
+        params.insert("generation".to_owned(), bb::int(i64::try_from(generation).unwrap_or(i64::MAX)));
         params.insert("now".to_owned(), bb::date(&now));
         params.insert("early".to_owned(), bb::date(&now.checked_sub(self.cfg.skew).unwrap_or(SystemTime::UNIX_EPOCH)));
         params.insert("late".to_owned(), bb::date(&now.checked_add(self.cfg.skew).unwrap_or(now)));
@@ -241,6 +245,8 @@ fn classify(checks: &[FailedCheck]) -> (DenyReason, String) {
                     DenyReason::ShardOutOfScope
                 } else if r.starts_with("check if operation($op), [") {
                     DenyReason::OperationNotGranted
+                } else if r.starts_with(GENERATION_CHECK) && !r.contains(" or ") {
+                    DenyReason::StaleGeneration
                 } else {
                     DenyReason::AttenuationCheck
                 };
@@ -254,7 +260,8 @@ fn classify(checks: &[FailedCheck]) -> (DenyReason, String) {
         DenyReason::ShardOutOfScope => 2,
         DenyReason::TokenExpired => 3,
         DenyReason::NotYetValid => 4,
-        _ => 5,
+        DenyReason::StaleGeneration => 5,
+        _ => 6,
     };
     found.sort_by_key(|(r, _)| rank(r));
     let rules: Vec<String> = found.iter().map(|(_, s)| s.clone()).collect();

@@ -9,6 +9,6 @@ mod token;
 
 pub use authorizer::{Authorizer, AuthorizerConfig, Clock};
 pub use revocation::DenyList;
-pub use token::{inspect_unverified, ShardSet, Token, TokenSpec};
+pub use token::{inspect_unverified, Attenuation, ShardSet, Token, TokenSpec};
 
 pub use crate::error::{DenyReason, Operation};

@@ -13,7 +13,12 @@
 //! check if shard($s), $s >= 0, $s <= 1 or shard($s), $s >= 5, $s <= 5;
 //! check if operation($op), ["read"].contains($op);
 //! check if time($t), $t < 2026-11-26T09:00:00Z;
+//! check if generation($g), $g >= 4;
 //! ```
+//! The generation check (security review finding 2) may also stand in the authority
+//! block when the issuer sets [`TokenSpec::min_generation`]: the authorizer asserts
+//! `generation(G)` from the verified manifest, so a token can refuse an older pack of
+//! the same dataset id (one from before poisoned or personal data was removed).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -95,6 +100,39 @@ pub struct TokenSpec {
     pub expires: SystemTime,
     /// Validity start; `None` means the time of issue.
     pub not_before: Option<SystemTime>,
+    /// Refuse datasets whose manifest generation is below this (`None`: any).
+    pub min_generation: Option<u64>,
+}
+
+/// How [`Token::attenuate`] narrows a token; each `Some` adds one check.
+#[derive(Clone, Debug, Default)]
+pub struct Attenuation {
+    /// Keep only these shards.
+    pub shards: Option<ShardSet>,
+    /// Keep only these operations.
+    pub ops: Option<Vec<Operation>>,
+    /// Expire at this time (or earlier, if the token already does).
+    pub expires: Option<SystemTime>,
+    /// Refuse datasets whose manifest generation is below this.
+    pub min_generation: Option<u64>,
+}
+
+impl Attenuation {
+    /// True if nothing would be narrowed.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_none() && self.ops.is_none() && self.expires.is_none() && self.min_generation.is_none()
+    }
+}
+
+/// The check both the issuer and an attenuation write for a minimum generation;
+/// [`crate::Authorizer`] classifies a failure of it as `DenyReason::StaleGeneration`.
+pub(super) const GENERATION_CHECK: &str = "check if generation($g), $g >= ";
+
+fn generation_check(min: u64) -> Result<String> {
+    // Biscuit integers are i64; a manifest generation never comes near that.
+    let min = i64::try_from(min)
+        .map_err(|_| Error::InvalidArgument(format!("minimum generation {min} is larger than {}", i64::MAX)))?;
+    Ok(format!("{GENERATION_CHECK}{min}"))
 }
 
 /// A verified token: its signature chain checked against the trust anchor.
@@ -152,6 +190,9 @@ impl Token {
         }
         let nbf = spec.not_before.unwrap_or_else(SystemTime::now);
         b = b.fact(bb::fact("not_before", &[bb::date(&nbf)])).map_err(lang)?;
+        if let Some(min) = spec.min_generation {
+            b = b.check(generation_check(min)?.as_str()).map_err(lang)?;
+        }
         let biscuit = b.build(&root).map_err(lang)?;
         Ok(Self { biscuit, anchor: issuer.trust_anchor() })
     }
@@ -187,29 +228,33 @@ impl Token {
         crate::fs::write_atomic(path, text.as_bytes(), 0o600)
     }
 
-    /// A narrower token: only `shards`, only `ops`, and/or expiring within `ttl`.
-    /// Needs no key. Each argument adds a check; none can widen the token.
-    pub fn attenuate(
-        &self,
-        shards: Option<&ShardSet>,
-        ops: Option<&[Operation]>,
-        expires: Option<SystemTime>,
-    ) -> Result<Self> {
+    /// A narrower token: only some shards, only some operations, expiring sooner
+    /// and/or refusing older generations of the dataset ([`Attenuation`]). Needs no
+    /// key. Each field adds a check; none can widen the token.
+    pub fn attenuate(&self, narrow: &Attenuation) -> Result<Self> {
+        if narrow.is_empty() {
+            return Err(Error::InvalidArgument(
+                "nothing to narrow: give shards, operations, an expiry and/or a minimum generation".into(),
+            ));
+        }
         let mut block = BlockBuilder::new();
-        if let Some(ShardSet::Ranges(r)) = shards {
+        if let Some(ShardSet::Ranges(r)) = &narrow.shards {
             let body: Vec<String> = r.iter().map(|(a, b)| format!("shard($s), $s >= {a}, $s <= {b}")).collect();
             block = block.check(format!("check if {}", body.join(" or ")).as_str()).map_err(lang)?;
         }
-        if let Some(ops) = ops {
+        if let Some(ops) = &narrow.ops {
             let list: Vec<String> = ops.iter().map(|o| format!("\"{}\"", o.name())).collect();
             block = block
                 .check(format!("check if operation($op), [{}].contains($op)", list.join(", ")).as_str())
                 .map_err(lang)?;
         }
-        if let Some(exp) = expires {
+        if let Some(exp) = narrow.expires {
             let mut params = HashMap::new();
             params.insert("exp".to_owned(), bb::date(&exp));
             block = block.code_with_params("check if time($t), $t < {exp};", params, HashMap::new()).map_err(lang)?;
+        }
+        if let Some(min) = narrow.min_generation {
+            block = block.check(generation_check(min)?.as_str()).map_err(lang)?;
         }
         let biscuit = self.biscuit.append(block).map_err(lang)?;
         Ok(Self { biscuit, anchor: self.anchor })

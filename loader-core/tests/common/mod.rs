@@ -104,6 +104,7 @@ impl Fixture {
             ops: vec![Operation::Read, Operation::Verify],
             expires: SystemTime::now() + Duration::from_secs(3600),
             not_before: None,
+            min_generation: None,
         };
         Token::issue(&self.issuer, &spec).unwrap()
     }

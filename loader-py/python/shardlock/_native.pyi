@@ -65,9 +65,17 @@ def issue_token(
     ops: str = "read",
     ttl: str = "1h",
     not_before: Optional[str] = None,
+    min_generation: Optional[int] = None,
 ) -> str: ...
 def attenuate_token(
-    token: _Path, trust: _Path, out: _Path, *, shards: Optional[str] = None, ops: Optional[str] = None, ttl: Optional[str] = None
+    token: _Path,
+    trust: _Path,
+    out: _Path,
+    *,
+    shards: Optional[str] = None,
+    ops: Optional[str] = None,
+    ttl: Optional[str] = None,
+    min_generation: Optional[int] = None,
 ) -> str: ...
 def revoke_token(token: _Path, deny_list: _Path) -> str: ...
 

@@ -107,6 +107,10 @@ pub(crate) enum TokenCmd {
         /// Not valid before this time (RFC 3339 or Unix seconds); default now.
         #[arg(long)]
         not_before: Option<String>,
+        /// Refuse datasets whose manifest generation is below N (an older pack of the
+        /// same dataset id, or a rolled-back copy).
+        #[arg(long, value_name = "N")]
+        min_generation: Option<u64>,
         /// Token file to write (mode 0600).
         #[arg(long)]
         out: PathBuf,
@@ -127,6 +131,9 @@ pub(crate) enum TokenCmd {
         /// Expire within this duration from now.
         #[arg(long)]
         ttl: Option<String>,
+        /// Refuse datasets whose manifest generation is below N.
+        #[arg(long, value_name = "N")]
+        min_generation: Option<u64>,
         /// Token file to write (mode 0600).
         #[arg(long)]
         out: PathBuf,

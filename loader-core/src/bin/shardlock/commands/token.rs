@@ -1,15 +1,15 @@
 //! `shardlock token`: issue, attenuate, inspect and revoke access tokens.
 
 use shardlock::Error;
+use shardlock::{Attenuation, Operation, ShardSet, Token, TokenSpec};
 use shardlock::{IssuerKey, TrustAnchor};
-use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 use crate::cli::TokenCmd;
 use crate::output::print_json;
 
 pub(crate) fn token_cmd(t: TokenCmd) -> Result<(), Error> {
     match t {
-        TokenCmd::Issue { issuer_key, dataset, principal, shards, ops, ttl, not_before, out } => {
+        TokenCmd::Issue { issuer_key, dataset, principal, shards, ops, ttl, not_before, min_generation, out } => {
             let issuer = IssuerKey::load(&issuer_key)?;
             let expires = shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_ttl(&ttl)?)?;
             let spec = TokenSpec {
@@ -19,19 +19,21 @@ pub(crate) fn token_cmd(t: TokenCmd) -> Result<(), Error> {
                 ops: Operation::parse_list(&ops)?,
                 expires,
                 not_before: not_before.as_deref().map(shardlock::parse_time).transpose()?,
+                min_generation,
             };
             let token = Token::issue(&issuer, &spec)?;
             token.save(&out)?;
             println!(
-                "wrote token {} (mode 0600) for {:?} on dataset {:?}, shards {shards}, ops {ops}, expires {}; revocation id {}",
+                "wrote token {} (mode 0600) for {:?} on dataset {:?}, shards {shards}, ops {ops}{}, expires {}; revocation id {}",
                 out.display(),
                 spec.principal,
                 spec.dataset,
+                min_generation.map(|g| format!(", generation >= {g}")).unwrap_or_default(),
                 humantime::format_rfc3339_seconds(expires),
                 token.revocation_id()
             );
         }
-        TokenCmd::Attenuate { token, trust, shards, ops, ttl, out } => {
+        TokenCmd::Attenuate { token, trust, shards, ops, ttl, min_generation, out } => {
             let trust = TrustAnchor::load(&trust)?;
             let t = Token::load(&token, &trust)?;
             let shards = shards.as_deref().map(ShardSet::parse).transpose()?;
@@ -42,10 +44,13 @@ pub(crate) fn token_cmd(t: TokenCmd) -> Result<(), Error> {
                 .transpose()?
                 .map(|d| shardlock::time_after(std::time::SystemTime::now(), d))
                 .transpose()?;
-            if shards.is_none() && ops.is_none() && expires.is_none() {
-                return Err(Error::InvalidArgument("nothing to narrow: give --shards, --ops and/or --ttl".into()));
+            let narrow = Attenuation { shards, ops, expires, min_generation };
+            if narrow.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "nothing to narrow: give --shards, --ops, --ttl and/or --min-generation".into(),
+                ));
             }
-            let narrowed = t.attenuate(shards.as_ref(), ops.as_deref(), expires)?;
+            let narrowed = t.attenuate(&narrow)?;
             narrowed.save(&out)?;
             println!(
                 "wrote attenuated token {} (mode 0600); revocation id {}",
