@@ -16,7 +16,7 @@ PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]'
 # directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python
 # (loader-py/tests/test_pkcs11.py)).
 APT_DEPS := strace softhsm2
-FUZZ_TARGETS := shard_header manifest record_index payload
+FUZZ_TARGETS := shard_header manifest record_index payload read_path token
 
 .PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release py-test fuzz-build bench compare compare-smoke clean
 

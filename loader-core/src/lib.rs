@@ -61,6 +61,8 @@ mod pipeline;
 pub mod device;
 // Throughput measurement over any batch stream.
 mod bench;
+// The fuzz targets' harnesses (reached through `fuzz_hooks`).
+mod fuzz;
 
 pub use access::Access;
 pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};
@@ -134,6 +136,18 @@ pub mod fuzz_hooks {
                 assert_eq!(ix.field_range(r, 1).1 - ix.field_range(r, 1).0, 4);
             }
         }
+    }
+
+    /// The whole read path (manifest, header, index, payload through `Dataset` and
+    /// `Access`) over a valid dataset that the input edits and the harness re-signs.
+    pub fn read_path(data: &[u8]) {
+        crate::fuzz::read_path(data)
+    }
+
+    /// Token parsing, attenuation and authorization; an allowed request must be within
+    /// everything the issuer and every attenuation granted.
+    pub fn token(data: &[u8]) {
+        crate::auth::fuzz_token(data)
     }
 
     /// Cobblestone decryption of arbitrary bytes, random access and streaming: must

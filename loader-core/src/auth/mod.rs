@@ -4,10 +4,12 @@
 //! key release and the audit log.
 
 mod authorizer;
+mod fuzz;
 mod revocation;
 mod token;
 
 pub use authorizer::{Authorizer, AuthorizerConfig, Clock};
+pub(crate) use fuzz::token as fuzz_token;
 pub use revocation::DenyList;
 pub use token::{inspect_unverified, Attenuation, ShardSet, Token, TokenSpec};
 
