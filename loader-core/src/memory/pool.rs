@@ -70,7 +70,7 @@ impl LockedBuf {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(Error::os("map batch buffer memory")(std::io::Error::last_os_error()));
+            return Err(Error::os("map locked memory")(std::io::Error::last_os_error()));
         }
         let ptr =
             NonNull::new(raw.cast::<u8>()).ok_or_else(|| Error::Internal("mmap returned a null mapping".into()))?;
@@ -102,7 +102,6 @@ impl LockedBuf {
     }
 
     /// Whether the pages are locked in RAM.
-    #[cfg(test)]
     pub fn is_locked(&self) -> bool {
         self.locked
     }
