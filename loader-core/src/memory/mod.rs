@@ -4,11 +4,15 @@
 //! - [`map_file`]: read-only maps of shard files (ciphertext);
 //! - [`LockedBuf`] / [`BatchPool`]: page-locked, never-dumped, zeroize-on-release
 //!   buffers that hold plaintext batches (and, through `crypto::chunked::ChunkBuf`,
-//!   the scratch chunks of shard open and random access).
+//!   the scratch chunks of shard open and random access);
+//! - [`KeySlot`]: 32 bytes of key material (DEK, KEK, issuer seed) in a process-wide
+//!   arena of locked, never-dumped pages, zeroed on drop.
 
 mod pool;
+mod secret;
 
 pub use pool::{BatchPool, LockedBuf, MemoryPolicy};
+pub use secret::KeySlot;
 
 use std::path::Path;
 
