@@ -10,11 +10,11 @@
 //! Locking is best effort here, unlike [`super::LockedBuf`] under
 //! [`super::MemoryPolicy::RequireLocked`]: keys are made in places that cannot fail
 //! today (a key parsed from a file, unwrapped by a provider), and one page hardly
-//! moves the limit. [`KeySlot::is_locked`] says whether a slot's page is locked. The
-//! pages are not `MADV_WIPEONFORK`: a forked child keeps working keys (unlike batch
-//! buffers, a key is needed again after a fork). The arena's lock is held only to push
-//! or pop a slot, or to map a page; a child forked while another thread held it would
-//! block when it makes or drops a key (fork-then-exec is unaffected).
+//! moves the limit. The pages are not `MADV_WIPEONFORK`: a forked child keeps working
+//! keys (unlike batch buffers, a key is needed again after a fork). The arena's lock is
+//! held only to push or pop a slot, or to map a page; a child forked while another
+//! thread held it would block when it makes or drops a key (fork-then-exec is
+//! unaffected).
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -121,17 +121,8 @@ impl KeySlot {
         arena.take()
     }
 
-    /// A slot holding a copy of `bytes`, if they are exactly 32.
-    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != SLOT_LEN {
-            return None;
-        }
-        let mut s = Self::new();
-        s.copy_from_slice(bytes);
-        Some(s)
-    }
-
     /// Whether the slot's page is locked in RAM (it is never dumped either way).
+    #[cfg(test)]
     pub fn is_locked(&self) -> bool {
         self.locked
     }
