@@ -34,9 +34,9 @@ mod error;
 // Helpers: files that must not be seen half-written, durations and the clock.
 mod fs;
 mod time;
-// Primitives: memory (mapped and locked; the unsafe lives here), then crypto (no I/O),
-// which keeps its plaintext scratch and nothing else in memory's locked pages.
+// Primitives: memory (mapped and locked; the unsafe lives here) ...
 mod memory;
+// ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
 mod crypto;
 // Wire formats: parsers and encoders, no keys.
 mod format;

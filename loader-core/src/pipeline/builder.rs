@@ -271,7 +271,8 @@ impl LoaderBuilder {
             TokenSource::Token(t) => Authorizer::new(&trust, Some(*t), self.auth_cfg)?,
             TokenSource::File(p) => Authorizer::from_file(&trust, Some(&p), self.auth_cfg)?,
         };
-        let mut access = Access::new(authorizer, keys).with_backend(self.backend).with_memory_policy(self.memory_policy);
+        let mut access =
+            Access::new(authorizer, keys).with_backend(self.backend).with_memory_policy(self.memory_policy);
         if let Some(p) = &self.audit_log {
             access = access.with_audit(Arc::new(AuditLog::open(p)?));
         }
