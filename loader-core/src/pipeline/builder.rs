@@ -200,7 +200,8 @@ impl LoaderBuilder {
         self
     }
 
-    /// Accept unlocked memory when the memlock limit is too low (audited).
+    /// Accept unlocked memory when the memlock limit is too low (audited): for batch
+    /// buffers, the workers' chunk caches and the scratch of shard opens.
     pub fn allow_unlocked_memory(mut self, allow: bool) -> Self {
         self.memory_policy = if allow { MemoryPolicy::AllowUnlocked } else { MemoryPolicy::RequireLocked };
         self
