@@ -10,6 +10,7 @@ use crate::crypto::aead::Backend;
 use crate::dataset::{Dataset, OpenShard, ShardReader};
 use crate::error::{DenyReason, Error, Operation, Result};
 use crate::keys::{Dek, Grant, KeyProvider};
+use crate::memory::MemoryPolicy;
 
 /// Authorizes, unwraps and audits, in that order, for every shard open.
 pub struct Access {
@@ -17,12 +18,13 @@ pub struct Access {
     keys: Arc<dyn KeyProvider>,
     audit: Option<Arc<AuditLog>>,
     backend: Backend,
+    memory: MemoryPolicy,
 }
 
 impl Access {
     /// A gate over `keys` for the token held by `authorizer`.
     pub fn new(authorizer: Authorizer, keys: Arc<dyn KeyProvider>) -> Self {
-        Self { authorizer, keys, audit: None, backend: Backend::default() }
+        Self { authorizer, keys, audit: None, backend: Backend::default(), memory: MemoryPolicy::RequireLocked }
     }
 
     /// Records every decision in `log`.
@@ -34,6 +36,14 @@ impl Access {
     /// Selects the AEAD backend for shards opened through this gate.
     pub fn with_backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// What to do when the scratch memory of a shard open cannot be locked (the
+    /// default: fail with `Error::MemoryLock`). The loader passes its own policy
+    /// (`LoaderBuilder::allow_unlocked_memory`).
+    pub fn with_memory_policy(mut self, policy: MemoryPolicy) -> Self {
+        self.memory = policy;
         self
     }
 
@@ -137,7 +147,7 @@ impl Access {
     pub fn open_shared(&self, ds: &Dataset, shard: u32) -> Result<Arc<OpenShard>> {
         let op = Operation::Read;
         let dek = self.release_dek(ds, shard, op)?;
-        OpenShard::open(ds, shard, &dek, self.backend).map(Arc::new).inspect_err(|e| {
+        OpenShard::open(ds, shard, &dek, self.backend, self.memory).map(Arc::new).inspect_err(|e| {
             let _ = self.record_failure(ds, shard, op, e);
         })
     }
@@ -147,7 +157,7 @@ impl Access {
     pub fn open_shard(&self, ds: &Dataset, shard: u32) -> Result<ShardReader> {
         let op = Operation::Read;
         let dek = self.release_dek(ds, shard, op)?;
-        ds.open_shard(shard, &dek, self.backend).inspect_err(|e| {
+        ds.open_shard_with(shard, &dek, self.backend, self.memory).inspect_err(|e| {
             let _ = self.record_failure(ds, shard, op, e);
         })
     }

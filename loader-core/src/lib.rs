@@ -34,9 +34,10 @@ mod error;
 // Helpers: files that must not be seen half-written, durations and the clock.
 mod fs;
 mod time;
-// Primitives: crypto (no I/O) and memory (mapped and locked; the unsafe lives here).
-mod crypto;
+// Primitives: memory (mapped and locked; the unsafe lives here) ...
 mod memory;
+// ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
+mod crypto;
 // Wire formats: parsers and encoders, no keys.
 mod format;
 // Key custody: secret types, Grant, providers.

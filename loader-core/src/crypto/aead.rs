@@ -96,6 +96,11 @@ thread_local! {
     /// The address of the last ciphertext aws-lc opened on this thread (tests check
     /// that it is never inside a caller's buffer, see `chunked`).
     pub(crate) static LAST_OPENED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// While `Some`: the mapping aws-lc wrote the plaintext of each chunk it opened on
+    /// this thread into, read when it was written (tests check that shard open decrypts
+    /// only into locked memory, see `dataset::shard`).
+    pub(crate) static OPENED_INTO: std::cell::RefCell<Option<Vec<Option<crate::memory::SmapsEntry>>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl AeadKey for AwsLcKey {
@@ -113,6 +118,12 @@ impl AeadKey for AwsLcKey {
         }
         #[cfg(test)]
         LAST_OPENED.with(|p| p.set(ciphertext.as_ptr() as usize));
+        #[cfg(test)]
+        OPENED_INTO.with(|v| {
+            if let Some(v) = v.borrow_mut().as_mut() {
+                v.push(crate::memory::smaps_entry(out.as_ptr() as usize));
+            }
+        });
         let r = self.0.open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ciphertext, tag, out);
         if r.is_err() {
             // aws-lc-rs documents that `out` may hold unspecified bytes on failure.

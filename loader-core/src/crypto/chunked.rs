@@ -23,6 +23,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::aead::{AeadKey, Backend, KEY_LEN, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, IntegrityKind, Result};
+use crate::memory::{LockedBuf, MemoryPolicy};
 
 /// Plaintext bytes per chunk (16 KiB).
 pub const CHUNK_LEN: usize = 16 * 1024;
@@ -39,13 +40,31 @@ pub const MAX_CHUNKS: u64 = 1 << 38;
 
 const INFO_PREFIX: &[u8] = b"c2sp.org/chunked-encryption@v1+AEAD_AES_256_GCM\x00";
 
-/// A heap buffer of one chunk of plaintext, zeroized on drop.
-pub struct ChunkBuf(Box<[u8; CHUNK_LEN]>);
+/// One chunk of plaintext scratch: page-aligned anonymous memory that is `mlock`ed,
+/// `MADV_DONTDUMP` and `MADV_WIPEONFORK` (a [`LockedBuf`]), zeroized on drop. It holds
+/// the final chunk and the record-index chunks when a shard is opened, and partial
+/// chunks of random-access reads.
+pub struct ChunkBuf(LockedBuf);
 
 impl ChunkBuf {
-    /// A zeroed buffer.
+    /// A zeroed buffer, locked if the memory-lock limit allows (never dumped either
+    /// way). For the fail-closed variant see [`ChunkBuf::with_policy`].
     pub fn new() -> Self {
-        Self(Box::new([0u8; CHUNK_LEN]))
+        // Only the mapping itself can fail with AllowUnlocked: an allocation failure,
+        // handled as the heap allocation this replaces would handle it.
+        Self::with_policy(MemoryPolicy::AllowUnlocked)
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u8; CHUNK_LEN]>()))
+    }
+
+    /// A zeroed buffer; under [`MemoryPolicy::RequireLocked`] one that cannot be locked
+    /// is an [`Error::MemoryLock`].
+    pub fn with_policy(policy: MemoryPolicy) -> Result<Self> {
+        LockedBuf::new(CHUNK_LEN, policy).map(Self)
+    }
+
+    /// Whether the pages are locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
     }
 }
 
@@ -58,19 +77,13 @@ impl Default for ChunkBuf {
 impl std::ops::Deref for ChunkBuf {
     type Target = [u8; CHUNK_LEN];
     fn deref(&self) -> &Self::Target {
-        &self.0
+        self.0.as_slice().first_chunk().unwrap_or_else(|| unreachable!("a LockedBuf holds at least its length"))
     }
 }
 
 impl std::ops::DerefMut for ChunkBuf {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for ChunkBuf {
-    fn drop(&mut self) {
-        self.0.zeroize();
+        self.0.as_mut_slice().first_chunk_mut().unwrap_or_else(|| unreachable!("a LockedBuf holds at least its length"))
     }
 }
 
@@ -371,10 +384,16 @@ impl<B: AsRef<[u8]>> Payload<B> {
     }
 
     /// Authenticates the message length by decrypting the final chunk (spec,
-    /// "Implementation notes").
+    /// "Implementation notes") into a scratch chunk of its own.
     pub fn authenticate_length(&self) -> Result<()> {
-        let mut scratch = ChunkBuf::new();
-        self.decrypt_chunk(self.msg.chunks - 1, &mut scratch[..]).map(|_| ())
+        self.authenticate_length_with(&mut ChunkBuf::new())
+    }
+
+    /// As [`Payload::authenticate_length`], decrypting into `scratch` (zeroized after).
+    pub fn authenticate_length_with(&self, scratch: &mut [u8; CHUNK_LEN]) -> Result<()> {
+        let r = self.decrypt_chunk(self.msg.chunks - 1, &mut scratch[..]).map(|_| ());
+        scratch.zeroize();
+        r
     }
 
     /// Decrypts plaintext bytes `[offset, offset + out.len())` into `out`, decrypting
@@ -616,6 +635,23 @@ mod tests {
         let e = p.read_at(0, &mut out, &mut scratch).unwrap_err();
         assert!(matches!(e, Error::Integrity { chunk: Some(1), kind: IntegrityKind::ChunkAuth, .. }));
         assert!(out.iter().all(|&b| b == 0));
+    }
+
+    /// Security review finding 5: the scratch that holds a shard's final chunk and its
+    /// index chunks (record bytes too) is locked and never dumped, not heap memory.
+    #[test]
+    fn chunk_scratch_is_locked_and_never_dumped() {
+        let buf = ChunkBuf::with_policy(MemoryPolicy::RequireLocked).unwrap_or_else(|e| {
+            panic!("{e}: this test needs a few locked pages; raise the limit (ulimit -l) to run it")
+        });
+        let m = crate::memory::smaps_entry(buf.as_ptr() as usize).unwrap();
+        assert!(m.dont_dump(), "chunk scratch is not MADV_DONTDUMP: {m:?}");
+        crate::memory::assert_locked(&m, buf.is_locked());
+        // The best-effort constructor (used by `verify` and the test hooks) too.
+        let buf = ChunkBuf::new();
+        let m = crate::memory::smaps_entry(buf.as_ptr() as usize).unwrap();
+        assert!(m.dont_dump(), "chunk scratch is not MADV_DONTDUMP: {m:?}");
+        crate::memory::assert_locked(&m, buf.is_locked());
     }
 
     /// Security review finding 4: aws-lc's GCM reads its input twice, so a chunk opened

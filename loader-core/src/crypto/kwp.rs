@@ -6,7 +6,7 @@
 //! without it, it is rejected as an invalid argument.
 
 use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_128, AES_256};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 
@@ -81,14 +81,25 @@ pub fn wrap(kek_bytes: &[u8], key: &[u8]) -> Result<Vec<u8>> {
 /// Unwraps `wrapped` under `kek` (RFC 5649, section 4.2) and checks its integrity
 /// (the alternative IV and the padding). `None` when it does not unwrap.
 pub fn unwrap(kek_bytes: &[u8], wrapped: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>> {
-    let k = Kek::new(kek_bytes)?;
-    // Also keeps `aes-kw` away from its 8-byte input, on which it underflows.
-    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) {
-        return Ok(None);
-    }
-    let mut out = Zeroizing::new(vec![0u8; wrapped.len() - 8]);
-    Ok(k.unwrap(wrapped, &mut out).map(|n| {
+    let mut out = Zeroizing::new(vec![0u8; wrapped.len().saturating_sub(8)]);
+    Ok(unwrap_into(kek_bytes, wrapped, &mut out)?.map(|n| {
         out.truncate(n);
         out
     }))
+}
+
+/// As [`unwrap`], into `out` (exactly `wrapped.len() - 8` bytes, e.g. a locked key
+/// slot, so that the key never passes through the heap): the unpadded length, or
+/// `None` when it does not unwrap (then `out` is zeroized).
+pub fn unwrap_into(kek_bytes: &[u8], wrapped: &[u8], out: &mut [u8]) -> Result<Option<usize>> {
+    let k = Kek::new(kek_bytes)?;
+    // Also keeps `aes-kw` away from its 8-byte input, on which it underflows.
+    if wrapped.len() < 16 || !wrapped.len().is_multiple_of(8) || out.len() != wrapped.len() - 8 {
+        return Ok(None);
+    }
+    let n = k.unwrap(wrapped, out);
+    if n.is_none() {
+        out.zeroize();
+    }
+    Ok(n)
 }

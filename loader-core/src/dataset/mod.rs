@@ -14,6 +14,7 @@ use crate::crypto::aead::Backend;
 use crate::error::{Error, Result, ShardRef};
 use crate::format::manifest::{self, Manifest, ShardEntry, SignedManifest};
 use crate::keys::{Dek, IssuerKey, TrustAnchor};
+use crate::memory::MemoryPolicy;
 use crate::remote::{Location, RemoteOptions, ShardSource};
 
 /// A dataset whose manifest signature has been verified against a trust anchor.
@@ -333,8 +334,20 @@ impl Dataset {
 
     /// Opens shard `index` with its (already unwrapped) DEK: checks size, header,
     /// commitment, the authenticated length and the record index.
+    /// Its scratch memory must lock ([`MemoryPolicy::RequireLocked`]).
     pub fn open_shard(&self, index: u32, dek: &Dek, backend: Backend) -> Result<ShardReader> {
-        ShardReader::open(self, index, dek, backend)
+        self.open_shard_with(index, dek, backend, MemoryPolicy::RequireLocked)
+    }
+
+    /// As [`Dataset::open_shard`], with what to do when scratch memory cannot be locked.
+    pub(crate) fn open_shard_with(
+        &self,
+        index: u32,
+        dek: &Dek,
+        backend: Backend,
+        policy: MemoryPolicy,
+    ) -> Result<ShardReader> {
+        ShardReader::open(self, index, dek, backend, policy)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::{Error, IntegrityKind, Result, ShardRef};
 use crate::format::index::{self, RecordIndex, PROLOGUE_LEN};
 use crate::format::ShardHeader;
 use crate::keys::Dek;
-use crate::memory::{map_opened, Mapped};
+use crate::memory::{map_opened, Mapped, MemoryPolicy};
 use crate::remote::{RangeRequest, RangeSource, ShardSource};
 
 /// An opened shard shared by pipeline workers: its ciphertext (memory-mapped, or read
@@ -53,10 +53,14 @@ pub(super) struct SealedRun {
 }
 
 impl OpenShard {
-    pub(crate) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
+    /// Opens shard `shard` with its DEK. The final chunk and the record-index chunks
+    /// (which also hold record bytes) are decrypted into one scratch chunk of locked,
+    /// never-dumped memory: under `policy` [`MemoryPolicy::RequireLocked`] a scratch
+    /// that cannot be locked is an `Error::MemoryLock`.
+    pub(crate) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend, policy: MemoryPolicy) -> Result<Self> {
         let (file, path) = match ds.open_shard_data(shard)? {
             ShardSource::File(f, p) => (f, p),
-            ShardSource::Ranged(src) => return Self::open_ranged(ds, shard, dek, backend, src),
+            ShardSource::Ranged(src) => return Self::open_ranged(ds, shard, dek, backend, src, policy),
         };
         let entry = ds.shard_entry(shard)?;
         let at = ds.shard_ref(shard);
@@ -75,8 +79,8 @@ impl OpenShard {
         if payload.plaintext_len() != header.plaintext_len {
             return Err(fail(IntegrityKind::Truncated));
         }
-        payload.authenticate_length().map_err(|e| e.at_shard(&at))?;
-        let mut scratch = ChunkBuf::new();
+        let mut scratch = ChunkBuf::with_policy(policy)?;
+        payload.authenticate_length_with(&mut scratch).map_err(|e| e.at_shard(&at))?;
         let index = read_index(payload.plaintext_len(), &ds.manifest().schema, header.record_count, &path, |b| {
             payload.read_at(0, b, &mut scratch)
         })
@@ -89,7 +93,14 @@ impl OpenShard {
     /// as for a file follow (header equal to the one the signed manifest implies, key
     /// commitment, authenticated length, record index); the object's size is the
     /// signed `file_bytes`, which every ranged response is checked against.
-    fn open_ranged(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend, src: Arc<dyn RangeSource>) -> Result<Self> {
+    fn open_ranged(
+        ds: &Dataset,
+        shard: u32,
+        dek: &Dek,
+        backend: Backend,
+        src: Arc<dyn RangeSource>,
+        policy: MemoryPolicy,
+    ) -> Result<Self> {
         let entry = ds.shard_entry(shard)?;
         let at = ds.shard_ref(shard);
         let fail = |kind| Error::Integrity { shard: at.clone(), chunk: None, kind };
@@ -143,7 +154,7 @@ impl OpenShard {
         if msg.plaintext_len() != entry.plaintext_bytes {
             return Err(fail(IntegrityKind::Truncated));
         }
-        let mut scratch = ChunkBuf::new();
+        let mut scratch = ChunkBuf::with_policy(policy)?;
         chunk(msg.chunk_count() - 1, &mut scratch[..]).map_err(|e| e.at_shard(&at))?;
         let path = at.file.clone().unwrap_or_default();
         let index =
@@ -315,15 +326,22 @@ pub(super) fn run_chunk<'a>(msg: &Message, run: &'a SealedRun, k: u64) -> Option
     run.bytes.get(a..a + (r.end - r.start) as usize)
 }
 
-/// Random access to the records of one shard: an [`OpenShard`] plus its own scratch.
+/// Random access to the records of one shard: an [`OpenShard`] plus its own scratch
+/// chunk (locked, never dumped, as the shard's).
 pub struct ShardReader {
     shard: std::sync::Arc<OpenShard>,
     scratch: ChunkBuf,
 }
 
 impl ShardReader {
-    pub(super) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend) -> Result<Self> {
-        Ok(Self { shard: std::sync::Arc::new(OpenShard::open(ds, shard, dek, backend)?), scratch: ChunkBuf::new() })
+    pub(super) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend, policy: MemoryPolicy) -> Result<Self> {
+        let scratch = ChunkBuf::with_policy(policy)?;
+        Ok(Self { shard: std::sync::Arc::new(OpenShard::open(ds, shard, dek, backend, policy)?), scratch })
+    }
+
+    /// Whether this reader's scratch chunk is locked in RAM.
+    pub fn scratch_is_locked(&self) -> bool {
+        self.scratch.is_locked()
     }
 
     /// The shared shard.
@@ -440,4 +458,66 @@ pub(crate) fn read_index(
         return Err(corrupt());
     }
     RecordIndex::parse(&bytes, schema, plaintext_len, path).map_err(|_| corrupt())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use crate::crypto::aead::OPENED_INTO;
+    use crate::memory::assert_locked;
+    use crate::{
+        Access, Authorizer, AuthorizerConfig, Dataset, DatasetWriter, Field, IssuerKey, Keyring, Operation,
+        PackOptions, Schema, ShardSet, Token, TokenSpec,
+    };
+
+    /// Security review finding 5: opening a shard decrypts its final chunk and its
+    /// index chunk (which also holds record bytes) only into locked, never-dumped
+    /// scratch, and so do a reader's partial reads; no chunk lands in heap memory.
+    #[test]
+    fn shard_open_decrypts_only_into_locked_never_dumped_scratch() {
+        let t = tempfile::tempdir().unwrap();
+        let ring = Arc::new(Keyring::create(&t.path().join("keyring.json")).unwrap());
+        let issuer = IssuerKey::generate().unwrap();
+        let trust = issuer.trust_anchor();
+        let dir = t.path().join("ds");
+        let schema = Schema::new(vec![Field::bytes("b")]).unwrap();
+        let mut w = DatasetWriter::create(&dir, schema, PackOptions::new("scratch"), &*ring, &issuer).unwrap();
+        // Three chunks: the index and the first records, a middle one, the final one.
+        for i in 0..40u8 {
+            w.write_sample(&[&[i; 1000]]).unwrap();
+        }
+        w.finish().unwrap();
+        let spec = TokenSpec {
+            dataset: "scratch".into(),
+            principal: "tester".into(),
+            shards: ShardSet::All,
+            ops: vec![Operation::Read],
+            expires: SystemTime::now() + Duration::from_secs(3600),
+            not_before: None,
+        };
+        let token = Token::issue(&issuer, &spec).unwrap();
+        let ds = Dataset::open(&dir, &trust).unwrap();
+        let access = Access::new(Authorizer::new(&trust, Some(token), AuthorizerConfig::default()).unwrap(), ring);
+        let check = |what: &str, locked: bool| {
+            let outs = OPENED_INTO.with(|v| v.borrow_mut().replace(Vec::new())).unwrap();
+            assert!(!outs.is_empty(), "{what}: nothing was decrypted");
+            for m in outs {
+                let m = m.unwrap();
+                assert!(m.dont_dump(), "{what} decrypted a chunk into memory that a core dump includes: {m:?}");
+                assert_locked(&m, locked);
+            }
+        };
+        OPENED_INTO.with(|v| *v.borrow_mut() = Some(Vec::new()));
+        let mut r = access.open_shard(&ds, 0).unwrap();
+        assert_eq!(r.shared().chunk_count(), 3);
+        check("shard open", r.scratch_is_locked());
+        let mut out = [0u8; 1000];
+        r.read_field(17, 0, &mut out).unwrap();
+        assert_eq!(out, [17u8; 1000]);
+        check("ShardReader::read_field", r.scratch_is_locked());
+        OPENED_INTO.with(|v| *v.borrow_mut() = None);
+    }
 }

@@ -78,7 +78,7 @@ impl Keyring {
         }
         let mut keks = Vec::with_capacity(f.keys.len());
         for e in &f.keys {
-            let mut key = Zeroizing::new([0u8; 32]);
+            let mut key = crate::memory::KeySlot::new();
             hex::decode_to_slice(e.key.as_bytes(), &mut key[..])
                 .map_err(|_| bad(format!("key {:?} is not 64 hex digits", e.id)))?;
             if keks.iter().any(|k: &Kek| k.id == e.id) {

@@ -1,7 +1,8 @@
 //! Secret types and key custody.
 //!
 //! - [`Kek`], [`Dek`], [`IssuerKey`]: secrets that zeroize on drop, print no bytes and
-//!   cannot be cloned.
+//!   cannot be cloned. Their bytes live in the locked, never-dumped key arena
+//!   (`memory::KeySlot`), never in ordinary heap memory.
 //! - [`Keyring`]: the embedded default custody, a 0600 JSON file of KEKs.
 //! - [`KeyProvider`]: where a DEK is wrapped and unwrapped: the keyring file, or a
 //!   PKCS#11 HSM ([`pkcs11`], feature `pkcs11`). [`open_provider`] opens either from one
@@ -24,21 +25,28 @@ use zeroize::Zeroizing;
 
 use crate::crypto;
 use crate::error::{Error, Result};
+use crate::memory::KeySlot;
 
 /// A 32-byte data-encryption key: the Cobblestone input key of one shard.
-pub struct Dek(Zeroizing<[u8; 32]>);
+pub struct Dek(KeySlot);
 
 impl Dek {
     /// A fresh random DEK (for packing a new shard).
     pub(crate) fn generate() -> Result<Self> {
-        let mut k = Zeroizing::new([0u8; 32]);
+        let mut k = KeySlot::new();
         crypto::random_bytes(&mut k[..])?;
         Ok(Self(k))
     }
 
+    /// A copy of `bytes`, if they are exactly 32 (a DEK a PKCS#11 module unwrapped).
+    #[cfg(any(test, feature = "pkcs11"))]
     pub(crate) fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; 32] = bytes.try_into().ok()?;
-        Some(Self(Zeroizing::new(arr)))
+        if bytes.len() != 32 {
+            return None;
+        }
+        let mut k = KeySlot::new();
+        k.copy_from_slice(bytes);
+        Some(Self(k))
     }
 
     /// The key bytes, for the Cobblestone layer.
@@ -56,13 +64,13 @@ impl fmt::Debug for Dek {
 /// A 256-bit key-encryption key with its id.
 pub struct Kek {
     id: String,
-    key: Zeroizing<[u8; 32]>,
+    key: KeySlot,
 }
 
 impl Kek {
     /// A fresh random KEK with a random id `kek-<16 hex>`.
     pub fn generate() -> Result<Self> {
-        let mut key = Zeroizing::new([0u8; 32]);
+        let mut key = KeySlot::new();
         crypto::random_bytes(&mut key[..])?;
         let mut id = [0u8; 8];
         crypto::random_bytes(&mut id)?;
@@ -88,8 +96,15 @@ impl Kek {
             detail: "the wrapped DEK does not unwrap under this KEK (wrong keyring, or the manifest's wrapped key was altered)".into(),
         }
         };
-        let raw = crypto::kwp::unwrap(&self.key[..], wrapped)?.ok_or_else(fail)?;
-        Dek::from_slice(&raw).ok_or_else(fail)
+        // A 32-byte DEK wraps to 40 bytes; unwrapped straight into its slot (no heap copy).
+        if wrapped.len() != 40 {
+            return Err(fail());
+        }
+        let mut dek = KeySlot::new();
+        match crypto::kwp::unwrap_into(&self.key[..], wrapped, &mut dek[..])? {
+            Some(32) => Ok(Dek(dek)),
+            _ => Err(fail()),
+        }
     }
 }
 
@@ -145,7 +160,7 @@ pub fn open_provider_path(spec: &Path) -> Result<Arc<dyn KeyProvider>> {
 
 /// The data owner's Ed25519 signing key (signs manifests; roots tokens).
 pub struct IssuerKey {
-    seed: Zeroizing<[u8; 32]>,
+    seed: KeySlot,
     public: [u8; 32],
 }
 
@@ -165,7 +180,7 @@ const TRUST_FORMAT: &str = "shardlock-issuer-pub/1";
 impl IssuerKey {
     /// A fresh random issuer key.
     pub fn generate() -> Result<Self> {
-        let mut seed = Zeroizing::new([0u8; 32]);
+        let mut seed = KeySlot::new();
         crypto::random_bytes(&mut seed[..])?;
         let public = crypto::sign::public_key(&seed)?;
         Ok(Self { seed, public })
@@ -182,7 +197,7 @@ impl IssuerKey {
         if f.format != ISSUER_FORMAT || f.alg != "ed25519" {
             return Err(bad("unknown format or algorithm"));
         }
-        let mut seed = Zeroizing::new([0u8; 32]);
+        let mut seed = KeySlot::new();
         hex::decode_to_slice(secret.as_bytes(), &mut seed[..]).map_err(|_| bad("secret is not 64 hex digits"))?;
         let public = crypto::sign::public_key(&seed)?;
         Ok(Self { seed, public })
@@ -293,5 +308,50 @@ impl TrustAnchor {
             return Err(bad("key_id does not match the public key"));
         }
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::memory::{assert_locked, smaps_entry};
+
+    fn assert_in_locked_arena(what: &str, slot: &KeySlot) {
+        let m = smaps_entry(slot.as_ptr() as usize).unwrap();
+        assert!(m.dont_dump(), "{what} is in memory that a core dump includes: {m:?}");
+        assert_locked(&m, slot.is_locked());
+    }
+
+    /// Security review finding 5: DEKs (generated and unwrapped), KEKs and the issuer
+    /// seed live in locked, never-dumped pages, not on the heap.
+    #[test]
+    fn key_bytes_live_in_locked_never_dumped_pages() {
+        let kek = Kek::generate().unwrap();
+        assert_in_locked_arena("a KEK", &kek.key);
+        let dek = Dek::generate().unwrap();
+        assert_in_locked_arena("a generated DEK", &dek.0);
+        let unwrapped = kek.unwrap(&kek.wrap(&dek).unwrap()).unwrap();
+        assert_eq!(unwrapped.expose(), dek.expose());
+        assert_in_locked_arena("an unwrapped DEK", &unwrapped.0);
+        assert_in_locked_arena("a DEK from bytes", &Dek::from_slice(&[7u8; 32]).unwrap().0);
+        assert_in_locked_arena("the issuer seed", &IssuerKey::generate().unwrap().seed);
+    }
+
+    #[test]
+    fn unwrap_rejects_what_is_not_a_wrapped_32_byte_key() {
+        let kek = Kek::generate().unwrap();
+        let mut wrapped = kek.wrap(&Dek::generate().unwrap()).unwrap();
+        assert_eq!(wrapped.len(), 40);
+        let short = crypto::kwp::wrap(&kek.key[..], &[1u8; 16]).unwrap();
+        assert!(matches!(kek.unwrap(&short), Err(Error::KeyUnavailable { .. })));
+        let long = crypto::kwp::wrap(&kek.key[..], &[1u8; 33]).unwrap();
+        assert!(matches!(kek.unwrap(&long), Err(Error::KeyUnavailable { .. })));
+        // 25..=32 bytes pad to 40: only exactly 32 is a DEK.
+        let padded = crypto::kwp::wrap(&kek.key[..], &[1u8; 31]).unwrap();
+        assert_eq!(padded.len(), 40);
+        assert!(matches!(kek.unwrap(&padded), Err(Error::KeyUnavailable { .. })));
+        wrapped[3] ^= 1;
+        assert!(matches!(kek.unwrap(&wrapped), Err(Error::KeyUnavailable { .. })));
     }
 }

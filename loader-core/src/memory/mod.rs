@@ -3,11 +3,16 @@
 //!
 //! - [`map_file`]: read-only maps of shard files (ciphertext);
 //! - [`LockedBuf`] / [`BatchPool`]: page-locked, never-dumped, zeroize-on-release
-//!   buffers that hold plaintext batches.
+//!   buffers that hold plaintext batches (and, through `crypto::chunked::ChunkBuf`,
+//!   the scratch chunks of shard open and random access);
+//! - [`KeySlot`]: 32 bytes of key material (DEK, KEK, issuer seed) in a process-wide
+//!   arena of locked, never-dumped pages, zeroed on drop.
 
 mod pool;
+mod secret;
 
 pub use pool::{BatchPool, LockedBuf, MemoryPolicy};
+pub use secret::KeySlot;
 
 use std::path::Path;
 
@@ -61,4 +66,68 @@ pub fn rss_anon() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The `/proc/self/smaps` entry of the mapping that contains an address (tests: is
+/// this memory locked, is it excluded from core dumps).
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct SmapsEntry {
+    /// The mapping's header line (printed in assertion messages).
+    #[allow(dead_code)]
+    pub(crate) header: String,
+    /// `Locked:` in kB.
+    pub(crate) locked_kb: u64,
+    /// The `VmFlags:` two-letter codes.
+    pub(crate) flags: Vec<String>,
+}
+
+#[cfg(test)]
+impl SmapsEntry {
+    /// `dd`: MADV_DONTDUMP.
+    pub(crate) fn dont_dump(&self) -> bool {
+        self.flags.iter().any(|f| f == "dd")
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn smaps_entry(addr: usize) -> Option<SmapsEntry> {
+    let s = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut cur: Option<SmapsEntry> = None;
+    for line in s.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                if cur.is_some() {
+                    break;
+                }
+                if (a..b).contains(&addr) {
+                    cur = Some(SmapsEntry { header: line.to_owned(), locked_kb: 0, flags: Vec::new() });
+                }
+                continue;
+            }
+        }
+        let Some(e) = cur.as_mut() else { continue };
+        if let Some(v) = line.strip_prefix("Locked:") {
+            e.locked_kb = v.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("VmFlags:") {
+            e.flags = v.split_whitespace().map(str::to_owned).collect();
+        }
+    }
+    cur
+}
+
+/// Asserts that the mapping `m` is locked. Memory that could not be locked (`locked`
+/// is false) fails the test too, naming RLIMIT_MEMLOCK: a few pages fit any sane
+/// limit, and a test that passed on unlocked memory would prove nothing.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn assert_locked(m: &SmapsEntry, locked: bool) {
+    let (soft, hard) = pool::memlock_limit();
+    assert!(
+        locked,
+        "mlock failed (RLIMIT_MEMLOCK soft {soft} B, hard {hard} B): this test needs a few locked pages; \
+         raise the limit (ulimit -l) to run it"
+    );
+    assert!(m.locked_kb > 0 && m.flags.iter().any(|f| f == "lo"), "mapping is not locked: {m:?}");
 }

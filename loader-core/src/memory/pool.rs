@@ -22,7 +22,7 @@ pub enum MemoryPolicy {
     AllowUnlocked,
 }
 
-fn page_size() -> usize {
+pub(super) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions; it only reads a system constant.
     #[allow(unsafe_code)]
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -70,7 +70,7 @@ impl LockedBuf {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(Error::os("map batch buffer memory")(std::io::Error::last_os_error()));
+            return Err(Error::os("map locked memory")(std::io::Error::last_os_error()));
         }
         let ptr =
             NonNull::new(raw.cast::<u8>()).ok_or_else(|| Error::Internal("mmap returned a null mapping".into()))?;
@@ -102,7 +102,6 @@ impl LockedBuf {
     }
 
     /// Whether the pages are locked in RAM.
-    #[cfg(test)]
     pub fn is_locked(&self) -> bool {
         self.locked
     }
@@ -137,6 +136,13 @@ impl LockedBuf {
         let len = len.min(self.cap);
         self.dirty = self.dirty.max(len);
         &mut self.as_mut_slice()[..len]
+    }
+
+    /// The start of the mapping, for an owner that hands out parts of it itself (the
+    /// key arena); all of it is wiped on drop.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.dirty = self.cap;
+        self.ptr.as_ptr()
     }
 
     /// The whole buffer, mutably (all of it is wiped on return).

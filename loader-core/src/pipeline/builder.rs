@@ -200,7 +200,8 @@ impl LoaderBuilder {
         self
     }
 
-    /// Accept unlocked memory when the memlock limit is too low (audited).
+    /// Accept unlocked memory when the memlock limit is too low (audited): for batch
+    /// buffers, the workers' chunk caches and the scratch of shard opens.
     pub fn allow_unlocked_memory(mut self, allow: bool) -> Self {
         self.memory_policy = if allow { MemoryPolicy::AllowUnlocked } else { MemoryPolicy::RequireLocked };
         self
@@ -271,7 +272,8 @@ impl LoaderBuilder {
             TokenSource::Token(t) => Authorizer::new(&trust, Some(*t), self.auth_cfg)?,
             TokenSource::File(p) => Authorizer::from_file(&trust, Some(&p), self.auth_cfg)?,
         };
-        let mut access = Access::new(authorizer, keys).with_backend(self.backend);
+        let mut access =
+            Access::new(authorizer, keys).with_backend(self.backend).with_memory_policy(self.memory_policy);
         if let Some(p) = &self.audit_log {
             access = access.with_audit(Arc::new(AuditLog::open(p)?));
         }
