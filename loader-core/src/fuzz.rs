@@ -21,9 +21,9 @@ use std::sync::{Arc, OnceLock};
 
 use crate::access::Access;
 use crate::auth::{Authorizer, AuthorizerConfig, Operation, ShardSet, Token, TokenSpec};
+use crate::crypto::aead::Backend;
 use crate::dataset::{manifest_path, write_signed_manifest, Dataset};
 use crate::format::{DType, Field, Manifest, Schema, SignedManifest};
-use crate::crypto::aead::Backend;
 use crate::keys::{Dek, IssuerKey, Keyring};
 use crate::pack::{DatasetWriter, PackOptions};
 

@@ -12,7 +12,7 @@ use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use shardlock::device::DeviceBatch;
+use shardlock::device::{DeviceBatch, DlpackStream};
 use shardlock::DType;
 
 use crate::errors::IntoPy;
@@ -154,21 +154,30 @@ impl DeviceTensor {
         if copy == Some(true) {
             return Err(pyo3::exceptions::PyBufferError::new_err("copy=True is not supported: exports are zero-copy"));
         }
-        match stream.unwrap_or(1) {
+        let current = consumer_streams(py, self.ordinal);
+        match DlpackStream::parse(stream, self.batch.device(), &current).py()? {
             // The consumer orders its own work; the buffer is still kept from reuse
             // until the whole device is idle when the batch is released.
-            -1 => self.batch.use_unsynchronized(),
-            0 => return Err(pyo3::exceptions::PyValueError::new_err("stream 0 is ambiguous in DLPack; pass 1 or 2")),
-            s if s < -1 => return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid stream {s}"))),
-            s => {
+            DlpackStream::Unsynchronized => self.batch.use_unsynchronized(),
+            DlpackStream::Legacy => {
                 #[allow(unsafe_code)]
-                // SAFETY: under the DLPack protocol the consumer passes a stream of the
-                // device named by `__dlpack_device__` (1 and 2 are the driver's special
-                // handles). It must outlive the tensor, since an event is recorded on it
-                // when the tensor is freed: PyTorch passes
-                // `torch.cuda.current_stream().cuda_stream`, and its streams are never
-                // destroyed; docs/CUDA.md states the requirement for other consumers.
-                unsafe { self.batch.use_on_raw_stream(s as usize) }.py()?;
+                // SAFETY: 1 is the driver's legacy default stream handle, always valid.
+                unsafe { self.batch.use_on_raw_stream(1) }.py()?;
+            }
+            DlpackStream::PerThread => {
+                #[allow(unsafe_code)]
+                // SAFETY: 2 is the driver's per-thread default stream handle, always valid.
+                unsafe { self.batch.use_on_raw_stream(2) }.py()?;
+            }
+            DlpackStream::Handle(h) => {
+                #[allow(unsafe_code)]
+                // SAFETY: `parse` accepted `h` only because it is the current stream of
+                // this device in PyTorch or CuPy right now, so it is a live stream
+                // handle; `use_on_raw_stream` also checks it belongs to the batch's
+                // context. It must outlive the tensor, since an event is recorded on it
+                // when the tensor is freed: PyTorch's streams are never destroyed, and
+                // docs/CUDA.md states the requirement for CuPy streams.
+                unsafe { self.batch.use_on_raw_stream(h) }.py()?;
             }
         }
         let mut manager = Box::new(Manager { _batch: self.batch.clone(), shape: self.shape.clone() });
@@ -207,4 +216,33 @@ impl DeviceTensor {
     fn shape(&self) -> Vec<i64> {
         self.shape.clone()
     }
+}
+
+/// The current CUDA streams of device `ordinal` in the consumer libraries already
+/// imported (PyTorch, CuPy), as integer handles: the only non-special streams
+/// `__dlpack__` accepts. Nothing is imported here, and a library that fails to answer
+/// contributes nothing.
+fn consumer_streams(py: Python<'_>, ordinal: i32) -> Vec<usize> {
+    let mut out = Vec::new();
+    let Ok(modules) = py.import("sys").and_then(|m| m.getattr("modules")) else { return out };
+    if let Ok(torch) = modules.get_item("torch") {
+        let s = torch
+            .getattr("cuda")
+            .and_then(|c| c.call_method1("current_stream", (ordinal,)))
+            .and_then(|s| s.getattr("cuda_stream"))
+            .and_then(|h| h.extract::<usize>());
+        out.extend(s.ok());
+    }
+    if let Ok(cupy) = modules.get_item("cupy") {
+        let s = (|| -> PyResult<usize> {
+            let cuda = cupy.getattr("cuda")?;
+            let dev = cuda.getattr("Device")?.call1((ordinal,))?;
+            dev.call_method0("__enter__")?;
+            let ptr = cuda.call_method0("get_current_stream").and_then(|s| s.getattr("ptr")).and_then(|p| p.extract());
+            dev.call_method1("__exit__", (py.None(), py.None(), py.None()))?;
+            ptr
+        })();
+        out.extend(s.ok());
+    }
+    out
 }

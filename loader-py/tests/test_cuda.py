@@ -92,8 +92,20 @@ def test_raw_dlpack_exports_unconsumed_capsules_and_stream_minus_one(env, images
     t = torch.utils.dlpack.from_dlpack(dev.__dlpack__(stream=-1))  # no wait: we order ourselves
     torch.cuda.synchronize()
     assert np.array_equal(t.cpu().numpy(), img[ids])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ambiguous"):
         dev.__dlpack__(stream=0)
-    del t, dev, fields
+    # Security review finding 9: an integer that is not a current stream of the device
+    # never reaches the driver as a stream pointer.
+    for bogus in (0x41414141, 2**62, -7):
+        with pytest.raises(ValueError, match="cuda:0"):
+            dev.__dlpack__(stream=bogus)
+    side = torch.cuda.Stream()
+    with pytest.raises(ValueError, match="not the current stream"):
+        dev.__dlpack__(stream=side.cuda_stream)  # a live stream, but not the current one
+    with torch.cuda.stream(side):
+        t2 = torch.utils.dlpack.from_dlpack(dev.__dlpack__(stream=side.cuda_stream))
+    torch.cuda.synchronize()
+    assert np.array_equal(t2.cpu().numpy(), img[ids])
+    del t, t2, dev, fields
     gc.collect()
     assert sum(1 for _ in gpu) > 0

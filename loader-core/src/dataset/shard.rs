@@ -497,6 +497,7 @@ mod tests {
             ops: vec![Operation::Read],
             expires: SystemTime::now() + Duration::from_secs(3600),
             not_before: None,
+            min_generation: None,
         };
         let token = Token::issue(&issuer, &spec).unwrap();
         let ds = Dataset::open(&dir, &trust).unwrap();

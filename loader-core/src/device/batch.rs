@@ -160,6 +160,21 @@ impl DeviceBatch {
     pub unsafe fn use_on_raw_stream(&self, stream: usize) -> Result<()> {
         let err = |op| device_error(&self.device, op);
         self.ctx.bind_to_thread().map_err(err("cuCtxSetCurrent"))?;
+        if stream > 2 {
+            // A stream of another context (another device, a non-primary context) would
+            // make the wait and the release event refer to the wrong device.
+            let mut owner: sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: the caller guarantees a valid stream handle; `owner` is written.
+            unsafe { sys::cuStreamGetCtx(stream as sys::CUstream, &mut owner) }
+                .result()
+                .map_err(err("cuStreamGetCtx"))?;
+            if owner != self.ctx.cu_ctx() {
+                return Err(Error::InvalidArgument(format!(
+                    "stream {stream:#x} belongs to another CUDA context than {}'s primary context",
+                    self.device
+                )));
+            }
+        }
         // SAFETY: the caller guarantees the handle; the event is alive (held by self).
         unsafe {
             cudarc::driver::result::stream::wait_event(

@@ -108,9 +108,86 @@ pub use {
 #[cfg(feature = "cuda")]
 pub(crate) use probe::device_error;
 
+/// The stream a DLPack consumer names in `__dlpack__(stream=S)` on a CUDA tensor, once
+/// checked (security review finding 9: any integer used to reach the driver as a
+/// stream pointer, undefined behaviour from pure Python).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DlpackStream {
+    /// `-1`: the consumer orders its own work; no wait is enqueued.
+    Unsynchronized,
+    /// `None` or `1`: the legacy default stream.
+    Legacy,
+    /// `2`: the calling thread's per-thread default stream.
+    PerThread,
+    /// A `CUstream` handle that is the consumer's current stream of the device.
+    Handle(usize),
+}
+
+impl DlpackStream {
+    /// Checks `stream` as DLPack defines it for CUDA: `None`, `-1`, `1`, `2`, or a
+    /// stream handle that is one of `current` — the current streams of the tensor's
+    /// device as the consumer libraries that are loaded report them (PyTorch's
+    /// `torch.cuda.current_stream(d).cuda_stream`, CuPy's current stream). `0` is
+    /// ambiguous in DLPack and refused, as are other negative values and any handle
+    /// that is not a current stream: such an integer would reach the driver as a
+    /// pointer it dereferences.
+    pub fn parse(stream: Option<i64>, device: &str, current: &[usize]) -> Result<Self> {
+        let bad = |why: String| {
+            Error::InvalidArgument(format!("__dlpack__(stream={}) on {device}: {why}", stream.unwrap_or(1)))
+        };
+        match stream {
+            None | Some(1) => Ok(Self::Legacy),
+            Some(2) => Ok(Self::PerThread),
+            Some(-1) => Ok(Self::Unsynchronized),
+            Some(0) => {
+                Err(bad("stream 0 is ambiguous in DLPack; pass 1 (legacy default) or 2 (per-thread default)".into()))
+            }
+            Some(s) if s < 0 => Err(bad("DLPack streams are -1, 1, 2 or a stream handle".into())),
+            Some(s) => {
+                let h = s as usize;
+                if current.contains(&h) {
+                    Ok(Self::Handle(h))
+                } else {
+                    Err(bad(format!(
+                        "{h:#x} is not the current stream of {device} in PyTorch or CuPy (current: {}); a DLPack \
+                         consumer passes its current stream (torch.from_dlpack does), or -1 to order the work itself",
+                        if current.is_empty() {
+                            "none known: neither torch nor cupy is imported".to_owned()
+                        } else {
+                            current.iter().map(|c| format!("{c:#x}")).collect::<Vec<_>>().join(", ")
+                        }
+                    )))
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dlpack_streams_are_the_defined_values_or_a_current_stream() {
+        let cur = [0x5555_0000usize];
+        assert_eq!(DlpackStream::parse(None, "cuda:0", &[]).ok(), Some(DlpackStream::Legacy));
+        assert_eq!(DlpackStream::parse(Some(1), "cuda:0", &[]).ok(), Some(DlpackStream::Legacy));
+        assert_eq!(DlpackStream::parse(Some(2), "cuda:0", &[]).ok(), Some(DlpackStream::PerThread));
+        assert_eq!(DlpackStream::parse(Some(-1), "cuda:0", &[]).ok(), Some(DlpackStream::Unsynchronized));
+        assert_eq!(
+            DlpackStream::parse(Some(0x5555_0000), "cuda:0", &cur).ok(),
+            Some(DlpackStream::Handle(0x5555_0000))
+        );
+        // Finding 9: an arbitrary integer is not a stream pointer.
+        for (s, want) in
+            [(0, "ambiguous"), (-2, "-1, 1, 2"), (0x4141_4141, "not the current stream"), (i64::MAX, "not the current")]
+        {
+            let e = DlpackStream::parse(Some(s), "cuda:0", &cur).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(want) && e.contains("cuda:0"), "{s}: {e}");
+        }
+        let e = DlpackStream::parse(Some(0x1000), "cuda:1", &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("neither torch nor cupy"), "{e}");
+    }
 
     #[test]
     fn device_specs_parse_or_name_the_expected_form() {
