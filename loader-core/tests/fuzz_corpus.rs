@@ -74,4 +74,7 @@ fn corpus_replays_without_panics() {
     assert!(replay("manifest", fuzz_hooks::manifest) >= 4);
     assert!(replay("record_index", fuzz_hooks::record_index) >= 3);
     assert!(replay("payload", fuzz_hooks::payload) >= 2);
+    // The structure-aware targets' grown corpora (docs/THREAT-MODEL.md section 4.8).
+    assert!(replay("read_path", fuzz_hooks::read_path) >= 100);
+    assert!(replay("token", fuzz_hooks::token) >= 100);
 }

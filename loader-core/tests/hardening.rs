@@ -212,3 +212,35 @@ fn a_repack_continues_the_generation_so_an_older_rotated_pack_is_refused() {
     let e = access.open_shard(&fx.open(&old).unwrap(), 0).err().unwrap();
     assert!(matches!(e, Error::AccessDenied { reason: shardlock::DenyReason::StaleGeneration, .. }), "{e}");
 }
+
+/// Finding 10 (low): the planner addressed records as u32 and truncated a larger count.
+/// A validly signed manifest whose shard claims 2^32 records (its file made that long,
+/// sparsely) is refused when the loader is built, naming the shard and the limit.
+#[test]
+fn a_shard_with_more_than_u32_records_is_refused_not_truncated() {
+    use shardlock::primitives::{chunked::ciphertext_len, index::index_len, SignedManifest};
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard("ds", "big", 8);
+    let path = dir.join("manifest.json");
+    let signed = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap();
+    let mut m = signed.manifest.clone();
+    let fields = m.schema.fields.len();
+    let s = &mut m.shards[0];
+    let records = 1u64 << 32;
+    let plain = index_len(records, fields).unwrap() + 16;
+    let header = s.file_bytes - ciphertext_len(s.plaintext_bytes).unwrap();
+    m.records += records - s.records;
+    s.records = records;
+    s.plaintext_bytes = plain;
+    s.file_bytes = header + ciphertext_len(plain).unwrap();
+    std::fs::OpenOptions::new().write(true).open(dir.join(&s.file)).unwrap().set_len(s.file_bytes).unwrap();
+    let body = serde_json::to_vec_pretty(&m).unwrap();
+    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
+    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
+    assert!(fx.open(&dir).is_ok(), "the manifest itself is consistent and validly signed");
+    let e = fx.loader(&dir, "big").build().err().unwrap();
+    assert!(
+        matches!(&e, Error::Format { detail, .. } if detail.contains("shard 0") && detail.contains("2^32-1")),
+        "{e}"
+    );
+}

@@ -238,6 +238,28 @@ fn a_stalled_server_and_a_vanished_server_fail_within_the_timeout() {
     assert_cache_clean(&fx.path("cache2"));
 }
 
+/// Review of the hardening: `shardlock upload` had no timeout (the client's is off),
+/// so a server that accepts and never answers hung it for good.
+#[test]
+fn an_upload_to_a_server_that_never_answers_fails_within_the_timeout() {
+    let Some(srv) = S3Server::start("an_upload_to_a_server_that_never_answers_fails_within_the_timeout") else {
+        return;
+    };
+    srv.create_bucket(BUCKET);
+    let fx = Fixture::new();
+    let (dir, _) = dataset(&fx);
+    let proxy = Proxy::start(srv.port);
+    proxy.set(Fault::Blackhole);
+    let mut o = options(&proxy.endpoint, None);
+    o.set("timeout", "3s").unwrap();
+    let t = Instant::now();
+    let e = shardlock::upload_dir(&dir, &format!("s3://{BUCKET}/hang"), &fx.trust, &o).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(matches!(e, Error::Remote { kind: RemoteFailure::Unavailable, .. }), "{e}");
+    assert!(e.to_string().contains("hang/"), "names the object: {e}");
+    assert_no_credentials("error", &e.to_string());
+}
+
 #[test]
 fn a_shard_replaced_or_deleted_mid_run_is_never_used() {
     let Some(srv) = S3Server::start("a_shard_replaced_or_deleted_mid_run_is_never_used") else { return };

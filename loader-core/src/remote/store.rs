@@ -238,19 +238,24 @@ impl Uploader {
         Ok(Self { bucket, rt: runtime()? })
     }
 
-    /// Puts `bytes` as object `prefix/name`.
+    /// Puts `bytes` as object `prefix/name`, retrying transient failures; each attempt
+    /// and the whole put are bounded by the per-object timeout (the client's own
+    /// timeout is off, so without this a server that accepts and never answers would
+    /// hang the upload).
     pub(crate) fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         let b = &self.bucket;
-        self.rt.block_on(b.store.put(&b.key(name), PutPayload::from(bytes))).map_err(|e| Error::Remote {
-            url: b.url(name),
-            shard: None,
-            kind: match b.classify(e) {
-                Failure::Permanent(k, _) => k,
-                Failure::Transient(_) => RemoteFailure::Unavailable,
-            },
-            detail: "upload failed".into(),
-        })?;
-        Ok(())
+        let (url, key) = (b.url(name), b.key(name));
+        let payload = PutPayload::from(bytes);
+        self.rt.block_on(b.with_retries(&url, None, || {
+            let (payload, key) = (payload.clone(), &key);
+            async move {
+                match tokio::time::timeout(b.timeout, b.store.put(key, payload)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(b.classify(e)),
+                    Err(_) => Err(Failure::Transient(format!("no answer to the upload within {:?}", b.timeout))),
+                }
+            }
+        }))
     }
 }
 
