@@ -50,7 +50,7 @@ demo: setup py-build-release
 lint:
 	$(CARGO) fmt --all -- --check
 	@# `cargo add shardlock` must stay light: the heavy parts are features.
-	@heavy=$$($(CARGO) tree -p shardlock -e normal --prefix none | grep -E '^(clap|indicatif|tokio|object_store|cryptoki|cudarc) ' || true); \
+	@heavy=$$($(CARGO) tree -p shardlock -e normal --prefix none | grep -E '^(clap|indicatif|tokio|object_store|cryptoki|cudarc|hyper|reqwest|rustls) ' || true); \
 	  if [ -n "$$heavy" ]; then echo "shardlock's default features pull: $$heavy"; exit 1; fi
 	$(CARGO) clippy --workspace --all-targets --all-features -q -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings

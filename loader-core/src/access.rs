@@ -9,7 +9,7 @@ use crate::auth::Authorizer;
 use crate::crypto::aead::Backend;
 use crate::dataset::{Dataset, OpenShard, ShardReader};
 use crate::error::{DenyReason, Error, Operation, Result};
-use crate::keys::{Dek, Grant, KeyProvider};
+use crate::keys::{Dek, Grant, KeyProvider, ReleaseContext};
 use crate::memory::MemoryPolicy;
 
 /// Authorizes, unwraps and audits, in that order, for every shard open.
@@ -19,12 +19,25 @@ pub struct Access {
     audit: Option<Arc<AuditLog>>,
     backend: Backend,
     memory: MemoryPolicy,
+    /// The token's text, for a key service that authorizes it itself.
+    bearer: Option<zeroize::Zeroizing<String>>,
+    /// Who the requests come from (a key service's client), for the audit log.
+    client: Option<String>,
 }
 
 impl Access {
     /// A gate over `keys` for the token held by `authorizer`.
     pub fn new(authorizer: Authorizer, keys: Arc<dyn KeyProvider>) -> Self {
-        Self { authorizer, keys, audit: None, backend: Backend::default(), memory: MemoryPolicy::RequireLocked }
+        let bearer = authorizer.bearer();
+        Self {
+            authorizer,
+            keys,
+            audit: None,
+            backend: Backend::default(),
+            memory: MemoryPolicy::RequireLocked,
+            bearer,
+            client: None,
+        }
     }
 
     /// Records every decision in `log`.
@@ -47,6 +60,19 @@ impl Access {
         self
     }
 
+    /// Names the client the requests come from in every audit record (a key service
+    /// sets the mTLS identity or peer address).
+    pub fn with_client(mut self, client: impl Into<String>) -> Self {
+        self.client = Some(client.into());
+        self
+    }
+
+    /// Tells the key provider the order this epoch opens shards in (a key service
+    /// releases the next ones in one request). Each call starts a new epoch.
+    pub fn plan(&self, ds: &Dataset, order: &[u32]) {
+        self.keys.plan(ds.manifest_bytes(), order);
+    }
+
     /// The authorizer.
     pub fn authorizer(&self) -> &Authorizer {
         &self.authorizer
@@ -62,6 +88,7 @@ impl Access {
             event,
             principal: self.authorizer.principal().to_owned(),
             token_id: self.authorizer.token_id().to_owned(),
+            client: self.client.clone(),
             dataset: Some(ds.manifest().dataset_id.clone()),
             shard: Some(shard),
             operation: Some(op.name()),
@@ -115,7 +142,8 @@ impl Access {
         self.record(&ev)?;
         decision?;
         let grant = Grant::for_entry(dataset, entry, Some(op))?;
-        let dek = self.keys.unwrap_dek(grant);
+        let ctx = ReleaseContext { token: self.bearer.as_deref().map(String::as_str), manifest: ds.manifest_bytes() };
+        let dek = self.keys.release_dek(grant, &ctx);
         let mut ev = self.event("key_release", ds, shard, op);
         ev.key_id = Some(entry.kek_id.clone());
         ev.provider = Some(self.keys.describe());
@@ -123,11 +151,39 @@ impl Access {
             Ok(_) => ev.decision = Some("allow"),
             Err(e) => {
                 ev.decision = Some("deny");
+                if let Error::AccessDenied { reason, rule, .. } = e {
+                    ev.reason = Some(reason.name());
+                    ev.rule = Some(rule.clone());
+                }
                 ev.detail = Some(e.to_string());
             }
         }
         self.record(&ev)?;
         dek
+    }
+
+    /// Denies `op` on `shard` for a reason decided outside the token (a key service's
+    /// mTLS identity check): audited like any denial, and returned as the error.
+    pub(crate) fn deny(
+        &self,
+        ds: &Dataset,
+        shard: u32,
+        op: Operation,
+        reason: DenyReason,
+        rule: String,
+    ) -> Result<Error> {
+        let mut ev = self.event("authorize", ds, shard, op);
+        ev.decision = Some("deny");
+        ev.reason = Some(reason.name());
+        ev.rule = Some(rule.clone());
+        self.record(&ev)?;
+        Ok(Error::AccessDenied {
+            dataset: Some(ds.manifest().dataset_id.clone()),
+            shard: Some(shard),
+            operation: Some(op),
+            reason,
+            rule,
+        })
     }
 
     /// Records an integrity failure of `shard` (shard, chunk, kind).

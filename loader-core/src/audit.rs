@@ -37,6 +37,10 @@ pub struct AuditEvent {
     /// The token's revocation id (never the token).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub token_id: String,
+    /// The client's identity as the service saw it (an mTLS certificate's subject, or
+    /// the peer address): key service records only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// Dataset id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,

@@ -349,6 +349,9 @@ pub enum DenyReason {
     StaleGeneration,
     /// Another check of an attenuation block failed.
     AttenuationCheck,
+    /// A key service requires mTLS and the client certificate's identity is not the
+    /// token's principal (a token presented by someone else).
+    PrincipalMismatch,
 }
 
 impl DenyReason {
@@ -365,7 +368,31 @@ impl DenyReason {
             DenyReason::Revoked => "revoked",
             DenyReason::StaleGeneration => "stale_generation",
             DenyReason::AttenuationCheck => "attenuation_check",
+            DenyReason::PrincipalMismatch => "principal_mismatch",
         }
+    }
+
+    /// Every reason, in declaration order.
+    pub const ALL: [DenyReason; 11] = [
+        DenyReason::MissingToken,
+        DenyReason::InvalidToken,
+        DenyReason::WrongDataset,
+        DenyReason::ShardOutOfScope,
+        DenyReason::OperationNotGranted,
+        DenyReason::TokenExpired,
+        DenyReason::NotYetValid,
+        DenyReason::Revoked,
+        DenyReason::StaleGeneration,
+        DenyReason::AttenuationCheck,
+        DenyReason::PrincipalMismatch,
+    ];
+
+    /// The reason with this [`DenyReason::name`] (as a key service's answer names it).
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("{name:?} is not a denial reason")))
     }
 
     /// What the user can do about it.
@@ -381,6 +408,7 @@ impl DenyReason {
             DenyReason::Revoked => "the token was revoked; ask the data owner for a new one",
             DenyReason::StaleGeneration => "the dataset's generation is older than this token accepts (an old pack or a rolled-back copy); read the current dataset",
             DenyReason::AttenuationCheck => "a check added when the token was attenuated does not hold",
+            DenyReason::PrincipalMismatch => "the key service requires the client certificate of the token's principal; present that certificate (client_cert=/--client-cert), or a token issued to your certificate's identity",
         }
     }
 }

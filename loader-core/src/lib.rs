@@ -34,6 +34,9 @@ mod error;
 // Helpers: files that must not be seen half-written, durations and the clock.
 mod fs;
 mod time;
+// PEM certificate and key files, for the key service and its client.
+#[cfg(any(feature = "keyd", feature = "key-service"))]
+mod tls;
 // Primitives: memory (mapped and locked; the unsafe lives here) ...
 mod memory;
 // ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
@@ -56,6 +59,9 @@ mod access;
 mod pack;
 // Whole-dataset operations: verify, rotate, upload.
 mod ops;
+// The key service (feature `keyd`): the access gate behind HTTPS, for other processes.
+#[cfg(feature = "keyd")]
+mod keyd;
 // The streaming loader.
 mod pipeline;
 // The CUDA device stage.
@@ -76,10 +82,15 @@ pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardRead
 pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, RemoteFailure, Result, ShardRef};
 pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
+#[cfg(feature = "keyd")]
+pub use keyd::{KeyService, KeydConfig};
 #[cfg(feature = "pkcs11")]
 pub use keys::pkcs11;
+#[cfg(feature = "key-service")]
+pub use keys::service;
 pub use keys::{
-    is_pkcs11_uri, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring, TrustAnchor,
+    is_pkcs11_uri, is_service_url, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring,
+    ReleaseContext, TrustAnchor,
 };
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};

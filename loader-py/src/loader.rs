@@ -179,12 +179,40 @@ fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTupl
     PyTuple::new(py, [out.into_any(), ids.into_any()])
 }
 
+/// The key provider `keyring` names; a key service's URL gets the TLS files given
+/// (each falling back to its environment variable).
+fn open_keys(
+    keyring: &std::path::Path,
+    tls: shardlock::service::ServiceTls,
+) -> shardlock::Result<std::sync::Arc<dyn shardlock::KeyProvider>> {
+    let spec = keyring.to_string_lossy();
+    let has_tls = tls.ca_cert.is_some() || tls.client_cert.is_some() || tls.client_key.is_some();
+    if !shardlock::is_service_url(&spec) {
+        if has_tls {
+            return Err(shardlock::Error::InvalidArgument(
+                "ca_cert/client_cert/client_key are for a key service (keyring=\"https://...\")".into(),
+            ));
+        }
+        return shardlock::open_provider_path(keyring);
+    }
+    let mut opts = shardlock::service::ServiceOptions::from_env()?;
+    if tls.ca_cert.is_some() {
+        opts.tls.ca_cert = tls.ca_cert;
+    }
+    if tls.client_cert.is_some() || tls.client_key.is_some() {
+        opts.tls.client_cert = tls.client_cert;
+        opts.tls.client_key = tls.client_key;
+    }
+    Ok(std::sync::Arc::new(shardlock::service::KeyServiceProvider::open(&spec, opts)?))
+}
+
 #[pymethods]
 impl NativeLoader {
     #[new]
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
-        pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None))]
+        pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
+        ca_cert=None, client_cert=None, client_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -210,15 +238,19 @@ impl NativeLoader {
         pinned: bool,
         storage_options: Option<Vec<(String, String)>>,
         min_generation: Option<u64>,
+        ca_cert: Option<PathBuf>,
+        client_cert: Option<PathBuf>,
+        client_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
+        let tls = shardlock::service::ServiceTls { ca_cert, client_cert, client_key };
         let mut remote = RemoteOptions::default();
         for (k, v) in storage_options.unwrap_or_default() {
             remote.set(&k, &v).py()?;
         }
         py.detach(|| {
             let mut b = Loader::builder(&path)
-                .keyring(&keyring)
+                .key_provider(open_keys(&keyring, tls)?)
                 .trust(&trust)
                 .batch_size(batch_size)
                 .shuffle(shuffle)

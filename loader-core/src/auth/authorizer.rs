@@ -150,6 +150,30 @@ impl Authorizer {
         &self.principal
     }
 
+    /// The token's base64 text, if it is valid: what a key service is sent as the
+    /// bearer. A secret: never log it.
+    pub(crate) fn bearer(&self) -> Option<zeroize::Zeroizing<String>> {
+        match &self.token {
+            TokenState::Valid(t) => t.to_base64().ok(),
+            _ => None,
+        }
+    }
+
+    /// An authorizer for a token given as text (a bearer header); like
+    /// [`Authorizer::from_file`], a missing or invalid token denies every request.
+    pub fn from_text(trust: &TrustAnchor, token: Option<&str>, cfg: AuthorizerConfig) -> Result<Self> {
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let state = match token {
+            None => TokenState::Missing,
+            Some(t) => match Token::from_base64(t, trust) {
+                Ok(t) => TokenState::Valid(Box::new(t)),
+                Err(Error::AccessDenied { rule, .. }) => TokenState::Invalid(rule),
+                Err(e) => TokenState::Invalid(e.to_string()),
+            },
+        };
+        Self::with_state(*trust, state, deny, cfg)
+    }
+
     /// The token's revocation id ("" without a valid token). Safe to log.
     pub fn token_id(&self) -> &str {
         &self.token_id

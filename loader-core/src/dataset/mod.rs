@@ -21,6 +21,9 @@ use crate::remote::{Location, RemoteOptions, ShardSource};
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
+    /// The verified `manifest.json` bytes, exactly as signed (a key service verifies them
+    /// itself; their SHA-256 names the manifest on the wire).
+    manifest_bytes: std::sync::Arc<[u8]>,
     trust: TrustAnchor,
     source: Source,
 }
@@ -113,7 +116,7 @@ impl Dataset {
     pub(crate) fn from_manifest_bytes(dir: &Path, path: PathBuf, bytes: &[u8], trust: &TrustAnchor) -> Result<Self> {
         let signed = SignedManifest::parse(bytes, &path)?;
         let manifest = verified(path, signed, trust)?;
-        Ok(Self { dir: dir.to_owned(), manifest, trust: *trust, source: Source::Local })
+        Ok(Self { dir: dir.to_owned(), manifest, manifest_bytes: bytes.into(), trust: *trust, source: Source::Local })
     }
 
     /// Opens a dataset at `location`: a directory, a `file://` URL, or (feature `s3`)
@@ -136,7 +139,7 @@ impl Dataset {
                 let signed = SignedManifest::parse(&bytes, &path)?;
                 let manifest = verified(path, signed, trust)?;
                 let remote = crate::remote::RemoteShards::new(&manifest, bucket, rt, opts)?;
-                Ok(Self { dir, manifest, trust: *trust, source: Source::Remote(remote) })
+                Ok(Self { dir, manifest, manifest_bytes: bytes.into(), trust: *trust, source: Source::Remote(remote) })
             }
             #[cfg(not(feature = "s3"))]
             loc => {
@@ -295,6 +298,11 @@ impl Dataset {
     /// The trust anchor that verified the manifest.
     pub fn trust_anchor(&self) -> &TrustAnchor {
         &self.trust
+    }
+
+    /// The verified `manifest.json` bytes, exactly as signed.
+    pub fn manifest_bytes(&self) -> &std::sync::Arc<[u8]> {
+        &self.manifest_bytes
     }
 
     /// The verified manifest.

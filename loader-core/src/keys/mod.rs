@@ -12,6 +12,8 @@ mod grant;
 mod keyring;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "key-service")]
+pub mod service;
 
 pub use grant::Grant;
 pub use keyring::Keyring;
@@ -39,7 +41,7 @@ impl Dek {
     }
 
     /// A copy of `bytes`, if they are exactly 32 (a DEK a PKCS#11 module unwrapped).
-    #[cfg(any(test, feature = "pkcs11"))]
+    #[cfg(any(test, feature = "pkcs11", feature = "key-service"))]
     pub(crate) fn from_slice(bytes: &[u8]) -> Option<Self> {
         if bytes.len() != 32 {
             return None;
@@ -126,6 +128,29 @@ pub trait KeyProvider: Send + Sync {
     /// verified manifest entry the grant was issued for). Only a passing authorization
     /// creates a grant, so no DEK can be unwrapped without one.
     fn unwrap_dek(&self, grant: Grant) -> Result<Dek>;
+
+    /// Releases the DEK named by `grant` for one request in its context (the bearer
+    /// token and the signed manifest). A key service authorizes that token itself and
+    /// needs both; custody that holds the KEK ignores them (the default).
+    fn release_dek(&self, grant: Grant, ctx: &ReleaseContext<'_>) -> Result<Dek> {
+        let _ = ctx;
+        self.unwrap_dek(grant)
+    }
+
+    /// The order shards of the dataset with these manifest bytes will be opened in
+    /// (an epoch's plan), so that a provider can release ahead in batches. A new plan
+    /// starts a new epoch. The default ignores it.
+    fn plan(&self, manifest: &[u8], order: &[u32]) {
+        let _ = (manifest, order);
+    }
+}
+
+/// What a release request carries besides its [`Grant`]: made by [`crate::Access`].
+pub struct ReleaseContext<'a> {
+    /// The bearer token (base64), if the reader has a valid one. A secret: never log it.
+    pub(crate) token: Option<&'a str>,
+    /// The verified `manifest.json` bytes.
+    pub(crate) manifest: &'a [u8],
 }
 
 /// True when `spec` names a PKCS#11 provider (an RFC 7512 `pkcs11:` URI) rather than a
@@ -134,10 +159,26 @@ pub fn is_pkcs11_uri(spec: &str) -> bool {
     spec.starts_with("pkcs11:")
 }
 
-/// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see the `pkcs11` module, feature `pkcs11`) or
-/// the path of a keyring file. (A keyring file whose path starts with `pkcs11:` is
+/// True when `spec` names a key service (an `https://` URL, or an `http://` one, which is
+/// refused when opened with a message saying why).
+pub fn is_service_url(spec: &str) -> bool {
+    spec.starts_with("https://") || spec.starts_with("http://")
+}
+
+/// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see the `pkcs11` module, feature `pkcs11`),
+/// a key service's `https://` URL (the `service` module, feature `key-service`, TLS files
+/// from the environment as `service::ServiceOptions::from_env` says), or the path of a
+/// keyring file. (A keyring file whose path starts with `pkcs11:` is
 /// reached as `./pkcs11:...`.)
 pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
+    if is_service_url(spec) {
+        #[cfg(feature = "key-service")]
+        return Ok(Arc::new(service::KeyServiceProvider::open(spec, service::ServiceOptions::from_env()?)?));
+        #[cfg(not(feature = "key-service"))]
+        return Err(Error::InvalidArgument(
+            "this build of shardlock has no key service client (cargo feature `key-service`)".into(),
+        ));
+    }
     if is_pkcs11_uri(spec) {
         #[cfg(feature = "pkcs11")]
         return Ok(Arc::new(pkcs11::Pkcs11Provider::open_uri(spec)?));
@@ -153,7 +194,7 @@ pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
 /// where a path is expected).
 pub fn open_provider_path(spec: &Path) -> Result<Arc<dyn KeyProvider>> {
     match spec.to_str() {
-        Some(s) if is_pkcs11_uri(s) => open_provider(s),
+        Some(s) if is_pkcs11_uri(s) || is_service_url(s) => open_provider(s),
         _ => Ok(Arc::new(Keyring::load(spec)?)),
     }
 }

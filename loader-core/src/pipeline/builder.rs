@@ -101,7 +101,10 @@ impl LoaderBuilder {
 
     /// Keyring file (the embedded default key custody), or a PKCS#11 URI
     /// (`pkcs11:token=...;object=...?module-path=...&pin-source=...`, see
-    /// `shardlock::pkcs11`, feature `pkcs11`): anything [`crate::open_provider`] accepts.
+    /// `shardlock::pkcs11`, feature `pkcs11`), or a key service's `https://` URL (feature
+    /// `key-service`; TLS files from the environment, or build a
+    /// `service::KeyServiceProvider` and pass it to [`LoaderBuilder::key_provider`]):
+    /// anything [`crate::open_provider`] accepts.
     pub fn keyring(mut self, path: impl AsRef<Path>) -> Self {
         self.keyring_path = Some(path.as_ref().to_owned());
         self

@@ -97,6 +97,8 @@ impl EpochRun {
         let order: Vec<u32> =
             samples.iter().take(n_batches * b).map(|s| s.shard()).filter(|&s| seen.insert(s)).collect();
         session.ds.plan_shards(&order, session.spec.shuffle == Shuffle::Global);
+        // A key service releases DEKs for the next shards of this plan in one request.
+        session.access.plan(&session.ds, &order);
         let flow = Arc::new((Mutex::new(Flow { next: 0, consumed: 0, stop: false }), Condvar::new()));
         let (tx, rx) = crossbeam_channel::bounded(session.depth + session.workers);
         let shards = Arc::new(EpochShards::default());

@@ -141,6 +141,9 @@ class NativeLoader:
         pinned: bool = True,
         storage_options: Optional[List[Tuple[str, str]]] = None,
         min_generation: Optional[int] = None,
+        ca_cert: Optional[_Path] = None,
+        client_cert: Optional[_Path] = None,
+        client_key: Optional[_Path] = None,
     ) -> NativeLoader: ...
     def next_batch(self) -> Optional[Tuple[Dict[str, Tuple[Any, ...]], np.ndarray]]: ...
     def __len__(self) -> int: ...

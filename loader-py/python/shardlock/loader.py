@@ -124,7 +124,12 @@ class Loader:
     Every shard is opened only after the access ``token`` is authorized for it (and
     re-authorized every epoch); its data key is unwrapped from ``keyring`` (a keyring
     file, or a ``pkcs11:`` URI of a KEK in an HSM, which unwraps it inside the token)
-    only then; every 16 KiB chunk is authenticated before a byte of it is released.
+    only then. ``keyring="https://host:port"`` names a key service (``shardlock keyd``)
+    instead: the process then holds no KEK, and the service checks the token itself
+    and releases each shard's key; ``ca_cert`` is the PEM CA that signed the service's
+    certificate (default ``$SHARDLOCK_CA_CERT``, ``$SSL_CERT_FILE``, the system bundle),
+    ``client_cert``/``client_key`` a client certificate for a service that requires
+    mTLS. Then every 16 KiB chunk is authenticated before a byte of it is released.
     Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
     arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
     the buffer is wiped and reused only after every tensor built on it is freed. A
@@ -202,6 +207,9 @@ class Loader:
         pinned: bool = True,
         storage_options: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]] = None,
         min_generation: Optional[int] = None,
+        ca_cert: Optional[PathLike] = None,
+        client_cert: Optional[PathLike] = None,
+        client_key: Optional[PathLike] = None,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
@@ -235,6 +243,9 @@ class Loader:
             pinned=bool(pinned),
             storage_options=_storage_options(storage_options),
             min_generation=None if min_generation is None else _int_arg("min_generation", min_generation, 1),
+            ca_cert=None if ca_cert is None else os.fspath(ca_cert),
+            client_cert=None if client_cert is None else os.fspath(client_cert),
+            client_key=None if client_key is None else os.fspath(client_key),
         )
         self.rank, self.world_size = rank, world_size
         # The pass rule (see the class docstring): the newest iterator's number, whether

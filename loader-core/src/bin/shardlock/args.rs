@@ -6,6 +6,7 @@ use std::sync::Arc;
 use shardlock::AuditLog;
 use shardlock::RemoteOptions;
 use shardlock::TrustAnchor;
+use shardlock::{service, KeyProvider};
 use shardlock::{Access, Authorizer, AuthorizerConfig};
 use shardlock::{Backend, Error};
 
@@ -29,8 +30,24 @@ impl RemoteArgs {
 }
 
 impl ReaderArgs {
+    /// The key provider `--keyring` names; a key service gets the TLS options.
+    pub(crate) fn keys(&self) -> Result<Arc<dyn KeyProvider>, Error> {
+        if !shardlock::is_service_url(&self.keyring) {
+            return shardlock::open_provider(&self.keyring);
+        }
+        let mut opts = service::ServiceOptions::from_env()?;
+        if self.ca_cert.is_some() {
+            opts.tls.ca_cert.clone_from(&self.ca_cert);
+        }
+        if self.client_cert.is_some() {
+            opts.tls.client_cert.clone_from(&self.client_cert);
+            opts.tls.client_key.clone_from(&self.client_key);
+        }
+        Ok(Arc::new(service::KeyServiceProvider::open(&self.keyring, opts)?))
+    }
+
     pub(crate) fn access(&self) -> Result<(TrustAnchor, Access), Error> {
-        let keys = shardlock::open_provider(&self.keyring)?;
+        let keys = self.keys()?;
         let trust = TrustAnchor::load(&self.trust)?;
         let cfg = AuthorizerConfig {
             skew: shardlock::parse_ttl(&self.clock_skew)?,

@@ -38,6 +38,52 @@ pub(crate) enum Command {
     Audit(AuditCmd),
     /// Upload a packed dataset directory to s3://bucket/prefix (shards first, manifest last).
     Upload(UploadArgs),
+    /// Serve token-gated DEK release over HTTPS (the key service; docs/KEY-SERVICE.md).
+    Keyd(KeydArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct KeydArgs {
+    /// Address to listen on (port 0 picks a free one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Custody of the KEK: a keyring file or the pkcs11: URI of an HSM KEK.
+    #[arg(long)]
+    pub(crate) keyring: String,
+    /// Issuer public key (.pub) whose manifests and tokens are accepted; repeat for several.
+    #[arg(long, required = true)]
+    pub(crate) trust: Vec<PathBuf>,
+    /// PEM certificate chain the service presents.
+    #[arg(long)]
+    pub(crate) tls_cert: PathBuf,
+    /// PEM private key of the certificate (mode 0600).
+    #[arg(long)]
+    pub(crate) tls_key: PathBuf,
+    /// Require client certificates signed by this CA (mTLS); a certificate's subject CN
+    /// must then equal the token's principal.
+    #[arg(long)]
+    pub(crate) client_ca: Option<PathBuf>,
+    /// Deny-list file of revoked token ids, re-read when it changes.
+    #[arg(long)]
+    pub(crate) deny_list: Option<PathBuf>,
+    /// The service's hash-chained audit log.
+    #[arg(long)]
+    pub(crate) audit_log: Option<PathBuf>,
+    /// Allowed clock skew for token validity (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    pub(crate) clock_skew: String,
+    /// Refuse manifests older than this generation (rollback protection).
+    #[arg(long)]
+    pub(crate) min_generation: Option<u64>,
+    /// Requests served at once; more are answered 503 busy.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_in_flight: usize,
+    /// Most shards one release request may name.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) max_shards: usize,
+    /// Print the listening address as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Where to find an `s3://` dataset and where to cache it. Credentials come only from
@@ -174,10 +220,21 @@ pub(crate) enum AuditCmd {
 /// Options every reader takes.
 #[derive(Args)]
 pub(crate) struct ReaderArgs {
-    /// Keyring file holding the KEK the DEKs are wrapped under, or the pkcs11: URI of an
-    /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI).
+    /// Keyring file holding the KEK the DEKs are wrapped under, the pkcs11: URI of an
+    /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI),
+    /// or the https:// URL of a key service (shardlock keyd), which then holds the KEK.
     #[arg(long)]
     pub(crate) keyring: String,
+    /// With an https:// key service: PEM CA certificate that signed the service's
+    /// certificate (default: $SHARDLOCK_CA_CERT, $SSL_CERT_FILE, the system bundle).
+    #[arg(long)]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// With a key service that requires mTLS: PEM client certificate (its CN is your principal).
+    #[arg(long, requires = "client_key")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert (mode 0600).
+    #[arg(long, requires = "client_cert")]
+    pub(crate) client_key: Option<PathBuf>,
     /// Access token file (from `shardlock token issue`).
     #[arg(long)]
     pub(crate) token: Option<PathBuf>,

@@ -15,6 +15,7 @@ use crate::cli::{Cli, Command};
 use crate::commands::audit::audit_cmd;
 use crate::commands::bench::bench_cmd;
 use crate::commands::inspect::inspect_cmd;
+use crate::commands::keyd::keyd_cmd;
 use crate::commands::keygen::keygen_cmd;
 use crate::commands::pack::pack_cmd;
 use crate::commands::rotate::rotate_cmd;
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Upload(a) => upload_cmd(a)?,
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => rotate_cmd(a)?,
+        Command::Keyd(a) => keyd_cmd(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,7 +29,7 @@ fn h2d_report(a: &BenchArgs, r: &BenchReport) -> Result<Option<serde_json::Value
 pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let r = &a.reader;
     let mut b = Loader::builder(&a.dir)
-        .keyring(&r.keyring)
+        .key_provider(r.keys()?)
         .trust(&r.trust)
         .batch_size(a.batch_size)
         .shuffle(Shuffle::parse(&a.shuffle)?)

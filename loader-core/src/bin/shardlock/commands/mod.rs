@@ -3,6 +3,7 @@
 pub(crate) mod audit;
 pub(crate) mod bench;
 pub(crate) mod inspect;
+pub(crate) mod keyd;
 pub(crate) mod keygen;
 pub(crate) mod pack;
 pub(crate) mod rotate;

@@ -1,0 +1,182 @@
+//! `shardlock keyd`: the key service (feature `keyd`). It holds (or reaches) the KEK,
+//! verifies every manifest and token itself, audits each decision in its own log, and
+//! releases a shard's DEK only after its own authorization passed, so the workload that
+//! a token constrains never holds the KEK. docs/KEY-SERVICE.md has the wire API.
+//!
+//! - [`KeydConfig`]: what the service serves with (custody, trust anchors, TLS, deny
+//!   list, audit log, limits).
+//! - [`KeyService`]: a running service: [`KeyService::start`] binds and serves on a
+//!   thread of its own; [`KeyService::shutdown`] stops it gracefully.
+//!
+//! The release path is [`crate::Access`], exactly as in the loader: authorize →
+//! `Grant` from the service's own verified manifest → unwrap → audit.
+
+mod api;
+mod metrics;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Clock;
+use crate::error::{Error, Result};
+use crate::keys::{KeyProvider, TrustAnchor};
+
+/// How a key service serves.
+pub struct KeydConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; see [`KeyService::local_addr`]).
+    pub listen: SocketAddr,
+    /// The custody that unwraps DEKs: a keyring file or a PKCS#11 HSM
+    /// ([`crate::open_provider`]).
+    pub keys: Arc<dyn KeyProvider>,
+    /// The issuer keys whose manifests (and tokens) this service accepts; at least one.
+    pub trust: Vec<TrustAnchor>,
+    /// PEM certificate chain the service presents.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert` (owner-only permissions).
+    pub tls_key: PathBuf,
+    /// With a CA file, every client must present a certificate it signed, whose subject
+    /// CN must equal the token's principal (mTLS): a stolen token alone is not enough.
+    pub client_ca: Option<PathBuf>,
+    /// Deny-list file of revocation ids, re-read whenever it changes.
+    pub deny_list: Option<PathBuf>,
+    /// The service's hash-chained audit log (every decision, never a key or token).
+    pub audit_log: Option<PathBuf>,
+    /// Allowed clock skew against the issuer (default 30 s, as in the loader).
+    pub skew: Duration,
+    /// Refuse manifests older than this generation (a rolled-back copy).
+    pub min_generation: Option<u64>,
+    /// Requests served at once; more are answered `503 busy` (default 256).
+    pub max_in_flight: usize,
+    /// Most shards one release request may name (default 4096).
+    pub max_shards: usize,
+    /// Verified manifests kept (default 1024; the oldest is dropped first).
+    pub max_manifests: usize,
+    /// Stop on SIGINT/SIGTERM (the CLI; tests stop with [`KeyService::shutdown`]).
+    pub handle_signals: bool,
+    /// The clock (injectable for tests); `None` is the system clock.
+    pub clock: Option<Clock>,
+}
+
+impl KeydConfig {
+    /// A configuration with the defaults for everything but custody, trust and TLS.
+    pub fn new(
+        listen: SocketAddr,
+        keys: Arc<dyn KeyProvider>,
+        trust: Vec<TrustAnchor>,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+    ) -> Self {
+        Self {
+            listen,
+            keys,
+            trust,
+            tls_cert,
+            tls_key,
+            client_ca: None,
+            deny_list: None,
+            audit_log: None,
+            skew: Duration::from_secs(30),
+            min_generation: None,
+            max_in_flight: 256,
+            max_shards: 4096,
+            max_manifests: 1024,
+            handle_signals: false,
+            clock: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for KeydConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeydConfig")
+            .field("listen", &self.listen)
+            .field("keys", &self.keys.describe())
+            .field("trust", &self.trust.iter().map(TrustAnchor::key_id).collect::<Vec<_>>())
+            .field("client_ca", &self.client_ca)
+            .field("deny_list", &self.deny_list)
+            .field("audit_log", &self.audit_log)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running key service.
+pub struct KeyService {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl std::fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl KeyService {
+    /// Checks the configuration, reads the TLS files, binds the address and starts
+    /// serving on a thread of its own. Everything that can be wrong with the
+    /// configuration fails here, naming the file or setting.
+    pub fn start(cfg: KeydConfig) -> Result<Self> {
+        if cfg.trust.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the key service needs at least one trust anchor (--trust FILE.pub)".into(),
+            ));
+        }
+        if cfg.max_in_flight == 0 || cfg.max_shards == 0 || cfg.max_manifests == 0 {
+            return Err(Error::InvalidArgument(
+                "max_in_flight, max_shards and max_manifests must be at least 1".into(),
+            ));
+        }
+        let tls = server::tls_config(&cfg)?;
+        let state = Arc::new(api::Service::new(&cfg)?);
+        let listener = std::net::TcpListener::bind(cfg.listen)
+            .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        listener.set_nonblocking(true).map_err(Error::io("listen", std::path::Path::new("socket")))?;
+        let addr = listener.local_addr().map_err(Error::io("listen", std::path::Path::new("socket")))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let signals = cfg.handle_signals;
+        let thread = std::thread::Builder::new()
+            .name("shardlock-keyd".into())
+            .spawn(move || server::run(listener, tls, state, stop_rx, signals))
+            .map_err(|e| Error::Internal(format!("cannot start the key service thread: {e}")))?;
+        Ok(Self { addr, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// The address the service listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to 10 s), and returns.
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.join()
+    }
+
+    /// Serves until a signal (with `handle_signals`) or a fatal error stops the service.
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Internal("the key service thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for KeyService {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.join();
+    }
+}

@@ -1,0 +1,524 @@
+//! The key service (`shardlock keyd`) against real TLS on loopback, with a CA made here:
+//! a workload that holds no KEK streams exact epochs; the whole denial matrix, sent by a
+//! raw HTTPS client that skips the loader's own checks, is denied by the service,
+//! audited there, with no DEK in any answer; mTLS binds the token to the certificate;
+//! faults (service stopped mid-epoch and restarted, wrong CA, plain http, an expired
+//! certificate, a tampered or foreign manifest) are clear typed errors.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::Fixture;
+use shardlock::service::{KeyServiceProvider, ServiceOptions, ServiceTls};
+use shardlock::{Attenuation, DenyReason, Error, IssuerKey, KeyService, KeydConfig, Loader, Operation, Shuffle};
+use shardlock::{ShardSet, Token, TokenSpec};
+
+/// A test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "shardlock test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Self { dir: dir.to_owned(), ca }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` (0600) for a certificate with subject CN
+    /// `cn`, names `sans`, signed by the CA; `expired` puts its validity in the past.
+    fn issue(&self, name: &str, cn: &str, sans: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        shardlock::write_new_file(&k, key.serialize_pem().as_bytes(), 0o600).unwrap();
+        (c, k)
+    }
+
+    fn server(&self) -> (PathBuf, PathBuf) {
+        let c = self.dir.join("server.pem");
+        if c.exists() {
+            return (c, self.dir.join("server.key"));
+        }
+        self.issue("server", "keyd", &["127.0.0.1", "localhost"], false)
+    }
+}
+
+const DATASET: &str = "keyd-test";
+
+struct Setup {
+    fx: Fixture,
+    pki: Pki,
+    dir: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let fx = Fixture::new();
+        let pki = Pki::new(fx.dir.path());
+        // 40 records, 4 per shard: 10 shards.
+        let (dir, _) = fx.standard("ds", DATASET, 40);
+        Self { fx, pki, dir }
+    }
+
+    fn config(&self, listen: SocketAddr) -> KeydConfig {
+        let (cert, key) = self.pki.server();
+        let mut cfg = KeydConfig::new(listen, self.fx.keyring.clone(), vec![self.fx.trust], cert, key);
+        cfg.audit_log = Some(self.fx.path("keyd-audit.jsonl"));
+        cfg
+    }
+
+    fn start(&self) -> KeyService {
+        KeyService::start(self.config("127.0.0.1:0".parse().unwrap())).unwrap()
+    }
+
+    /// A client that has the CA and nothing else: no keyring, no PIN.
+    fn provider(&self, svc: &KeyService, timeout: Duration) -> Arc<KeyServiceProvider> {
+        let mut opts = ServiceOptions { timeout, ..ServiceOptions::default() };
+        opts.tls.ca_cert = Some(self.pki.ca());
+        Arc::new(KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap())
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.fx.path("keyd-audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn spec(&self) -> TokenSpec {
+        TokenSpec {
+            dataset: DATASET.into(),
+            principal: "tester".into(),
+            shards: ShardSet::All,
+            ops: vec![Operation::Read],
+            expires: SystemTime::now() + Duration::from_secs(3600),
+            not_before: None,
+            min_generation: None,
+        }
+    }
+
+    fn token(&self, spec: &TokenSpec) -> String {
+        Token::issue(&self.fx.issuer, spec).unwrap().to_base64().unwrap().to_string()
+    }
+}
+
+fn ids(l: &mut Loader, batches: Option<usize>) -> shardlock::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for b in l.by_ref() {
+        out.extend_from_slice(b?.sample_ids());
+        n += 1;
+        if Some(n) == batches {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_workload_without_any_kek_streams_exact_epochs_through_the_service() {
+    let s = Setup::new();
+    let svc = s.start();
+    let provider = s.provider(&svc, Duration::from_secs(20));
+    let build = |keys: Arc<dyn shardlock::KeyProvider>| {
+        s.fx.loader_with(&s.dir, DATASET, keys)
+            .batch_size(3)
+            .shuffle(Shuffle::Window)
+            .seed(5)
+            .drop_last(false)
+            .workers(2)
+    };
+    let mut remote = build(provider.clone()).build().unwrap();
+    let mut local = build(s.fx.keyring.clone()).build().unwrap();
+    for epoch in 0..2 {
+        let got = ids(&mut remote, None).unwrap();
+        assert_eq!(got, ids(&mut local, None).unwrap(), "epoch {epoch} differs from the local keyring's");
+        assert_eq!(got.iter().collect::<HashSet<_>>().len(), 40, "epoch {epoch} is not every sample once");
+    }
+    // The service decided every shard of both epochs, in its own log, hash-chained.
+    let log = s.audit();
+    let releases = log.iter().filter(|e| e["event"] == "key_release" && e["decision"] == "allow").count();
+    assert_eq!(releases, 20, "10 shards x 2 epochs, each released once per epoch");
+    assert!(log.iter().all(|e| e["event"] != "key_release" || e["principal"] == "tester"));
+    assert!(log
+        .iter()
+        .any(|e| e["event"] == "authorize" && e["client"].as_str().unwrap().starts_with("addr:127.0.0.1")));
+    shardlock::verify_log(&s.fx.path("keyd-audit.jsonl")).unwrap();
+    // Releases are batched: far fewer requests than shard opens.
+    let metrics =
+        raw(&s, &svc, None).get(format!("https://{}/metrics", svc.local_addr())).send().unwrap().text().unwrap();
+    let requests: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardlock_keyd_requests_total{route=\"release\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(requests <= 6, "expected batched releases, saw {requests} requests:\n{metrics}");
+    assert!(metrics.contains("shardlock_keyd_releases_total 20"), "{metrics}");
+    svc.shutdown().unwrap();
+}
+
+/// A raw HTTPS client with the CA (and optionally a client certificate).
+fn raw(s: &Setup, _svc: &KeyService, client: Option<(PathBuf, PathBuf)>) -> reqwest::blocking::Client {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(s.pki.ca()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((c, k)) => b
+            .with_client_auth_cert(
+                rustls::pki_types::CertificateDer::pem_file_iter(c).unwrap().map(|c| c.unwrap()).collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(k).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    reqwest::blocking::Client::builder().tls_backend_preconfigured(cfg).build().unwrap()
+}
+
+fn register(c: &reqwest::blocking::Client, svc: &KeyService, manifest: &[u8]) -> (u16, serde_json::Value) {
+    let r = c.post(format!("https://{}/v1/manifests", svc.local_addr())).body(manifest.to_vec()).send().unwrap();
+    (r.status().as_u16(), serde_json::from_str(&r.text().unwrap()).unwrap())
+}
+
+fn release(
+    c: &reqwest::blocking::Client,
+    svc: &KeyService,
+    digest: &str,
+    token: Option<&str>,
+    shards: &[u32],
+) -> (u16, String) {
+    let mut req = c
+        .post(format!("https://{}/v1/release", svc.local_addr()))
+        .body(serde_json::json!({"manifest": digest, "shards": shards}).to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = req.send().unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// (shard, Some(dek base64) | None, denial reason) of a release answer.
+fn entries(body: &str) -> Vec<(u32, Option<String>, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["deks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["shard"].as_u64().unwrap() as u32,
+                e["dek"].as_str().map(str::to_owned),
+                e["denied"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
+    let s = Setup::new();
+    let deny_list = s.fx.path("deny.txt");
+    std::fs::write(&deny_list, "").unwrap();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.deny_list = Some(deny_list.clone());
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, None);
+    let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
+    let (status, reg) = register(&c, &svc, &manifest);
+    assert_eq!(status, 200, "{reg}");
+    let digest = reg["digest"].as_str().unwrap().to_owned();
+    assert_eq!(digest, hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &manifest)));
+    assert_eq!(reg["dataset"], DATASET);
+
+    // A good token gets keys, which open the shards.
+    let good = s.token(&s.spec());
+    let (st, body) = release(&c, &svc, &digest, Some(&good), &[0, 1, 9]);
+    assert_eq!(st, 200, "{body}");
+    let e = entries(&body);
+    assert!(e.iter().all(|(_, dek, denied)| dek.is_some() && denied.is_none()), "{body}");
+
+    let other_issuer = IssuerKey::generate().unwrap();
+    let now = SystemTime::now();
+    let revoked = Token::issue(&s.fx.issuer, &s.spec()).unwrap();
+    shardlock::DenyList::append(&deny_list, &revoked.revocation_id(), "test").unwrap();
+    let narrowed = Token::issue(&s.fx.issuer, &s.spec())
+        .unwrap()
+        .attenuate(&Attenuation { shards: Some(ShardSet::parse("0-1").unwrap()), ..Attenuation::default() })
+        .unwrap();
+    let cases: Vec<(&str, Option<String>, Vec<u32>, DenyReason)> = vec![
+        ("missing", None, vec![0], DenyReason::MissingToken),
+        ("garbage", Some("not-a-token".into()), vec![0], DenyReason::InvalidToken),
+        (
+            "forged",
+            Some(Token::issue(&other_issuer, &s.spec()).unwrap().to_base64().unwrap().to_string()),
+            vec![0],
+            DenyReason::InvalidToken,
+        ),
+        (
+            "foreign dataset",
+            Some(s.token(&TokenSpec { dataset: "other".into(), ..s.spec() })),
+            vec![0],
+            DenyReason::WrongDataset,
+        ),
+        (
+            "expired",
+            Some(s.token(&TokenSpec { expires: now - Duration::from_secs(3600), ..s.spec() })),
+            vec![0],
+            DenyReason::TokenExpired,
+        ),
+        (
+            "not yet valid",
+            Some(s.token(&TokenSpec { not_before: Some(now + Duration::from_secs(3600)), ..s.spec() })),
+            vec![0],
+            DenyReason::NotYetValid,
+        ),
+        ("revoked", Some(revoked.to_base64().unwrap().to_string()), vec![0], DenyReason::Revoked),
+        (
+            "out of scope",
+            Some(s.token(&TokenSpec { shards: ShardSet::parse("0-3").unwrap(), ..s.spec() })),
+            vec![4, 9],
+            DenyReason::ShardOutOfScope,
+        ),
+        ("attenuated to 0-1", Some(narrowed.to_base64().unwrap().to_string()), vec![2, 8], DenyReason::ShardOutOfScope),
+        (
+            "verify only",
+            Some(s.token(&TokenSpec { ops: vec![Operation::Verify], ..s.spec() })),
+            vec![0],
+            DenyReason::OperationNotGranted,
+        ),
+    ];
+    for (name, token, shards, reason) in &cases {
+        let before = s.audit().len();
+        let (st, body) = release(&c, &svc, &digest, token.as_deref(), shards);
+        assert_eq!(st, 200, "{name}: {body}");
+        assert!(!body.contains("\"dek\""), "{name}: a DEK was released: {body}");
+        let e = entries(&body);
+        assert_eq!(e.iter().map(|x| x.0).collect::<Vec<_>>(), *shards, "{name}");
+        for (shard, _, denied) in &e {
+            assert_eq!(denied.as_deref(), Some(reason.name()), "{name}: shard {shard}: {body}");
+        }
+        // Audited on the service: one denial per shard, with the reason.
+        let new = &s.audit()[before..];
+        let denials: Vec<_> = new.iter().filter(|e| e["event"] == "authorize" && e["decision"] == "deny").collect();
+        assert_eq!(denials.len(), shards.len(), "{name}: {new:?}");
+        assert!(denials.iter().all(|e| e["reason"] == reason.name()), "{name}: {new:?}");
+        assert!(!new.iter().any(|e| e["event"] == "key_release"), "{name}: a key was unwrapped");
+    }
+    // The narrowed token still gets what it covers.
+    let (_, body) = release(&c, &svc, &digest, Some(&narrowed.to_base64().unwrap()), &[1]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+
+    // Requests the service refuses as a whole.
+    let (st, body) = release(&c, &svc, &"0".repeat(64), Some(&good), &[0]);
+    assert_eq!((st, body.contains("unknown_manifest")), (404, true), "{body}");
+    let (st, body) = release(&c, &svc, &digest, Some(&good), &[10]);
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = release(&c, &svc, &digest, Some(&good), &[]);
+    assert_eq!(st, 400, "{body}");
+    let r = c.post(format!("https://{}/v1/release", svc.local_addr())).body(vec![b'['; 2 << 20]).send().unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // A tampered manifest and another issuer's manifest are refused.
+    let mut tampered = manifest.clone();
+    let at = tampered.windows(7).position(|w| w == b"records").unwrap();
+    tampered[at + 10] ^= 1;
+    let (st, body) = register(&c, &svc, &tampered);
+    assert_eq!(st, 422, "{body}");
+    let foreign_fx = Fixture::new();
+    let (foreign, _) = foreign_fx.standard("foreign", DATASET, 8);
+    let (st, body) = register(&c, &svc, &std::fs::read(foreign.join("manifest.json")).unwrap());
+    assert_eq!(st, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("signature"), "{body}");
+    let log = std::fs::read_to_string(s.fx.path("keyd-audit.jsonl")).unwrap();
+    assert!(!log.contains(&good), "a token reached the audit log");
+    for (_, dek, _) in &e {
+        assert!(!log.contains(dek.as_deref().unwrap()), "a DEK reached the audit log");
+    }
+    shardlock::verify_log(&s.fx.path("keyd-audit.jsonl")).unwrap();
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn under_mtls_the_certificate_must_be_the_tokens_principal() {
+    let s = Setup::new();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.client_ca = Some(s.pki.ca());
+    let svc = KeyService::start(cfg).unwrap();
+    let tester = s.pki.issue("tester", "tester", &[], false);
+    let mallory = s.pki.issue("mallory", "mallory", &[], false);
+    let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
+    let token = s.token(&s.spec());
+
+    let c = raw(&s, &svc, Some(tester.clone()));
+    let digest = register(&c, &svc, &manifest).1["digest"].as_str().unwrap().to_owned();
+    let (_, body) = release(&c, &svc, &digest, Some(&token), &[0]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+
+    // Mallory holds tester's token: denied, audited with her certificate.
+    let c = raw(&s, &svc, Some(mallory));
+    let (st, body) = release(&c, &svc, &digest, Some(&token), &[0, 1]);
+    assert_eq!(st, 200);
+    assert!(!body.contains("\"dek\""), "{body}");
+    assert!(entries(&body).iter().all(|e| e.2.as_deref() == Some("principal_mismatch")), "{body}");
+    let log = s.audit();
+    assert!(log.iter().any(|e| e["reason"] == "principal_mismatch" && e["client"] == "cert:mallory"), "{log:?}");
+    // No certificate at all: the handshake fails.
+    let c = raw(&s, &svc, None);
+    assert!(c.post(format!("https://{}/v1/manifests", svc.local_addr())).body(manifest.clone()).send().is_err());
+
+    // The loader with tester's certificate streams; without one it gets a clear error.
+    let url = format!("https://{}", svc.local_addr());
+    let tls = ServiceTls { ca_cert: Some(s.pki.ca()), client_cert: Some(tester.0), client_key: Some(tester.1) };
+    let p = KeyServiceProvider::open(&url, ServiceOptions { tls, ..ServiceOptions::default() }).unwrap();
+    let mut l = s.fx.loader_with(&s.dir, DATASET, Arc::new(p)).batch_size(4).build().unwrap();
+    assert_eq!(ids(&mut l, None).unwrap().len(), 40);
+    let p = KeyServiceProvider::open(
+        &url,
+        ServiceOptions {
+            tls: ServiceTls { ca_cert: Some(s.pki.ca()), ..ServiceTls::default() },
+            timeout: Duration::from_secs(5),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut l = s.fx.loader_with(&s.dir, DATASET, Arc::new(p)).batch_size(4).build().unwrap();
+    match ids(&mut l, None) {
+        Err(Error::KeyUnavailable { detail, .. }) => {
+            assert!(detail.contains("client certificate") && detail.contains(&url), "{detail}")
+        }
+        other => panic!("expected KeyUnavailable, got {other:?}"),
+    }
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn a_stopped_service_is_a_typed_error_and_after_a_restart_the_loader_resumes() {
+    let s = Setup::new();
+    let svc = s.start();
+    let addr = svc.local_addr();
+    let provider = s.provider(&svc, Duration::from_secs(3));
+    let build = || {
+        s.fx.loader_with(&s.dir, DATASET, provider.clone())
+            .batch_size(2)
+            .shuffle(Shuffle::Global)
+            .seed(3)
+            .workers(1)
+            .window(1, None)
+    };
+    let mut l = build().build().unwrap();
+    let mut seen = ids(&mut l, Some(3)).unwrap();
+    let state = l.state();
+    drop(l);
+    svc.shutdown().unwrap();
+    // Down: the next epoch fails within the timeout, naming the service.
+    let mut l = build().build().unwrap();
+    l.load_state(&state).unwrap();
+    let t = Instant::now();
+    match ids(&mut l, None) {
+        Err(Error::KeyUnavailable { detail, .. }) => {
+            assert!(detail.contains(&format!("https://{addr}")) && detail.contains("running"), "{detail}")
+        }
+        other => panic!("expected KeyUnavailable, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
+    drop(l);
+    // Restarted on the same address (a fresh replica: it has no manifest cached).
+    let svc = KeyService::start(s.config(addr)).unwrap();
+    let mut l = build().build().unwrap();
+    l.load_state(&state).unwrap();
+    seen.extend(ids(&mut l, None).unwrap());
+    assert_eq!(seen.len(), 40);
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 40, "the resumed epoch is not exactly one epoch");
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn tls_misconfigurations_are_clear_errors() {
+    let s = Setup::new();
+    let svc = s.start();
+    let url = format!("https://{}", svc.local_addr());
+    // Plain http is refused before anything is sent.
+    let e = KeyServiceProvider::open(&format!("http://{}", svc.local_addr()), ServiceOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("plain http is refused"), "{e}");
+    // A CA that did not sign the service's certificate.
+    let wrong_dir = s.fx.path("wrong");
+    std::fs::create_dir(&wrong_dir).unwrap();
+    let wrong = Pki::new(&wrong_dir);
+    let p = KeyServiceProvider::open(
+        &url,
+        ServiceOptions {
+            tls: ServiceTls { ca_cert: Some(wrong.ca()), ..ServiceTls::default() },
+            timeout: Duration::from_secs(5),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let mut l = s.fx.loader_with(&s.dir, DATASET, Arc::new(p)).build().unwrap();
+    let t = Instant::now();
+    match ids(&mut l, None) {
+        Err(Error::KeyUnavailable { detail, .. }) => {
+            assert!(detail.contains("TLS") && detail.contains("CA"), "{detail}")
+        }
+        other => panic!("expected KeyUnavailable, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "a certificate failure is not retried until the timeout");
+    // A missing CA file names the file.
+    let e = KeyServiceProvider::open(
+        &url,
+        ServiceOptions {
+            tls: ServiceTls { ca_cert: Some(s.fx.path("nope.pem")), ..ServiceTls::default() },
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope.pem"), "{e}");
+    svc.shutdown().unwrap();
+    // An expired server certificate: the client refuses the handshake.
+    let (cert, key) = s.pki.issue("old", "keyd", &["127.0.0.1"], true);
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.tls_cert = cert;
+    cfg.tls_key = key;
+    let svc = KeyService::start(cfg).unwrap();
+    let p = s.provider(&svc, Duration::from_secs(5));
+    let mut l = s.fx.loader_with(&s.dir, DATASET, p).build().unwrap();
+    match ids(&mut l, None) {
+        Err(Error::KeyUnavailable { detail, .. }) => assert!(detail.contains("TLS"), "{detail}"),
+        other => panic!("expected KeyUnavailable, got {other:?}"),
+    }
+    svc.shutdown().unwrap();
+    // A key file others can read is refused at start, naming it.
+    let (cert, key) = s.pki.issue("loose", "keyd", &["127.0.0.1"], false);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.tls_cert = cert;
+    cfg.tls_key = key;
+    let e = KeyService::start(cfg).unwrap_err();
+    assert!(e.to_string().contains("loose.key"), "{e}");
+}
