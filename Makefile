@@ -84,7 +84,8 @@ py-build-release:
 
 py-test: py-build
 	$(PY) -m mypy.stubtest shardlock._native
-	$(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests benches/compare
+	$(CARGO) build -q -p shardlock --features cli --bin shardlock
+	SHARDLOCK_BIN=$(CURDIR)/target/debug/shardlock $(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests benches/compare
 
 test: setup lint rust-test examples py-test fuzz-build compare-smoke
 	@echo "make test: all checks passed"

@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/cli.rs"]
+mod cli;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -521,4 +523,33 @@ fn tls_misconfigurations_are_clear_errors() {
     cfg.tls_key = key;
     let e = KeyService::start(cfg).unwrap_err();
     assert!(e.to_string().contains("loose.key"), "{e}");
+}
+
+#[test]
+fn the_cli_benchmarks_through_the_service_with_only_its_url_and_ca() {
+    let s = Setup::new();
+    let svc = s.start();
+    let token = s.fx.path("job.token");
+    Token::issue(&s.fx.issuer, &s.spec()).unwrap().save(&token).unwrap();
+    let trust = s.fx.path("issuer.pub");
+    std::fs::write(&trust, serde_json::json!({
+        "format": "shardlock-issuer-pub/1", "alg": "ed25519",
+        "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
+    }).to_string()).unwrap();
+    let url = format!("https://{}", svc.local_addr());
+    let (ca, dir) = (s.pki.ca(), s.dir.clone());
+    let args = [
+        "bench", dir.to_str().unwrap(), "--keyring", &url, "--ca-cert", ca.to_str().unwrap(), "--token",
+        token.to_str().unwrap(), "--trust", trust.to_str().unwrap(), "--batch-size", "4", "--epochs", "2", "--json",
+    ];
+    let out: serde_json::Value = serde_json::from_str(&cli::ok(s.fx.dir.path(), &args)).unwrap();
+    assert_eq!(out["epochs"][0]["samples"], 40, "{out}");
+    let released = s.audit().iter().filter(|e| e["event"] == "key_release" && e["decision"] == "allow").count();
+    assert_eq!(released, 20);
+    // Without the CA the system bundle does not know the test CA: a clear error, exit 1.
+    let o = cli::run(s.fx.dir.path(), &[&args[..4], &args[6..]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TLS") && err.contains("--ca-cert"), "{err}");
+    svc.shutdown().unwrap();
 }
