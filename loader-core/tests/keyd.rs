@@ -6,9 +6,9 @@
 //! certificate, a tampered or foreign manifest) are clear typed errors.
 #![allow(clippy::unwrap_used)]
 
-mod common;
 #[path = "common/cli.rs"]
 mod cli;
+mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -532,15 +532,33 @@ fn the_cli_benchmarks_through_the_service_with_only_its_url_and_ca() {
     let token = s.fx.path("job.token");
     Token::issue(&s.fx.issuer, &s.spec()).unwrap().save(&token).unwrap();
     let trust = s.fx.path("issuer.pub");
-    std::fs::write(&trust, serde_json::json!({
-        "format": "shardlock-issuer-pub/1", "alg": "ed25519",
-        "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
-    }).to_string()).unwrap();
+    std::fs::write(
+        &trust,
+        serde_json::json!({
+            "format": "shardlock-issuer-pub/1", "alg": "ed25519",
+            "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
+        })
+        .to_string(),
+    )
+    .unwrap();
     let url = format!("https://{}", svc.local_addr());
     let (ca, dir) = (s.pki.ca(), s.dir.clone());
     let args = [
-        "bench", dir.to_str().unwrap(), "--keyring", &url, "--ca-cert", ca.to_str().unwrap(), "--token",
-        token.to_str().unwrap(), "--trust", trust.to_str().unwrap(), "--batch-size", "4", "--epochs", "2", "--json",
+        "bench",
+        dir.to_str().unwrap(),
+        "--keyring",
+        &url,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--token",
+        token.to_str().unwrap(),
+        "--trust",
+        trust.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--json",
     ];
     let out: serde_json::Value = serde_json::from_str(&cli::ok(s.fx.dir.path(), &args)).unwrap();
     assert_eq!(out["epochs"][0]["samples"], 40, "{out}");
@@ -552,4 +570,94 @@ fn the_cli_benchmarks_through_the_service_with_only_its_url_and_ca() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("TLS") && err.contains("--ca-cert"), "{err}");
     svc.shutdown().unwrap();
+}
+
+#[test]
+fn each_principal_is_held_to_its_rate_limit() {
+    let s = Setup::new();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.rate_limit = Some(5.0); // bursts of 10 shards
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, None);
+    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tester = s.token(&s.spec());
+    let other = s.token(&TokenSpec { principal: "other".into(), ..s.spec() });
+    let all: Vec<u32> = (0..10).collect();
+    let (st, body) = release(&c, &svc, &digest, Some(&tester), &all);
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = release(&c, &svc, &digest, Some(&tester), &[0, 1, 2]);
+    assert_eq!(st, 429, "{body}");
+    assert!(body.contains("rate_limited") && body.contains("tester"), "{body}");
+    // Another principal has its own bucket.
+    let (st, body) = release(&c, &svc, &digest, Some(&other), &[0, 1, 2]);
+    assert_eq!(st, 200, "{body}");
+    // The bucket refills: 3 shards at 5/s take 0.6 s.
+    std::thread::sleep(Duration::from_millis(800));
+    let (st, body) = release(&c, &svc, &digest, Some(&tester), &[0, 1, 2]);
+    assert_eq!(st, 200, "{body}");
+    svc.shutdown().unwrap();
+}
+
+#[test]
+fn the_cli_service_takes_a_toml_config_and_stops_on_sigterm() {
+    use std::io::BufRead as _;
+    let s = Setup::new();
+    let (cert, key) = s.pki.server();
+    let trust = s.fx.path("issuer.pub");
+    std::fs::write(
+        &trust,
+        serde_json::json!({
+            "format": "shardlock-issuer-pub/1", "alg": "ed25519",
+            "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let config = s.fx.path("keyd.toml");
+    let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nkeyring = {}\ntrust = [{}]\ntls_cert = {}\ntls_key = {}\naudit_log = {}\nrate_limit = 1000\n",
+            q(&s.fx.path("keyring.json")),
+            q(&trust),
+            q(&cert),
+            q(&key),
+            q(&s.fx.path("keyd-audit.jsonl"))
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardlock"))
+        .args(["keyd", "--config", config.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|_| panic!("{line:?}"))["listening"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut opts = ServiceOptions::default();
+    opts.tls.ca_cert = Some(s.pki.ca());
+    let p = Arc::new(KeyServiceProvider::open(&url, opts).unwrap());
+    let mut l = s.fx.loader_with(&s.dir, DATASET, p).batch_size(4).build().unwrap();
+    assert_eq!(ids(&mut l, None).unwrap().len(), 40);
+    // Stop it as an init system would.
+    let st = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "keyd exited with {status:?}");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    // An unknown option in the file is an error naming the file.
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlisten_adress = 1\n").unwrap();
+    let o = cli::run(s.fx.dir.path(), &["keyd", "--config", config.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keyd.toml") && err.contains("listen_adress"), "{err}");
 }

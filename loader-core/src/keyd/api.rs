@@ -26,6 +26,37 @@ use crate::keys::{KeyProvider, TrustAnchor};
 
 /// Largest release request body (a list of shard numbers).
 const MAX_RELEASE_BODY: usize = 1 << 20;
+/// Principals tracked by the rate limiter; idle full buckets are dropped beyond this.
+const MAX_BUCKETS: usize = 100_000;
+
+/// Per-principal token buckets of shard releases.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes `cost` from `principal`'s bucket; `Err(seconds until it would pass)`.
+    fn take(&self, principal: &str, cost: f64) -> Result<(), f64> {
+        let now = Instant::now();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() >= MAX_BUCKETS && !b.contains_key(principal) {
+            let (rate, burst) = (self.rate, self.burst);
+            b.retain(|_, (level, at)| *level + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (level, at) = b.entry(principal.to_owned()).or_insert((self.burst, now));
+        *level = (*level + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        // A request larger than the bucket passes when the bucket is full (else it never would).
+        if *level >= cost || *level >= self.burst {
+            *level -= cost;
+            Ok(())
+        } else {
+            Err((cost.min(self.burst) - *level) / self.rate)
+        }
+    }
+}
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
@@ -97,6 +128,7 @@ pub(super) struct Service {
     min_generation: Option<u64>,
     max_shards: usize,
     max_manifests: usize,
+    limiter: Option<RateLimiter>,
     in_flight: tokio::sync::Semaphore,
     manifests: Mutex<Manifests>,
     ready: AtomicBool,
@@ -126,6 +158,7 @@ fn error_body(status: StatusCode, code: &str, message: &str) -> Response<Full<By
         r.headers_mut().insert("connection", hyper::header::HeaderValue::from_static("close"));
     }
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        // Clients back off with jitter anyway; one second is the coarsest useful hint.
         r.headers_mut().insert("retry-after", hyper::header::HeaderValue::from_static("1"));
     }
     r
@@ -163,6 +196,7 @@ impl Service {
             min_generation: cfg.min_generation,
             max_shards: cfg.max_shards,
             max_manifests: cfg.max_manifests,
+            limiter: cfg.rate_limit.map(|rate| RateLimiter { rate, burst: rate * 2.0, buckets: Mutex::default() }),
             in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
             manifests: Mutex::new(Manifests::default()),
             ready: AtomicBool::new(false),
@@ -337,6 +371,16 @@ impl Service {
         let authorizer = Authorizer::from_text(ds.trust_anchor(), token.as_deref().map(String::as_str), cfg)
             .map_err(|e| Refusal::of(&e))?;
         let principal = authorizer.principal().to_owned();
+        if let (Some(limiter), false) = (&self.limiter, principal.is_empty()) {
+            let distinct = req.shards.iter().collect::<std::collections::HashSet<_>>().len();
+            if let Err(wait) = limiter.take(&principal, distinct as f64) {
+                return Err(Refusal(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("principal {principal:?} is over its rate limit; retry in {wait:.2}s"),
+                ));
+            }
+        }
         let mut access = Access::new(authorizer, self.keys.clone()).with_client(client.label());
         if let Some(log) = &self.audit {
             access = access.with_audit(log.clone());

@@ -54,6 +54,9 @@ pub struct KeydConfig {
     pub max_shards: usize,
     /// Verified manifests kept (default 1024; the oldest is dropped first).
     pub max_manifests: usize,
+    /// Shard releases each principal may ask for per second (a token bucket holding
+    /// twice that); more are answered `429 rate_limited`. `None`: no limit.
+    pub rate_limit: Option<f64>,
     /// Stop on SIGINT/SIGTERM (the CLI; tests stop with [`KeyService::shutdown`]).
     pub handle_signals: bool,
     /// The clock (injectable for tests); `None` is the system clock.
@@ -83,6 +86,7 @@ impl KeydConfig {
             max_in_flight: 256,
             max_shards: 4096,
             max_manifests: 1024,
+            rate_limit: None,
             handle_signals: false,
             clock: None,
         }
@@ -124,6 +128,9 @@ impl KeyService {
             return Err(Error::InvalidArgument(
                 "the key service needs at least one trust anchor (--trust FILE.pub)".into(),
             ));
+        }
+        if cfg.rate_limit.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(Error::InvalidArgument("the rate limit must be a positive number of shards per second".into()));
         }
         if cfg.max_in_flight == 0 || cfg.max_shards == 0 || cfg.max_manifests == 0 {
             return Err(Error::InvalidArgument(

@@ -42,23 +42,29 @@ pub(crate) enum Command {
     Keyd(KeydArgs),
 }
 
+/// `shardlock keyd`'s options. Each can also come from `--config FILE` (TOML, the same
+/// names with `_` for `-`); a value on the command line wins.
 #[derive(Args)]
 pub(crate) struct KeydArgs {
-    /// Address to listen on (port 0 picks a free one; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    pub(crate) listen: std::net::SocketAddr,
+    /// TOML file with any of the options below (e.g. `listen = "0.0.0.0:8443"`,
+    /// `trust = ["a.pub", "b.pub"]`, `rate_limit = 5000`).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8443; port 0 picks a free one, which is printed).
+    #[arg(long)]
+    pub(crate) listen: Option<std::net::SocketAddr>,
     /// Custody of the KEK: a keyring file or the pkcs11: URI of an HSM KEK.
     #[arg(long)]
-    pub(crate) keyring: String,
+    pub(crate) keyring: Option<String>,
     /// Issuer public key (.pub) whose manifests and tokens are accepted; repeat for several.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub(crate) trust: Vec<PathBuf>,
     /// PEM certificate chain the service presents.
     #[arg(long)]
-    pub(crate) tls_cert: PathBuf,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// PEM private key of the certificate (mode 0600).
     #[arg(long)]
-    pub(crate) tls_key: PathBuf,
+    pub(crate) tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (mTLS); a certificate's subject CN
     /// must then equal the token's principal.
     #[arg(long)]
@@ -69,18 +75,22 @@ pub(crate) struct KeydArgs {
     /// The service's hash-chained audit log.
     #[arg(long)]
     pub(crate) audit_log: Option<PathBuf>,
-    /// Allowed clock skew for token validity (e.g. 30s).
-    #[arg(long, default_value = "30s")]
-    pub(crate) clock_skew: String,
+    /// Allowed clock skew for token validity (default 30s).
+    #[arg(long)]
+    pub(crate) clock_skew: Option<String>,
     /// Refuse manifests older than this generation (rollback protection).
     #[arg(long)]
     pub(crate) min_generation: Option<u64>,
-    /// Requests served at once; more are answered 503 busy.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) max_in_flight: usize,
-    /// Most shards one release request may name.
-    #[arg(long, default_value_t = 4096)]
-    pub(crate) max_shards: usize,
+    /// Requests served at once; more are answered 503 busy (default 256).
+    #[arg(long)]
+    pub(crate) max_in_flight: Option<usize>,
+    /// Most shards one release request may name (default 4096).
+    #[arg(long)]
+    pub(crate) max_shards: Option<usize>,
+    /// Shard releases per second each principal may ask for (bursts of twice that);
+    /// more are answered 429 rate_limited. Default: no limit.
+    #[arg(long)]
+    pub(crate) rate_limit: Option<f64>,
     /// Print the listening address as JSON.
     #[arg(long)]
     pub(crate) json: bool,

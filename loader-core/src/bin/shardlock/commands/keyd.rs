@@ -1,22 +1,86 @@
 //! `shardlock keyd`: the key service, until SIGINT or SIGTERM.
 
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use shardlock::{Error, KeyService, KeydConfig, TrustAnchor};
 
 use crate::cli::KeydArgs;
 
+/// `--config FILE`: the options of [`KeydArgs`] in TOML.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeydFile {
+    listen: Option<std::net::SocketAddr>,
+    keyring: Option<String>,
+    #[serde(default)]
+    trust: Vec<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    deny_list: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    clock_skew: Option<String>,
+    min_generation: Option<u64>,
+    max_in_flight: Option<usize>,
+    max_shards: Option<usize>,
+    rate_limit: Option<f64>,
+}
+
+fn read_config(path: &Path) -> Result<KeydFile, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        op: "read config",
+        path: path.to_owned(),
+        source: std::sync::Arc::new(e),
+    })?;
+    toml::from_str(&text).map_err(|e| Error::Format {
+        what: "keyd config (TOML)",
+        path: path.to_owned(),
+        detail: e.to_string().replace('\n', " "),
+    })
+}
+
+/// `name` from the command line, else from the file, else a required-option error.
+fn required<T>(cli: Option<T>, file: Option<T>, name: &str) -> Result<T, Error> {
+    cli.or(file)
+        .ok_or_else(|| Error::InvalidArgument(format!("--{name} is required (on the command line or in --config)")))
+}
+
 pub(crate) fn keyd_cmd(a: KeydArgs) -> Result<(), Error> {
-    let keys = shardlock::open_provider(&a.keyring)?;
-    let trust = a.trust.iter().map(|p| TrustAnchor::load(p)).collect::<Result<Vec<_>, _>>()?;
-    let mut cfg = KeydConfig::new(a.listen, keys, trust, a.tls_cert, a.tls_key);
-    cfg.client_ca = a.client_ca;
-    cfg.deny_list = a.deny_list;
-    cfg.audit_log = a.audit_log;
-    cfg.skew = shardlock::parse_ttl(&a.clock_skew)?;
-    cfg.min_generation = a.min_generation;
-    cfg.max_in_flight = a.max_in_flight;
-    cfg.max_shards = a.max_shards;
+    let f = match &a.config {
+        Some(p) => read_config(p)?,
+        None => KeydFile::default(),
+    };
+    let keyring = required(a.keyring, f.keyring, "keyring")?;
+    let trust_files = if a.trust.is_empty() { f.trust } else { a.trust };
+    if trust_files.is_empty() {
+        return Err(Error::InvalidArgument("--trust is required (on the command line or in --config)".into()));
+    }
+    let keys = shardlock::open_provider(&keyring)?;
+    let trust = trust_files.iter().map(|p| TrustAnchor::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let listen = a.listen.or(f.listen).unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
+    let mut cfg = KeydConfig::new(
+        listen,
+        keys,
+        trust,
+        required(a.tls_cert, f.tls_cert, "tls-cert")?,
+        required(a.tls_key, f.tls_key, "tls-key")?,
+    );
+    cfg.client_ca = a.client_ca.or(f.client_ca);
+    cfg.deny_list = a.deny_list.or(f.deny_list);
+    cfg.audit_log = a.audit_log.or(f.audit_log);
+    if let Some(s) = a.clock_skew.or(f.clock_skew) {
+        cfg.skew = shardlock::parse_ttl(&s)?;
+    }
+    cfg.min_generation = a.min_generation.or(f.min_generation);
+    if let Some(n) = a.max_in_flight.or(f.max_in_flight) {
+        cfg.max_in_flight = n;
+    }
+    if let Some(n) = a.max_shards.or(f.max_shards) {
+        cfg.max_shards = n;
+    }
+    cfg.rate_limit = a.rate_limit.or(f.rate_limit);
     cfg.handle_signals = true;
     let mtls = cfg.client_ca.is_some();
     let provider = cfg.keys.describe();
