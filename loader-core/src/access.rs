@@ -70,7 +70,7 @@ impl Access {
     /// Tells the key provider the order this epoch opens shards in (a key service
     /// releases the next ones in one request). Each call starts a new epoch.
     pub fn plan(&self, ds: &Dataset, order: &[u32]) {
-        self.keys.plan(ds.manifest_bytes(), order);
+        self.keys.plan(ds.manifest_digest(), order);
     }
 
     /// The authorizer.
@@ -142,7 +142,11 @@ impl Access {
         self.record(&ev)?;
         decision?;
         let grant = Grant::for_entry(dataset, entry, Some(op))?;
-        let ctx = ReleaseContext { token: self.bearer.as_deref().map(String::as_str), manifest: ds.manifest_bytes() };
+        let ctx = ReleaseContext {
+            token: self.bearer.as_deref().map(String::as_str),
+            manifest: ds.manifest_bytes(),
+            digest: ds.manifest_digest(),
+        };
         let dek = self.keys.release_dek(grant, &ctx);
         let mut ev = self.event("key_release", ds, shard, op);
         ev.key_id = Some(entry.kek_id.clone());
@@ -164,6 +168,7 @@ impl Access {
 
     /// Denies `op` on `shard` for a reason decided outside the token (a key service's
     /// mTLS identity check): audited like any denial, and returned as the error.
+    #[cfg(feature = "keyd")]
     pub(crate) fn deny(
         &self,
         ds: &Dataset,

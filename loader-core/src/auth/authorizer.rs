@@ -51,6 +51,11 @@ enum TokenState {
 /// Longest rule text kept in an error or audit record.
 const MAX_RULE: usize = 1024;
 
+/// Wall-clock bound of one Datalog evaluation. The fact and iteration limits bound the
+/// work; this only stops a pathological token, and it is generous because it is wall
+/// time: on a busy machine (decrypt workers on every core) 50 ms was hit by plain tokens.
+const MAX_EVAL_TIME: Duration = Duration::from_secs(1);
+
 /// Largest accepted clock skew.
 pub const MAX_SKEW: Duration = Duration::from_secs(600);
 
@@ -70,9 +75,12 @@ fn bounded(s: &str) -> String {
 pub struct Authorizer {
     trust: TrustAnchor,
     token: TokenState,
-    deny: Option<DenyList>,
+    deny: Option<Arc<DenyList>>,
     cfg: AuthorizerConfig,
     principal: String,
+    /// The principal exactly as the token states it (for an identity comparison).
+    #[cfg_attr(not(feature = "keyd"), allow(dead_code))]
+    raw_principal: String,
     token_id: String,
 }
 
@@ -93,7 +101,7 @@ impl Authorizer {
     /// An authorizer for `token` (if any) under `trust`.
     /// A token verified under another issuer key than `trust` is kept as invalid.
     pub fn new(trust: &TrustAnchor, token: Option<Token>, cfg: AuthorizerConfig) -> Result<Self> {
-        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?.map(Arc::new);
         let state = match token {
             Some(t) if t.anchor == *trust => TokenState::Valid(Box::new(t)),
             Some(t) => TokenState::Invalid(format!(
@@ -109,7 +117,7 @@ impl Authorizer {
     /// An authorizer from a token file; an unreadable or invalid token is kept as a
     /// reason to deny every request rather than failing here.
     pub fn from_file(trust: &TrustAnchor, token: Option<&Path>, cfg: AuthorizerConfig) -> Result<Self> {
-        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?.map(Arc::new);
         let state = match token {
             None => TokenState::Missing,
             Some(p) => match Token::load(p, trust) {
@@ -124,7 +132,7 @@ impl Authorizer {
     fn with_state(
         trust: TrustAnchor,
         token: TokenState,
-        deny: Option<DenyList>,
+        deny: Option<Arc<DenyList>>,
         cfg: AuthorizerConfig,
     ) -> Result<Self> {
         if cfg.skew > MAX_SKEW {
@@ -133,11 +141,12 @@ impl Authorizer {
                 cfg.skew, MAX_SKEW
             )));
         }
-        let (principal, token_id) = match &token {
-            TokenState::Valid(t) => (bounded(&principal_of(t)), t.revocation_id()),
+        let (raw_principal, token_id) = match &token {
+            TokenState::Valid(t) => (principal_of(t), t.revocation_id()),
             _ => (String::new(), String::new()),
         };
-        Ok(Self { trust, token, deny, cfg, principal, token_id })
+        let principal = bounded(&raw_principal);
+        Ok(Self { trust, token, deny, cfg, principal, raw_principal, token_id })
     }
 
     /// The trust anchor tokens are checked against.
@@ -162,7 +171,18 @@ impl Authorizer {
     /// An authorizer for a token given as text (a bearer header); like
     /// [`Authorizer::from_file`], a missing or invalid token denies every request.
     pub fn from_text(trust: &TrustAnchor, token: Option<&str>, cfg: AuthorizerConfig) -> Result<Self> {
-        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?;
+        let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?.map(Arc::new);
+        Self::from_text_with(trust, token, cfg, deny)
+    }
+
+    /// [`Authorizer::from_text`] with a deny list already open and shared (a key service
+    /// keeps one for all requests; `cfg.deny_list` is then ignored).
+    pub(crate) fn from_text_with(
+        trust: &TrustAnchor,
+        token: Option<&str>,
+        cfg: AuthorizerConfig,
+        deny: Option<Arc<DenyList>>,
+    ) -> Result<Self> {
         let state = match token {
             None => TokenState::Missing,
             Some(t) => match Token::from_base64(t, trust) {
@@ -172,6 +192,19 @@ impl Authorizer {
             },
         };
         Self::with_state(*trust, state, deny, cfg)
+    }
+
+    /// The principal exactly as the token states it, unbounded and uncleaned ("" without
+    /// a valid token): what an identity must equal, never what is printed.
+    #[cfg(feature = "keyd")]
+    pub(crate) fn raw_principal(&self) -> &str {
+        &self.raw_principal
+    }
+
+    /// True when a token was given and verified under the trust anchor.
+    #[cfg(feature = "keyd")]
+    pub(crate) fn has_valid_token(&self) -> bool {
+        matches!(self.token, TokenState::Valid(_))
     }
 
     /// The token's revocation id ("" without a valid token). Safe to log.
@@ -215,7 +248,7 @@ impl Authorizer {
         params.insert("now".to_owned(), bb::date(&now));
         params.insert("early".to_owned(), bb::date(&now.checked_sub(self.cfg.skew).unwrap_or(SystemTime::UNIX_EPOCH)));
         params.insert("late".to_owned(), bb::date(&now.checked_add(self.cfg.skew).unwrap_or(now)));
-        let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: Duration::from_millis(50) };
+        let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: MAX_EVAL_TIME };
         let built = AuthorizerBuilder::new()
             .code_with_params(POLICY, params, HashMap::new())
             .map(|b| b.set_limits(limits))
@@ -236,7 +269,7 @@ impl Authorizer {
 }
 
 fn principal_of(t: &Token) -> String {
-    let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: Duration::from_millis(50) };
+    let limits = AuthorizerLimits { max_facts: 1000, max_iterations: 100, max_time: MAX_EVAL_TIME };
     let Ok(mut a) = AuthorizerBuilder::new().set_limits(limits).build(&t.biscuit) else { return String::new() };
     let r: std::result::Result<Vec<(String,)>, _> = a.query("data($p) <- principal($p)");
     r.ok().and_then(|v| v.into_iter().next()).map(|(p,)| p).unwrap_or_default()

@@ -24,6 +24,8 @@ pub struct Dataset {
     /// The verified `manifest.json` bytes, exactly as signed (a key service verifies them
     /// itself; their SHA-256 names the manifest on the wire).
     manifest_bytes: std::sync::Arc<[u8]>,
+    /// SHA-256 of `manifest_bytes`, computed once.
+    manifest_digest: [u8; 32],
     trust: TrustAnchor,
     source: Source,
 }
@@ -116,7 +118,14 @@ impl Dataset {
     pub(crate) fn from_manifest_bytes(dir: &Path, path: PathBuf, bytes: &[u8], trust: &TrustAnchor) -> Result<Self> {
         let signed = SignedManifest::parse(bytes, &path)?;
         let manifest = verified(path, signed, trust)?;
-        Ok(Self { dir: dir.to_owned(), manifest, manifest_bytes: bytes.into(), trust: *trust, source: Source::Local })
+        Ok(Self {
+            dir: dir.to_owned(),
+            manifest,
+            manifest_bytes: bytes.into(),
+            manifest_digest: crate::crypto::sha256(bytes),
+            trust: *trust,
+            source: Source::Local,
+        })
     }
 
     /// Opens a dataset at `location`: a directory, a `file://` URL, or (feature `s3`)
@@ -139,7 +148,14 @@ impl Dataset {
                 let signed = SignedManifest::parse(&bytes, &path)?;
                 let manifest = verified(path, signed, trust)?;
                 let remote = crate::remote::RemoteShards::new(&manifest, bucket, rt, opts)?;
-                Ok(Self { dir, manifest, manifest_bytes: bytes.into(), trust: *trust, source: Source::Remote(remote) })
+                Ok(Self {
+                    dir,
+                    manifest,
+                    manifest_digest: crate::crypto::sha256(&bytes),
+                    manifest_bytes: bytes.into(),
+                    trust: *trust,
+                    source: Source::Remote(remote),
+                })
             }
             #[cfg(not(feature = "s3"))]
             loc => {
@@ -303,6 +319,11 @@ impl Dataset {
     /// The verified `manifest.json` bytes, exactly as signed.
     pub fn manifest_bytes(&self) -> &std::sync::Arc<[u8]> {
         &self.manifest_bytes
+    }
+
+    /// SHA-256 of [`Dataset::manifest_bytes`]: the manifest's name at a key service.
+    pub fn manifest_digest(&self) -> &[u8; 32] {
+        &self.manifest_digest
     }
 
     /// The verified manifest.

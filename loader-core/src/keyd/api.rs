@@ -26,6 +26,14 @@ use crate::keys::{KeyProvider, TrustAnchor};
 
 /// Largest release request body (a list of shard numbers).
 const MAX_RELEASE_BODY: usize = 1 << 20;
+/// Largest manifest the service accepts (a 10,000-shard manifest is about 4 MiB).
+pub(super) const MAX_MANIFEST_BODY: usize = 64 << 20;
+/// Manifest registrations verified at once (each holds its body in memory).
+const MAX_REGISTRATIONS: usize = 4;
+/// Longest time a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Posted-digest aliases kept per cached manifest.
+const ALIASES_PER_MANIFEST: usize = 4;
 /// Principals tracked by the rate limiter; idle full buckets are dropped beyond this.
 const MAX_BUCKETS: usize = 100_000;
 
@@ -81,11 +89,16 @@ impl Client {
     }
 }
 
-/// A certificate's identity: its subject CN, else its first DNS name.
+/// A certificate's identity: its one subject CN; with no CN at all, its first DNS name.
+/// Several CNs, or a CN that is not readable text, give no identity (so no token's
+/// principal can match).
 fn cert_identity(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
-        return Some(cn.to_owned());
+    let cns: Vec<_> = cert.subject().iter_common_name().collect();
+    match cns.as_slice() {
+        [cn] => return cn.as_str().ok().filter(|s| !s.is_empty()).map(str::to_owned),
+        [] => {}
+        _ => return None,
     }
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
@@ -110,10 +123,55 @@ impl Refusal {
     }
 }
 
+/// Verified manifests, keyed by the SHA-256 of what the signature covers (body and
+/// signature), so re-encodings of one signed manifest (whitespace, key order) share one
+/// entry; each posted digest is an alias of it.
 #[derive(Default)]
 struct Manifests {
-    by_digest: HashMap<String, Arc<Dataset>>,
-    order: VecDeque<String>,
+    by_signed: HashMap<[u8; 32], Arc<Dataset>>,
+    order: VecDeque<[u8; 32]>,
+    aliases: HashMap<String, [u8; 32]>,
+    alias_order: VecDeque<String>,
+}
+
+impl Manifests {
+    fn get(&self, posted: &str) -> Option<Arc<Dataset>> {
+        self.aliases.get(posted).and_then(|k| self.by_signed.get(k)).cloned()
+    }
+
+    fn insert(&mut self, posted: String, signed: [u8; 32], ds: Dataset, max: usize) {
+        if !self.by_signed.contains_key(&signed) {
+            while self.by_signed.len() >= max {
+                let Some(old) = self.order.pop_front() else { break };
+                self.by_signed.remove(&old);
+            }
+            self.order.push_back(signed);
+            self.by_signed.insert(signed, Arc::new(ds));
+        }
+        if self.aliases.insert(posted.clone(), signed).is_none() {
+            self.alias_order.push_back(posted);
+        }
+        while self.aliases.len() > max * ALIASES_PER_MANIFEST {
+            let Some(old) = self.alias_order.pop_front() else { break };
+            self.aliases.remove(&old);
+        }
+    }
+}
+
+/// Counts a request in the in-flight gauge until dropped (however the request ends).
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.enter();
+        Self(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
 }
 
 /// The service's state, shared by every connection.
@@ -121,7 +179,7 @@ pub(super) struct Service {
     keys: Arc<dyn KeyProvider>,
     trust: Vec<TrustAnchor>,
     skew: Duration,
-    deny_list: Option<PathBuf>,
+    deny_list: Option<Arc<crate::auth::DenyList>>,
     clock: Option<Clock>,
     audit: Option<Arc<AuditLog>>,
     mtls: bool,
@@ -129,7 +187,8 @@ pub(super) struct Service {
     max_shards: usize,
     max_manifests: usize,
     limiter: Option<RateLimiter>,
-    in_flight: tokio::sync::Semaphore,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    registrations: Arc<tokio::sync::Semaphore>,
     manifests: Mutex<Manifests>,
     ready: AtomicBool,
     pub(super) metrics: Metrics,
@@ -181,15 +240,13 @@ fn bearer(req: &Request<Incoming>) -> Option<Zeroizing<String>> {
 impl Service {
     pub(super) fn new(cfg: &KeydConfig) -> crate::error::Result<Self> {
         let audit = cfg.audit_log.as_deref().map(AuditLog::open).transpose()?.map(Arc::new);
-        if let Some(p) = &cfg.deny_list {
-            // Fails now, naming the file, rather than on every request.
-            crate::auth::DenyList::open(p)?;
-        }
+        // One list for every request, re-read when the file changes; a bad file fails now.
+        let deny_list = cfg.deny_list.as_deref().map(crate::auth::DenyList::open).transpose()?.map(Arc::new);
         Ok(Self {
             keys: cfg.keys.clone(),
             trust: cfg.trust.clone(),
             skew: cfg.skew,
-            deny_list: cfg.deny_list.clone(),
+            deny_list,
             clock: cfg.clock.clone(),
             audit,
             mtls: cfg.client_ca.is_some(),
@@ -197,7 +254,8 @@ impl Service {
             max_shards: cfg.max_shards,
             max_manifests: cfg.max_manifests,
             limiter: cfg.rate_limit.map(|rate| RateLimiter { rate, burst: rate * 2.0, buckets: Mutex::default() }),
-            in_flight: tokio::sync::Semaphore::new(cfg.max_in_flight),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight)),
+            registrations: Arc::new(tokio::sync::Semaphore::new(MAX_REGISTRATIONS)),
             manifests: Mutex::new(Manifests::default()),
             ready: AtomicBool::new(false),
             metrics: Metrics::default(),
@@ -229,7 +287,7 @@ impl Service {
             "healthz" => text(StatusCode::OK, "ok\n".into()),
             "readyz" if self.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n".into()),
             "readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-            "metrics" => text(StatusCode::OK, self.metrics.render(self.manifests().by_digest.len())),
+            "metrics" => text(StatusCode::OK, self.metrics.render(self.manifests().by_signed.len())),
             _ => self.clone().serve_post(route, req, client).await,
         };
         self.metrics.request(route, resp.status().as_u16());
@@ -242,35 +300,64 @@ impl Service {
         req: Request<Incoming>,
         client: Client,
     ) -> Response<Full<Bytes>> {
-        let Ok(_permit) = self.in_flight.try_acquire() else {
-            return error_body(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many requests in flight; retry");
-        };
-        self.metrics.enter();
         let token = bearer(&req);
-        let limit = if route == "manifests" { crate::format::manifest::MAX_LEN as usize } else { MAX_RELEASE_BODY };
-        let body = match Limited::new(req.into_body(), limit).collect().await {
-            Ok(b) => Zeroizing::new(b.to_bytes().to_vec()),
-            Err(_) => {
-                self.metrics.leave();
+        let limit = if route == "manifests" { MAX_MANIFEST_BODY } else { MAX_RELEASE_BODY };
+        // Manifests are large: only a few are read and verified at once; the others wait
+        // their turn (a refusal before the body is read would break the sender's pipe).
+        let _registration = if route == "manifests" {
+            match tokio::time::timeout(BODY_TIMEOUT, self.registrations.clone().acquire_owned()).await {
+                Ok(Ok(p)) => Some(p),
+                _ => {
+                    let mut r = error_body(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        "too many manifest registrations in flight; retry",
+                    );
+                    r.headers_mut().insert("connection", hyper::header::HeaderValue::from_static("close"));
+                    return r;
+                }
+            }
+        } else {
+            None
+        };
+        // The body is read before a request slot is taken, and within a time limit, so
+        // slow senders cannot hold the slots.
+        let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect()).await {
+            Ok(Ok(b)) => Zeroizing::new(b.to_bytes().to_vec()),
+            Ok(Err(_)) => {
                 return error_body(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
                     &format!("request body larger than {limit} bytes, or cut off"),
                 );
             }
+            Err(_) => {
+                return error_body(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    &format!("request body not received within {BODY_TIMEOUT:?}"),
+                );
+            }
+        };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return error_body(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many requests in flight; retry");
         };
         let me = self.clone();
-        let work = tokio::task::spawn_blocking(move || match route {
-            "manifests" => me.register(&body),
-            _ => me.release(token, &body, &client),
+        // The slot and the gauge belong to the blocking work: a client that cancels its
+        // request (an HTTP/2 reset) does not free them before the work ends.
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _gauge = InFlight::new(&me.metrics);
+            match route {
+                "manifests" => me.register(&body),
+                _ => me.release(token, &body, &client),
+            }
         });
-        let out = match work.await {
+        match work.await {
             Ok(Ok(body)) => json(StatusCode::OK, body),
             Ok(Err(Refusal(status, code, message))) => error_body(status, code, &message),
             Err(_) => error_body(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed"),
-        };
-        self.metrics.leave();
-        out
+        }
     }
 
     fn record(&self, ev: &AuditEvent) -> Result<(), Refusal> {
@@ -284,6 +371,13 @@ impl Service {
     /// (and the generation policy), and caches it by the SHA-256 of its bytes.
     fn register(&self, bytes: &[u8]) -> Result<Bytes, Refusal> {
         let digest = hex::encode(crate::crypto::sha256(bytes));
+        // What the signature covers, whatever the encoding around it.
+        let signed = crate::format::SignedManifest::parse(bytes, Path::new("posted manifest.json")).ok().map(|m| {
+            let mut h = crate::crypto::Sha256::default();
+            h.update(&crate::format::SignedManifest::signed_message(&m.body));
+            h.update(&m.signature);
+            h.finish()
+        });
         let mut first_err = None;
         let mut ds = None;
         for anchor in &self.trust {
@@ -329,15 +423,14 @@ impl Service {
         ev.decision = Some("allow");
         ev.dataset = Some(dataset.clone());
         self.record(&ev)?;
-        let mut m = self.manifests();
-        if !m.by_digest.contains_key(&digest) {
-            while m.by_digest.len() >= self.max_manifests {
-                let Some(old) = m.order.pop_front() else { break };
-                m.by_digest.remove(&old);
-            }
-            m.order.push_back(digest.clone());
-            m.by_digest.insert(digest.clone(), Arc::new(ds));
-        }
+        let Some(signed) = signed else {
+            return Err(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "manifest verified but not re-parsed".into(),
+            ));
+        };
+        self.manifests().insert(digest.clone(), signed, ds, self.max_manifests);
         Ok(Bytes::from(serde_json::json!({"digest": digest, "dataset": dataset, "generation": generation}).to_string()))
     }
 
@@ -352,7 +445,9 @@ impl Service {
         if req.shards.is_empty() || req.shards.len() > self.max_shards {
             return Err(bad(format!("name between 1 and {} shards", self.max_shards)));
         }
-        let ds = self.manifests().by_digest.get(&req.manifest).cloned().ok_or_else(|| {
+        let mut seen = std::collections::HashSet::new();
+        let shards: Vec<u32> = req.shards.into_iter().filter(|s| seen.insert(*s)).collect();
+        let ds = self.manifests().get(&req.manifest).ok_or_else(|| {
             Refusal(
                 StatusCode::NOT_FOUND,
                 "unknown_manifest",
@@ -360,20 +455,25 @@ impl Service {
             )
         })?;
         let n = ds.manifest().shards.len();
-        if let Some(s) = req.shards.iter().find(|&&s| s as usize >= n) {
+        if let Some(s) = shards.iter().find(|&&s| s as usize >= n) {
             return Err(bad(format!("dataset {:?} has {n} shards; there is no shard {s}", ds.manifest().dataset_id)));
         }
         let cfg = AuthorizerConfig {
             skew: self.skew,
-            deny_list: self.deny_list.clone(),
+            deny_list: None,
             clock: self.clock.clone().unwrap_or_else(|| AuthorizerConfig::default().clock),
         };
-        let authorizer = Authorizer::from_text(ds.trust_anchor(), token.as_deref().map(String::as_str), cfg)
-            .map_err(|e| Refusal::of(&e))?;
+        let authorizer = Authorizer::from_text_with(
+            ds.trust_anchor(),
+            token.as_deref().map(String::as_str),
+            cfg,
+            self.deny_list.clone(),
+        )
+        .map_err(|e| Refusal::of(&e))?;
+        let valid = authorizer.has_valid_token();
         let principal = authorizer.principal().to_owned();
-        if let (Some(limiter), false) = (&self.limiter, principal.is_empty()) {
-            let distinct = req.shards.iter().collect::<std::collections::HashSet<_>>().len();
-            if let Err(wait) = limiter.take(&principal, distinct as f64) {
+        if let (Some(limiter), true) = (&self.limiter, valid) {
+            if let Err(wait) = limiter.take(&principal, shards.len() as f64) {
                 return Err(Refusal(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
@@ -381,53 +481,86 @@ impl Service {
                 ));
             }
         }
+        // Under mTLS the certificate's identity must be exactly the token's principal
+        // (an empty principal matches no certificate).
+        let mismatch = (valid
+            && self.mtls
+            && (authorizer.raw_principal().is_empty()
+                || client.identity.as_deref() != Some(authorizer.raw_principal())))
+        .then(|| {
+            format!(
+                "the client certificate is for {:?}, the token for principal {:?}",
+                client.identity.as_deref().unwrap_or(""),
+                principal
+            )
+        });
         let mut access = Access::new(authorizer, self.keys.clone()).with_client(client.label());
         if let Some(log) = &self.audit {
             access = access.with_audit(log.clone());
         }
-        // Under mTLS the certificate's identity must be the token's principal.
-        let mismatch = (self.mtls && !principal.is_empty() && client.identity.as_deref() != Some(principal.as_str()))
-            .then(|| {
-                format!(
-                    "the client certificate is for {:?}, the token for principal {:?}",
-                    client.identity.as_deref().unwrap_or(""),
-                    principal
-                )
-            });
-        let mut out = Zeroizing::new(String::from("{\"deks\":["));
-        let mut seen = std::collections::HashSet::new();
-        for shard in req.shards {
-            if !seen.insert(shard) {
-                continue;
-            }
-            if seen.len() > 1 {
-                out.push(',');
-            }
+        let mut entries: Vec<Zeroizing<String>> = Vec::with_capacity(shards.len());
+        // A denial that is the token's, not the shard's (no token, a token that does not
+        // verify or cannot be evaluated, a certificate that is not its principal's), is
+        // decided and audited once, for the first shard, and applies to all of them.
+        let mut token_denial: Option<(DenyReason, String)> = None;
+        for &shard in &shards {
             let started = Instant::now();
-            let outcome = match &mismatch {
-                Some(rule) => Err(access
+            let outcome = if let Some((reason, rule)) = &token_denial {
+                Err(Error::AccessDenied {
+                    dataset: None,
+                    shard: None,
+                    operation: None,
+                    reason: *reason,
+                    rule: rule.clone(),
+                })
+            } else if let Some(rule) = &mismatch {
+                Err(access
                     .deny(&ds, shard, Operation::Read, DenyReason::PrincipalMismatch, rule.clone())
-                    .map_err(|e| Refusal::of(&e))?),
-                None => access.release_dek(&ds, shard, Operation::Read),
+                    .map_err(|e| Refusal::of(&e))?)
+            } else {
+                access.release_dek(&ds, shard, Operation::Read)
             };
-            match outcome {
+            let entry = match outcome {
                 Ok(dek) => {
                     self.metrics.release(started.elapsed());
                     let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
-                    out.push_str(&format!("{{\"shard\":{shard},\"dek\":\""));
-                    out.push_str(&b64);
-                    out.push_str("\"}");
+                    let mut e = Zeroizing::new(String::with_capacity(b64.len() + 32));
+                    e.push_str(&format!("{{\"shard\":{shard},\"dek\":\""));
+                    e.push_str(&b64);
+                    e.push_str("\"}");
+                    e
                 }
                 Err(Error::AccessDenied { reason, rule, .. }) => {
                     self.metrics.denial(reason.name());
+                    if token_denial.is_none() && (!valid || mismatch.is_some() || reason == DenyReason::InvalidToken) {
+                        token_denial = Some((reason, rule.clone()));
+                    }
                     let rule = serde_json::to_string(&rule).unwrap_or_else(|_| "\"\"".into());
-                    out.push_str(&format!("{{\"shard\":{shard},\"denied\":\"{}\",\"rule\":{rule}}}", reason.name()));
+                    Zeroizing::new(format!("{{\"shard\":{shard},\"denied\":\"{}\",\"rule\":{rule}}}", reason.name()))
                 }
+                // The custody cannot unwrap this shard's key: say so for this shard only.
+                Err(e @ Error::KeyUnavailable { .. }) => {
+                    let msg = serde_json::to_string(&e.to_string()).unwrap_or_else(|_| "\"\"".into());
+                    Zeroizing::new(format!("{{\"shard\":{shard},\"error\":\"{}\",\"message\":{msg}}}", e.code()))
+                }
+                // The audit log or the custody as a whole failed: nothing is released.
                 Err(e) => return Err(Refusal::of(&e)),
+            };
+            entries.push(entry);
+        }
+        // One allocation of the exact size, so no grown-and-freed copy holds a DEK.
+        let len = entries.iter().map(|e| e.len() + 1).sum::<usize>() + 16;
+        let mut out = String::with_capacity(len);
+        out.push_str("{\"deks\":[");
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
             }
+            out.push_str(e);
         }
         out.push_str("]}");
-        Ok(Bytes::from(out.as_bytes().to_vec()))
+        // The buffer moves to the HTTP stack, which does not zeroize it (THREAT-MODEL 5).
+        Ok(Bytes::from(out.into_bytes()))
     }
 }
 

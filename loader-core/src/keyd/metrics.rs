@@ -14,7 +14,7 @@ pub(super) struct Metrics {
     releases: AtomicU64,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    tls_failures: AtomicU64,
+    dropped: AtomicU64,
     in_flight: AtomicU64,
     unwrap_buckets: [AtomicU64; BUCKETS.len()],
     unwrap_count: AtomicU64,
@@ -42,8 +42,8 @@ impl Metrics {
         *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route, status)).or_default() += 1;
     }
 
-    pub(super) fn tls_failure(&self) {
-        self.tls_failures.fetch_add(1, Ordering::Relaxed);
+    pub(super) fn dropped_connection(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn enter(&self) {
@@ -70,11 +70,16 @@ impl Metrics {
         for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(o, "shardlock_keyd_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
-        let _ =
-            writeln!(o, "# HELP shardlock_keyd_tls_failures_total Connections dropped in or before the TLS handshake.");
-        let _ = writeln!(o, "# TYPE shardlock_keyd_tls_failures_total counter");
-        let _ = writeln!(o, "shardlock_keyd_tls_failures_total {}", self.tls_failures.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP shardlock_keyd_unwrap_seconds Time to unwrap one DEK with the custody provider.");
+        let _ = writeln!(
+            o,
+            "# HELP shardlock_keyd_dropped_connections_total Connections dropped before a request: TLS handshake failed or timed out, or the address holds too many."
+        );
+        let _ = writeln!(o, "# TYPE shardlock_keyd_dropped_connections_total counter");
+        let _ = writeln!(o, "shardlock_keyd_dropped_connections_total {}", self.dropped.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP shardlock_keyd_unwrap_seconds Time to release one DEK: authorize, audit, unwrap, audit."
+        );
         let _ = writeln!(o, "# TYPE shardlock_keyd_unwrap_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(

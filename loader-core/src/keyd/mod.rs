@@ -129,6 +129,11 @@ impl KeyService {
                 "the key service needs at least one trust anchor (--trust FILE.pub)".into(),
             ));
         }
+        if cfg.keys.describe().starts_with("key service") {
+            return Err(Error::InvalidArgument(
+                "the key service's custody must hold the KEK (a keyring file or a pkcs11: URI), not be another key service".into(),
+            ));
+        }
         if cfg.rate_limit.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return Err(Error::InvalidArgument("the rate limit must be a positive number of shards per second".into()));
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use super::api::{self, Service};
@@ -18,6 +18,41 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
 /// Time requests in flight get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest wait for a request's headers (also an idle HTTP/1.1 connection's limit).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections one client address may hold open.
+const MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Open connections per client address.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One counted connection; uncounted when dropped.
+struct IpSlot(Arc<PerIp>, std::net::IpAddr);
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// The server's rustls configuration (the TLS files are read here, so errors name them).
 pub(super) fn tls_config(cfg: &KeydConfig) -> Result<Arc<rustls::ServerConfig>> {
@@ -105,6 +140,7 @@ async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip = Arc::new(PerIp::default());
     let stopping = stop_signal(stop, signals);
     tokio::pin!(stopping);
     state.set_ready(true);
@@ -121,14 +157,19 @@ async fn serve(
                 Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
             },
         };
+        let Some(ip_slot) = per_ip.take(peer.ip()) else {
+            state.metrics.dropped_connection();
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = state.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, ip_slot);
             let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
-                state.metrics.tls_failure();
+                state.metrics.dropped_connection();
                 return;
             };
             let client = api::Client::of(stream.get_ref().1, peer);
@@ -137,7 +178,15 @@ async fn serve(
                 let client = client.clone();
                 async move { Ok::<_, std::convert::Infallible>(state.handle(req, client).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(64)
+                .max_header_list_size(128 << 10)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
             let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
             let _ = watcher.watch(conn).await;
         });

@@ -137,20 +137,23 @@ pub trait KeyProvider: Send + Sync {
         self.unwrap_dek(grant)
     }
 
-    /// The order shards of the dataset with these manifest bytes will be opened in
+    /// The order shards of the dataset whose manifest bytes have this SHA-256 will be opened in
     /// (an epoch's plan), so that a provider can release ahead in batches. A new plan
     /// starts a new epoch. The default ignores it.
-    fn plan(&self, manifest: &[u8], order: &[u32]) {
-        let _ = (manifest, order);
+    fn plan(&self, manifest_digest: &[u8; 32], order: &[u32]) {
+        let _ = (manifest_digest, order);
     }
 }
 
 /// What a release request carries besides its [`Grant`]: made by [`crate::Access`].
+#[cfg_attr(not(feature = "key-service"), allow(dead_code))]
 pub struct ReleaseContext<'a> {
     /// The bearer token (base64), if the reader has a valid one. A secret: never log it.
     pub(crate) token: Option<&'a str>,
     /// The verified `manifest.json` bytes.
     pub(crate) manifest: &'a [u8],
+    /// Their SHA-256.
+    pub(crate) digest: &'a [u8; 32],
 }
 
 /// True when `spec` names a PKCS#11 provider (an RFC 7512 `pkcs11:` URI) rather than a

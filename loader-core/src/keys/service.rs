@@ -85,17 +85,51 @@ impl ServiceOptions {
 
 type Digest = [u8; 32];
 
+/// A released DEK's place: (manifest digest, SHA-256 of the token it was released
+/// for, shard). A DEK released for one token is never handed to a request of another.
+type Slot = (Digest, Digest, u32);
+
+/// Largest answer read from the service (a release of 4,096 shards is ~300 KiB).
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// Longest timeout (and hold) a client accepts.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 #[derive(Default)]
 struct Held {
     /// Manifests the service has verified (by SHA-256 of their bytes).
     registered: HashSet<Digest>,
-    /// Released DEKs not yet used, with when they arrived.
-    deks: HashMap<(Digest, u32), (Dek, Instant)>,
-    /// Each manifest's current shard plan.
-    plans: HashMap<Digest, Arc<Vec<u32>>>,
+    /// Released DEKs not yet used: when they arrived, and the epoch they are for.
+    deks: HashMap<Slot, (Dek, Instant, u64)>,
+    /// Each manifest's current shard plan and epoch number (one more per plan).
+    plans: HashMap<Digest, (Arc<Vec<u32>>, u64)>,
     /// Shards named in a request now in flight (another worker waits for it rather
     /// than asking twice).
-    pending: HashSet<(Digest, u32)>,
+    pending: HashSet<Slot>,
+}
+
+impl Held {
+    fn epoch(&self, digest: &Digest) -> u64 {
+        self.plans.get(digest).map_or(0, |p| p.1)
+    }
+}
+
+/// Clears the pending marks of one request however it ends (a panic included), and
+/// wakes the workers waiting for them.
+struct PendingGuard<'a> {
+    provider: &'a KeyServiceProvider,
+    slots: Vec<Slot>,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.provider.held();
+        for k in &self.slots {
+            held.pending.remove(k);
+        }
+        drop(held);
+        self.provider.arrived.notify_all();
+    }
 }
 
 /// Releases DEKs from a `shardlock keyd` service (see the module docs).
@@ -124,6 +158,11 @@ struct Released<'a> {
     denied: Option<String>,
     #[serde(default)]
     rule: Option<String>,
+    /// A custody failure for this shard (the service could not unwrap it).
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,8 +207,13 @@ impl KeyServiceProvider {
         if !url.starts_with("https://") {
             return Err(Error::InvalidArgument(format!("{url}: a key service URL starts with https://")));
         }
-        if opts.batch == 0 {
-            return Err(Error::InvalidArgument("key service batch must be at least 1".into()));
+        if opts.batch == 0 || opts.batch > 4096 {
+            return Err(Error::InvalidArgument("key service batch must be between 1 and 4096 shards".into()));
+        }
+        if opts.timeout.is_zero() || opts.timeout > MAX_TIMEOUT || opts.hold > MAX_TIMEOUT {
+            return Err(Error::InvalidArgument(format!(
+                "key service timeout must be more than 0 and, like hold, at most {MAX_TIMEOUT:?}"
+            )));
         }
         let tls = client_tls(&opts.tls).map_err(|e| match e {
             Error::Io { .. } | Error::Format { .. } | Error::InsecurePermissions { .. } => e,
@@ -221,14 +265,22 @@ impl KeyServiceProvider {
             attempt += 1;
             let mut req = self.client.post(&url).header("content-type", "application/json").body(body.clone());
             if let Some(t) = token {
-                req = req.header("authorization", format!("Bearer {}", t.trim()));
+                let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+                    .map_err(|_| "the token is not valid header text".to_owned())?;
+                // Never indexed by HTTP/2 header compression, never printed.
+                v.set_sensitive(true);
+                req = req.header(reqwest::header::AUTHORIZATION, v);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let outcome = req.timeout(left.max(Duration::from_millis(100))).send();
             let retry_why = match outcome {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    let bytes = Zeroizing::new(resp.bytes().map(|b| b.to_vec()).unwrap_or_default());
+                    let mut bytes = Zeroizing::new(Vec::with_capacity(64 << 10));
+                    let read = std::io::Read::read_to_end(&mut std::io::Read::take(resp, MAX_ANSWER + 1), &mut bytes);
+                    if read.is_err() || bytes.len() as u64 > MAX_ANSWER {
+                        bytes.clear();
+                    }
                     if status == 200 {
                         return Ok(Reply::Ok(bytes));
                     }
@@ -283,15 +335,15 @@ impl KeyServiceProvider {
     /// Shards to ask for with `shard` (the caller holds the lock and has marked
     /// `shard` pending): it, then the next ones of the plan neither held nor pending,
     /// which are marked pending too.
-    fn batch_for(&self, held: &mut Held, digest: &Digest, shard: u32) -> Vec<u32> {
+    fn batch_for(&self, held: &mut Held, digest: &Digest, token: &Digest, shard: u32) -> Vec<u32> {
         let mut out = vec![shard];
-        if let Some(plan) = held.plans.get(digest).cloned() {
+        if let Some((plan, _)) = held.plans.get(digest).cloned() {
             if let Some(at) = plan.iter().position(|&s| s == shard) {
                 for &s in &plan[at + 1..] {
                     if out.len() >= self.opts.batch {
                         break;
                     }
-                    let k = (*digest, s);
+                    let k = (*digest, *token, s);
                     if !out.contains(&s) && !held.deks.contains_key(&k) && held.pending.insert(k) {
                         out.push(s);
                     }
@@ -301,20 +353,20 @@ impl KeyServiceProvider {
         out
     }
 
-    /// Asks the service for `shards` (all marked pending), and always clears them.
-    fn fetch(&self, grant: &Grant, ctx: &ReleaseContext<'_>, digest: &Digest, shards: &[u32]) -> Result<Dek> {
-        let out = self.fetch_inner(grant, ctx, digest, shards);
-        let mut held = self.held();
-        for s in shards {
-            held.pending.remove(&(*digest, *s));
-        }
-        drop(held);
-        self.arrived.notify_all();
-        out
-    }
-
-    fn fetch_inner(&self, grant: &Grant, ctx: &ReleaseContext<'_>, digest: &Digest, shards: &[u32]) -> Result<Dek> {
-        let deadline = Instant::now() + self.opts.timeout;
+    /// Asks the service for `shards` (all marked pending; the marks are cleared however
+    /// this ends) for the epoch `epoch`, within `deadline`.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch(
+        &self,
+        grant: &Grant,
+        ctx: &ReleaseContext<'_>,
+        token: &Digest,
+        shards: &[u32],
+        epoch: u64,
+        deadline: Instant,
+    ) -> Result<Dek> {
+        let digest = ctx.digest;
+        let _guard = PendingGuard { provider: self, slots: shards.iter().map(|&s| (*digest, *token, s)).collect() };
         if !self.held().registered.contains(digest) {
             self.register(grant, ctx.manifest, digest, deadline)?;
         }
@@ -343,39 +395,38 @@ impl KeyServiceProvider {
             .map_err(|_| self.unavailable(grant, "the service's answer is not a release document".into()))?;
         let mut mine = None;
         let now = Instant::now();
-        let shards = shards.to_vec();
         let mut held = self.held();
+        // A plan made while this request was in flight starts another epoch: what
+        // arrived for the old one is not kept.
+        let keep = held.epoch(digest) == epoch;
         for r in answer.deks {
             if !shards.contains(&r.shard) {
                 continue;
             }
-            let outcome = match (r.dek, r.denied) {
-                (Some(b64), _) => decode_dek(b64).ok_or_else(|| {
+            let outcome = match (r.dek, r.denied, r.error) {
+                (Some(b64), _, _) => decode_dek(b64).ok_or_else(|| {
                     self.unavailable(grant, format!("shard {}: the released DEK is not 32 bytes of base64", r.shard))
                 }),
-                (None, Some(reason)) => {
+                (None, Some(reason), _) => {
                     let reason = DenyReason::from_name(&reason).unwrap_or(DenyReason::InvalidToken);
                     Err(denied(grant, reason, format!("key service {}: {}", self.url, r.rule.unwrap_or_default())))
                 }
-                (None, None) => Err(self.unavailable(grant, format!("shard {}: neither a DEK nor a denial", r.shard))),
+                (None, None, Some(code)) => {
+                    Err(self
+                        .unavailable(grant, format!("shard {}: {code}: {}", r.shard, r.message.unwrap_or_default())))
+                }
+                (None, None, None) => {
+                    Err(self.unavailable(grant, format!("shard {}: neither a DEK nor a denial", r.shard)))
+                }
             };
             if r.shard == grant.shard() {
                 mine = Some(outcome);
-            } else if let Ok(dek) = outcome {
-                held.deks.insert((*digest, r.shard), (dek, now));
+            } else if let (Ok(dek), true) = (outcome, keep) {
+                held.deks.insert((*digest, *token, r.shard), (dek, now, epoch));
             }
         }
+        drop(held);
         mine.unwrap_or_else(|| Err(self.unavailable(grant, "the service's answer does not name the shard".into())))
-            .map_err(|e| match e {
-                Error::AccessDenied { dataset: _, shard: _, operation: _, reason, rule } => Error::AccessDenied {
-                    dataset: Some(grant.dataset().to_owned()),
-                    shard: Some(grant.shard()),
-                    operation: Some(Operation::Read),
-                    reason,
-                    rule,
-                },
-                e => e,
-            })
     }
 }
 
@@ -510,31 +561,38 @@ impl KeyProvider for KeyServiceProvider {
                 format!("a key service releases DEKs for `read` only; `{op}` needs the keyring or HSM itself"),
             ));
         }
-        let digest = crypto::sha256(ctx.manifest);
-        let key = (digest, grant.shard());
+        let deadline = Instant::now() + self.opts.timeout;
+        let token = crypto::sha256(ctx.token.unwrap_or_default().trim().as_bytes());
+        let key = (*ctx.digest, token, grant.shard());
         let mut held = self.held();
-        let shards = loop {
+        let (shards, epoch) = loop {
             let hold = self.opts.hold;
-            held.deks.retain(|_, (_, at)| at.elapsed() < hold);
-            if let Some((dek, _)) = held.deks.remove(&key) {
+            held.deks.retain(|_, (_, at, _)| at.elapsed() < hold);
+            if let Some((dek, _, _)) = held.deks.remove(&key) {
                 return Ok(dek);
             }
             if held.pending.insert(key) {
-                break self.batch_for(&mut held, &digest, grant.shard());
+                let epoch = held.epoch(ctx.digest);
+                break (self.batch_for(&mut held, ctx.digest, &token, grant.shard()), epoch);
             }
-            // Another worker's request names this shard: wait for it to end (its
-            // own deadline bounds it), then take the key or ask for it ourselves.
-            held = self.arrived.wait_timeout(held, self.opts.timeout).map_or_else(|p| p.into_inner().0, |r| r.0);
+            // Another worker's request names this shard: wait for it to end, then take
+            // the key or ask for it ourselves, within this open's own deadline.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(held);
+                return Err(self.unavailable(&grant, "timed out waiting for another worker's request".into()));
+            }
+            held = self.arrived.wait_timeout(held, left).map_or_else(|p| p.into_inner().0, |r| r.0);
         };
         drop(held);
-        self.fetch(&grant, ctx, &digest, &shards)
+        self.fetch(&grant, ctx, &token, &shards, epoch, deadline)
     }
 
-    fn plan(&self, manifest: &[u8], order: &[u32]) {
-        let digest = crypto::sha256(manifest);
+    fn plan(&self, manifest_digest: &[u8; 32], order: &[u32]) {
         let mut held = self.held();
         // A new epoch asks again for every shard: drop what an earlier plan released.
-        held.deks.retain(|(d, _), _| *d != digest);
-        held.plans.insert(digest, Arc::new(order.to_vec()));
+        held.deks.retain(|(d, _, _), _| d != manifest_digest);
+        let epoch = held.epoch(manifest_digest) + 1;
+        held.plans.insert(*manifest_digest, (Arc::new(order.to_vec()), epoch));
     }
 }
