@@ -12,6 +12,8 @@ mod cli_run;
 mod common;
 #[path = "common/hsm.rs"]
 mod hsm;
+#[path = "common/pki.rs"]
+mod pki;
 
 use cli_run::{ok as cli_ok, run as cli};
 
@@ -28,7 +30,7 @@ use shardlock::{DenyReason, Error, Loader, ProviderFailure, Shuffle};
 use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
 const TOKENS: &[&str] =
-    &["e2e", "once", "rotate", "compat", "pin", "errors", "extract", "samekid", "threads", "remove", "cli", "bench"];
+    &["e2e", "once", "rotate", "compat", "pin", "errors", "extract", "samekid", "threads", "remove", "cli", "bench", "keyd"];
 
 /// The SoftHSM2 of this test process, set up by the first test that needs it.
 fn env() -> &'static hsm::Hsm {
@@ -713,4 +715,45 @@ fn unwrap_latency_through_softhsm() {
         "  2 MiB shards ({shards}), batch 256: time to first batch {ms:.2} ms, {k} unwraps, unwrap share {share:.1} %"
     );
     println!("  (unwrap share: unwrap time summed over the 2 workers before the first batch / time to first batch)");
+}
+
+/// The HSM behind the key service: the service holds the PIN; the workload has only the
+/// service's URL and CA, and streams the exact dataset.
+#[test]
+fn the_hsm_behind_the_key_service_serves_a_workload_without_the_pin() {
+    env();
+    let uri = hsm::uri("keyd", "kek");
+    let kek_id = keygen(&uri);
+    let hsm = open(&uri);
+    let fx = Fixture::new();
+    let (dir, samples) = fx.standard_with(&*hsm, "ds", "hsm-keyd", 40);
+    let pki = pki::Pki::new(fx.dir.path());
+    let (cert, key) = pki.server();
+    let mut cfg = shardlock::KeydConfig::new("127.0.0.1:0".parse().unwrap(), hsm.clone(), vec![fx.trust], cert, key);
+    let audit = fx.path("keyd-audit.jsonl");
+    cfg.audit_log = Some(audit.clone());
+    let svc = shardlock::KeyService::start(cfg).unwrap();
+    let mut opts = shardlock::service::ServiceOptions::default();
+    opts.tls.ca_cert = Some(pki.ca());
+    let client =
+        shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap();
+    let unwraps = hsm.stats().unwraps;
+    let mut loader = fx
+        .loader_with(&dir, "hsm-keyd", Arc::new(client))
+        .batch_size(4)
+        .shuffle(Shuffle::Global)
+        .workers(2)
+        .build()
+        .unwrap();
+    let got = stream(&mut loader).unwrap();
+    assert_eq!(got.len(), 40);
+    for (id, s) in samples.iter().enumerate() {
+        assert_eq!(&got[&(id as u64)], s, "sample {id}");
+    }
+    assert_eq!(hsm.stats().unwraps - unwraps, 10, "the HSM unwrapped each shard's DEK once, for the service");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(log.matches("\"key_release\"").count(), 10);
+    assert!(log.contains(&kek_id) && log.contains("pkcs11 token"), "{log}");
+    assert!(!log.contains(hsm::PIN));
+    svc.shutdown().unwrap();
 }

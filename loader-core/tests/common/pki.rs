@@ -1,0 +1,52 @@
+//! A throw-away PKI for the key service tests (rcgen): include with
+//! `#[path = "common/pki.rs"] mod pki;`.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+/// A test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
+pub struct Pki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "shardlock test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Self { dir: dir.to_owned(), ca }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` (0600) for a certificate with subject CN
+    /// `cn`, names `sans`, signed by the CA; `expired` puts its validity in the past.
+    pub fn issue(&self, name: &str, cn: &str, sans: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        shardlock::write_new_file(&k, key.serialize_pem().as_bytes(), 0o600).unwrap();
+        (c, k)
+    }
+
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        let c = self.dir.join("server.pem");
+        if c.exists() {
+            return (c, self.dir.join("server.key"));
+        }
+        self.issue("server", "keyd", &["127.0.0.1", "localhost"], false)
+    }
+}
+
