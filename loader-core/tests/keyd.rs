@@ -8,9 +8,9 @@
 
 #[path = "common/cli.rs"]
 mod cli;
+mod common;
 #[path = "common/pki.rs"]
 mod pki;
-mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

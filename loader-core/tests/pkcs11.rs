@@ -29,8 +29,10 @@ use shardlock::{open_provider, KeyProvider, Keyring};
 use shardlock::{DenyReason, Error, Loader, ProviderFailure, Shuffle};
 use shardlock::{Operation, ShardSet, Token, TokenSpec};
 
-const TOKENS: &[&str] =
-    &["e2e", "once", "rotate", "compat", "pin", "errors", "extract", "samekid", "threads", "remove", "cli", "bench", "keyd"];
+const TOKENS: &[&str] = &[
+    "e2e", "once", "rotate", "compat", "pin", "errors", "extract", "samekid", "threads", "remove", "cli", "bench",
+    "keyd",
+];
 
 /// The SoftHSM2 of this test process, set up by the first test that needs it.
 fn env() -> &'static hsm::Hsm {
@@ -735,8 +737,7 @@ fn the_hsm_behind_the_key_service_serves_a_workload_without_the_pin() {
     let svc = shardlock::KeyService::start(cfg).unwrap();
     let mut opts = shardlock::service::ServiceOptions::default();
     opts.tls.ca_cert = Some(pki.ca());
-    let client =
-        shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap();
+    let client = shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap();
     let unwraps = hsm.stats().unwraps;
     let mut loader = fx
         .loader_with(&dir, "hsm-keyd", Arc::new(client))

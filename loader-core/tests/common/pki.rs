@@ -49,4 +49,3 @@ impl Pki {
         self.issue("server", "keyd", &["127.0.0.1", "localhost"], false)
     }
 }
-
