@@ -59,6 +59,15 @@ impl Setup {
         Arc::new(KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap())
     }
 
+    /// The issuer's `.pub` file (written once), for the CLI's `--trust`.
+    fn trust_file(&self) -> PathBuf {
+        let key = self.fx.path("issuer-raw.key");
+        if !key.exists() {
+            self.fx.issuer.save(&key).unwrap();
+        }
+        self.fx.path("issuer-raw.key.pub")
+    }
+
     fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.fx.path("keyd-audit.jsonl"))
             .unwrap_or_default()
@@ -491,16 +500,7 @@ fn the_cli_benchmarks_through_the_service_with_only_its_url_and_ca() {
     let svc = s.start();
     let token = s.fx.path("job.token");
     Token::issue(&s.fx.issuer, &s.spec()).unwrap().save(&token).unwrap();
-    let trust = s.fx.path("issuer.pub");
-    std::fs::write(
-        &trust,
-        serde_json::json!({
-            "format": "shardlock-issuer-pub/1", "alg": "ed25519",
-            "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let trust = s.trust_file();
     let url = format!("https://{}", svc.local_addr());
     let (ca, dir) = (s.pki.ca(), s.dir.clone());
     let args = [
@@ -566,16 +566,7 @@ fn the_cli_service_takes_a_toml_config_and_stops_on_sigterm() {
     use std::io::BufRead as _;
     let s = Setup::new();
     let (cert, key) = s.pki.server();
-    let trust = s.fx.path("issuer.pub");
-    std::fs::write(
-        &trust,
-        serde_json::json!({
-            "format": "shardlock-issuer-pub/1", "alg": "ed25519",
-            "public": hex::encode(s.fx.trust.public_bytes()), "key_id": s.fx.trust.key_id(),
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let trust = s.trust_file();
     let config = s.fx.path("keyd.toml");
     let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
     std::fs::write(
@@ -624,10 +615,8 @@ fn the_cli_service_takes_a_toml_config_and_stops_on_sigterm() {
 
 /// The issuer's seed, read back from its key file, to build tokens `Token::issue` refuses.
 fn issuer_seed(s: &Setup) -> [u8; 32] {
+    s.trust_file();
     let path = s.fx.path("issuer-raw.key");
-    if !path.exists() {
-        s.fx.issuer.save(&path).unwrap();
-    }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     hex::decode(v["secret"].as_str().unwrap()).unwrap().try_into().unwrap()
 }

@@ -48,6 +48,18 @@ enum TokenState {
     Invalid(String),
 }
 
+impl TokenState {
+    /// No token, or the outcome of loading one (a failure is kept as the reason to deny).
+    fn of(loaded: Option<Result<Token>>) -> Self {
+        match loaded {
+            None => Self::Missing,
+            Some(Ok(t)) => Self::Valid(Box::new(t)),
+            Some(Err(Error::AccessDenied { rule, .. })) => Self::Invalid(rule),
+            Some(Err(e)) => Self::Invalid(e.to_string()),
+        }
+    }
+}
+
 /// Longest rule text kept in an error or audit record.
 const MAX_RULE: usize = 1024;
 
@@ -118,14 +130,7 @@ impl Authorizer {
     /// reason to deny every request rather than failing here.
     pub fn from_file(trust: &TrustAnchor, token: Option<&Path>, cfg: AuthorizerConfig) -> Result<Self> {
         let deny = cfg.deny_list.as_deref().map(DenyList::open).transpose()?.map(Arc::new);
-        let state = match token {
-            None => TokenState::Missing,
-            Some(p) => match Token::load(p, trust) {
-                Ok(t) => TokenState::Valid(Box::new(t)),
-                Err(Error::AccessDenied { rule, .. }) => TokenState::Invalid(rule),
-                Err(e) => TokenState::Invalid(e.to_string()),
-            },
-        };
+        let state = TokenState::of(token.map(|p| Token::load(p, trust)));
         Self::with_state(*trust, state, deny, cfg)
     }
 
@@ -183,14 +188,7 @@ impl Authorizer {
         cfg: AuthorizerConfig,
         deny: Option<Arc<DenyList>>,
     ) -> Result<Self> {
-        let state = match token {
-            None => TokenState::Missing,
-            Some(t) => match Token::from_base64(t, trust) {
-                Ok(t) => TokenState::Valid(Box::new(t)),
-                Err(Error::AccessDenied { rule, .. }) => TokenState::Invalid(rule),
-                Err(e) => TokenState::Invalid(e.to_string()),
-            },
-        };
+        let state = TokenState::of(token.map(|t| Token::from_base64(t, trust)));
         Self::with_state(*trust, state, deny, cfg)
     }
 
