@@ -736,3 +736,40 @@ fn a_key_released_for_one_token_is_never_used_for_another() {
     assert_eq!(ids(&mut a, None).unwrap().len(), 36);
     svc.shutdown().unwrap();
 }
+
+#[test]
+fn idle_and_crowding_connections_are_dropped_not_served_forever() {
+    use std::io::Read as _;
+    let s = Setup::new();
+    let svc = s.start();
+    let c = raw(&s, &svc, None);
+    let metrics = |c: &reqwest::blocking::Client| {
+        let m = c.get(format!("https://{}/metrics", svc.local_addr())).send().unwrap().text().unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("shardlock_keyd_dropped_connections_total "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // 256 connections from one address that never start TLS: the next is refused at
+    // once, while they hold their places ...
+    let idle: Vec<std::net::TcpStream> =
+        (0..256).map(|_| std::net::TcpStream::connect(svc.local_addr()).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let fresh = raw(&s, &svc, None);
+    assert!(fresh.get(format!("https://{}/healthz", svc.local_addr())).send().is_err());
+    // ... and each is dropped when its handshake has not come within 10 s.
+    let mut one = idle.into_iter().next().unwrap();
+    one.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = one.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the server sent bytes to a client that never spoke");
+    assert!(t.elapsed() < Duration::from_secs(12), "an idle connection was held {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    // Once they are gone the address is served again, and the drops were counted.
+    let fresh = raw(&s, &svc, None);
+    assert!(fresh.get(format!("https://{}/healthz", svc.local_addr())).send().unwrap().status().is_success());
+    assert!(metrics(&c) >= 257, "dropped connections: {}", metrics(&c));
+    svc.shutdown().unwrap();
+}
