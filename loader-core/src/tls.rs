@@ -1,7 +1,8 @@
 //! PEM files for TLS (features `key-service` and `keyd`): certificate chains, and
 //! private keys read as secret files (owner-only permissions, like every key file).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -9,6 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::error::{Error, Result};
 
 /// The system CA bundle, used when neither a CA file nor `SSL_CERT_FILE` is given.
+#[cfg(feature = "key-service")]
 pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The certificates of a PEM file (at least one).
@@ -32,4 +34,36 @@ pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         path: path.to_owned(),
         detail: "no PRIVATE KEY block (PKCS#8, PKCS#1 or SEC1)".into(),
     })
+}
+
+/// A rustls client configuration: TLS 1.3 only, ALPN h2 and http/1.1, roots from `ca`
+/// (else `SSL_CERT_FILE`, else the system bundle), and an optional client certificate
+/// (chain file, key file).
+#[cfg(feature = "key-service")]
+pub(crate) fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ca = ca
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(&ca)? {
+        roots.add(c).map_err(|e| Error::Format {
+            what: "CA certificate",
+            path: ca.clone(),
+            detail: format!("not a usable trust anchor ({e})"),
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::InvalidArgument(format!("TLS set-up: {e}")))?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((c, k)) => builder.with_client_auth_cert(read_certs(c)?, read_private_key(k)?).map_err(|e| {
+            Error::InvalidArgument(format!("client certificate {} and key {}: {e}", c.display(), k.display()))
+        })?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
 }

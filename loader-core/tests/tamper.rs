@@ -453,3 +453,33 @@ fn existing_dataset_is_refused_unless_forced_and_failed_packs_leave_no_dataset()
     let e = fx.open(&out).err().unwrap();
     assert!(e.to_string().contains("no manifest.json"), "{e}");
 }
+
+/// FORMAT.md 7.5: a `transit:` KEK id takes the hex of a Transit ciphertext, an even
+/// number of 2 to 1,024 lowercase hex digits; AES-KWP ids keep exactly 80.
+#[test]
+fn a_transit_wrapped_dek_is_bounded_hex_and_only_for_transit_kek_ids() {
+    let fx = Fixture::new();
+    let ds = big(&fx, "ds", "ds1");
+    let ct = hex::encode("vault:v1:c2hhcmRsb2Nr".repeat(3));
+    for (kek, wrapped, ok) in [
+        ("transit:transit/k", ct.clone(), true),
+        ("transit:transit/k", "ab".repeat(512), true),
+        ("transit:transit/k", "ab".repeat(513), false),
+        ("transit:transit/k", format!("{ct}0"), false),
+        ("transit:transit/k", ct.to_uppercase(), false),
+        ("transit:transit/k", String::new(), false),
+        ("kek-0123456789abcdef", ct.clone(), false),
+    ] {
+        resign(&fx, &ds, |m| {
+            m.shards[1].kek_id = kek.into();
+            m.shards[1].wrapped_dek = wrapped.clone();
+        });
+        match (fx.open(&ds), ok) {
+            (Ok(_), true) => {}
+            (Err(Error::Format { what: "manifest", detail, .. }), false) => {
+                assert!(detail.contains("shard 1: wrapped_dek"), "{kek} {}: {detail}", wrapped.len())
+            }
+            (r, _) => panic!("{kek} with {} hex digits: {:?}", wrapped.len(), r.map(|_| "opened")),
+        }
+    }
+}

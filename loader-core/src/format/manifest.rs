@@ -28,6 +28,12 @@ pub const MAX_LEN: u64 = 256 << 20;
 /// Hex digits of `wrapped_dek`: AES-KWP (RFC 5649) of a 32-byte DEK is 40 bytes,
 /// whether the keyring or a PKCS#11 token (`CKM_AES_KEY_WRAP_PAD`) wraps it.
 pub const WRAPPED_DEK_HEX_LEN: usize = 80;
+/// KEK ids of custody that wraps outside AES-KWP (`transit:<mount>/<key>`,
+/// `aws-kms:<key>`): their
+/// `wrapped_dek` is the hex of the custody's ciphertext text (FORMAT.md section 7.4).
+pub const EXTERNAL_KEK_PREFIXES: [&str; 2] = ["transit:", "aws-kms:"];
+/// Most hex digits of an external custody's `wrapped_dek` (512 bytes of ciphertext).
+pub const EXTERNAL_WRAPPED_DEK_MAX_HEX: usize = 1024;
 
 /// One shard as listed in the manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,8 +147,16 @@ impl SignedManifest {
         let mut ids = std::collections::HashSet::new();
         let lower_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         for (i, s) in m.shards.iter().enumerate() {
+            let external = EXTERNAL_KEK_PREFIXES.iter().any(|p| s.kek_id.starts_with(p));
+            let wrapped_len = if external { s.wrapped_dek.len() } else { WRAPPED_DEK_HEX_LEN };
+            if external && (wrapped_len == 0 || wrapped_len % 2 == 1 || wrapped_len > EXTERNAL_WRAPPED_DEK_MAX_HEX) {
+                return Err(bad(format!(
+                    "shard {i}: wrapped_dek of {} must be an even number of lowercase hex digits, at most {EXTERNAL_WRAPPED_DEK_MAX_HEX}",
+                    s.kek_id
+                )));
+            }
             for (field, value, digits) in
-                [("id", &s.id, 32), ("sha256", &s.sha256, 64), ("wrapped_dek", &s.wrapped_dek, WRAPPED_DEK_HEX_LEN)]
+                [("id", &s.id, 32), ("sha256", &s.sha256, 64), ("wrapped_dek", &s.wrapped_dek, wrapped_len)]
             {
                 if !lower_hex(value, digits) {
                     return Err(bad(format!(

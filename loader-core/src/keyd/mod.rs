@@ -28,8 +28,8 @@ use crate::keys::{KeyProvider, TrustAnchor};
 pub struct KeydConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port; see [`KeyService::local_addr`]).
     pub listen: SocketAddr,
-    /// The custody that unwraps DEKs: a keyring file or a PKCS#11 HSM
-    /// ([`crate::open_provider`]).
+    /// The custody that unwraps DEKs: a keyring file, a PKCS#11 HSM, OpenBao/Vault Transit
+    /// or AWS KMS ([`crate::open_provider`]).
     pub keys: Arc<dyn KeyProvider>,
     /// The issuer keys whose manifests (and tokens) this service accepts; at least one.
     pub trust: Vec<TrustAnchor>,
@@ -131,7 +131,7 @@ impl KeyService {
         }
         if cfg.keys.describe().starts_with("key service") {
             return Err(Error::InvalidArgument(
-                "the key service's custody must hold the KEK (a keyring file or a pkcs11: URI), not be another key service".into(),
+                "the key service's custody must hold the KEK (a keyring file, pkcs11:, transit: or aws-kms:), not be another key service".into(),
             ));
         }
         if cfg.rate_limit.is_some_and(|r| !(r.is_finite() && r > 0.0)) {

@@ -10,10 +10,14 @@
 
 mod grant;
 mod keyring;
+#[cfg(feature = "aws-kms")]
+pub mod kms;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 #[cfg(feature = "key-service")]
 pub mod service;
+#[cfg(feature = "transit")]
+pub mod transit;
 
 pub use grant::Grant;
 pub use keyring::Keyring;
@@ -124,6 +128,14 @@ pub trait KeyProvider: Send + Sync {
     fn active_kek_id(&self) -> &str;
     /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
+
+    /// Wraps the DEK of shard `shard` of dataset `dataset` (what pack and rotate call).
+    /// Custody that binds a wrap to its shard (Transit's derived-key context) uses them;
+    /// the default is [`KeyProvider::wrap_dek`].
+    fn wrap_dek_for(&self, dek: &Dek, dataset: &str, shard: u32) -> Result<(String, Vec<u8>)> {
+        let _ = (dataset, shard);
+        self.wrap_dek(dek)
+    }
     /// Unwraps the DEK named by `grant` (its KEK id and wrapped bytes come from the
     /// verified manifest entry the grant was issued for). Only a passing authorization
     /// creates a grant, so no DEK can be unwrapped without one.
@@ -169,7 +181,9 @@ pub fn is_service_url(spec: &str) -> bool {
 }
 
 /// Opens the key provider `spec` names: a `pkcs11:` URI (RFC 7512; see the `pkcs11` module, feature `pkcs11`),
-/// a key service's `https://` URL (the `service` module, feature `key-service`, TLS files
+/// an `aws-kms:` URI of an AWS KMS key (the `kms` module, feature `aws-kms`),
+/// a `transit:` URI of an OpenBao/Vault Transit key (the `transit` module, feature
+/// `transit`), a key service's `https://` URL (the `service` module, feature `key-service`, TLS files
 /// from the environment as `service::ServiceOptions::from_env` says), or the path of a
 /// keyring file. (A keyring file whose path starts with `pkcs11:` is
 /// reached as `./pkcs11:...`.)
@@ -180,6 +194,22 @@ pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
         #[cfg(not(feature = "key-service"))]
         return Err(Error::InvalidArgument(
             "this build of shardlock has no key service client (cargo feature `key-service`)".into(),
+        ));
+    }
+    if spec.starts_with("aws-kms:") {
+        #[cfg(feature = "aws-kms")]
+        return Ok(Arc::new(kms::KmsProvider::open_uri(spec)?));
+        #[cfg(not(feature = "aws-kms"))]
+        return Err(Error::InvalidArgument(
+            "this build of shardlock has no AWS KMS support (cargo feature `aws-kms`)".into(),
+        ));
+    }
+    if spec.starts_with("transit:") {
+        #[cfg(feature = "transit")]
+        return Ok(Arc::new(transit::TransitProvider::open_uri(spec)?));
+        #[cfg(not(feature = "transit"))]
+        return Err(Error::InvalidArgument(
+            "this build of shardlock has no OpenBao/Vault Transit support (cargo feature `transit`)".into(),
         ));
     }
     if is_pkcs11_uri(spec) {
@@ -197,7 +227,9 @@ pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
 /// where a path is expected).
 pub fn open_provider_path(spec: &Path) -> Result<Arc<dyn KeyProvider>> {
     match spec.to_str() {
-        Some(s) if is_pkcs11_uri(s) || is_service_url(s) => open_provider(s),
+        Some(s) if is_pkcs11_uri(s) || is_service_url(s) || s.starts_with("transit:") || s.starts_with("aws-kms:") => {
+            open_provider(s)
+        }
         _ => Ok(Arc::new(Keyring::load(spec)?)),
     }
 }

@@ -492,42 +492,19 @@ fn is_tls_failure(e: &(dyn std::error::Error + 'static), why: &str) -> bool {
     false
 }
 
-/// A rustls client configuration: TLS 1.3 only, the given or system roots, an optional
-/// client certificate.
+/// The client TLS configuration for the service (`tls::client_config`, with the
+/// environment's CA file as the fallback).
 fn client_tls(tls: &ServiceTls) -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let ca = tls
-        .ca_cert
-        .clone()
-        .or_else(|| std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(crate::tls::SYSTEM_CA_BUNDLE));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in crate::tls::read_certs(&ca)? {
-        roots.add(c).map_err(|e| Error::Format {
-            what: "CA certificate",
-            path: ca.clone(),
-            detail: format!("not a usable trust anchor ({e})"),
-        })?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::InvalidArgument(format!("TLS set-up: {e}")))?
-        .with_root_certificates(roots);
-    let mut cfg = match (&tls.client_cert, &tls.client_key) {
-        (Some(c), Some(k)) => {
-            builder.with_client_auth_cert(crate::tls::read_certs(c)?, crate::tls::read_private_key(k)?).map_err(
-                |e| Error::InvalidArgument(format!("client certificate {} and key {}: {e}", c.display(), k.display())),
-            )?
-        }
-        (None, None) => builder.with_no_client_auth(),
+    let identity = match (&tls.client_cert, &tls.client_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
         _ => {
             return Err(Error::InvalidArgument(
                 "a client certificate needs its key, and a key its certificate (client_cert and client_key)".into(),
             ))
         }
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(cfg)
+    crate::tls::client_config(tls.ca_cert.as_deref(), identity)
 }
 
 impl KeyProvider for KeyServiceProvider {

@@ -14,10 +14,11 @@ pub fn rotate(dir: &Path, old: &dyn KeyProvider, new: &dyn KeyProvider, issuer: 
     let trust = issuer.trust_anchor();
     let ds = Dataset::open(dir, &trust)?;
     let mut m = ds.manifest().clone();
+    let dataset = m.dataset_id.clone();
     for e in &mut m.shards {
         let grant = owner_grant(issuer, &ds, e.index)?;
         let dek = old.unwrap_dek(grant)?;
-        let (kek_id, rewrapped) = new.wrap_dek(&dek)?;
+        let (kek_id, rewrapped) = new.wrap_dek_for(&dek, &dataset, e.index)?;
         e.kek_id = kek_id;
         e.wrapped_dek = hex::encode(rewrapped);
     }

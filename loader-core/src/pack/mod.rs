@@ -246,7 +246,7 @@ impl<'a> DatasetWriter<'a> {
         let f = inner.into_inner().map_err(|e| Error::io_at("write", tmp.clone(), e.into_error()))?;
         f.sync_all().map_err(Error::io("sync", &tmp))?;
         std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
-        let (kek_id, wrapped) = self.keys.wrap_dek(&dek)?;
+        let (kek_id, wrapped) = self.keys.wrap_dek_for(&dek, &self.opts.dataset_id, shard_index)?;
         self.shards.push(ShardEntry {
             index: shard_index,
             id: hex::encode(shard_id),

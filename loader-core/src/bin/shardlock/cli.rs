@@ -53,7 +53,8 @@ pub(crate) struct KeydArgs {
     /// Address to listen on (default 127.0.0.1:8443; port 0 picks a free one, which is printed).
     #[arg(long)]
     pub(crate) listen: Option<std::net::SocketAddr>,
-    /// Custody of the KEK: a keyring file or the pkcs11: URI of an HSM KEK.
+    /// Custody of the KEK: a keyring file, the pkcs11: URI of an HSM KEK, a transit: URI
+    /// (OpenBao/Vault) or an aws-kms: URI.
     #[arg(long)]
     pub(crate) keyring: Option<String>,
     /// Issuer public key (.pub) whose manifests and tokens are accepted; repeat for several.
@@ -232,7 +233,8 @@ pub(crate) enum AuditCmd {
 pub(crate) struct ReaderArgs {
     /// Keyring file holding the KEK the DEKs are wrapped under, the pkcs11: URI of an
     /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI),
-    /// or the https:// URL of a key service (shardlock keyd), which then holds the KEK.
+    /// a transit: or aws-kms: URI, or the https:// URL of a key service (shardlock keyd),
+    /// which then holds the KEK.
     #[arg(long)]
     pub(crate) keyring: String,
     /// With an https:// key service: PEM CA certificate that signed the service's
@@ -289,7 +291,8 @@ pub(crate) enum Keygen {
 
 #[derive(Args)]
 pub(crate) struct PackArgs {
-    /// Keyring file whose active KEK wraps the shard DEKs, or a pkcs11: URI of an HSM KEK.
+    /// Keyring file whose active KEK wraps the shard DEKs, a pkcs11: URI of an HSM KEK, a
+    /// transit: URI (OpenBao/Vault Transit key) or an aws-kms: URI (KMS key).
     #[arg(long)]
     pub(crate) keyring: String,
     /// The data owner's issuer secret key; signs the manifest.
@@ -402,10 +405,10 @@ pub(crate) struct BenchArgs {
 pub(crate) struct RotateArgs {
     /// Dataset directory.
     pub(crate) dir: PathBuf,
-    /// Current key provider: keyring file or pkcs11: URI.
+    /// Current key provider: keyring file, pkcs11:, transit: or aws-kms: URI.
     #[arg(long)]
     pub(crate) keyring: String,
-    /// Key provider whose active KEK will wrap the DEKs: keyring file or pkcs11: URI.
+    /// Key provider whose active KEK will wrap the DEKs: keyring file, pkcs11:, transit: or aws-kms: URI.
     #[arg(long)]
     pub(crate) new_keyring: String,
     /// The issuer secret key that signed the manifest.

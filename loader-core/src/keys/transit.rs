@@ -1,0 +1,318 @@
+//! OpenBao / Vault Transit custody ([`TransitProvider`], feature `transit`): the KEK is a
+//! Transit key that never leaves the server; DEKs are wrapped with `encrypt` and
+//! unwrapped with `decrypt`, each under a derived-key context naming the dataset and
+//! shard, so a wrapped DEK moved to another shard's entry does not decrypt.
+//!
+//! ```text
+//! transit:https://bao.internal:8200/transit/shardlock?token-source=file:/run/secrets/bao-token&ca-cert=/etc/ssl/bao-ca.pem
+//!         ^ server                  ^ mount  ^ key (created with derived=true)
+//! ```
+//!
+//! - `token-source=env:VAR` or `file:PATH` (a 0600 file): the Vault token; default
+//!   `env:VAULT_TOKEN`, then `env:BAO_TOKEN`. It is never part of the URI, an error or
+//!   the audit log.
+//! - `ca-cert=PATH`: the CA of the server's certificate (default `SSL_CERT_FILE`, then the
+//!   system bundle). Plain `http://` is accepted only for a loopback address (a dev server).
+//!
+//! The KEK id in the manifest is `transit:<mount>/<key>` (without the server, which may
+//! move), and `wrapped_dek` is the hex of the Transit ciphertext text (`vault:vN:...`,
+//! FORMAT.md section 7.4). Rotation is Transit's: `bao write -f transit/keys/<key>/rotate`,
+//! then `shardlock rotate --keyring transit:... --new-keyring transit:...` rewraps every DEK
+//! under the newest key version; payloads are untouched.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::{Dek, Grant, KeyProvider};
+use crate::error::{Error, ProviderFailure, Result};
+
+/// Prefix of Transit KEK ids in manifests.
+pub const KEK_ID_PREFIX: &str = "transit:";
+
+/// Longest Transit ciphertext accepted (the hex in the manifest is twice this).
+pub const MAX_CIPHERTEXT: usize = 512;
+
+/// A parsed `transit:` URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransitUri {
+    /// `scheme://host:port` of the server.
+    pub server: String,
+    /// Mount path of the Transit engine (`transit`, or `kms/transit`).
+    pub mount: String,
+    /// Name of the Transit key.
+    pub key: String,
+    /// Where the Vault token comes from (`env:VAR` or `file:PATH`); `None`: the default.
+    pub token_source: Option<String>,
+    /// CA certificate file for the server's certificate.
+    pub ca_cert: Option<PathBuf>,
+}
+
+fn bad_uri(uri: &str, detail: &str) -> Error {
+    Error::InvalidArgument(format!("transit URI {:?}: {detail}", uri.split('?').next().unwrap_or("")))
+}
+
+impl TransitUri {
+    /// Parses `transit:<scheme>://<host>[:port]/<mount>/<key>[?token-source=...&ca-cert=...]`.
+    pub fn parse(uri: &str) -> Result<Self> {
+        let rest = uri.strip_prefix("transit:").ok_or_else(|| bad_uri(uri, "does not start with transit:"))?;
+        let (url, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (scheme, after) = url.split_once("://").ok_or_else(|| bad_uri(uri, "needs the server's https:// URL"))?;
+        let (host, path) =
+            after.split_once('/').ok_or_else(|| bad_uri(uri, "needs /<mount>/<key> after the server"))?;
+        let host_only = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let loopback = matches!(host_only, "127.0.0.1" | "localhost" | "[::1]");
+        match scheme {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => return Err(bad_uri(uri, "plain http is accepted only for a loopback dev server; use https://")),
+            _ => return Err(bad_uri(uri, "the server URL must be https://")),
+        }
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let Some((key, mount)) = segments.split_last() else { return Err(bad_uri(uri, "needs /<mount>/<key>")) };
+        if mount.is_empty() || !ok(key) || !mount.iter().all(|s| ok(s)) {
+            return Err(bad_uri(uri, "mount and key names are [A-Za-z0-9_.-], as /<mount>/<key>"));
+        }
+        let mut out = Self {
+            server: format!("{scheme}://{host}"),
+            mount: mount.join("/"),
+            key: (*key).to_owned(),
+            token_source: None,
+            ca_cert: None,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("token-source", v)) if v.starts_with("env:") || v.starts_with("file:") => {
+                    out.token_source = Some(v.to_owned())
+                }
+                Some(("ca-cert", v)) if !v.is_empty() => out.ca_cert = Some(PathBuf::from(v)),
+                Some(("token", _)) => {
+                    return Err(bad_uri(uri, "a token does not go in the URI; use token-source=env:VAR or file:PATH"))
+                }
+                _ => return Err(bad_uri(uri, "the query may have token-source=env:VAR|file:PATH and ca-cert=PATH")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The KEK id this key has in manifests.
+    pub fn kek_id(&self) -> String {
+        format!("{KEK_ID_PREFIX}{}/{}", self.mount, self.key)
+    }
+}
+
+/// Wraps and unwraps DEKs with a Transit key (see the module docs).
+pub struct TransitProvider {
+    uri: TransitUri,
+    kek_id: String,
+    token: Zeroizing<String>,
+    client: reqwest::blocking::Client,
+}
+
+impl std::fmt::Debug for TransitProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransitProvider").field("kek_id", &self.kek_id).finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    data: Option<AnswerData<'a>>,
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct AnswerData<'a> {
+    #[serde(borrow, default)]
+    ciphertext: Option<&'a str>,
+    #[serde(borrow, default)]
+    plaintext: Option<&'a str>,
+}
+
+/// The derived-key context of one shard's DEK: binds the wrap to (dataset, shard).
+fn context(dataset: &str, shard: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("shardlock-dek/1 dataset={dataset} shard={shard}"))
+}
+
+impl TransitProvider {
+    /// Opens the provider `uri` names; reads the token now, so a missing one fails here.
+    pub fn open_uri(uri: &str) -> Result<Self> {
+        let parsed = TransitUri::parse(uri)?;
+        let provider = format!("transit {}", parsed.kek_id());
+        let fail =
+            |kind: ProviderFailure, detail: String| Error::KeyProvider { provider: provider.clone(), kind, detail };
+        let token = match parsed.token_source.as_deref() {
+            Some(src) => read_token(src).map_err(|d| fail(ProviderFailure::PinSource, d))?,
+            None => read_token("env:VAULT_TOKEN").or_else(|_| read_token("env:BAO_TOKEN")).map_err(|_| {
+                fail(
+                    ProviderFailure::PinSource,
+                    "no token: set VAULT_TOKEN (or BAO_TOKEN), or give token-source=env:VAR|file:PATH".into(),
+                )
+            })?,
+        };
+        let mut builder = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10));
+        if parsed.server.starts_with("https://") {
+            let tls = crate::tls::client_config(parsed.ca_cert.as_deref(), None)?;
+            builder = builder.tls_backend_preconfigured(tls);
+        }
+        let client = builder.build().map_err(|e| fail(ProviderFailure::Unavailable, format!("HTTPS client: {e}")))?;
+        Ok(Self { kek_id: parsed.kek_id(), uri: parsed, token, client })
+    }
+
+    fn call(&self, op: &str, body: &Zeroizing<String>) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+        let url = format!("{}/v1/{}/{op}/{}", self.uri.server, self.uri.mount, self.uri.key);
+        let mut token = reqwest::header::HeaderValue::from_str(&self.token)
+            .map_err(|_| "the token is not header text".to_owned())?;
+        token.set_sensitive(true);
+        let resp = self
+            .client
+            .post(&url)
+            .header("X-Vault-Token", token)
+            .header("content-type", "application/json")
+            .body(body.as_bytes().to_vec())
+            .send()
+            .map_err(|e| format!("{} unreachable ({e}); check that the server runs and the URI", self.uri.server))?;
+        let status = resp.status().as_u16();
+        let mut bytes = Zeroizing::new(Vec::new());
+        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 1 << 20), &mut bytes)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if status != 200 {
+            let errors = serde_json::from_slice::<Answer<'_>>(&bytes).map(|a| a.errors.join("; ")).unwrap_or_default();
+            return Err(format!("Transit {op} answered HTTP {status}: {errors}"));
+        }
+        Ok(bytes)
+    }
+
+    fn unavailable(&self, detail: String) -> Error {
+        Error::KeyUnavailable { key_id: self.kek_id.clone(), detail: format!("transit {}: {detail}", self.kek_id) }
+    }
+}
+
+/// The Vault token from `env:VAR` or `file:PATH` (an owner-only file).
+fn read_token(src: &str) -> std::result::Result<Zeroizing<String>, String> {
+    let t = if let Some(var) = src.strip_prefix("env:") {
+        Zeroizing::new(std::env::var(var).map_err(|_| format!("{var} is not set"))?)
+    } else if let Some(path) = src.strip_prefix("file:") {
+        let bytes = crate::fs::read_secret_file(std::path::Path::new(path)).map_err(|e| e.to_string())?;
+        Zeroizing::new(String::from_utf8(bytes.to_vec()).map_err(|_| format!("{path} is not text"))?)
+    } else {
+        return Err("token-source is env:VAR or file:PATH".into());
+    };
+    let t = Zeroizing::new(t.trim().to_owned());
+    if t.is_empty() {
+        return Err(format!("{src}: the token is empty"));
+    }
+    Ok(t)
+}
+
+impl KeyProvider for TransitProvider {
+    fn describe(&self) -> String {
+        format!("transit {} at {}", self.kek_id, self.uri.server)
+    }
+
+    fn active_kek_id(&self) -> &str {
+        &self.kek_id
+    }
+
+    fn wrap_dek(&self, _dek: &Dek) -> Result<(String, Vec<u8>)> {
+        Err(Error::Internal("Transit wraps a DEK only with its dataset and shard (wrap_dek_for)".into()))
+    }
+
+    fn wrap_dek_for(&self, dek: &Dek, dataset: &str, shard: u32) -> Result<(String, Vec<u8>)> {
+        let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
+        let body = Zeroizing::new(format!(
+            "{{\"plaintext\":\"{}\",\"context\":\"{}\"}}",
+            b64.as_str(),
+            context(dataset, shard)
+        ));
+        let bytes =
+            self.call("encrypt", &body).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
+        let answer: Answer<'_> =
+            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("encrypt answered no JSON".into()))?;
+        let ct = answer
+            .data
+            .and_then(|d| d.ciphertext)
+            .ok_or_else(|| self.unavailable("encrypt answered no ciphertext".into()))?;
+        if !ct.starts_with("vault:v") || ct.len() > MAX_CIPHERTEXT {
+            return Err(self.unavailable(format!("encrypt answered an unexpected ciphertext ({} bytes)", ct.len())));
+        }
+        Ok((self.kek_id.clone(), ct.as_bytes().to_vec()))
+    }
+
+    fn unwrap_dek(&self, grant: Grant) -> Result<Dek> {
+        if grant.kek_id() != self.kek_id {
+            return Err(self.unavailable(format!(
+                "shard {} is wrapped under {}, not this key",
+                grant.shard(),
+                grant.kek_id()
+            )));
+        }
+        let ct = std::str::from_utf8(grant.wrapped_dek())
+            .ok()
+            .filter(|c| c.starts_with("vault:v") && c.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| {
+                self.unavailable(format!("shard {}: the wrapped DEK is not a Transit ciphertext", grant.shard()))
+            })?;
+        let body = Zeroizing::new(
+            serde_json::json!({"ciphertext": ct, "context": context(grant.dataset(), grant.shard())}).to_string(),
+        );
+        let bytes = self.call("decrypt", &body).map_err(|d| {
+            self.unavailable(format!(
+                "dataset {:?} shard {}: {d} (a wrapped DEK moved from another shard does not decrypt)",
+                grant.dataset(),
+                grant.shard()
+            ))
+        })?;
+        let answer: Answer<'_> =
+            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("decrypt answered no JSON".into()))?;
+        let pt = answer
+            .data
+            .and_then(|d| d.plaintext)
+            .ok_or_else(|| self.unavailable("decrypt answered no plaintext".into()))?;
+        let raw = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(pt)
+                .map_err(|_| self.unavailable("plaintext is not base64".into()))?,
+        );
+        Dek::from_slice(&raw)
+            .ok_or_else(|| self.unavailable(format!("shard {}: the DEK is not 32 bytes", grant.shard())))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_name_server_mount_and_key_and_refuse_what_they_must() {
+        let u = TransitUri::parse(
+            "transit:https://bao.internal:8200/kms/transit/shardlock?token-source=file:/run/t&ca-cert=/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(u.server, "https://bao.internal:8200");
+        assert_eq!((u.mount.as_str(), u.key.as_str()), ("kms/transit", "shardlock"));
+        assert_eq!(u.kek_id(), "transit:kms/transit/shardlock");
+        assert_eq!(u.token_source.as_deref(), Some("file:/run/t"));
+        assert!(TransitUri::parse("transit:http://127.0.0.1:8200/transit/k").is_ok());
+        for bad in [
+            "transit:http://bao.internal:8200/transit/k",
+            "transit:https://bao.internal/k",
+            "transit:https://bao.internal/transit/",
+            "transit:https://bao.internal/transit/k?token=s.abc",
+            "transit:ftp://x/transit/k",
+            "transit:https://bao.internal/transit/k%20x",
+        ] {
+            let e = TransitUri::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("s.abc"), "{e}");
+        }
+    }
+}

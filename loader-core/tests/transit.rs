@@ -1,0 +1,196 @@
+//! OpenBao/Vault Transit custody against a real OpenBao dev server: pack, stream,
+//! rotate between the keyring and Transit (and across Transit key versions) without
+//! touching payloads, the per-shard context binding, least privilege, the key service
+//! in front of Transit, and a server that is down.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/bao.rs"]
+mod bao;
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::Fixture;
+use shardlock::{open_provider, Error, KeyProvider, Shuffle};
+
+/// The token variable the providers of this test process read (set once: every test
+/// uses the same root token of its own server).
+fn token_env(bao: &bao::Bao, var: &str) {
+    std::env::set_var(var, &bao.root_token);
+}
+
+fn epoch(fx: &Fixture, dir: &Path, keys: Arc<dyn KeyProvider>) -> shardlock::Result<HashMap<u64, Vec<u8>>> {
+    let mut out = HashMap::new();
+    let l = fx.loader_with(dir, "transit-test", keys).batch_size(4).shuffle(Shuffle::Global).workers(2).build()?;
+    for b in l {
+        let b = b?;
+        for (j, &id) in b.sample_ids().iter().enumerate() {
+            out.insert(id, b.bytes("tag", j)?.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+fn payloads(dir: &Path) -> HashMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != "manifest.json")
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+/// Rewrites the manifest with `edit` and signs it with the fixture's issuer key.
+fn resign(fx: &Fixture, ds: &Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
+    use shardlock::primitives::SignedManifest;
+    let path = ds.join("manifest.json");
+    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
+    edit(&mut m);
+    let body = serde_json::to_vec_pretty(&m).unwrap();
+    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
+    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
+}
+
+#[test]
+fn pack_stream_and_rotate_through_transit_without_touching_payloads() {
+    let Some(bao) = bao::Bao::start("pack_stream_and_rotate_through_transit") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_A");
+    bao.create_key("shardlock");
+    let uri = bao.uri("shardlock", "SHARDLOCK_TEST_BAO_TOKEN_A");
+    let transit = open_provider(&uri).unwrap();
+    assert_eq!(transit.active_kek_id(), "transit:transit/shardlock");
+    assert!(!transit.describe().contains(&bao.root_token));
+
+    let fx = Fixture::new();
+    let (dir, samples) = fx.standard_with(&*transit, "ds", "transit-test", 40);
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    for s in &m.shards {
+        assert_eq!(s.kek_id, "transit:transit/shardlock");
+        let ct = String::from_utf8(hex::decode(&s.wrapped_dek).unwrap()).unwrap();
+        assert!(ct.starts_with("vault:v1:"), "{ct}");
+    }
+    let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
+    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    // The loader opens the provider from the URI itself, as --keyring and Python do.
+    let l = shardlock::Loader::builder(&dir)
+        .keyring(&uri)
+        .token_value(fx.token("transit-test"))
+        .trust_anchor(fx.trust)
+        .batch_size(8)
+        .build()
+        .unwrap();
+    assert_eq!(l.map(|b| b.unwrap().len()).sum::<usize>(), 40);
+
+    let before = payloads(&dir);
+    // Transit key rotation, then rewrap: every DEK moves to version 2.
+    bao.rotate_key("shardlock");
+    shardlock::rotate(&dir, &*transit, &*transit, &fx.issuer).unwrap();
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    assert!(m
+        .shards
+        .iter()
+        .all(|s| String::from_utf8(hex::decode(&s.wrapped_dek).unwrap()).unwrap().starts_with("vault:v2:")));
+    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    // Transit -> keyring -> Transit: the payloads never change.
+    shardlock::rotate(&dir, &*transit, &*fx.keyring, &fx.issuer).unwrap();
+    assert!(fx.open(&dir).unwrap().manifest().shards.iter().all(|s| s.wrapped_dek.len() == 80));
+    assert_eq!(epoch(&fx, &dir, fx.keyring.clone()).unwrap(), want);
+    shardlock::rotate(&dir, &*fx.keyring, &*transit, &fx.issuer).unwrap();
+    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    assert_eq!(payloads(&dir), before, "rotation touched a payload");
+}
+
+#[test]
+fn a_wrapped_dek_moved_to_another_shard_does_not_unwrap() {
+    let Some(bao) = bao::Bao::start("a_wrapped_dek_moved_to_another_shard") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_B");
+    bao.create_key("ctx");
+    let transit = open_provider(&bao.uri("ctx", "SHARDLOCK_TEST_BAO_TOKEN_B")).unwrap();
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard_with(&*transit, "ds", "transit-test", 40);
+    // Someone holding the issuer key swaps the wrapped DEKs of shards 1 and 2.
+    resign(&fx, &dir, |m| {
+        let (a, b) = (m.shards[1].wrapped_dek.clone(), m.shards[2].wrapped_dek.clone());
+        m.shards[1].wrapped_dek = b;
+        m.shards[2].wrapped_dek = a;
+    });
+    let ds = fx.open(&dir).unwrap();
+    let access = fx.access_with("transit-test", transit.clone());
+    assert!(access.open_shard(&ds, 0).is_ok());
+    match access.open_shard(&ds, 1) {
+        Err(Error::KeyUnavailable { key_id, detail }) => {
+            assert_eq!(key_id, "transit:transit/ctx");
+            assert!(detail.contains("shard 1") && !detail.contains(&bao.root_token), "{detail}");
+        }
+        other => panic!("expected KeyUnavailable, got {:?}", other.map(|_| "a reader")),
+    }
+}
+
+#[test]
+fn least_privilege_a_decrypt_only_token_reads_but_cannot_pack() {
+    let Some(bao) = bao::Bao::start("least_privilege_a_decrypt_only_token") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_C");
+    bao.create_key("lp");
+    let owner = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_TOKEN_C")).unwrap();
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard_with(&*owner, "ds", "transit-test", 16);
+    let reader_token = bao.token_with_policy("reader", r#"path "transit/decrypt/lp" { capabilities = ["update"] }"#);
+    std::env::set_var("SHARDLOCK_TEST_BAO_READER", &reader_token);
+    let reader = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_READER")).unwrap();
+    assert_eq!(epoch(&fx, &dir, reader.clone()).unwrap().len(), 16);
+    // Wrapping needs `encrypt`, which the reader's policy does not grant.
+    let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("tag")]).unwrap();
+    let mut w = shardlock::DatasetWriter::create(
+        &fx.path("ds2"),
+        schema,
+        shardlock::PackOptions::new("transit-test"),
+        &*reader,
+        &fx.issuer,
+    )
+    .unwrap();
+    w.write_sample(&[b"x".as_slice()]).unwrap();
+    let e = w.finish().unwrap_err();
+    assert!(e.to_string().contains("403") && e.to_string().contains("permission denied"), "{e}");
+    assert!(!e.to_string().contains(&reader_token));
+    // A missing token is refused when the provider opens, naming what to set.
+    let e = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_UNSET")).unwrap_err();
+    assert!(e.to_string().contains("SHARDLOCK_TEST_BAO_UNSET is not set"), "{e}");
+}
+
+#[test]
+fn the_key_service_serves_from_transit_and_a_stopped_server_is_a_typed_error() {
+    let Some(mut bao) = bao::Bao::start("the_key_service_serves_from_transit") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_D");
+    bao.create_key("svc");
+    let transit = open_provider(&bao.uri("svc", "SHARDLOCK_TEST_BAO_TOKEN_D")).unwrap();
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard_with(&*transit, "ds", "transit-test", 40);
+    let pki = pki::Pki::new(fx.dir.path());
+    let (cert, key) = pki.server();
+    let svc = shardlock::KeyService::start(shardlock::KeydConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        transit.clone(),
+        vec![fx.trust],
+        cert,
+        key,
+    ))
+    .unwrap();
+    let mut opts = shardlock::service::ServiceOptions::default();
+    opts.tls.ca_cert = Some(pki.ca());
+    let client =
+        Arc::new(shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap());
+    // The workload holds no Vault token and no KEK: only the service's URL and CA.
+    assert_eq!(epoch(&fx, &dir, client).unwrap().len(), 40);
+    svc.shutdown().unwrap();
+    // Transit down: a typed error naming the server, not a hang or a panic.
+    bao.stop();
+    let ds = fx.open(&dir).unwrap();
+    match fx.access_with("transit-test", transit).open_shard(&ds, 0) {
+        Err(Error::KeyUnavailable { detail, .. }) => assert!(detail.contains("unreachable"), "{detail}"),
+        other => panic!("expected KeyUnavailable, got {:?}", other.map(|_| "a reader")),
+    }
+}
