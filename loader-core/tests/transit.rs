@@ -157,7 +157,7 @@ fn least_privilege_a_decrypt_only_token_reads_but_cannot_pack() {
     assert!(e.to_string().contains("403") && e.to_string().contains("permission denied"), "{e}");
     assert!(!e.to_string().contains(&reader_token));
     // A missing token is refused when the provider opens, naming what to set.
-    let e = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_UNSET")).unwrap_err();
+    let e = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_UNSET")).err().unwrap();
     assert!(e.to_string().contains("SHARDLOCK_TEST_BAO_UNSET is not set"), "{e}");
 }
 
