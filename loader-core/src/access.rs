@@ -141,7 +141,7 @@ impl Access {
         }
         self.record(&ev)?;
         decision?;
-        let grant = Grant::for_entry(dataset, entry, Some(op))?;
+        let grant = Grant::for_entry(dataset, &ds.manifest().issuer_key_id, entry, Some(op))?;
         let ctx = ReleaseContext {
             token: self.bearer.as_deref().map(String::as_str),
             manifest: ds.manifest_bytes(),

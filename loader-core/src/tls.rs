@@ -1,7 +1,10 @@
 //! PEM files for TLS (features `key-service` and `keyd`): certificate chains, and
 //! private keys read as secret files (owner-only permissions, like every key file).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "key-service")]
+use std::path::PathBuf;
+#[cfg(feature = "key-service")]
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
@@ -66,4 +69,44 @@ pub(crate) fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>)
     };
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// `scheme://host[:port]` of a custody server URL: https, or http on loopback only; no
+/// user info, query or fragment (the host that is checked is the host that is called).
+#[cfg(feature = "key-service")]
+pub(crate) fn checked_server(url: &reqwest::Url) -> std::result::Result<String, &'static str> {
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("user info (user:password@) is refused: credentials do not go in the URI");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the server URL takes no query or fragment here");
+    }
+    let host = url.host_str().ok_or("the server URL needs a host")?;
+    let loopback = matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1");
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => return Err("plain http is accepted only for a loopback dev server; use https://"),
+        _ => return Err("the server URL must be https://"),
+    }
+    Ok(match url.port() {
+        Some(p) => format!("{}://{host}:{p}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    })
+}
+
+/// An HTTP client for custody: no redirects (a redirect could carry a token or a DEK
+/// elsewhere), no proxy for loopback, https only unless loopback.
+#[cfg(any(feature = "transit", feature = "aws-kms"))]
+pub(crate) fn custody_client(server: &str, ca: Option<&std::path::Path>) -> Result<reqwest::blocking::Client> {
+    let mut b = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none());
+    if server.starts_with("https://") {
+        b = b.https_only(true).tls_backend_preconfigured(crate::tls::client_config(ca, None)?);
+    } else {
+        b = b.no_proxy();
+    }
+    b.build().map_err(|e| Error::InvalidArgument(format!("custody HTTP client: {e}")))
 }

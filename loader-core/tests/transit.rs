@@ -156,6 +156,22 @@ fn least_privilege_a_decrypt_only_token_reads_but_cannot_pack() {
     let e = w.finish().unwrap_err();
     assert!(e.to_string().contains("403") && e.to_string().contains("permission denied"), "{e}");
     assert!(!e.to_string().contains(&reader_token));
+    // A key that is not derived would ignore the per-shard context: refused before a wrap.
+    let (st, body) = bao.call("POST", "/v1/transit/keys/plain", Some("{}"));
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let plain = open_provider(&bao.uri("plain", "SHARDLOCK_TEST_BAO_TOKEN_C")).unwrap();
+    let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("tag")]).unwrap();
+    let mut w = shardlock::DatasetWriter::create(
+        &fx.path("ds3"),
+        schema,
+        shardlock::PackOptions::new("transit-test"),
+        &*plain,
+        &fx.issuer,
+    )
+    .unwrap();
+    w.write_sample(&[b"x".as_slice()]).unwrap();
+    let e = w.finish().unwrap_err();
+    assert!(e.to_string().contains("not derived"), "{e}");
     // A missing token is refused when the provider opens, naming what to set.
     let e = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_UNSET")).err().unwrap();
     assert!(e.to_string().contains("SHARDLOCK_TEST_BAO_UNSET is not set"), "{e}");

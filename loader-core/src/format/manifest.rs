@@ -30,7 +30,7 @@ pub const MAX_LEN: u64 = 256 << 20;
 pub const WRAPPED_DEK_HEX_LEN: usize = 80;
 /// KEK ids of custody that wraps outside AES-KWP (`transit:<mount>/<key>`,
 /// `aws-kms:<key>`): their
-/// `wrapped_dek` is the hex of the custody's ciphertext text (FORMAT.md section 7.4).
+/// `wrapped_dek` is the hex of the custody's ciphertext text (FORMAT.md sections 7.5, 7.6).
 pub const EXTERNAL_KEK_PREFIXES: [&str; 2] = ["transit:", "aws-kms:"];
 /// Most hex digits of an external custody's `wrapped_dek` (512 bytes of ciphertext).
 pub const EXTERNAL_WRAPPED_DEK_MAX_HEX: usize = 1024;
@@ -151,7 +151,7 @@ impl SignedManifest {
             let wrapped_len = if external { s.wrapped_dek.len() } else { WRAPPED_DEK_HEX_LEN };
             if external && (wrapped_len == 0 || wrapped_len % 2 == 1 || wrapped_len > EXTERNAL_WRAPPED_DEK_MAX_HEX) {
                 return Err(bad(format!(
-                    "shard {i}: wrapped_dek of {} must be an even number of lowercase hex digits, at most {EXTERNAL_WRAPPED_DEK_MAX_HEX}",
+                    "shard {i}: wrapped_dek of {:?} must be an even number of lowercase hex digits, at most {EXTERNAL_WRAPPED_DEK_MAX_HEX}",
                     s.kek_id
                 )));
             }

@@ -22,17 +22,32 @@ pub struct Grant {
     op: Option<Operation>,
     kek_id: String,
     wrapped: Vec<u8>,
+    shard_id: String,
+    issuer: String,
 }
 
 impl Grant {
     /// Built by [`crate::access::Access`] after a passing authorization (or by
     /// `rotate` for the holder of the issuer key), from the verified manifest.
-    pub(crate) fn for_entry(dataset: &str, entry: &ShardEntry, op: Option<Operation>) -> Result<Self> {
+    pub(crate) fn for_entry(dataset: &str, issuer: &str, entry: &ShardEntry, op: Option<Operation>) -> Result<Self> {
         let wrapped = hex::decode(&entry.wrapped_dek).map_err(|_| Error::KeyUnavailable {
             key_id: entry.kek_id.clone(),
             detail: format!("dataset {dataset:?} shard {}: wrapped DEK in the manifest is not hex", entry.index),
         })?;
-        Ok(Self { dataset: dataset.to_owned(), shard: entry.index, op, kek_id: entry.kek_id.clone(), wrapped })
+        Ok(Self {
+            dataset: dataset.to_owned(),
+            shard: entry.index,
+            op,
+            kek_id: entry.kek_id.clone(),
+            wrapped,
+            shard_id: entry.id.clone(),
+            issuer: issuer.to_owned(),
+        })
+    }
+
+    /// What the wrap of this DEK was bound to (custody that binds wraps checks it).
+    pub fn context(&self) -> super::WrapContext<'_> {
+        super::WrapContext { dataset: &self.dataset, shard: self.shard, shard_id: &self.shard_id, issuer: &self.issuer }
     }
 
     /// Dataset the grant covers.

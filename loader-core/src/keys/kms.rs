@@ -26,7 +26,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{Dek, Grant, KeyProvider};
+use super::{Dek, Grant, KeyProvider, WrapContext};
 use crate::error::{Error, ProviderFailure, Result};
 
 /// Prefix of KMS KEK ids in manifests.
@@ -49,8 +49,12 @@ pub struct KmsUri {
 impl KmsUri {
     /// Parses `aws-kms:<key>[?region=R&endpoint=URL]`.
     pub fn parse(uri: &str) -> Result<Self> {
-        let bad =
-            |d: &str| Error::InvalidArgument(format!("aws-kms URI {:?}: {d}", uri.split('?').next().unwrap_or("")));
+        let bad = |d: &str| {
+            Error::InvalidArgument(format!(
+                "aws-kms URI starting {:?}: {d}",
+                uri.split(['?', '@']).next().unwrap_or("")
+            ))
+        };
         let rest = uri.strip_prefix(KEK_ID_PREFIX).ok_or_else(|| bad("does not start with aws-kms:"))?;
         let (key, query) = rest.split_once('?').unwrap_or((rest, ""));
         if key.is_empty() || key.len() > 2048 || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -59,11 +63,15 @@ impl KmsUri {
         let mut out = Self { key: key.to_owned(), region: None, endpoint: None };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("region", v)) if !v.is_empty() => out.region = Some(v.to_owned()),
-                Some(("endpoint", v)) if v.starts_with("https://") || loopback_http(v) => {
-                    out.endpoint = Some(v.trim_end_matches('/').to_owned())
+                Some(("region", v)) if valid_region(v) => out.region = Some(v.to_owned()),
+                Some(("region", _)) => return Err(bad("a region is [a-z0-9-], like eu-west-1")),
+                Some(("endpoint", v)) => {
+                    let url = reqwest::Url::parse(v).map_err(|_| bad("the endpoint is not a URL"))?;
+                    if !matches!(url.path(), "" | "/") {
+                        return Err(bad("the endpoint takes no path"));
+                    }
+                    out.endpoint = Some(crate::tls::checked_server(&url).map_err(bad)?);
                 }
-                Some(("endpoint", _)) => return Err(bad("the endpoint must be https:// (http:// only on loopback)")),
                 Some((k, _)) if k.contains("secret") || k.contains("access") || k.contains("token") => {
                     return Err(bad(
                         "credentials do not go in the URI; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
@@ -81,10 +89,10 @@ impl KmsUri {
     }
 }
 
-fn loopback_http(url: &str) -> bool {
-    ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-        .iter()
-        .any(|p| url.strip_prefix(p).is_some_and(|r| r.is_empty() || r.starts_with(':') || r.starts_with('/')))
+/// An AWS region name: lowercase letters, digits and dashes (so it cannot change the
+/// default endpoint's host).
+fn valid_region(r: &str) -> bool {
+    !r.is_empty() && r.len() <= 32 && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Credentials from the environment (secrets: never printed).
@@ -118,9 +126,9 @@ impl std::fmt::Debug for KmsProvider {
 #[serde(rename_all = "PascalCase")]
 struct KmsAnswer<'a> {
     #[serde(borrow, default)]
-    ciphertext_blob: Option<&'a str>,
+    ciphertext_blob: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
-    plaintext: Option<&'a str>,
+    plaintext: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -135,8 +143,9 @@ fn hex_sha256(data: &[u8]) -> String {
     hex::encode(crate::crypto::sha256(data))
 }
 
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> hmac::Tag {
-    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg)
+/// HMAC-SHA256, into zeroizing memory (the derived signing keys are credentials).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), msg).as_ref().to_vec())
 }
 
 /// `YYYYMMDD'T'HHMMSS'Z'` of `t` (UTC).
@@ -154,10 +163,15 @@ impl KmsProvider {
         let kek_id = parsed.kek_id();
         let fail = |kind, detail: String| Error::KeyProvider { provider: format!("aws-kms {kek_id}"), kind, detail };
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let region =
-            parsed.region.clone().or_else(|| env("AWS_REGION")).or_else(|| env("AWS_DEFAULT_REGION")).ok_or_else(
-                || fail(ProviderFailure::Unavailable, "no region: give region= or set AWS_REGION".into()),
-            )?;
+        let region = parsed
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .filter(|r| valid_region(r))
+            .ok_or_else(|| {
+                fail(ProviderFailure::Unavailable, "no valid region: give region= or set AWS_REGION".into())
+            })?;
         let access_key = env("AWS_ACCESS_KEY_ID").ok_or_else(|| {
             fail(ProviderFailure::PinSource, "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into())
         })?;
@@ -166,15 +180,12 @@ impl KmsProvider {
                 .ok_or_else(|| fail(ProviderFailure::PinSource, "AWS_SECRET_ACCESS_KEY is not set".into()))?,
         );
         let session_token = env("AWS_SESSION_TOKEN").map(Zeroizing::new);
-        let endpoint = parsed.endpoint.clone().unwrap_or_else(|| format!("https://kms.{region}.amazonaws.com"));
-        let host = endpoint.split_once("://").map_or("", |(_, h)| h).split('/').next().unwrap_or("").to_owned();
-        let mut builder = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10));
-        if endpoint.starts_with("https://") {
-            builder = builder.tls_backend_preconfigured(crate::tls::client_config(None, None)?);
-        }
-        let client = builder.build().map_err(|e| fail(ProviderFailure::Unavailable, format!("HTTPS client: {e}")))?;
+        let suffix = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
+        let endpoint = parsed.endpoint.clone().unwrap_or_else(|| format!("https://kms.{region}.{suffix}"));
+        // The signed host is exactly what the request is sent to (checked_server
+        // normalised it: no user info, no default port, lowercase).
+        let host = endpoint.split_once("://").map_or("", |(_, h)| h).to_owned();
+        let client = crate::tls::custody_client(&endpoint, None)?;
         Ok(Self {
             kek_id,
             uri: parsed,
@@ -192,28 +203,35 @@ impl KmsProvider {
         let date = &now[..8];
         let target = format!("TrentService.{action}");
         let ctype = "application/x-amz-json-1.1";
-        let mut headers: Vec<(&str, String)> = vec![
-            ("content-type", ctype.to_owned()),
-            ("host", self.host.clone()),
-            ("x-amz-date", now.clone()),
-            ("x-amz-target", target.clone()),
+        let mut headers: Vec<(&str, Zeroizing<String>)> = vec![
+            ("content-type", Zeroizing::new(ctype.to_owned())),
+            ("host", Zeroizing::new(self.host.clone())),
+            ("x-amz-date", Zeroizing::new(now.clone())),
+            ("x-amz-target", Zeroizing::new(target.clone())),
         ];
-        if let Some(t) = &self.creds.session_token {
-            headers.push(("x-amz-security-token", t.to_string()));
+        // The header list (and so the session token in it) is zeroized when dropped.
+        let session = self.creds.session_token.as_ref().map(|t| Zeroizing::new(t.to_string()));
+        if let Some(t) = session {
+            headers.push(("x-amz-security-token", t));
         }
         headers.sort_by(|a, b| a.0.cmp(b.0));
         let signed: Vec<&str> = headers.iter().map(|h| h.0).collect();
         let signed = signed.join(";");
-        let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{}\n", v.trim())).collect();
-        let canonical = format!("POST\n/\n\n{canonical_headers}\n{signed}\n{}", hex_sha256(body.as_bytes()));
+        let canonical_headers: Zeroizing<String> =
+            Zeroizing::new(headers.iter().map(|(k, v)| format!("{k}:{}\n", v.trim())).collect());
+        let canonical = Zeroizing::new(format!(
+            "POST\n/\n\n{}\n{signed}\n{}",
+            canonical_headers.as_str(),
+            hex_sha256(body.as_bytes())
+        ));
         let scope = format!("{date}/{}/kms/aws4_request", self.region);
         let to_sign = format!("AWS4-HMAC-SHA256\n{now}\n{scope}\n{}", hex_sha256(canonical.as_bytes()));
         let k_secret = Zeroizing::new(format!("AWS4{}", self.creds.secret_key.as_str()));
         let k_date = hmac_sha256(k_secret.as_bytes(), date.as_bytes());
-        let k_region = hmac_sha256(k_date.as_ref(), self.region.as_bytes());
-        let k_service = hmac_sha256(k_region.as_ref(), b"kms");
-        let k_signing = hmac_sha256(k_service.as_ref(), b"aws4_request");
-        let signature = hex::encode(hmac_sha256(k_signing.as_ref(), to_sign.as_bytes()).as_ref());
+        let k_region = hmac_sha256(&k_date, self.region.as_bytes());
+        let k_service = hmac_sha256(&k_region, b"kms");
+        let k_signing = hmac_sha256(&k_service, b"aws4_request");
+        let signature = hex::encode(&*hmac_sha256(&k_signing, to_sign.as_bytes()));
         let auth = format!(
             "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, Signature={signature}",
             self.creds.access_key
@@ -234,25 +252,35 @@ impl KmsProvider {
             .send()
             .map_err(|e| format!("{} unreachable ({e}); check the endpoint and region", self.endpoint))?;
         let status = resp.status().as_u16();
-        let mut bytes = Zeroizing::new(Vec::new());
-        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 1 << 20), &mut bytes)
+        // Sized up front: a grown buffer would leave freed copies of a plaintext DEK.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(64 << 10));
+        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 64 << 10), &mut bytes)
             .map_err(|e| format!("reading the answer: {e}"))?;
         if status != 200 {
             let e = serde_json::from_slice::<KmsError>(&bytes)
                 .unwrap_or(KmsError { kind: String::new(), message: String::new() });
-            let kind = e.kind.rsplit('#').next().unwrap_or("").to_owned();
-            return Err(format!(
-                "KMS {action} answered HTTP {status} {kind}: {}",
-                e.message.chars().take(300).collect::<String>()
-            ));
+            let kind: String = e
+                .kind
+                .rsplit('#')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .take(80)
+                .collect();
+            let message: String = e.message.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect();
+            return Err(format!("KMS {action} answered HTTP {status} {kind}: {message}"));
         }
         Ok(bytes)
     }
 
-    fn context(&self, dataset: &str, shard: u32) -> serde_json::Value {
+    /// The EncryptionContext of one shard's DEK (FORMAT.md section 7.6).
+    fn context(&self, ctx: &WrapContext<'_>) -> serde_json::Value {
         serde_json::json!({
-            "shardlock:dataset": dataset,
-            "shardlock:shard": shard.to_string(),
+            "shardlock:issuer": ctx.issuer,
+            "shardlock:dataset": ctx.dataset,
+            "shardlock:shard": ctx.shard.to_string(),
+            "shardlock:shard-id": ctx.shard_id,
             "shardlock:kek": self.kek_id,
         })
     }
@@ -275,21 +303,27 @@ impl KeyProvider for KmsProvider {
         Err(Error::Internal("KMS wraps a DEK only with its dataset and shard (wrap_dek_for)".into()))
     }
 
-    fn wrap_dek_for(&self, dek: &Dek, dataset: &str, shard: u32) -> Result<(String, Vec<u8>)> {
+    fn wrap_dek_for(&self, dek: &Dek, ctx: &WrapContext<'_>) -> Result<(String, Vec<u8>)> {
+        let shard = ctx.shard;
         let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
-        let ctx = self.context(dataset, shard).to_string();
-        let body = Zeroizing::new(format!(
-            "{{\"KeyId\":{},\"Plaintext\":\"{}\",\"EncryptionContext\":{ctx}}}",
-            serde_json::to_string(&self.uri.key).unwrap_or_default(),
-            b64.as_str()
-        ));
+        let context = self.context(ctx).to_string();
+        let key = serde_json::to_string(&self.uri.key).unwrap_or_default();
+        // One allocation of the final size: no grown-and-freed copy holds the DEK.
+        let mut body = Zeroizing::new(String::with_capacity(b64.len() + context.len() + key.len() + 64));
+        body.push_str("{\"KeyId\":");
+        body.push_str(&key);
+        body.push_str(",\"Plaintext\":\"");
+        body.push_str(&b64);
+        body.push_str("\",\"EncryptionContext\":");
+        body.push_str(&context);
+        body.push('}');
         let bytes =
             self.call("Encrypt", &body).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
         let answer: KmsAnswer<'_> =
             serde_json::from_slice(&bytes).map_err(|_| self.unavailable("Encrypt answered no JSON".into()))?;
         let blob = answer
             .ciphertext_blob
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.as_bytes()).ok())
             .ok_or_else(|| self.unavailable("Encrypt answered no CiphertextBlob".into()))?;
         if blob.is_empty() || blob.len() > MAX_CIPHERTEXT {
             return Err(self.unavailable(format!("Encrypt answered a {}-byte ciphertext", blob.len())));
@@ -309,7 +343,7 @@ impl KeyProvider for KmsProvider {
             serde_json::json!({
                 "KeyId": self.uri.key,
                 "CiphertextBlob": base64::engine::general_purpose::STANDARD.encode(grant.wrapped_dek()),
-                "EncryptionContext": self.context(grant.dataset(), grant.shard()),
+                "EncryptionContext": self.context(&grant.context()),
             })
             .to_string(),
         );
@@ -325,7 +359,7 @@ impl KeyProvider for KmsProvider {
         let raw = Zeroizing::new(
             answer
                 .plaintext
-                .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok())
+                .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p.as_bytes()).ok())
                 .ok_or_else(|| self.unavailable("Decrypt answered no Plaintext".into()))?,
         );
         Dek::from_slice(&raw)
@@ -344,12 +378,17 @@ mod tests {
         assert_eq!(u.key, "alias/shardlock");
         assert_eq!(u.region.as_deref(), Some("eu-west-1"));
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
+        let n = KmsUri::parse("aws-kms:k?endpoint=https://KMS.Example.com:443").unwrap();
+        assert_eq!(n.endpoint.as_deref(), Some("https://kms.example.com"), "the signed host is the normalised one");
         assert_eq!(u.kek_id(), "aws-kms:alias/shardlock");
         for bad in [
             "aws-kms:",
             "aws-kms:alias/k?endpoint=http://kms.example.com",
             "aws-kms:alias/k?secret_access_key=abc",
             "aws-kms:alias/k?colour=blue",
+            "aws-kms:alias/k?endpoint=http://127.0.0.1:80@evil.example",
+            "aws-kms:alias/k?region=x@evil.example%23",
+            "aws-kms:alias/k?endpoint=https://kms.example.com/prefix",
         ] {
             let e = KmsUri::parse(bad).unwrap_err().to_string();
             assert!(!e.contains("abc"), "{e}");
@@ -361,10 +400,10 @@ mod tests {
     #[test]
     fn the_signing_key_derivation_matches_aws_example() {
         let k_date = hmac_sha256(b"AWS4wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", b"20120215");
-        let k_region = hmac_sha256(k_date.as_ref(), b"us-east-1");
-        let k_service = hmac_sha256(k_region.as_ref(), b"iam");
-        let k_signing = hmac_sha256(k_service.as_ref(), b"aws4_request");
-        assert_eq!(hex::encode(k_signing.as_ref()), "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d");
+        let k_region = hmac_sha256(&k_date, b"us-east-1");
+        let k_service = hmac_sha256(&k_region, b"iam");
+        let k_signing = hmac_sha256(&k_service, b"aws4_request");
+        assert_eq!(hex::encode(&*k_signing), "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d");
         assert_eq!(amz_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_329_264_000)), "20120215T000000Z");
     }
 }

@@ -129,11 +129,11 @@ pub trait KeyProvider: Send + Sync {
     /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
 
-    /// Wraps the DEK of shard `shard` of dataset `dataset` (what pack and rotate call).
-    /// Custody that binds a wrap to its shard (Transit's derived-key context) uses them;
-    /// the default is [`KeyProvider::wrap_dek`].
-    fn wrap_dek_for(&self, dek: &Dek, dataset: &str, shard: u32) -> Result<(String, Vec<u8>)> {
-        let _ = (dataset, shard);
+    /// Wraps the DEK of the shard `ctx` names (what pack and rotate call). Custody that
+    /// binds a wrap to its shard (Transit's derived-key context, KMS's EncryptionContext)
+    /// uses it; the default is [`KeyProvider::wrap_dek`].
+    fn wrap_dek_for(&self, dek: &Dek, ctx: &WrapContext<'_>) -> Result<(String, Vec<u8>)> {
+        let _ = ctx;
         self.wrap_dek(dek)
     }
     /// Unwraps the DEK named by `grant` (its KEK id and wrapped bytes come from the
@@ -154,6 +154,30 @@ pub trait KeyProvider: Send + Sync {
     /// starts a new epoch. The default ignores it.
     fn plan(&self, manifest_digest: &[u8; 32], order: &[u32]) {
         let _ = (manifest_digest, order);
+    }
+}
+
+/// The shard a DEK belongs to, as custody that binds wraps sees it: the issuer key that
+/// signs the manifest, the dataset, the shard's index and its random id.
+#[derive(Clone, Copy, Debug)]
+pub struct WrapContext<'a> {
+    /// Dataset id.
+    pub dataset: &'a str,
+    /// Shard index.
+    pub shard: u32,
+    /// The shard's id (32 hex digits, random per packed shard).
+    pub shard_id: &'a str,
+    /// Key id of the issuer key that signs the manifest.
+    pub issuer: &'a str,
+}
+
+impl WrapContext<'_> {
+    /// The context text both Transit and KMS bind (FORMAT.md sections 7.5, 7.6).
+    pub fn text(&self) -> String {
+        format!(
+            "shardlock-dek/2 issuer={} dataset={} shard={} id={}",
+            self.issuer, self.dataset, self.shard, self.shard_id
+        )
     }
 }
 

@@ -219,7 +219,12 @@ impl KeyServiceProvider {
             Error::Io { .. } | Error::Format { .. } | Error::InsecurePermissions { .. } => e,
             other => bad(other.to_string()),
         })?;
+        let parsed = reqwest::Url::parse(url).map_err(|_| Error::InvalidArgument(format!("{url}: not a URL")))?;
+        crate::tls::checked_server(&parsed).map_err(|d| Error::InvalidArgument(format!("key service URL: {d}")))?;
         let client = reqwest::blocking::Client::builder()
+            // A redirect could carry the bearer token elsewhere: none are followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(true)
             .tls_backend_preconfigured(tls)
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))

@@ -16,18 +16,17 @@
 //!
 //! The KEK id in the manifest is `transit:<mount>/<key>` (without the server, which may
 //! move), and `wrapped_dek` is the hex of the Transit ciphertext text (`vault:vN:...`,
-//! FORMAT.md section 7.4). Rotation is Transit's: `bao write -f transit/keys/<key>/rotate`,
+//! FORMAT.md section 7.5). Rotation is Transit's: `bao write -f transit/keys/<key>/rotate`,
 //! then `shardlock rotate --keyring transit:... --new-keyring transit:...` rewraps every DEK
 //! under the newest key version; payloads are untouched.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{Dek, Grant, KeyProvider};
+use super::{Dek, Grant, KeyProvider, WrapContext};
 use crate::error::{Error, ProviderFailure, Result};
 
 /// Prefix of Transit KEK ids in manifests.
@@ -52,7 +51,10 @@ pub struct TransitUri {
 }
 
 fn bad_uri(uri: &str, detail: &str) -> Error {
-    Error::InvalidArgument(format!("transit URI {:?}: {detail}", uri.split('?').next().unwrap_or("")))
+    // Never echo the server part (it may hold user info) or the query: the mount and key
+    // names are enough to say which URI.
+    let _ = uri;
+    Error::InvalidArgument(format!("transit URI: {detail}"))
 }
 
 impl TransitUri {
@@ -60,30 +62,16 @@ impl TransitUri {
     pub fn parse(uri: &str) -> Result<Self> {
         let rest = uri.strip_prefix("transit:").ok_or_else(|| bad_uri(uri, "does not start with transit:"))?;
         let (url, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (scheme, after) = url.split_once("://").ok_or_else(|| bad_uri(uri, "needs the server's https:// URL"))?;
-        let (host, path) =
-            after.split_once('/').ok_or_else(|| bad_uri(uri, "needs /<mount>/<key> after the server"))?;
-        let host_only = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        let loopback = matches!(host_only, "127.0.0.1" | "localhost" | "[::1]");
-        match scheme {
-            "https" => {}
-            "http" if loopback => {}
-            "http" => return Err(bad_uri(uri, "plain http is accepted only for a loopback dev server; use https://")),
-            _ => return Err(bad_uri(uri, "the server URL must be https://")),
-        }
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let parsed = reqwest::Url::parse(url).map_err(|_| bad_uri(uri, "needs the server's https:// URL"))?;
+        let server = crate::tls::checked_server(&parsed).map_err(|d| bad_uri(uri, d))?;
+        let segments: Vec<&str> = parsed.path().split('/').filter(|s| !s.is_empty()).collect();
         let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         let Some((key, mount)) = segments.split_last() else { return Err(bad_uri(uri, "needs /<mount>/<key>")) };
         if mount.is_empty() || !ok(key) || !mount.iter().all(|s| ok(s)) {
             return Err(bad_uri(uri, "mount and key names are [A-Za-z0-9_.-], as /<mount>/<key>"));
         }
-        let mut out = Self {
-            server: format!("{scheme}://{host}"),
-            mount: mount.join("/"),
-            key: (*key).to_owned(),
-            token_source: None,
-            ca_cert: None,
-        };
+        let mut out =
+            Self { server, mount: mount.join("/"), key: (*key).to_owned(), token_source: None, ca_cert: None };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("token-source", v)) if v.starts_with("env:") || v.starts_with("file:") => {
@@ -111,6 +99,8 @@ pub struct TransitProvider {
     kek_id: String,
     token: Zeroizing<String>,
     client: reqwest::blocking::Client,
+    /// Whether the key was seen to be `derived` (checked once, before the first wrap).
+    derived_checked: std::sync::OnceLock<()>,
 }
 
 impl std::fmt::Debug for TransitProvider {
@@ -130,14 +120,22 @@ struct Answer<'a> {
 #[derive(Deserialize)]
 struct AnswerData<'a> {
     #[serde(borrow, default)]
-    ciphertext: Option<&'a str>,
+    ciphertext: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
-    plaintext: Option<&'a str>,
+    plaintext: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    derived: Option<bool>,
 }
 
-/// The derived-key context of one shard's DEK: binds the wrap to (dataset, shard).
-fn context(dataset: &str, shard: u32) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("shardlock-dek/1 dataset={dataset} shard={shard}"))
+/// The derived-key context of one shard's DEK: binds the wrap to (issuer, dataset, shard
+/// index, shard id).
+fn context(ctx: &WrapContext<'_>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(ctx.text())
+}
+
+/// Printable, bounded text of what a server said.
+fn bounded(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect()
 }
 
 impl TransitProvider {
@@ -156,39 +154,54 @@ impl TransitProvider {
                 )
             })?,
         };
-        let mut builder = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10));
-        if parsed.server.starts_with("https://") {
-            let tls = crate::tls::client_config(parsed.ca_cert.as_deref(), None)?;
-            builder = builder.tls_backend_preconfigured(tls);
-        }
-        let client = builder.build().map_err(|e| fail(ProviderFailure::Unavailable, format!("HTTPS client: {e}")))?;
-        Ok(Self { kek_id: parsed.kek_id(), uri: parsed, token, client })
+        let client = crate::tls::custody_client(&parsed.server, parsed.ca_cert.as_deref())?;
+        Ok(Self { kek_id: parsed.kek_id(), uri: parsed, token, client, derived_checked: std::sync::OnceLock::new() })
     }
 
-    fn call(&self, op: &str, body: &Zeroizing<String>) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+    /// One call: `POST /v1/<mount>/<op>/<key>` with `body`, or a `GET` of the key
+    /// (`op == "keys"`, no body).
+    fn call(&self, op: &str, body: Option<&Zeroizing<String>>) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
         let url = format!("{}/v1/{}/{op}/{}", self.uri.server, self.uri.mount, self.uri.key);
         let mut token = reqwest::header::HeaderValue::from_str(&self.token)
             .map_err(|_| "the token is not header text".to_owned())?;
         token.set_sensitive(true);
-        let resp = self
-            .client
-            .post(&url)
+        let req = match body {
+            Some(b) => self.client.post(&url).header("content-type", "application/json").body(b.as_bytes().to_vec()),
+            None => self.client.get(&url),
+        };
+        let resp = req
             .header("X-Vault-Token", token)
-            .header("content-type", "application/json")
-            .body(body.as_bytes().to_vec())
             .send()
             .map_err(|e| format!("{} unreachable ({e}); check that the server runs and the URI", self.uri.server))?;
         let status = resp.status().as_u16();
-        let mut bytes = Zeroizing::new(Vec::new());
-        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 1 << 20), &mut bytes)
+        // Sized up front: a grown buffer would leave freed copies of a plaintext DEK.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(64 << 10));
+        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 64 << 10), &mut bytes)
             .map_err(|e| format!("reading the answer: {e}"))?;
         if status != 200 {
             let errors = serde_json::from_slice::<Answer<'_>>(&bytes).map(|a| a.errors.join("; ")).unwrap_or_default();
-            return Err(format!("Transit {op} answered HTTP {status}: {errors}"));
+            return Err(format!("Transit {op} answered HTTP {status}: {}", bounded(&errors)));
         }
         Ok(bytes)
+    }
+
+    /// Refuses to wrap under a key that is not `derived` (the context would be ignored,
+    /// and a wrapped DEK would decrypt for any shard). Checked once.
+    fn require_derived(&self) -> Result<()> {
+        if self.derived_checked.get().is_some() {
+            return Ok(());
+        }
+        let bytes = self.call("keys", None).map_err(|d| self.unavailable(format!("reading the key: {d}")))?;
+        let derived = serde_json::from_slice::<Answer<'_>>(&bytes).ok().and_then(|a| a.data).and_then(|d| d.derived);
+        if derived != Some(true) {
+            return Err(Error::KeyProvider {
+                provider: format!("transit {}", self.kek_id),
+                kind: ProviderFailure::KekUnusable,
+                detail: "the Transit key is not derived, so it would ignore the per-shard context; create it with derived=true".into(),
+            });
+        }
+        let _ = self.derived_checked.set(());
+        Ok(())
     }
 
     fn unavailable(&self, detail: String) -> Error {
@@ -226,22 +239,26 @@ impl KeyProvider for TransitProvider {
         Err(Error::Internal("Transit wraps a DEK only with its dataset and shard (wrap_dek_for)".into()))
     }
 
-    fn wrap_dek_for(&self, dek: &Dek, dataset: &str, shard: u32) -> Result<(String, Vec<u8>)> {
+    fn wrap_dek_for(&self, dek: &Dek, ctx: &WrapContext<'_>) -> Result<(String, Vec<u8>)> {
+        self.require_derived()?;
+        let shard = ctx.shard;
         let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
-        let body = Zeroizing::new(format!(
-            "{{\"plaintext\":\"{}\",\"context\":\"{}\"}}",
-            b64.as_str(),
-            context(dataset, shard)
-        ));
+        let context = context(ctx);
+        let mut body = Zeroizing::new(String::with_capacity(b64.len() + context.len() + 64));
+        body.push_str("{\"plaintext\":\"");
+        body.push_str(&b64);
+        body.push_str("\",\"context\":\"");
+        body.push_str(&context);
+        body.push_str("\"}");
         let bytes =
-            self.call("encrypt", &body).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
+            self.call("encrypt", Some(&body)).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
         let answer: Answer<'_> =
             serde_json::from_slice(&bytes).map_err(|_| self.unavailable("encrypt answered no JSON".into()))?;
         let ct = answer
             .data
             .and_then(|d| d.ciphertext)
             .ok_or_else(|| self.unavailable("encrypt answered no ciphertext".into()))?;
-        if !ct.starts_with("vault:v") || ct.len() > MAX_CIPHERTEXT {
+        if !ct.starts_with("vault:v") || ct.len() > MAX_CIPHERTEXT || !ct.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(self.unavailable(format!("encrypt answered an unexpected ciphertext ({} bytes)", ct.len())));
         }
         Ok((self.kek_id.clone(), ct.as_bytes().to_vec()))
@@ -261,10 +278,9 @@ impl KeyProvider for TransitProvider {
             .ok_or_else(|| {
                 self.unavailable(format!("shard {}: the wrapped DEK is not a Transit ciphertext", grant.shard()))
             })?;
-        let body = Zeroizing::new(
-            serde_json::json!({"ciphertext": ct, "context": context(grant.dataset(), grant.shard())}).to_string(),
-        );
-        let bytes = self.call("decrypt", &body).map_err(|d| {
+        let body =
+            Zeroizing::new(serde_json::json!({"ciphertext": ct, "context": context(&grant.context())}).to_string());
+        let bytes = self.call("decrypt", Some(&body)).map_err(|d| {
             self.unavailable(format!(
                 "dataset {:?} shard {}: {d} (a wrapped DEK moved from another shard does not decrypt)",
                 grant.dataset(),
@@ -279,7 +295,7 @@ impl KeyProvider for TransitProvider {
             .ok_or_else(|| self.unavailable("decrypt answered no plaintext".into()))?;
         let raw = Zeroizing::new(
             base64::engine::general_purpose::STANDARD
-                .decode(pt)
+                .decode(pt.as_bytes())
                 .map_err(|_| self.unavailable("plaintext is not base64".into()))?,
         );
         Dek::from_slice(&raw)
@@ -310,9 +326,12 @@ mod tests {
             "transit:https://bao.internal/transit/k?token=s.abc",
             "transit:ftp://x/transit/k",
             "transit:https://bao.internal/transit/k%20x",
+            "transit:http://localhost:pw@evil.example/transit/k",
+            "transit:https://user:pw@bao.internal/transit/k",
+            "transit:https://bao.internal/transit/k#frag",
         ] {
             let e = TransitUri::parse(bad).unwrap_err().to_string();
-            assert!(!e.contains("s.abc"), "{e}");
+            assert!(!e.contains("s.abc") && !e.contains("pw"), "{e}");
         }
     }
 }

@@ -14,11 +14,14 @@ pub fn rotate(dir: &Path, old: &dyn KeyProvider, new: &dyn KeyProvider, issuer: 
     let trust = issuer.trust_anchor();
     let ds = Dataset::open(dir, &trust)?;
     let mut m = ds.manifest().clone();
-    let dataset = m.dataset_id.clone();
+    let (dataset, issuer_id) = (m.dataset_id.clone(), m.issuer_key_id.clone());
     for e in &mut m.shards {
         let grant = owner_grant(issuer, &ds, e.index)?;
         let dek = old.unwrap_dek(grant)?;
-        let (kek_id, rewrapped) = new.wrap_dek_for(&dek, &dataset, e.index)?;
+        let (kek_id, rewrapped) = new.wrap_dek_for(
+            &dek,
+            &crate::keys::WrapContext { dataset: &dataset, shard: e.index, shard_id: &e.id, issuer: &issuer_id },
+        )?;
         e.kek_id = kek_id;
         e.wrapped_dek = hex::encode(rewrapped);
     }
@@ -38,5 +41,5 @@ fn owner_grant(issuer: &IssuerKey, ds: &Dataset, shard: u32) -> Result<Grant> {
             ds.manifest().issuer_key_id
         )));
     }
-    Grant::for_entry(&ds.manifest().dataset_id, ds.shard_entry(shard)?, None)
+    Grant::for_entry(&ds.manifest().dataset_id, &ds.manifest().issuer_key_id, ds.shard_entry(shard)?, None)
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::header::validate_dataset_id;
 use crate::format::manifest::{Manifest, ShardEntry, FILE_NAME};
 use crate::format::{index, Schema, ShardHeader};
-use crate::keys::{Dek, IssuerKey, KeyProvider};
+use crate::keys::{Dek, IssuerKey, KeyProvider, WrapContext};
 
 /// Default shard plaintext size: 256 MiB.
 pub const DEFAULT_SHARD_SIZE: u64 = 256 << 20;
@@ -246,7 +246,10 @@ impl<'a> DatasetWriter<'a> {
         let f = inner.into_inner().map_err(|e| Error::io_at("write", tmp.clone(), e.into_error()))?;
         f.sync_all().map_err(Error::io("sync", &tmp))?;
         std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
-        let (kek_id, wrapped) = self.keys.wrap_dek_for(&dek, &self.opts.dataset_id, shard_index)?;
+        let (issuer, id_hex) = (self.issuer.trust_anchor().key_id(), hex::encode(shard_id));
+        let ctx =
+            WrapContext { dataset: &self.opts.dataset_id, shard: shard_index, shard_id: &id_hex, issuer: &issuer };
+        let (kek_id, wrapped) = self.keys.wrap_dek_for(&dek, &ctx)?;
         self.shards.push(ShardEntry {
             index: shard_index,
             id: hex::encode(shard_id),
