@@ -9,8 +9,8 @@ import argparse
 import pathlib
 import tempfile
 
-import numpy as np
 import torch
+from _blobs import make_blobs
 
 import shardlock
 
@@ -22,21 +22,11 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as d:
-        root = pathlib.Path(d)
-        keyring, issuer = root / "keyring.json", root / "issuer.key"
-        shardlock.create_keyring(keyring)
-        trust = shardlock.create_issuer_key(issuer)
-        rng = np.random.default_rng(0)
-        y = rng.integers(0, 2, size=args.samples)
-        x = (rng.standard_normal((args.samples, 32)) + (2 * y[:, None] - 1) * 0.6).astype(np.float32)
-        shardlock.pack_numpy(root / "data", {"x": x, "y": y.astype(np.int64)}, keyring=keyring, issuer_key=issuer,
-                             dataset_id="examples/blobs", shard_size=1 << 20)
-        token = root / "job.token"
-        shardlock.issue_token(issuer, token, dataset="examples/blobs", principal="train_torch", ttl="10m")
+        kw = make_blobs(pathlib.Path(d), args.samples, "train_torch")
+        path = kw.pop("path")
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        loader = shardlock.Loader(root / "data", keyring=keyring, token=token, trust=trust,
-                                  batch_size=256, shuffle="window", seed=0, device=device)
+        loader = shardlock.Loader(path, **kw, batch_size=256, shuffle="window", seed=0, device=device)
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         losses = []

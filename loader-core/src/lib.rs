@@ -103,7 +103,7 @@ pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions,
 pub use pack::{pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, DEFAULT_SHARD_SIZE};
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,
-    Shuffle, TensorView, DEFAULT_MEMORY_BUDGET,
+    Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,
 };
 pub use remote::{Location, RangeReads, RemoteOptions};
 pub use time::{max_time, parse_time, parse_ttl, time_after};

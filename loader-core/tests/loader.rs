@@ -134,6 +134,71 @@ fn resume_in_a_new_loader_with_other_world_and_workers_is_one_epoch() {
     assert!(other.load_state(&state).is_err());
 }
 
+/// Batches of `loaders`, one from each in turn (as a PyTorch DataLoader takes them
+/// from its workers), as sample-id lists.
+fn round_robin(mut loaders: Vec<Loader>) -> Vec<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut live = vec![true; loaders.len()];
+    while live.iter().any(|&l| l) {
+        for (i, l) in loaders.iter_mut().enumerate() {
+            if live[i] {
+                match l.next() {
+                    Some(b) => out.push(b.unwrap().sample_ids().to_vec()),
+                    None => live[i] = false,
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dataloader_workers_deliver_the_rank_batches_in_order_and_drop_once_per_rank() {
+    let fx = Fixture::new();
+    let dir = dataset(&fx);
+    for drop_last in [true, false] {
+        // Rank 1 of 2: 185 samples, 11 full batches of 16 and 9 left over.
+        let rank = |w: u32, n: u32| builder(&fx, &dir).rank(1, 2).seed(3).drop_last(drop_last).dataloader_worker(w, n);
+        let whole: Vec<Vec<u64>> = rank(0, 1).build().unwrap().map(|b| b.unwrap().sample_ids().to_vec()).collect();
+        assert_eq!(whole.len(), if drop_last { 11 } else { 12 });
+        for n in [2u32, 3, 5] {
+            let workers: Vec<Loader> = (0..n).map(|w| rank(w, n).build().unwrap()).collect();
+            let lens: usize = workers.iter().map(|l| l.len().unwrap()).sum();
+            assert_eq!(lens, whole.len(), "{n} workers, drop_last {drop_last}");
+            assert_eq!(round_robin(workers), whole, "{n} workers, drop_last {drop_last}");
+        }
+    }
+    // A worker's state restores into the same worker, and only there.
+    let mut w1 = builder(&fx, &dir).seed(3).dataloader_worker(1, 3).build().unwrap();
+    let first = w1.next().unwrap().unwrap().sample_ids().to_vec();
+    let state = w1.state();
+    assert_eq!(state.worker.map(|p| (p.id, p.count, p.batches)), Some((1, 3, 1)));
+    let rest: Vec<u64> = w1.flat_map(|b| b.unwrap().sample_ids().to_vec()).collect();
+    let mut again = builder(&fx, &dir).seed(3).dataloader_worker(1, 3).build().unwrap();
+    again.load_state(&serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap()).unwrap();
+    assert_eq!(again.flat_map(|b| b.unwrap().sample_ids().to_vec()).collect::<Vec<_>>(), rest);
+    assert!(!first.is_empty());
+    let mut other = builder(&fx, &dir).seed(3).dataloader_worker(0, 2).build().unwrap();
+    let e = other.load_state(&state).err().unwrap();
+    assert!(e.to_string().contains("worker 1 of 3"), "{e}");
+    // A rank's state (after 5 batches) restores with any worker count: the rest once.
+    let mut r = builder(&fx, &dir).seed(3).drop_last(false).build().unwrap();
+    let mut seen: Vec<u64> = (0..5).flat_map(|_| r.next().unwrap().unwrap().sample_ids().to_vec()).collect();
+    let state = r.state();
+    assert_eq!(state.worker, None);
+    let workers: Vec<Loader> = (0..4)
+        .map(|w| {
+            let mut l = builder(&fx, &dir).seed(3).drop_last(false).dataloader_worker(w, 4).build().unwrap();
+            l.load_state(&state).unwrap();
+            l
+        })
+        .collect();
+    seen.extend(round_robin(workers).into_iter().flatten());
+    assert_eq!(seen.len(), 370);
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 370);
+    assert!(builder(&fx, &dir).dataloader_worker(2, 2).build().is_err());
+}
+
 #[test]
 fn field_selection_and_partial_last_batch() {
     let fx = Fixture::new();

@@ -212,7 +212,7 @@ impl NativeLoader {
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
         pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
-        ca_cert=None, client_cert=None, client_key=None))]
+        ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -241,6 +241,8 @@ impl NativeLoader {
         ca_cert: Option<PathBuf>,
         client_cert: Option<PathBuf>,
         client_key: Option<PathBuf>,
+        worker_id: u32,
+        num_workers: u32,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
         let tls = shardlock::service::ServiceTls { ca_cert, client_cert, client_key };
@@ -256,6 +258,7 @@ impl NativeLoader {
                 .shuffle(shuffle)
                 .seed(seed)
                 .rank(rank, world_size)
+                .dataloader_worker(worker_id, num_workers)
                 .drop_last(drop_last)
                 .remainder(if pad { Remainder::Pad } else { Remainder::Drop })
                 .allow_unlocked_memory(allow_unlocked_memory)

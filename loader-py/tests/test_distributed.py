@@ -1,5 +1,6 @@
 """torchrun --nproc_per_node=2 (gloo, CPU): ranks are disjoint, cover the epoch, and
-repeat across runs with the same seed. Also runs examples/train_torch.py."""
+repeat across runs with the same seed. Also runs the training examples: plain PyTorch,
+Lightning, the Hugging Face Trainer and torchrun with DataLoader workers."""
 
 import json
 import logging
@@ -47,6 +48,34 @@ def test_torchrun_two_ranks(env, numbers):
     assert len(r0) == len(r1) == 500
     assert not set(r0) & set(r1)
     assert set(r0) | set(r1) == set(range(1000))
+
+
+def run_example(name, *args, timeout=300, runner=None):
+    cmd = (runner or [sys.executable]) + [str(ROOT / "examples" / name), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+def test_lightning_example_gets_every_sample_once_per_epoch_and_learns():
+    pytest.importorskip("lightning", reason="lightning is not installed (make test installs it)")
+    out = run_example("train_lightning.py", "--samples", 4000, "--epochs", 3)
+    assert [f"epoch {e}: " in out for e in range(3)] == [True] * 3
+    assert out.count("4000 distinct samples") == 3
+
+
+def test_hugging_face_trainer_example_gets_every_sample_once_per_epoch_and_learns():
+    pytest.importorskip("transformers", reason="transformers is not installed (make test installs it)")
+    pytest.importorskip("accelerate", reason="accelerate is not installed (make test installs it)")
+    out = run_example("train_hf.py", "--samples", 4000, "--epochs", 3)
+    assert out.count("4000 distinct samples") == 3
+
+
+def test_torchrun_example_splits_ranks_with_dataloader_workers(tmp_path):
+    run_example("train_ddp.py", tmp_path, "--prepare")
+    out = run_example("train_ddp.py", tmp_path, runner=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         "--nproc-per-node", "2"])
+    assert out.count("2 ranks read [4000, 4000] disjoint samples") == 3, out
 
 
 def test_train_torch_example_loss_falls():

@@ -19,8 +19,18 @@ def first_batch(loader):
 
 def test_token_errors(env, numbers):
     path, _, _ = numbers
+    # A mistyped path fails at construction, naming the file, not at the first batch.
+    with pytest.raises(FileNotFoundError, match="token file not found") as e:
+        env.loader(path, token=env.root / "missing.token")
+    assert e.value.filename == str(env.root / "missing.token")
+    with pytest.raises(FileNotFoundError, match="keyring file"):
+        shardlock.Loader(path, keyring=env.root / "kr.json", token=env.token("numbers"), trust=env.trust, batch_size=8)
+    with pytest.raises(FileNotFoundError, match="trust"):
+        shardlock.Loader(path, keyring=env.keyring, token=env.token("numbers"), trust=env.root / "i.pub", batch_size=8)
+    garbage = env.root / "garbage.token"
+    garbage.write_text("not a token")
     with pytest.raises(shardlock.InvalidToken) as e:
-        first_batch(env.loader(path, token=env.root / "missing.token"))
+        first_batch(env.loader(path, token=garbage))
     assert e.value.reason in ("invalid_token", "missing_token")
     with pytest.raises(shardlock.OutOfScope) as e:
         first_batch(env.loader(path, token=env.token("another-dataset")))

@@ -42,6 +42,7 @@ pub struct LoaderBuilder {
     seed: u64,
     rank: u32,
     world: u32,
+    dataloader_worker: (u32, u32),
     drop_last: bool,
     remainder: Remainder,
     fields: Option<Vec<String>>,
@@ -71,6 +72,7 @@ impl LoaderBuilder {
             seed: 0,
             rank: 0,
             world: 1,
+            dataloader_worker: (0, 1),
             drop_last: true,
             remainder: Remainder::Drop,
             fields: None,
@@ -173,6 +175,18 @@ impl LoaderBuilder {
         self
     }
 
+    /// Makes this loader DataLoader worker `id` of `count` on its rank (default 0 of
+    /// 1): of the batches the rank reads each epoch it yields numbers `id`,
+    /// `id + count`, `id + 2 * count`, ..., so `count` such loaders read the rank's
+    /// epoch between them, a PyTorch DataLoader that takes one batch from each worker
+    /// in turn delivers the rank's batches in order, and `drop_last` drops at most one
+    /// partial batch per rank (not one per worker). `shardlock.torch.IterableDataset`
+    /// sets it in each worker.
+    pub fn dataloader_worker(mut self, id: u32, count: u32) -> Self {
+        self.dataloader_worker = (id, count);
+        self
+    }
+
     /// Drop a last partial batch (default true).
     pub fn drop_last(mut self, v: bool) -> Self {
         self.drop_last = v;
@@ -255,6 +269,13 @@ impl LoaderBuilder {
         }
         if self.world == 0 || self.rank >= self.world {
             return Err(Error::InvalidArgument(format!("rank {} is not in 0..world_size {}", self.rank, self.world)));
+        }
+        let (worker, count) = self.dataloader_worker;
+        if count == 0 || worker >= count || count > super::plan::MAX_WORLD {
+            return Err(Error::InvalidArgument(format!(
+                "DataLoader worker {worker} of {count}: need 0 <= worker < count <= {}",
+                super::plan::MAX_WORLD
+            )));
         }
         let trust = match (self.trust, &self.trust_path) {
             (Some(t), _) => t,
@@ -342,7 +363,7 @@ impl LoaderBuilder {
             depth,
             policy: self.memory_policy,
         });
-        Ok(Loader::new(session, self.rank, self.world))
+        Ok(Loader::new(session, self.rank, self.world, self.dataloader_worker))
     }
 }
 

@@ -23,6 +23,23 @@ pub struct LoaderState {
     pub seed: u64,
     /// Consumption so far in this epoch, one entry per save/restore segment.
     pub consumed: Vec<Consumed>,
+    /// For a DataLoader worker ([`LoaderBuilder::dataloader_worker`] with more than
+    /// one worker): where this worker stands after `consumed`. Such a state restores
+    /// only into the same worker of the same count; a state without it (a rank's own,
+    /// see `consumed`) restores with any worker count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerPosition>,
+}
+
+/// Where one DataLoader worker stands in its rank's epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerPosition {
+    /// The worker's number.
+    pub id: u32,
+    /// Workers on the rank.
+    pub count: u32,
+    /// Batches of its own share this worker had yielded.
+    pub batches: u64,
 }
 
 /// Streams batches of an encrypted dataset: an iterator of `Result<Batch>`. One
@@ -32,6 +49,10 @@ pub struct Loader {
     session: Arc<Session>,
     rank: u32,
     world: u32,
+    /// DataLoader worker (number, count) on the rank.
+    worker: (u32, u32),
+    /// Batches of this worker's own share consumed before a restore, in this epoch.
+    skip: u64,
     epoch: u64,
     history: Vec<Consumed>,
     run: Option<EpochRun>,
@@ -51,8 +72,34 @@ impl Drop for Loader {
 }
 
 impl Loader {
-    pub(super) fn new(session: Arc<Session>, rank: u32, world: u32) -> Self {
-        Self { session, rank, world, epoch: 0, history: Vec::new(), run: None, pid: std::process::id() }
+    pub(super) fn new(session: Arc<Session>, rank: u32, world: u32, worker: (u32, u32)) -> Self {
+        Self {
+            session,
+            rank,
+            world,
+            worker,
+            skip: 0,
+            epoch: 0,
+            history: Vec::new(),
+            run: None,
+            pid: std::process::id(),
+        }
+    }
+
+    /// After the last batch of an epoch: the next iteration starts the next one.
+    fn end_epoch(&mut self) {
+        self.run = None;
+        self.history.clear();
+        self.skip = 0;
+        self.epoch += 1;
+    }
+
+    /// The samples this loader reads in `epoch` after the rank's `history` and `skip`
+    /// batches of its own share.
+    fn samples_after(&self, epoch: u64, history: &[Consumed], skip: u64) -> Result<Vec<plan::SampleRef>> {
+        let mine = plan::rank_samples(&self.session.spec, epoch, self.rank, self.world, history)?;
+        let s = &self.session;
+        Ok(plan::worker_samples(mine, s.batch_size, s.drop_last, self.worker, skip))
     }
 
     /// In a forked child the run's threads are gone and its locks may be held
@@ -92,9 +139,7 @@ impl Loader {
             Poll::Pending => Next::Pending,
             Poll::Ready(Some(b)) => Next::Batch(b),
             Poll::Ready(None) => {
-                self.run = None;
-                self.history.clear();
-                self.epoch += 1;
+                self.end_epoch();
                 Next::End
             }
         }
@@ -126,20 +171,20 @@ impl Loader {
         if self.run.is_some() || self.epoch != epoch {
             self.run = None;
             self.history.clear();
+            self.skip = 0;
         }
         self.epoch = epoch;
     }
 
-    /// Samples this rank reads per epoch (after a restore: in the rest of this epoch).
+    /// Samples this rank (a DataLoader worker: its share) reads per epoch (after a
+    /// restore: in the rest of this epoch).
     pub fn samples(&self) -> Result<usize> {
-        Ok(plan::rank_samples(&self.session.spec, self.epoch(), self.rank, self.world, &self.history)?.len())
+        Ok(self.samples_after(self.epoch(), &self.history, self.skip)?.len())
     }
 
-    /// Batches this rank yields in the current epoch.
+    /// Batches this rank (a DataLoader worker: its share) yields in the current epoch.
     pub fn len(&self) -> Result<usize> {
-        let n = self.samples()?;
-        let b = self.session.batch_size;
-        Ok(if self.session.drop_last { n / b } else { n.div_ceil(b) })
+        Ok(plan::batch_count(self.samples()?, self.session.batch_size, self.session.drop_last))
     }
 
     /// True when an epoch yields no batch.
@@ -152,12 +197,18 @@ impl Loader {
     /// duplicates or gaps.
     pub fn state(&self) -> LoaderState {
         let mut consumed = self.history.clone();
-        if let Some(r) = &self.run {
+        let (id, count) = self.worker;
+        let mut worker = None;
+        if count > 1 {
+            // A worker's batches are not a prefix of the rank's: say where it stands.
+            let batches = self.skip + self.run.as_ref().map_or(0, |r| r.consumed_batches as u64);
+            worker = Some(WorkerPosition { id, count, batches });
+        } else if let Some(r) = &self.run {
             if r.consumed_samples > 0 {
                 consumed.push(Consumed { world: self.world, per_rank: r.consumed_samples });
             }
         }
-        LoaderState { epoch: self.epoch(), seed: self.session.spec.seed, consumed }
+        LoaderState { epoch: self.epoch(), seed: self.session.spec.seed, consumed, worker }
     }
 
     /// Like [`Loader::state`], but as if the last `unconsumed` samples this loader
@@ -166,6 +217,11 @@ impl Loader {
     /// never saw.
     pub fn state_excluding(&self, unconsumed: u64) -> LoaderState {
         let mut s = self.state();
+        if let Some(w) = s.worker.as_mut() {
+            let b = self.session.batch_size.max(1) as u64;
+            w.batches = w.batches.saturating_sub(unconsumed.div_ceil(b)).max(self.skip.min(w.batches));
+            return s;
+        }
         if unconsumed > 0 && self.run.is_some() {
             if let Some(last) = s.consumed.last_mut() {
                 last.per_rank = last.per_rank.saturating_sub(unconsumed);
@@ -192,9 +248,31 @@ impl Loader {
             )));
         }
         plan::remaining(plan::global_order(&self.session.spec, s.epoch), &s.consumed, &self.session.spec)?;
+        let mut skip = 0;
+        if let Some(p) = s.worker.filter(|p| p.batches > 0) {
+            let (id, count) = self.worker;
+            if (p.id, p.count) != (id, count) {
+                return Err(Error::InvalidArgument(format!(
+                    "resume state is DataLoader worker {} of {}'s, this loader is worker {id} of {count}: resume with \
+                     the same num_workers, or save the rank's state (shardlock.torch.DataLoader.state_dict()), which \
+                     restores with any worker count",
+                    p.id, p.count
+                )));
+            }
+            skip = p.batches;
+        }
+        let own = self.samples_after(s.epoch, &s.consumed, 0)?.len();
+        let own = plan::batch_count(own, self.session.batch_size, self.session.drop_last);
+        if skip > own as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "resume state says DataLoader worker {} had yielded {skip} batches, but its share of the epoch has {own}",
+                self.worker.0
+            )));
+        }
         self.run = None;
         self.epoch = s.epoch;
         self.history = s.consumed.clone();
+        self.skip = skip;
         Ok(())
     }
 
@@ -204,7 +282,7 @@ impl Loader {
     }
 
     fn start(&mut self) -> Result<EpochRun> {
-        let samples = plan::rank_samples(&self.session.spec, self.epoch, self.rank, self.world, &self.history)?;
+        let samples = self.samples_after(self.epoch, &self.history, self.skip)?;
         EpochRun::start(self.session.clone(), self.epoch, samples)
     }
 }
@@ -227,9 +305,7 @@ impl Iterator for Loader {
         match run.next() {
             Some(b) => Some(b),
             None => {
-                self.run = None;
-                self.history.clear();
-                self.epoch += 1;
+                self.end_epoch();
                 None
             }
         }

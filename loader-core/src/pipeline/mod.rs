@@ -28,6 +28,6 @@ mod stream;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
 pub use builder::{LoaderBuilder, DEFAULT_MEMORY_BUDGET};
-pub use loader::{Loader, LoaderState};
+pub use loader::{Loader, LoaderState, WorkerPosition};
 pub use plan::{Consumed, Remainder, Shuffle};
 pub use stream::{BatchStream, Next};

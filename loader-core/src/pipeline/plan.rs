@@ -280,6 +280,44 @@ pub fn rank_samples(
     Ok(mine)
 }
 
+/// Batches a rank reads in `samples` of its epoch: all full ones, and a last partial one
+/// unless `drop_last`.
+pub(crate) fn batch_count(samples: usize, batch: usize, drop_last: bool) -> usize {
+    let b = batch.max(1);
+    if drop_last {
+        samples / b
+    } else {
+        samples.div_ceil(b)
+    }
+}
+
+/// The samples DataLoader worker `worker` of `workers` reads out of its rank's list
+/// `mine`: the rank's batches `worker`, `worker + workers`, ..., after the first
+/// `skip` of those, each whole (the rank's last partial batch only unless
+/// `drop_last`). With one worker and nothing skipped this is `mine` (cut to whole
+/// batches under `drop_last`).
+pub(crate) fn worker_samples(
+    mine: Vec<SampleRef>,
+    batch: usize,
+    drop_last: bool,
+    (worker, workers): (u32, u32),
+    skip: u64,
+) -> Vec<SampleRef> {
+    let b = batch.max(1);
+    let n = batch_count(mine.len(), b, drop_last);
+    if workers <= 1 && skip == 0 {
+        let mut mine = mine;
+        mine.truncate(n * b);
+        return mine;
+    }
+    let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(mine.len() / workers.max(1) as usize + b);
+    for k in (worker as usize..n).step_by(workers.max(1) as usize).skip(skip) {
+        out.extend_from_slice(&mine[k * b..((k + 1) * b).min(mine.len())]);
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -324,6 +362,34 @@ mod tests {
                 let all: HashSet<_> = lists.iter().flatten().collect();
                 assert_eq!(all.len(), len * world as usize, "disjoint");
                 assert!(175 - all.len() < world as usize, "only the remainder is dropped");
+            }
+        }
+    }
+
+    #[test]
+    fn dataloader_workers_share_the_rank_batches_and_drop_one_partial_batch() {
+        let s = spec(Shuffle::Window, 8);
+        let mine = rank_samples(&s, 1, 1, 2, &[]).unwrap(); // 87 samples: 10 full batches + 7
+        for drop_last in [true, false] {
+            for workers in 1..5u32 {
+                let parts: Vec<Vec<SampleRef>> =
+                    (0..workers).map(|w| worker_samples(mine.clone(), 8, drop_last, (w, workers), 0)).collect();
+                // Taking one batch from each worker in turn gives the rank's batches in order.
+                let mut round_robin = Vec::new();
+                let mut batches: Vec<_> = parts.iter().map(|p| p.chunks(8)).collect();
+                'outer: loop {
+                    for it in batches.iter_mut() {
+                        match it.next() {
+                            Some(b) => round_robin.extend_from_slice(b),
+                            None => break 'outer,
+                        }
+                    }
+                }
+                let want = if drop_last { &mine[..80] } else { &mine[..] };
+                assert_eq!(round_robin, want, "drop_last {drop_last}, {workers} workers");
+                // Skipping a worker's first batches leaves the rest of its own.
+                let rest = worker_samples(mine.clone(), 8, drop_last, (0, workers), 1);
+                assert_eq!(rest, parts[0][8.min(parts[0].len())..]);
             }
         }
     }

@@ -18,6 +18,9 @@ e.g. ``"pkcs11:token=shardlock;object=kek?module-path=/usr/lib/softhsm/libsofths
 (create one with :func:`create_hsm_kek`; see docs/HSM.md). ``device="cuda:N"`` yields
 CUDA tensors copied from the locked buffers on a dedicated stream (docs/CUDA.md).
 
+``shardlock.torch`` (imported on first use) has the PyTorch ``IterableDataset`` and
+``DataLoader``; README "PyTorch, Lightning, Hugging Face" has the rules.
+
 The path may be ``"s3://bucket/prefix"``: shards are then fetched ahead of the epoch
 into a local cache that holds ciphertext only (``storage_options=`` of :class:`Loader`
 sets endpoint, region, credentials, ``cache_dir``, ``cache_bytes``; see docs/S3.md).
@@ -48,6 +51,16 @@ from shardlock._lib import (
 )
 from shardlock.loader import Loader
 from shardlock.writer import Writer, pack_numpy
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``shardlock.torch`` on first use, so ``import shardlock`` does not import torch."""
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("shardlock.torch")
+    raise AttributeError(f"module 'shardlock' has no attribute {name!r}")
+
 
 __all__ = [
     "AccessDenied",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import operator
@@ -103,6 +104,42 @@ def _check_args(batch_size: Any, shuffle: Any, seed: Any, fields: Any) -> Tuple[
     return bs, shuffle, sd, names
 
 
+#: ``keyring=`` values that name a key provider rather than a keyring file.
+_KEY_URI_PREFIXES = ("pkcs11:", "https://", "http://", "transit:", "aws-kms:")
+
+
+def _check_files(path: Any, keyring: Any, token: Any, trust: Any) -> None:
+    """``FileNotFoundError`` naming the first of the local files a loader reads that
+    does not exist, before anything is opened."""
+    p = os.fspath(path)
+    checks = []
+    if "://" not in str(p):
+        checks.append(("dataset directory", p))
+    k = os.fspath(keyring)
+    if not str(k).startswith(_KEY_URI_PREFIXES):
+        checks.append(("keyring file", k))
+    if token is not None:
+        checks.append(("token file", os.fspath(token)))
+    checks.append(("trust (issuer public key) file", os.fspath(trust)))
+    for what, f in checks:
+        if not os.path.exists(f):
+            raise FileNotFoundError(errno.ENOENT, f"{what} not found", str(f))
+
+
+def _check_worker(worker: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """``dataloader_worker=(id, count)`` checked: 0 <= id < count."""
+    if worker is None:
+        return 0, 1
+    try:
+        wid, count = worker
+    except (TypeError, ValueError):
+        raise ValueError(f"dataloader_worker must be (id, count), not {worker!r}") from None
+    wid, count = _int_arg("dataloader_worker id", wid, 0), _int_arg("dataloader_worker count", count, 1)
+    if wid >= count:
+        raise ValueError(f"dataloader_worker id must be in 0..count-1, got ({wid}, {count})")
+    return wid, count
+
+
 def _storage_options(opts: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]]) -> Optional[List[Tuple[str, str]]]:
     """Options for ``s3://`` paths as (name, text) pairs; booleans as true/false."""
     if opts is None:
@@ -168,6 +205,14 @@ class Loader:
     raise subclasses of :class:`shardlock.ShardlockError` naming the dataset, shard,
     chunk or rule.
 
+    ``dataloader_worker=(id, count)`` makes this loader DataLoader worker ``id`` of
+    ``count`` on its rank: it yields the rank's batches ``id``, ``id + count``, ...,
+    so that a DataLoader taking one batch from each worker in turn delivers the rank's
+    epoch in order, and ``drop_last`` drops at most one partial batch per rank.
+    :class:`shardlock.torch.IterableDataset` sets it; ``len()`` is then this worker's
+    share. Missing ``keyring``, ``token`` or ``trust`` files (and a missing local
+    dataset directory) raise ``FileNotFoundError`` naming the path.
+
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
     ``access_key_id``, ``secret_access_key``, ``session_token``, ``allow_http``,
@@ -210,11 +255,14 @@ class Loader:
         ca_cert: Optional[PathLike] = None,
         client_cert: Optional[PathLike] = None,
         client_key: Optional[PathLike] = None,
+        dataloader_worker: Optional[Tuple[int, int]] = None,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
         batch_size, shuffle, seed, field_list = _check_args(batch_size, shuffle, seed, fields)
         rank, world_size = _rank_world(rank, world_size)
+        worker_id, num_workers = _check_worker(dataloader_worker)
+        _check_files(path, keyring, token, trust)
         self._device = device
         if device != "cpu" and output != "torch":
             raise ValueError("device= needs output='torch'")
@@ -246,6 +294,8 @@ class Loader:
             ca_cert=None if ca_cert is None else os.fspath(ca_cert),
             client_cert=None if client_cert is None else os.fspath(client_cert),
             client_key=None if client_key is None else os.fspath(client_key),
+            worker_id=worker_id,
+            num_workers=num_workers,
         )
         self.rank, self.world_size = rank, world_size
         # The pass rule (see the class docstring): the newest iterator's number, whether
