@@ -29,7 +29,7 @@ def make_blobs(root: pathlib.Path, samples: int, principal: str) -> Dict[str, An
     shardlock.pack_numpy(root / "data", {"x": x, "y": y.astype(np.int64)}, keyring=keyring, issuer_key=issuer,
                          dataset_id=DATASET_ID, shard_size=1 << 20)
     token = root / "job.token"
-    shardlock.issue_token(issuer, token, dataset=DATASET_ID, principal=principal, ttl="10m")
+    shardlock.issue_token(issuer, token, dataset_id=DATASET_ID, principal=principal, ttl="10m")
     return {"path": root / "data", "keyring": keyring, "token": token, "trust": trust}
 
 

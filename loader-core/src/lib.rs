@@ -106,7 +106,7 @@ pub use pipeline::{
     Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,
 };
 pub use remote::{Location, RangeReads, RemoteOptions};
-pub use time::{max_time, parse_time, parse_ttl, time_after};
+pub use time::{max_time, parse_lifetime, parse_time, parse_ttl, time_after};
 
 /// Not a stable API: the crypto primitives and format internals, for the Wycheproof
 /// vector tests, the tamper tests, the benches and the fuzz targets. Raw-mode

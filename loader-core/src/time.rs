@@ -14,6 +14,18 @@ pub fn parse_ttl(s: &str) -> Result<Duration> {
     Ok(d)
 }
 
+/// A token's lifetime (`--ttl`, Python `ttl=`): a duration as [`parse_ttl`] reads it,
+/// more than zero (a token that is expired when issued is a mistake, not a choice).
+pub fn parse_lifetime(s: &str) -> Result<Duration> {
+    let d = parse_ttl(s)?;
+    if d.is_zero() {
+        return Err(Error::InvalidArgument(format!(
+            "token lifetime {s:?} is zero; give a positive one (e.g. 1h, 8h, 7d)"
+        )));
+    }
+    Ok(d)
+}
+
 /// Latest time tokens may name (RFC 3339 dates end before year 10000).
 pub fn max_time() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)

@@ -278,8 +278,100 @@ fn token_and_audit_commands() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("line 1"), "{}", String::from_utf8_lossy(&o.stdout));
 
-    // Missing token: every shard denied, exit 1.
+    // Missing token: refused before any shard is read, saying what verify needs.
     let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("verify needs --token FILE"));
+    // A token file that does not exist: every shard denied (invalid_token), exit 1.
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--token", "nope", "--trust", "iss.pub"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("missing_token"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("invalid_token"), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Every command that prints a result has `--json`; token JSON names what the token
+/// grants; times are RFC 3339 and sizes human; a zero lifetime and a key file in the
+/// wrong place are refused with what to do.
+#[test]
+fn json_everywhere_readable_times_and_sizes_and_misplaced_files() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(d, args)).unwrap() };
+    let kek = json(&["keygen", "kek", "--out", "kr.json", "--json"]);
+    assert!(kek["kek_id"].as_str().unwrap().starts_with("kek-"), "{kek}");
+    let iss = json(&["keygen", "issuer", "--out", "iss", "--json"]);
+    assert_eq!(iss["trust_anchor"], "iss.pub");
+    assert_eq!(iss["key_id"].as_str().unwrap().len(), 16);
+    common::write_npy(&d.join("x.npy"), "|u1", &[25, 1000], &vec![3u8; 25_000]);
+    let pack =
+        ok(d, &["pack", "--keyring", "kr.json", "--issuer-key", "iss", "--dataset-id", "j", "--out", "ds", "x.npy"]);
+    assert!(pack.contains("(25.0 kB)"), "{pack}");
+    let inspect = ok(d, &["inspect", "ds", "--trust", "iss.pub"]);
+    assert!(inspect.contains("Z by issuer") && inspect.contains(" kB plaintext, 25."), "{inspect}");
+    fn issue<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["token", "issue", "--issuer-key", "iss", "--dataset-id", "j", "--principal", "ann"];
+        a.extend_from_slice(extra);
+        a
+    }
+    let tok = json(&issue(&[
+        "--shards",
+        "0-3,7",
+        "--ops",
+        "read,verify",
+        "--ttl",
+        "2h",
+        "--min-generation",
+        "2",
+        "--out",
+        "t0",
+        "--json",
+    ]));
+    let f = &tok["fields"];
+    assert_eq!(f["dataset"], "j");
+    assert_eq!(f["principal"], "ann");
+    assert_eq!(f["operations"], serde_json::json!(["read", "verify"]));
+    assert_eq!(f["shards"], serde_json::json!([[0, 3], [7, 7]]));
+    assert_eq!(f["min_generation"], 2);
+    let expires = humantime::parse_rfc3339(f["expires"].as_str().unwrap()).unwrap();
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap().as_secs();
+    assert!((7000..=7200).contains(&left), "{f}");
+    let narrowed = json(&["token", "attenuate", "t0", "--trust", "iss.pub", "--ttl", "10m", "--out", "t1", "--json"]);
+    let inspect = json(&["token", "inspect", "t1", "--trust", "iss.pub", "--json"]);
+    assert_eq!(inspect["fields"]["expires"], narrowed["fields"]["expires"]);
+    assert_eq!(inspect["fields"]["attenuations"].as_array().unwrap().len(), 1);
+    let left = humantime::parse_rfc3339(inspect["fields"]["expires"].as_str().unwrap())
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!(left <= 600, "the attenuated expiry is the effective one: {inspect}");
+    let revoked = json(&["token", "revoke", "t1", "--deny-list", "deny.txt", "--json"]);
+    assert_eq!(revoked["revoked"], narrowed["revocation_id"]);
+    // A zero lifetime is refused.
+    let o = shardlock(d, &issue(&["--ttl", "0s", "--out", "t2"]));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is zero"));
+    // The public key where the secret key goes: named, with the right file.
+    let o = shardlock(
+        d,
+        &["token", "issue", "--issuer-key", "iss.pub", "--dataset", "j", "--principal", "a", "--out", "t3"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("this is the issuer's public key (the trust anchor); pass iss (the secret key) here"),
+        "{err}"
+    );
+    assert!(!err.contains("consider the key exposed"), "{err}");
+    let o = shardlock(d, &["inspect", "ds", "--trust", "iss"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("this is the issuer's secret key; pass iss.pub"), "{err}");
+    // The data owner verifies with the issuer key, no token; without either, verify says what it needs.
+    let v = json(&["verify", "ds", "--keyring", "kr.json", "--issuer-key", "iss", "--trust", "iss.pub", "--json"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--trust", "iss.pub"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("verify needs --token FILE"));
+    ok(d, &["keygen", "issuer", "--out", "other"]);
+    let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--issuer-key", "other", "--trust", "iss.pub"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not the key of --trust"));
+    // Subcommands list only the options they use.
+    let help = ok(d, &["upload", "--help"]);
+    assert!(help.contains("--s3-endpoint") && help.contains("--json") && !help.contains("--cache-dir"), "{help}");
 }

@@ -74,6 +74,7 @@ fn dl_dtype(d: DType) -> DLDataType {
         DType::Bf16 => (4, 16),
         DType::F32 => (2, 32),
         DType::F64 => (2, 64),
+        DType::Bool => (6, 8),
     };
     DLDataType { code, bits, lanes: 1 }
 }

@@ -50,7 +50,7 @@ fn issue_token(
         principal,
         shards: ShardSet::parse(shards).py()?,
         ops: Operation::parse_list(ops).py()?,
-        expires: shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_ttl(ttl).py()?).py()?,
+        expires: shardlock::time_after(std::time::SystemTime::now(), shardlock::parse_lifetime(ttl).py()?).py()?,
         not_before: not_before.map(shardlock::parse_time).transpose().py()?,
         min_generation,
     };
@@ -76,7 +76,7 @@ fn attenuate_token(
     let shards = shards.map(ShardSet::parse).transpose().py()?;
     let ops = ops.map(Operation::parse_list).transpose().py()?;
     let expires = ttl
-        .map(|s| shardlock::parse_ttl(s).and_then(|d| shardlock::time_after(std::time::SystemTime::now(), d)))
+        .map(|s| shardlock::parse_lifetime(s).and_then(|d| shardlock::time_after(std::time::SystemTime::now(), d)))
         .transpose()
         .py()?;
     let n = t.attenuate(&shardlock::Attenuation { shards, ops, expires, min_generation }).py()?;

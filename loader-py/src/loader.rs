@@ -152,7 +152,8 @@ fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTupl
                 let mut full = vec![n];
                 full.extend(shape.iter().map(|&d| d as usize));
                 let arr = match dtype {
-                    DType::U8 => array::<u8>(&owner, raw, &full)?,
+                    // bool: its bytes (0 or 1); Python views them as bool.
+                    DType::U8 | DType::Bool => array::<u8>(&owner, raw, &full)?,
                     DType::I8 => array::<i8>(&owner, raw, &full)?,
                     DType::I16 => array::<i16>(&owner, raw, &full)?,
                     DType::U16 | DType::Bf16 => array::<u16>(&owner, raw, &full)?,
@@ -212,7 +213,7 @@ impl NativeLoader {
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
         pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
-        ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1))]
+        ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1, clock_skew=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -243,6 +244,7 @@ impl NativeLoader {
         client_key: Option<PathBuf>,
         worker_id: u32,
         num_workers: u32,
+        clock_skew: Option<String>,
     ) -> PyResult<Self> {
         let shuffle = Shuffle::parse(shuffle).py()?;
         let tls = shardlock::service::ServiceTls { ca_cert, client_cert, client_key };
@@ -268,6 +270,9 @@ impl NativeLoader {
             }
             if let Some(g) = min_generation {
                 b = b.min_generation(g);
+            }
+            if let Some(s) = &clock_skew {
+                b = b.clock_skew(shardlock::parse_ttl(s)?);
             }
             if let Some(f) = fields {
                 b = b.fields(f);
@@ -302,6 +307,12 @@ impl NativeLoader {
     /// Batches per epoch for this rank.
     fn __len__(&self) -> PyResult<usize> {
         with_stream!(&self.inner, s => s.len()).py()
+    }
+
+    /// `(samples in this rank's share of the current epoch, records in the dataset)`.
+    fn sample_counts(&self) -> PyResult<(usize, u64)> {
+        let loader = with_stream!(&self.inner, s => s.loader());
+        Ok((loader.rank_samples().py()?, loader.dataset().manifest().records))
     }
 
     /// The epoch the next iteration reads.

@@ -100,3 +100,71 @@ def test_bad_batch_size_fields_and_shuffle_name_the_argument(env, numbers):
         with pytest.raises(ValueError, match=what):
             env.loader(path, **kw)
     assert env.loader(path, batch_size=np.int64(8), fields=("x",)).fields == ["x"]
+
+
+def test_python_takes_the_cli_sizes_and_durations_and_one_dataset_id_name(env, numbers):
+    import datetime
+
+    path, _, _ = numbers
+    arrays = {"y": np.arange(300, dtype=np.int64)}
+    assert shardlock.pack_numpy(env.root / "sized", arrays, keyring=env.keyring, issuer_key=env.issuer,
+                                dataset_id="sized", shard_size="1k") == 300
+    with pytest.raises(ValueError, match="shard_size"):
+        shardlock.pack_numpy(env.root / "bad", arrays, keyring=env.keyring, issuer_key=env.issuer, dataset_id="bad",
+                             shard_size="64 parsecs")
+    tok = env.root / "t1.token"
+    rid = shardlock.issue_token(env.issuer, tok, dataset_id="sized", principal="p", ttl=datetime.timedelta(minutes=5))
+    assert len(rid) > 32  # the revocation id
+    loader = shardlock.Loader(env.root / "sized", keyring=env.keyring, token=tok, trust=env.trust, batch_size=100,
+                              memory_budget="8MiB", drop_last=False)
+    assert sum(len(b["y"]) for b in loader) == 300
+    for ttl in ("0s", 0, -5, datetime.timedelta(0)):
+        with pytest.raises(ValueError, match="positive|at least 1"):
+            shardlock.issue_token(env.issuer, env.root / "t0.token", dataset_id="sized", principal="p", ttl=ttl)
+    with pytest.raises(ValueError, match="disagree"):
+        shardlock.issue_token(env.issuer, env.root / "t2.token", dataset_id="a", dataset="b", principal="p")
+    # The older spelling still works.
+    assert shardlock.issue_token(env.issuer, env.root / "t3.token", dataset="sized", principal="p", ttl=60)
+
+
+def test_a_batch_larger_than_the_rank_is_refused_at_construction(env, numbers):
+    path, _, _ = numbers
+    with pytest.raises(ValueError, match="batch_size=2000.*drop_last=False"):
+        env.loader(path, batch_size=2000)
+    assert len(env.loader(path, batch_size=2000, drop_last=False)) == 1
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        env.loader(path, batch_size=600, rank=1, world_size=2)
+
+
+def test_a_key_file_in_the_wrong_place_is_named_with_the_right_one(env, numbers):
+    path, _, _ = numbers
+    tok = env.token("numbers")
+    # The issuer's secret key as the trust anchor.
+    with pytest.raises(shardlock.FormatError, match="this is the issuer's secret key; pass .*issuer.key.pub") as e:
+        shardlock.Loader(path, keyring=env.keyring, token=tok, trust=env.issuer, batch_size=8)
+    assert "secret" in str(e.value) and "consider the key exposed" not in str(e.value)
+    # The public key where the secret key goes (a 0644 file: not "consider the key exposed").
+    with pytest.raises(shardlock.FormatError, match=r"this is the issuer's public key \(the trust anchor\); pass "
+                                                    r".*issuer.key \(the secret key\) here"):
+        shardlock.issue_token(env.trust, env.root / "x.token", dataset_id="numbers", principal="p")
+    with pytest.raises(shardlock.FormatError, match="this is the issuer's public key.*pass the KEK keyring"):
+        shardlock.Loader(path, keyring=env.trust, token=tok, trust=env.trust, batch_size=8)
+    with pytest.raises(shardlock.FormatError, match="this is a KEK keyring"):
+        shardlock.Loader(path, keyring=env.keyring, token=tok, trust=env.keyring, batch_size=8)
+
+
+def test_token_expired_says_when_and_the_time_now_and_clock_skew_is_settable(env, numbers):
+    import time
+
+    path, _, _ = numbers
+    later = env.token("numbers", "later.token", not_before="4000000000")
+    with pytest.raises(shardlock.TokenExpired, match=r"not valid before 2096-10-02T07:06:40Z; it is now 20") as e:
+        first_batch(env.loader(path, token=later))
+    assert e.value.reason == "not_yet_valid" and "check if" not in str(e.value)
+    short = env.token("numbers", "short.token", ttl="1s")
+    time.sleep(1.5)
+    assert first_batch(env.loader(path, token=short))  # within the default 30 s of skew
+    with pytest.raises(shardlock.TokenExpired, match=r"the token expired at .*Z; it is now .*Z \(clock skew allowed: 0 s\)"):
+        first_batch(env.loader(path, token=short, clock_skew="0s"))
+    with pytest.raises(shardlock.TokenExpired):
+        first_batch(env.loader(path, token=short, clock_skew=0))

@@ -132,3 +132,28 @@ def test_writer_stores_scalars_with_shape_empty(env):
     assert b["label"].tolist() == [0, 1, 2, 0]
     logits = torch.zeros(4, 3)
     torch.nn.functional.cross_entropy(logits, b["label"])  # a (B, 1) target raised here
+
+
+def test_scalars_bools_and_strings_come_back_as_training_input(env):
+    import torch
+
+    captions = [f"sample {i} – café" for i in range(50)]
+    with shardlock.Writer(env.root / "mixed", keyring=env.keyring, issuer_key=env.issuer, dataset_id="mixed") as w:
+        for i in range(50):
+            w.write({"label": i, "flag": i % 3 == 0, "caption": captions[i], "score": np.float32(i / 2)})
+    kw = dict(keyring=env.keyring, token=env.token("mixed"), trust=env.trust, batch_size=10, shuffle="none")
+    b = next(iter(shardlock.Loader(env.root / "mixed", strings=["caption"], **kw)))
+    assert b["label"].shape == (10,) and b["label"].dtype == torch.int64
+    assert b["score"].shape == (10,)
+    assert b["flag"].dtype == torch.bool and b["flag"].tolist() == [i % 3 == 0 for i in range(10)]
+    assert b["caption"] == captions[:10]
+    torch.nn.functional.cross_entropy(torch.zeros(10, 50), b["label"])  # a (B,) label, not (B, 1)
+    n = next(iter(shardlock.Loader(env.root / "mixed", output="numpy", **kw)))
+    assert n["flag"].dtype == np.bool_ and isinstance(n["caption"], tuple)  # bytes unless asked for str
+    with pytest.raises(ValueError, match="not a field"):
+        shardlock.Loader(env.root / "mixed", strings=["nope"], **kw)
+    with shardlock.Writer(env.root / "b2", keyring=env.keyring, issuer_key=env.issuer, dataset_id="b2",
+                          schema={"flag": ("bool", [])}) as w2:
+        with pytest.raises(shardlock.FormatError, match="flag"):
+            w2.write({"flag": 2})
+        w2.write({"flag": True})

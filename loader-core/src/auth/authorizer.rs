@@ -259,6 +259,7 @@ impl Authorizer {
             Ok(_) => Ok(()),
             Err(TokenError::FailedLogic(Logic::Unauthorized { checks, .. } | Logic::NoMatchingPolicy { checks })) => {
                 let (reason, rule) = classify(&checks);
+                let rule = validity_rule(token, reason, now, self.cfg.skew).unwrap_or(rule);
                 Err(deny(reason, rule))
             }
             Err(e) => Err(deny(DenyReason::InvalidToken, format!("token evaluation failed: {e}"))),
@@ -271,6 +272,41 @@ fn principal_of(t: &Token) -> String {
     let Ok(mut a) = AuthorizerBuilder::new().set_limits(limits).build(&t.biscuit) else { return String::new() };
     let r: std::result::Result<Vec<(String,)>, _> = a.query("data($p) <- principal($p)");
     r.ok().and_then(|v| v.into_iter().next()).map(|(p,)| p).unwrap_or_default()
+}
+
+/// For a token outside its validity window: when it expired (or becomes valid) and
+/// the time now, in RFC 3339, instead of the Datalog check that failed. The times come
+/// from the token's own blocks (`expires(...)`/`not_before(...)` facts and the
+/// `check if time($t), $t < ...` an attenuation writes); the earliest expiry counts.
+fn validity_rule(token: &Token, reason: DenyReason, now: SystemTime, skew: Duration) -> Option<String> {
+    let blocks = token.blocks();
+    let dates = |prefix: &str| -> Vec<SystemTime> {
+        blocks
+            .iter()
+            .flat_map(|b| {
+                b.match_indices(prefix).filter_map(|(i, _)| {
+                    let rest = &b[i + prefix.len()..];
+                    let end = rest.find(|c: char| c == ')' || c == ';' || c == ',' || c.is_whitespace())?;
+                    humantime::parse_rfc3339(&rest[..end]).ok()
+                })
+            })
+            .collect()
+    };
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let allowed = format!("clock skew allowed: {} s", skew.as_secs());
+    match reason {
+        DenyReason::TokenExpired => {
+            let mut all = dates("expires(");
+            all.extend(dates("$t < "));
+            let at = all.into_iter().min()?;
+            Some(format!("the token expired at {}; it is now {} ({allowed})", rfc(at), rfc(now)))
+        }
+        DenyReason::NotYetValid => {
+            let at = dates("not_before(").into_iter().max()?;
+            Some(format!("the token is not valid before {}; it is now {} ({allowed})", rfc(at), rfc(now)))
+        }
+        _ => None,
+    }
 }
 
 /// Maps failed checks to the most specific reason, in a fixed priority order.

@@ -21,13 +21,15 @@ pub enum DType {
     Bf16,
     F32,
     F64,
+    /// One byte per element, 0 (false) or 1 (true).
+    Bool,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::U8 | DType::I8 => 1,
+            DType::U8 | DType::I8 | DType::Bool => 1,
             DType::I16 | DType::U16 | DType::F16 | DType::Bf16 => 2,
             DType::I32 | DType::U32 | DType::F32 => 4,
             DType::I64 | DType::U64 | DType::F64 => 8,
@@ -49,6 +51,7 @@ impl DType {
             DType::Bf16 => "bf16",
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::Bool => "bool",
         }
     }
 

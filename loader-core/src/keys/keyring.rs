@@ -13,7 +13,7 @@ use super::Grant;
 use super::{Dek, Kek, KeyProvider};
 use crate::error::{Error, Result};
 
-const FORMAT: &str = "shardlock-keyring/1";
+pub(crate) const FORMAT: &str = "shardlock-keyring/1";
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +69,10 @@ impl Keyring {
     /// Loads a keyring file. Refuses files readable by group or others, and names
     /// the file and what is wrong for a corrupted one (never printing key bytes).
     pub fn load(path: &Path) -> Result<Self> {
+        if let Some(k @ (super::KeyFile::IssuerSecret | super::KeyFile::IssuerPublic)) = super::KeyFile::at(path) {
+            let hint = "pass the KEK keyring (keyring.json, from `shardlock keygen kek`) here";
+            return Err(k.misplaced(path, "keyring", hint));
+        }
         let bytes = crate::fs::read_secret_file(path)?;
         let bad = |detail: String| Error::Format { what: "keyring", path: path.to_owned(), detail };
         let f: KeyringFile = serde_json::from_slice(&bytes)

@@ -277,6 +277,63 @@ const ISSUER_FORMAT: &str = "shardlock-issuer/1";
 /// File format tag of issuer public key files.
 const TRUST_FORMAT: &str = "shardlock-issuer-pub/1";
 
+/// The key files `shardlock keygen` writes, told apart by their `format` member, so a
+/// file passed where another belongs is named for what it is and the right one is
+/// suggested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyFile {
+    /// `issuer.key`: the issuer's Ed25519 secret key.
+    IssuerSecret,
+    /// `issuer.key.pub`: the issuer's public key, the trust anchor.
+    IssuerPublic,
+    /// `keyring.json`: KEKs.
+    Keyring,
+}
+
+impl KeyFile {
+    /// What `bytes` (a key file's text) is, if it is one of ours.
+    pub(crate) fn of(bytes: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Head {
+            format: String,
+        }
+        let head: Head = serde_json::from_slice(bytes).ok()?;
+        match head.format.as_str() {
+            ISSUER_FORMAT => Some(Self::IssuerSecret),
+            TRUST_FORMAT => Some(Self::IssuerPublic),
+            keyring::FORMAT => Some(Self::Keyring),
+            _ => None,
+        }
+    }
+
+    /// What the file at `path` is (read within 1 MiB, kept in zeroized memory).
+    pub(crate) fn at(path: &Path) -> Option<Self> {
+        let bytes = Zeroizing::new(crate::fs::read_bounded(path, 1 << 20, "key file").ok()?);
+        Self::of(&bytes)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::IssuerSecret => "the issuer's secret key",
+            Self::IssuerPublic => "the issuer's public key (the trust anchor)",
+            Self::Keyring => "a KEK keyring",
+        }
+    }
+
+    /// The error for `path`, a file of this kind given where `what` belongs; `hint`
+    /// says which file goes there.
+    pub(crate) fn misplaced(self, path: &Path, what: &'static str, hint: &str) -> Error {
+        Error::Format { what, path: path.to_owned(), detail: format!("this is {}; {hint}", self.describe()) }
+    }
+}
+
+/// The secret key file that goes with public key file `path` (`issuer.key.pub` ->
+/// `issuer.key`).
+fn secret_of(path: &Path) -> String {
+    let p = path.display().to_string();
+    p.strip_suffix(".pub").map(str::to_owned).unwrap_or_else(|| "issuer.key".into())
+}
+
 impl IssuerKey {
     /// A fresh random issuer key.
     pub fn generate() -> Result<Self> {
@@ -288,6 +345,19 @@ impl IssuerKey {
 
     /// Loads a secret key file written by [`IssuerKey::save`] (must be 0600).
     pub fn load(path: &Path) -> Result<Self> {
+        // Before the permission check, which a public key file (0644) would fail with
+        // "consider the key exposed".
+        match KeyFile::at(path) {
+            Some(k @ KeyFile::IssuerPublic) => {
+                let hint = format!("pass {} (the secret key) here; this file is the trust anchor", secret_of(path));
+                return Err(k.misplaced(path, "issuer key file", &hint));
+            }
+            Some(k @ KeyFile::Keyring) => {
+                let hint = "pass the issuer key (from `shardlock keygen issuer`) here; the keyring goes to --keyring";
+                return Err(k.misplaced(path, "issuer key file", hint));
+            }
+            _ => {}
+        }
         let text = crate::fs::read_secret_file(path)?;
         let bad =
             |detail: &str| Error::Format { what: "issuer key file", path: path.to_owned(), detail: detail.into() };
@@ -391,12 +461,23 @@ impl TrustAnchor {
 
     /// Loads a `.pub` file written by `shardlock keygen issuer`.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(Error::io("read trust anchor", path))?;
-        let bad = |detail: &str| Error::Format {
-            what: "issuer public key file",
-            path: path.to_owned(),
-            detail: detail.into(),
-        };
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(Error::io("read trust anchor", path))?);
+        let what = "issuer public key file";
+        match KeyFile::of(&bytes) {
+            Some(k @ KeyFile::IssuerSecret) => {
+                let hint = format!(
+                    "pass {}.pub (the public key) as the trust anchor; a reader never needs the secret key",
+                    path.display()
+                );
+                return Err(k.misplaced(path, what, &hint));
+            }
+            Some(k @ KeyFile::Keyring) => {
+                let hint = "pass the issuer's public key (issuer.key.pub) as the trust anchor; the keyring is keyring=";
+                return Err(k.misplaced(path, what, hint));
+            }
+            _ => {}
+        }
+        let bad = |detail: &str| Error::Format { what, path: path.to_owned(), detail: detail.into() };
         let f: TrustFile = serde_json::from_slice(&bytes).map_err(|_| bad("not an issuer public key file"))?;
         if f.format != TRUST_FORMAT || f.alg != "ed25519" {
             return Err(bad("unknown format or algorithm"));

@@ -19,7 +19,7 @@ use crate::crypto::{self, Sha256};
 use crate::error::{Error, Result};
 use crate::format::header::validate_dataset_id;
 use crate::format::manifest::{Manifest, ShardEntry, FILE_NAME};
-use crate::format::{index, Schema, ShardHeader};
+use crate::format::{index, DType, FieldKind, Schema, ShardHeader};
 use crate::keys::{Dek, IssuerKey, KeyProvider, WrapContext};
 
 /// Default shard plaintext size: 256 MiB.
@@ -196,6 +196,13 @@ impl<'a> DatasetWriter<'a> {
                         ),
                     });
                 }
+            }
+            let field = &self.schema.fields[i];
+            if matches!(field.kind, FieldKind::Tensor { dtype: DType::Bool, .. }) && v.iter().any(|&b| b > 1) {
+                return Err(Error::Schema {
+                    sample: self.samples,
+                    detail: format!("field {:?} is bool: every byte must be 0 or 1", field.name),
+                });
             }
         }
         let size: u64 = values.iter().map(|v| v.len() as u64).sum();

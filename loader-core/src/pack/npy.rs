@@ -46,9 +46,10 @@ impl NpyArray {
             "<f2" => DType::F16,
             "<f4" => DType::F32,
             "<f8" => DType::F64,
+            "|b1" | "b1" => DType::Bool,
             other => {
                 return Err(bad(format!(
-                    "unsupported dtype {other:?}; supported: little-endian u1 i1 i2 u2 i4 u4 i8 u8 f2 f4 f8 (convert with arr.astype(...))"
+                    "unsupported dtype {other:?}; supported: little-endian u1 i1 i2 u2 i4 u4 i8 u8 f2 f4 f8, b1 (convert with arr.astype(...))"
                 )))
             }
         };

@@ -236,6 +236,14 @@ impl LoaderBuilder {
         self
     }
 
+    /// Allowed clock difference between the token's issuer and this reader (default
+    /// 30 s, at most the authorizer's maximum), applied to the token's expiry and
+    /// not-before.
+    pub fn clock_skew(mut self, skew: std::time::Duration) -> Self {
+        self.auth_cfg.skew = skew;
+        self
+    }
+
     /// Deny-list file of revoked token ids.
     pub fn deny_list(mut self, path: impl AsRef<Path>) -> Self {
         self.auth_cfg.deny_list = Some(path.as_ref().to_owned());

@@ -182,6 +182,12 @@ impl Loader {
         Ok(self.samples_after(self.epoch(), &self.history, self.skip)?.len())
     }
 
+    /// Samples in this rank's share of the current epoch before it is cut into batches
+    /// (all DataLoader workers of the rank together; after a restore: what is left).
+    pub fn rank_samples(&self) -> Result<usize> {
+        Ok(plan::rank_samples(&self.session.spec, self.epoch(), self.rank, self.world, &self.history)?.len())
+    }
+
     /// Batches this rank (a DataLoader worker: its share) yields in the current epoch.
     pub fn len(&self) -> Result<usize> {
         Ok(plan::batch_count(self.samples()?, self.session.batch_size, self.session.drop_last))

@@ -42,14 +42,12 @@ from shardlock._lib import (
     TokenExpired,
     TokenRevoked,
     __version__,
-    attenuate_token,
     create_hsm_kek,
     create_issuer_key,
     create_keyring,
-    issue_token,
-    revoke_token,
 )
 from shardlock.loader import Loader
+from shardlock.tokens import attenuate_token, issue_token, revoke_token
 from shardlock.writer import Writer, pack_numpy
 
 

@@ -7,7 +7,10 @@ import json
 import logging
 import operator
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import datetime
 
 from shardlock._lib import NativeLoader, ShardlockError
 
@@ -71,6 +74,86 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
     if v < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {v}")
     return v
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def _size_arg(name: str, value: Any) -> int:
+    """A byte count given as an int or as the CLI writes it (``"64MiB"``, ``"512k"``,
+    ``"1GiB"``; k/M/G are binary, as in the CLI)."""
+    if isinstance(value, str):
+        text = value.strip()
+        digits = len(text) - len(text.lstrip("0123456789"))
+        num, unit = text[:digits], text[digits:].strip().lower()
+        if not num or unit not in _SIZE_UNITS:
+            raise ValueError(f"{name} must be a byte count such as 268435456, '64MiB' or '512k', not {value!r}")
+        value = int(num) * _SIZE_UNITS[unit]
+    return _int_arg(name, value, 1)
+
+
+def _duration_arg(name: str, value: Any) -> str:
+    """A duration as the native parser takes it: a string as the CLI writes it
+    (``"90s"``, ``"30m"``, ``"1h"``, ``"7d"``), whole seconds or a ``timedelta``.
+    Zero and negative durations are refused."""
+    import datetime
+
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+        if value != int(value):
+            raise ValueError(f"{name} must be whole seconds, got {value}")
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.lstrip("0") in ("", "s", "m", "h", "d") or text.startswith("-"):
+            raise ValueError(f"{name} must be a positive duration such as '90s', '30m', '1h' or '7d', not {value!r}")
+        return text
+    return f"{_int_arg(name, value, 1)}s"
+
+
+def _check_strings(strings: Any, fields: List[str], device: str) -> List[str]:
+    """``strings=``: names of bytes fields to yield as ``list[str]``."""
+    if strings is None:
+        return []
+    if isinstance(strings, str):
+        raise ValueError(f"strings must be a list of field names, not the string {strings!r} (did you mean [{strings!r}]?)")
+    names = list(strings)
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise ValueError(f"strings names {unknown[0]!r}, which is not a field of this loader (fields: {', '.join(fields)})")
+    if names and device != "cpu":
+        raise ValueError("strings= decodes on the CPU: use it with device='cpu'")
+    return names
+
+
+def _decode_strings(name: str, value: Any, ids: Any) -> List[str]:
+    """A bytes field's values as ``str``, each decoded as UTF-8."""
+    if value[0] != "bytes":
+        raise ValueError(f"strings names field {name!r}, which holds {value[0]} tensors, not bytes")
+    raw, offsets = value[1].tobytes(), value[2].tolist()
+    out = []
+    for i in range(len(offsets) - 1):
+        try:
+            out.append(raw[offsets[i]:offsets[i + 1]].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            from shardlock._lib import FormatError
+
+            raise FormatError(f"field {name!r} of sample {int(ids[i])} is not UTF-8 ({e.reason} at byte {e.start}); "
+                              "read it as bytes (leave it out of strings=)") from None
+    return out
+
+
+def _skew_arg(value: Any) -> str:
+    """``clock_skew=``: ``"30s"``/``"2m"``, whole seconds or a ``timedelta``; zero is
+    allowed (no tolerance)."""
+    import datetime
+
+    if isinstance(value, datetime.timedelta):
+        value = int(value.total_seconds())
+    if isinstance(value, str):
+        return value.strip()
+    return f"{_int_arg('clock_skew', value, 0)}s"
 
 
 def _check_rank_world(rank: Any, world_size: Any) -> Tuple[int, int]:
@@ -183,6 +266,14 @@ class Loader:
     pageable memory (for confidential-computing GPUs). Without a usable GPU this
     raises :class:`shardlock.DeviceUnavailable`.
 
+    ``clock_skew`` (default 30 s; ``"2m"``, seconds or a ``timedelta``) is the clock
+    difference allowed between the token's issuer and this machine for the token's
+    expiry and not-before. An expired token raises :class:`shardlock.TokenExpired`
+    saying when it expired and what time it is here.
+
+    ``strings=[name, ...]`` yields those bytes fields as ``list[str]`` (UTF-8, as
+    :class:`shardlock.Writer` stores a ``str``); a ``bool`` field yields bool tensors.
+
     ``min_generation`` refuses a dataset whose signed manifest is older than that
     generation (rollback protection: :class:`shardlock.IntegrityError` with
     ``kind="rollback"``).
@@ -246,7 +337,7 @@ class Loader:
         audit_log: Optional[PathLike] = None,
         output: str = "torch",
         sample_ids: bool = False,
-        memory_budget: Optional[int] = None,
+        memory_budget: Optional[Union[int, str]] = None,
         allow_unlocked_memory: bool = False,
         pad: bool = False,
         pinned: bool = True,
@@ -256,6 +347,8 @@ class Loader:
         client_cert: Optional[PathLike] = None,
         client_key: Optional[PathLike] = None,
         dataloader_worker: Optional[Tuple[int, int]] = None,
+        clock_skew: Optional[Union[str, int, "datetime.timedelta"]] = None,
+        strings: Optional[Sequence[str]] = None,
     ) -> None:
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
@@ -284,7 +377,7 @@ class Loader:
             workers=workers,
             deny_list=None if deny_list is None else os.fspath(deny_list),
             audit_log=None if audit_log is None else os.fspath(audit_log),
-            memory_budget=memory_budget,
+            memory_budget=None if memory_budget is None else _size_arg("memory_budget", memory_budget),
             allow_unlocked_memory=allow_unlocked_memory,
             pad=pad,
             device=None if device == "cpu" else device,
@@ -296,8 +389,22 @@ class Loader:
             client_key=None if client_key is None else os.fspath(client_key),
             worker_id=worker_id,
             num_workers=num_workers,
+            clock_skew=None if clock_skew is None else _skew_arg(clock_skew),
         )
         self.rank, self.world_size = rank, world_size
+        self._strings = _check_strings(strings, self._native.field_names(), device)
+        if num_workers == 1 and len(self._native) == 0:
+            mine, total = self._native.sample_counts()
+            if total > 0:  # an empty dataset is valid and yields no batch
+                where = f"rank {rank} of {world_size}" if world_size > 1 else "this loader"
+                if mine == 0:
+                    raise ValueError(f"every epoch would be empty: {where} reads none of the dataset's {total} "
+                                     "samples (more ranks than samples?)")
+                raise ValueError(
+                    f"every epoch would be empty: {where} reads {mine} of the dataset's {total} samples, fewer than "
+                    f"batch_size={batch_size}, and drop_last=True drops a partial batch; lower batch_size or pass "
+                    "drop_last=False"
+                )
         # The pass rule (see the class docstring): the newest iterator's number, whether
         # its pass has started reading (and not ended), the epoch it reads, and the
         # state loaded for that epoch (JSON), which a restarted pass goes back to.
@@ -308,13 +415,20 @@ class Loader:
 
     def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
+        for name in self._strings:
+            out[name] = _decode_strings(name, fields.pop(name), ids)
         if self._output == "numpy":
+            import numpy as np
+
             # Read-only: the arrays are views of the locked batch buffer, and a bytes
             # field's offsets must stay what the loader computed.
             for name, v in fields.items():
                 for a in v[1:]:
                     a.flags.writeable = False
-                out[name] = (v[1], v[2]) if v[0] == "bytes" else v[1]
+                if v[0] == "bool":
+                    out[name] = v[1].view(np.bool_)
+                else:
+                    out[name] = (v[1], v[2]) if v[0] == "bytes" else v[1]
         else:
             import torch
 
@@ -327,6 +441,8 @@ class Loader:
                 t = torch.from_dlpack(v[1])
                 if v[0] == "bf16" and t.dtype != torch.bfloat16:
                     t = t.view(torch.bfloat16)
+                elif v[0] == "bool" and t.dtype != torch.bool:
+                    t = t.view(torch.bool)
                 out[name] = t
             ids = torch.from_numpy(ids)
         if self._sample_ids:

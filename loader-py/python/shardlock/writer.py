@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from shardlock._lib import FormatError, NativeWriter
+from shardlock.loader import _size_arg
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -24,6 +25,7 @@ _NP_TO_DTYPE = {
     np.dtype("float16"): "f16",
     np.dtype("float32"): "f32",
     np.dtype("float64"): "f64",
+    np.dtype("bool"): "bool",
 }
 
 #: shardlock dtype name -> little-endian NumPy dtype (bf16 is stored as its 16 bits).
@@ -69,6 +71,8 @@ def _to_numpy(value: Any) -> Tuple[Any, Optional[str]]:
     """A NumPy array (or bytes) for a sample value, and its dtype name if forced."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), "bytes"
+    if isinstance(value, str):  # a bytes field holding UTF-8 (Loader(strings=[...]) decodes it)
+        return value.encode("utf-8"), "bytes"
     mod = type(value).__module__
     if mod.startswith("torch"):
         import torch
@@ -100,8 +104,13 @@ class Writer:
     the output does not read as a dataset; an exception inside ``with`` abandons it.
 
     ``schema`` maps field names to ``"bytes"`` or ``(dtype, shape)`` (dtype names:
-    u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64); by default it is inferred from
-    the first sample written.
+    u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64 bool); by default it is inferred
+    from the first sample written. A scalar (Python or NumPy number, 0-d array) has
+    shape ``[]`` and comes back as a ``(batch,)`` tensor; a ``bool`` is a ``bool``
+    field; a ``str`` is stored as its UTF-8 bytes in a bytes field (read it back as
+    ``str`` with ``Loader(strings=[name])``).
+
+    ``shard_size`` is a byte count or a size as the CLI writes it (``"64MiB"``).
 
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
@@ -120,11 +129,11 @@ class Writer:
         issuer_key: PathLike,
         dataset_id: str,
         schema: Optional[Mapping[str, FieldSpec]] = None,
-        shard_size: int = 256 << 20,
+        shard_size: Union[int, str] = 256 << 20,
         force: bool = False,
         generation: Optional[int] = None,
     ) -> None:
-        self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, int(shard_size), bool(force))
+        self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, _size_arg("shard_size", shard_size), bool(force))
         self._generation = None if generation is None else int(generation)
         self._native: Optional[NativeWriter] = None
         self._names: List[str] = []
@@ -223,7 +232,7 @@ def pack_numpy(
     keyring: PathLike,
     issuer_key: PathLike,
     dataset_id: str,
-    shard_size: int = 256 << 20,
+    shard_size: Union[int, str] = 256 << 20,
     force: bool = False,
     generation: Optional[int] = None,
 ) -> int:

@@ -10,12 +10,12 @@ use shardlock::{service, KeyProvider};
 use shardlock::{Access, Authorizer, AuthorizerConfig};
 use shardlock::{Backend, Error};
 
-use crate::cli::{ReaderArgs, RemoteArgs};
+use crate::cli::{ReaderArgs, RemoteArgs, StoreArgs};
 
-impl RemoteArgs {
+impl StoreArgs {
+    /// The store's address, region and timeouts (no cache: for upload).
     pub(crate) fn options(&self) -> Result<RemoteOptions, Error> {
-        let mut o =
-            RemoteOptions { cache_dir: self.cache_dir.clone(), cache_bytes: self.cache_bytes, ..Default::default() };
+        let mut o = RemoteOptions::default();
         o.endpoint.clone_from(&self.s3_endpoint);
         o.region.clone_from(&self.s3_region);
         if self.s3_allow_http {
@@ -24,6 +24,15 @@ impl RemoteArgs {
         if let Some(t) = &self.s3_timeout {
             o.set("timeout", t)?;
         }
+        Ok(o)
+    }
+}
+
+impl RemoteArgs {
+    pub(crate) fn options(&self) -> Result<RemoteOptions, Error> {
+        let mut o = self.store.options()?;
+        o.cache_dir.clone_from(&self.cache_dir);
+        o.cache_bytes = self.cache_bytes;
         o.set("range_reads", &self.range_reads)?;
         Ok(o)
     }
@@ -46,7 +55,9 @@ impl ReaderArgs {
         Ok(Arc::new(service::KeyServiceProvider::open(&self.keyring, opts)?))
     }
 
-    pub(crate) fn access(&self) -> Result<(TrustAnchor, Access), Error> {
+    /// The trust anchor and the access gate: `--token` (or `token`, when given, in its
+    /// place), the deny list, the clock skew and the audit log.
+    pub(crate) fn access(&self, token: Option<shardlock::Token>) -> Result<(TrustAnchor, Access), Error> {
         let keys = self.keys()?;
         let trust = TrustAnchor::load(&self.trust)?;
         let cfg = AuthorizerConfig {
@@ -54,7 +65,10 @@ impl ReaderArgs {
             deny_list: self.deny_list.clone(),
             ..Default::default()
         };
-        let authorizer = Authorizer::from_file(&trust, self.token.as_deref(), cfg)?;
+        let authorizer = match token {
+            Some(t) => Authorizer::new(&trust, Some(t), cfg)?,
+            None => Authorizer::from_file(&trust, self.token.as_deref(), cfg)?,
+        };
         let mut access = Access::new(authorizer, keys);
         if let Some(p) = &self.audit_log {
             access = access.with_audit(Arc::new(AuditLog::open(p)?));

@@ -101,7 +101,7 @@ pub(crate) struct KeydArgs {
 /// the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), never
 /// from the command line, where other users could read them.
 #[derive(Args, Default)]
-pub(crate) struct RemoteArgs {
+pub(crate) struct StoreArgs {
     /// S3 endpoint URL (default: AWS_ENDPOINT_URL / AWS_ENDPOINT, else AWS).
     #[arg(long)]
     pub(crate) s3_endpoint: Option<String>,
@@ -114,6 +114,13 @@ pub(crate) struct RemoteArgs {
     /// Give up on one object after this long, retries included (e.g. 120s).
     #[arg(long)]
     pub(crate) s3_timeout: Option<String>,
+}
+
+/// Object storage for readers: the store, plus the local ciphertext cache and ranged reads.
+#[derive(Args, Default)]
+pub(crate) struct RemoteArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// Ciphertext cache directory (default: $SHARDLOCK_CACHE_DIR, else ~/.cache/shardlock).
     #[arg(long)]
     pub(crate) cache_dir: Option<PathBuf>,
@@ -136,7 +143,10 @@ pub(crate) struct UploadArgs {
     #[arg(long)]
     pub(crate) trust: PathBuf,
     #[command(flatten)]
-    pub(crate) remote: RemoteArgs,
+    pub(crate) store: StoreArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand)]
@@ -146,8 +156,8 @@ pub(crate) enum TokenCmd {
         /// Issuer secret key file.
         #[arg(long)]
         issuer_key: PathBuf,
-        /// Dataset id the token is for.
-        #[arg(long)]
+        /// Dataset id the token is for (as given to `pack --dataset-id`).
+        #[arg(long, visible_alias = "dataset-id")]
         dataset: String,
         /// Who the token is for (recorded in the audit log).
         #[arg(long)]
@@ -171,6 +181,9 @@ pub(crate) enum TokenCmd {
         /// Token file to write (mode 0600).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Narrow a token offline (no key needed): fewer shards, fewer operations, sooner expiry.
     Attenuate {
@@ -194,6 +207,9 @@ pub(crate) enum TokenCmd {
         /// Token file to write (mode 0600).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a token's blocks, checks and revocation ids (never the token itself).
     Inspect {
@@ -213,6 +229,9 @@ pub(crate) enum TokenCmd {
         /// Deny-list file to append to (created if missing).
         #[arg(long)]
         deny_list: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -280,12 +299,18 @@ pub(crate) enum Keygen {
         /// the PIN comes from pin-source=env:VAR or file:PATH. Refuses an existing label.
         #[arg(long)]
         pkcs11: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// A new Ed25519 issuer key: secret in FILE (0600), public trust anchor in FILE.pub.
     Issuer {
         /// Secret key file to create (refuses to overwrite).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -347,6 +372,10 @@ pub(crate) struct VerifyArgs {
     pub(crate) remote: RemoteArgs,
     #[command(flatten)]
     pub(crate) reader: ReaderArgs,
+    /// The data owner's issuer secret key, in place of --token: verify issues itself a
+    /// 10-minute verify token for this dataset in memory (nothing is written).
+    #[arg(long, conflicts_with = "token")]
+    pub(crate) issuer_key: Option<std::path::PathBuf>,
     /// AEAD backend.
     #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
     pub(crate) backend: Backend,

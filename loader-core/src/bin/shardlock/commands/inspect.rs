@@ -23,6 +23,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
     if a.json {
         print_json(&serde_json::json!({
             "dataset": m.dataset_id, "generation": m.generation, "created_unix": m.created_unix,
+            "created": crate::output::rfc3339(m.created_unix),
             "issuer_key_id": m.issuer_key_id, "signature": i.signature_valid, "consistency_error": i.consistency_error,
             "schema": m.schema, "records": m.records, "plaintext_bytes": plain, "file_bytes": bytes,
             "shards": m.shards.iter().map(|s| serde_json::json!({
@@ -32,17 +33,22 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
         }));
     } else {
         println!("dataset     {}", m.dataset_id);
-        println!("generation  {} (signed {} by issuer {})", m.generation, m.created_unix, m.issuer_key_id);
+        println!(
+            "generation  {} (signed {} by issuer {})",
+            m.generation,
+            crate::output::rfc3339(m.created_unix),
+            m.issuer_key_id
+        );
         println!("signature   {signature}");
         if let Some(e) = &i.consistency_error {
             println!("consistency {e}");
         }
         println!(
-            "records     {} in {} shard(s), {:.1} MB plaintext, {:.1} MB on disk",
+            "records     {} in {} shard(s), {} plaintext, {} on disk",
             m.records,
             m.shards.len(),
-            plain as f64 / 1e6,
-            bytes as f64 / 1e6
+            crate::output::bytes(plain),
+            crate::output::bytes(bytes)
         );
         println!("fields");
         for f in &m.schema.fields {

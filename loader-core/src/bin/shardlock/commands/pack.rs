@@ -33,9 +33,9 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         }));
     } else {
         println!(
-            "packed {} records ({:.1} MB) into {} shard(s) in {} ({:.2} GB/s); manifest generation {} signed by issuer {}",
+            "packed {} records ({}) into {} shard(s) in {} ({:.2} GB/s); manifest generation {} signed by issuer {}",
             m.records,
-            bytes as f64 / 1e6,
+            crate::output::bytes(bytes),
             m.shards.len(),
             a.out.display(),
             bytes as f64 / secs / 1e9,
