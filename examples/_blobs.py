@@ -7,6 +7,7 @@ for the job.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 from typing import Any, Dict
 
@@ -15,6 +16,14 @@ import numpy as np
 import shardlock
 
 DATASET_ID = "examples/blobs"
+
+
+def example_args(epochs: int) -> argparse.Namespace:
+    """``--samples`` (default 20,000) and ``--epochs`` of a training example."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    return ap.parse_args()
 
 
 def make_blobs(root: pathlib.Path, samples: int, principal: str) -> Dict[str, Any]:

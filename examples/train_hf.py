@@ -7,12 +7,11 @@ epoch delivers every sample once, in a new order, and that the loss falls. Run:
 python examples/train_hf.py [--samples N] [--epochs E]
 """
 
-import argparse
 import pathlib
 import tempfile
 
 import torch
-from _blobs import EpochCheck, make_blobs
+from _blobs import EpochCheck, example_args, make_blobs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import shardlock
@@ -45,10 +44,7 @@ class EpochEnd(TrainerCallback):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=3)
-    args = ap.parse_args()
+    args = example_args(3)
     with tempfile.TemporaryDirectory() as d:
         kw = make_blobs(pathlib.Path(d), args.samples, "train_hf")
         ds = shardlock.torch.IterableDataset(kw.pop("path"), **kw, batch_size=250, seed=0, sample_ids=True,

@@ -7,13 +7,12 @@ sample once, in a new order, and that the loss falls. Run:
 python examples/train_lightning.py [--samples N] [--epochs E]
 """
 
-import argparse
 import pathlib
 import tempfile
 
 import lightning as L
 import torch
-from _blobs import EpochCheck, make_blobs
+from _blobs import EpochCheck, example_args, make_blobs
 
 import shardlock
 
@@ -64,10 +63,7 @@ class Classifier(L.LightningModule):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=3)
-    args = ap.parse_args()
+    args = example_args(3)
     with tempfile.TemporaryDirectory() as d:
         check = EpochCheck(args.samples)
         model = Classifier(check)

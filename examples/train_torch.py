@@ -5,21 +5,17 @@ issues an access token, streams it through shardlock.Loader on CPU (or CUDA when
 available) and prints a falling loss. Run: python examples/train_torch.py [--samples N]
 """
 
-import argparse
 import pathlib
 import tempfile
 
 import torch
-from _blobs import make_blobs
+from _blobs import example_args, make_blobs
 
 import shardlock
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=4)
-    args = ap.parse_args()
+    args = example_args(4)
 
     with tempfile.TemporaryDirectory() as d:
         kw = make_blobs(pathlib.Path(d), args.samples, "train_torch")

@@ -157,3 +157,17 @@ def test_scalars_bools_and_strings_come_back_as_training_input(env):
         with pytest.raises(shardlock.FormatError, match="flag"):
             w2.write({"flag": 2})
         w2.write({"flag": True})
+
+
+def test_packing_shows_progress_on_request_and_not_when_piped(env, capsys):
+    arrays = {"x": np.zeros((3000, 64), dtype=np.float32)}
+    kw = dict(keyring=env.keyring, issuer_key=env.issuer)
+    assert shardlock.pack_numpy(env.root / "p1", arrays, dataset_id="p1", progress=True, **kw) == 3000
+    err = capsys.readouterr().err
+    assert "packing:" in err and "3000 samples" not in err.split("\r")[-1], err  # drawn, then cleared
+    assert shardlock.pack_numpy(env.root / "p2", arrays, dataset_id="p2", **kw) == 3000
+    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    with shardlock.Writer(env.root / "p3", dataset_id="p3", progress=True, **kw) as w:
+        for i in range(10):
+            w.write({"y": np.int64(i)})
+    assert "packing:" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -63,6 +65,41 @@ def _as_field(name: str, value: Any, arr: Any, forced: Optional[str], dt: str, s
     return np.asarray(arr, order="C").astype(target, copy=False)
 
 
+class _Progress:
+    """A one-line progress report on stderr (samples, bytes, rate; the percentage when
+    the total is known), redrawn at most 5 times a second and cleared at the end. On
+    only when asked, or by default when stderr is a terminal."""
+
+    def __init__(self, enabled: Optional[bool], what: str, total: Optional[int] = None) -> None:
+        self.on = sys.stderr.isatty() if enabled is None else bool(enabled)
+        self.what, self.total = what, total
+        self.samples = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.drawn = False
+
+    def add(self, samples: int, nbytes: int) -> None:
+        self.samples += samples
+        self.bytes += nbytes
+        now = time.monotonic()
+        if self.on and (not self.drawn or now - self.last >= 0.2):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.bytes / max(now - self.start, 1e-9) / 1e6
+        of = f"/{self.total}" if self.total else ""
+        pct = f" {100 * self.samples / self.total:3.0f}%" if self.total else ""
+        sys.stderr.write(f"\r{self.what}:{pct} {self.samples}{of} samples, {self.bytes / 1e6:.1f} MB, {rate:.0f} MB/s ")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.drawn = False
+
+
 #: A field spec: ``"bytes"`` or ``(dtype_name, shape)``.
 FieldSpec = Union[str, Tuple[str, Sequence[int]]]
 
@@ -112,6 +149,9 @@ class Writer:
 
     ``shard_size`` is a byte count or a size as the CLI writes it (``"64MiB"``).
 
+    ``progress`` shows a progress line on stderr (samples, MB, MB/s), by default when
+    stderr is a terminal.
+
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
     a value not above the replaced one is refused, so generations only go up.
@@ -132,7 +172,9 @@ class Writer:
         shard_size: Union[int, str] = 256 << 20,
         force: bool = False,
         generation: Optional[int] = None,
+        progress: Optional[bool] = None,
     ) -> None:
+        self._progress = _Progress(progress, "packing")
         self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, _size_arg("shard_size", shard_size), bool(force))
         self._generation = None if generation is None else int(generation)
         self._native: Optional[NativeWriter] = None
@@ -172,6 +214,7 @@ class Writer:
                 values.append(_as_field(name, sample[name], arr, forced, dt, shape).tobytes())
         assert self._native is not None
         self._native.write_sample(values)
+        self._progress.add(1, sum(len(v) for v in values))
 
     def write_batch(self, arrays: Mapping[str, Any]) -> None:
         """Appends many samples of fixed-shape fields: a dict of arrays whose first
@@ -202,13 +245,20 @@ class Writer:
                 raise TypeError(f"field {name!r} holds bytes: write it one sample at a time with write()")
             data.append(_as_field(name, a, a, forced, dt, (len(a), *shape)).tobytes())
         assert self._native is not None
-        self._native.write_columns(data, n)
+        # In slices, so the progress line moves and an interrupt is seen between them.
+        step = max(1, (64 << 20) // max(1, sum(len(d) for d in data) // max(n, 1)))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            part = [d[lo * (len(d) // n):hi * (len(d) // n)] for d in data] if n else data
+            self._native.write_columns(part, hi - lo)
+            self._progress.add(hi - lo, sum(len(p) for p in part))
 
     def close(self) -> int:
         """Seals the last shard and writes the signed manifest; returns the record count."""
         if self._closed:
             raise ValueError("this Writer is already closed")
         self._closed = True
+        self._progress.close()
         if self._native is None:
             raise ValueError("nothing was written: a dataset needs a schema (pass schema= or write a sample)")
         return self._native.finish()
@@ -219,6 +269,7 @@ class Writer:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self._closed = True
+            self._progress.close()
             if self._native is not None:
                 self._native.abort()
             return
@@ -235,12 +286,14 @@ def pack_numpy(
     shard_size: Union[int, str] = 256 << 20,
     force: bool = False,
     generation: Optional[int] = None,
+    progress: Optional[bool] = None,
 ) -> int:
     """Packs a dict of arrays (first axis = samples) into an encrypted dataset;
-    returns the record count."""
+    returns the record count. ``progress`` shows a progress line on stderr (default:
+    when stderr is a terminal)."""
     w = Writer(
         out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
-        generation=generation,
+        generation=generation, progress=progress,
     )
     try:
         w.write_batch(arrays)
