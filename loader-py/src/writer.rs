@@ -70,25 +70,60 @@ impl NativeWriter {
         w.write_sample(&refs).py()
     }
 
-    /// Appends `n` samples of fixed-size fields given as one contiguous `bytes` per
-    /// field (C order, first axis = samples).
-    fn write_columns(&mut self, py: Python<'_>, columns: Vec<Bound<'_, PyBytes>>, n: usize) -> PyResult<()> {
+    /// Appends `n` samples given as one contiguous `bytes` per field (C order, first
+    /// axis = samples). A field with an entry in `offsets` is variable-length: its
+    /// entry is `n + 1` little-endian u64 offsets into its bytes (Arrow's layout), from
+    /// 0 to their length; every other field has a fixed width of `len / n`.
+    #[pyo3(signature = (columns, n, offsets=None))]
+    fn write_columns(
+        &mut self,
+        py: Python<'_>,
+        columns: Vec<Bound<'_, PyBytes>>,
+        n: usize,
+        offsets: Option<Vec<Option<Bound<'_, PyBytes>>>>,
+    ) -> PyResult<()> {
         let w = self.inner.as_mut().ok_or_else(closed)?;
         let cols: Vec<&[u8]> = columns.iter().map(|b| b.as_bytes()).collect();
         if n == 0 {
             return Ok(());
         }
-        if cols.iter().any(|c| c.len() % n != 0) {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "column lengths are not multiples of the sample count",
-            ));
+        let bad = |m: String| pyo3::exceptions::PyValueError::new_err(m);
+        let offsets = offsets.unwrap_or_default();
+        if !offsets.is_empty() && offsets.len() != cols.len() {
+            return Err(bad(format!("{} offsets entries for {} columns", offsets.len(), cols.len())));
         }
-        let width: Vec<usize> = cols.iter().map(|c| c.len() / n).collect();
+        // Per column: the start of every sample's value and the end of the last one.
+        let mut bounds: Vec<Vec<usize>> = Vec::with_capacity(cols.len());
+        for (i, c) in cols.iter().enumerate() {
+            match offsets.get(i).and_then(|o| o.as_ref()) {
+                Some(o) => {
+                    let raw = o.as_bytes();
+                    if raw.len() != 8 * (n + 1) {
+                        return Err(bad(format!("column {i}: {} offset bytes for {n} samples", raw.len())));
+                    }
+                    let v: Vec<usize> = raw
+                        .chunks_exact(8)
+                        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+                        .collect();
+                    if v[0] != 0 || v[n] != c.len() || v.windows(2).any(|p| p[0] > p[1]) {
+                        return Err(bad(format!("column {i}: offsets must rise from 0 to the column's length")));
+                    }
+                    bounds.push(v);
+                }
+                None => {
+                    if c.len() % n != 0 {
+                        return Err(bad(format!("column {i}: its length is not a multiple of the sample count")));
+                    }
+                    let wd = c.len() / n;
+                    bounds.push((0..=n).map(|k| k * wd).collect());
+                }
+            }
+        }
         py.detach(|| {
             let mut row = Vec::with_capacity(cols.len());
-            for i in 0..n {
+            for k in 0..n {
                 row.clear();
-                row.extend(cols.iter().zip(&width).map(|(c, &wd)| &c[i * wd..(i + 1) * wd]));
+                row.extend(cols.iter().zip(&bounds).map(|(c, b)| &c[b[k]..b[k + 1]]));
                 w.write_sample(&row)?;
             }
             Ok(())

@@ -46,6 +46,7 @@ from shardlock._lib import (
     create_issuer_key,
     create_keyring,
 )
+from shardlock.ingest import pack
 from shardlock.loader import Loader
 from shardlock.tokens import attenuate_token, issue_token, revoke_token
 from shardlock.writer import Writer, pack_numpy
@@ -83,6 +84,7 @@ __all__ = [
     "create_issuer_key",
     "create_keyring",
     "issue_token",
+    "pack",
     "pack_numpy",
     "revoke_token",
 ]

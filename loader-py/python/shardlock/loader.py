@@ -415,14 +415,16 @@ class Loader:
 
     def _convert(self, fields: Dict[str, Any], ids: Any) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
-        for name in self._strings:
-            out[name] = _decode_strings(name, fields.pop(name), ids)
+        strings = {name: _decode_strings(name, fields[name], ids) for name in self._strings}
         if self._output == "numpy":
             import numpy as np
 
             # Read-only: the arrays are views of the locked batch buffer, and a bytes
             # field's offsets must stay what the loader computed.
             for name, v in fields.items():
+                if name in strings:
+                    out[name] = strings[name]
+                    continue
                 for a in v[1:]:
                     a.flags.writeable = False
                 if v[0] == "bool":
@@ -435,6 +437,9 @@ class Loader:
             for name, v in fields.items():
                 # On a GPU each value is a DeviceTensor: torch.from_dlpack passes
                 # torch.cuda.current_stream(), which waits for the batch's copy.
+                if name in strings:
+                    out[name] = strings[name]
+                    continue
                 if v[0] == "bytes":
                     out[name] = (torch.from_dlpack(v[1]), torch.from_dlpack(v[2]))
                     continue

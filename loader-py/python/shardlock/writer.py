@@ -253,6 +253,15 @@ class Writer:
             self._native.write_columns(part, hi - lo)
             self._progress.add(hi - lo, sum(len(p) for p in part))
 
+    def _write_columns(self, data: List[bytes], n: int, offsets: List[Optional[bytes]]) -> None:
+        """Appends ``n`` samples already laid out per field in schema order: fixed
+        fields as ``n`` values back to back (little-endian, C order), variable fields
+        as their bytes plus ``n + 1`` little-endian u64 offsets (for :func:`shardlock.pack`)."""
+        if self._closed or self._native is None:
+            raise ValueError("this Writer is closed or has no schema")
+        self._native.write_columns(data, n, offsets if any(o is not None for o in offsets) else None)
+        self._progress.add(n, sum(len(d) for d in data))
+
     def close(self) -> int:
         """Seals the last shard and writes the signed manifest; returns the record count."""
         if self._closed:

@@ -1,0 +1,242 @@
+"""Packing tables: :func:`pack` from Parquet, Arrow IPC, a ``pyarrow`` table or
+record-batch reader, or a Hugging Face ``datasets.Dataset`` / ``IterableDataset``.
+
+Each column becomes one field, converted column by column (no Python per row):
+
+=================================================  =====================================
+Arrow type                                         shardlock field
+=================================================  =====================================
+integer, float (16/32/64), bool                    tensor of shape ``[]`` (``bool``)
+``fixed_size_list`` (nested for more dimensions)   tensor of that shape
+``arrow.fixed_shape_tensor`` extension             tensor of its shape
+``binary``, ``large_binary``                       bytes
+``string``, ``large_string``                       bytes holding UTF-8 (read back as
+                                                   ``str`` with ``Loader(strings=[...])``)
+=================================================  =====================================
+
+Nulls, a type not in the table (variable-length lists among them: token streams are
+not supported yet), and a file whose schema differs from the first raise
+:class:`shardlock.FormatError` naming the file, row group, row and column.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from shardlock._lib import FormatError
+from shardlock.writer import Writer
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Arrow integer/float/bool type name -> shardlock dtype.
+_ARROW_DTYPES = {
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+    "uint8": "u8", "uint16": "u16", "uint32": "u32", "uint64": "u64",
+    "halffloat": "f16", "float": "f32", "double": "f64", "bool": "bool",
+}
+
+_BATCH_ROWS = 8192
+
+
+def _pa() -> Any:
+    try:
+        import pyarrow
+    except ImportError:
+        raise ImportError("shardlock.pack of tables needs pyarrow: pip install pyarrow") from None
+    return pyarrow
+
+
+def _field_spec(name: str, t: Any, where: str) -> Tuple[str, Tuple[int, ...]]:
+    """(dtype or "bytes", shape) for Arrow type ``t`` of column ``name``."""
+    pa = _pa()
+    if isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.fixed_shape_tensor":
+        dt, inner = _field_spec(name, t.storage_type, where)
+        return dt, tuple(int(d) for d in t.shape)
+    if pa.types.is_fixed_size_list(t):
+        dt, inner = _field_spec(name, t.value_type, where)
+        if dt == "bytes":
+            raise FormatError(f"{where}column {name!r}: a fixed-size list of {t.value_type} is not a tensor")
+        return dt, (t.list_size, *inner)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "bytes", ()
+    dt = _ARROW_DTYPES.get(str(t))
+    if dt is None:
+        hint = (" (variable-length lists, e.g. token streams, are not supported yet; pad them to a fixed_size_list)"
+                if pa.types.is_list(t) or pa.types.is_large_list(t) else "")
+        raise FormatError(f"{where}column {name!r} has Arrow type {t}, which shardlock cannot store{hint}")
+    return dt, ()
+
+
+def _first_null(arr: Any) -> Optional[int]:
+    pa = _pa()
+    if arr.null_count == 0:
+        return None
+    import pyarrow.compute as pc
+
+    mask = pc.is_null(arr).to_numpy(zero_copy_only=False)
+    return int(np.flatnonzero(mask)[0]) if mask.any() else None
+
+
+def _column_bytes(name: str, arr: Any, spec: Tuple[str, Tuple[int, ...]], where: str,
+                  row0: int) -> Tuple[bytes, Optional[bytes]]:
+    """One column of a batch as (values, offsets or None) for ``write_columns``."""
+    pa = _pa()
+    dt, shape = spec
+    levels = len(shape)  # list levels to flatten down to the elements
+    if isinstance(arr.type, pa.BaseExtensionType):  # a fixed-shape tensor: one flat list
+        arr, levels = arr.storage, 1
+    null = _first_null(arr)
+    if null is not None:
+        raise FormatError(f"{where}row {row0 + null}, column {name!r}: null value (shardlock fields have no nulls)")
+    n = len(arr)
+    if dt == "bytes":
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            arr = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
+        offsets_dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+        bufs = arr.buffers()
+        offs = np.frombuffer(bufs[1], dtype=offsets_dtype)[arr.offset:arr.offset + n + 1].astype("<u8")
+        start, end = int(offs[0]), int(offs[-1])
+        values = b"" if bufs[2] is None else bufs[2].slice(start, end - start).to_pybytes()
+        return values, (offs - start).tobytes()
+    leaf = arr
+    for _ in range(levels):
+        if leaf.null_count:
+            raise FormatError(f"{where}column {name!r}: null list (shardlock fields have no nulls)")
+        leaf = leaf.flatten()
+    null = _first_null(leaf)
+    if null is not None:
+        inner = int(np.prod(shape)) if shape else 1
+        raise FormatError(f"{where}row {row0 + null // inner}, column {name!r}: null element")
+    values = leaf.to_numpy(zero_copy_only=False)
+    if dt == "bool":
+        values = values.astype(np.bool_)
+    want = n * (int(np.prod(shape)) if shape else 1)
+    if values.size != want:
+        raise FormatError(f"{where}column {name!r}: {values.size} elements for {n} rows of shape {list(shape)}")
+    return np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes(), None
+
+
+def _batches(source: Any, columns: Optional[Sequence[str]]) -> Iterator[Tuple[Any, str]]:
+    """(record batch, where it came from for errors) from any supported source."""
+    pa = _pa()
+    if isinstance(source, (str, os.PathLike)):
+        yield from _file_batches(os.fspath(source), columns)
+        return
+    mod = type(source).__module__
+    if mod.startswith("datasets"):
+        ds = source.with_format("arrow")
+        for i, t in enumerate(ds.iter(batch_size=_BATCH_ROWS)):
+            t = t.select(list(columns)) if columns else t
+            for b in t.to_batches():
+                yield b, ""
+        return
+    if isinstance(source, pa.Table):
+        t = source.select(list(columns)) if columns else source
+        for b in t.to_batches(max_chunksize=_BATCH_ROWS):
+            yield b, ""
+        return
+    if isinstance(source, pa.RecordBatch):
+        yield (source.select(list(columns)) if columns else source), ""
+        return
+    if isinstance(source, pa.RecordBatchReader):
+        for b in source:
+            yield (b.select(list(columns)) if columns else b), ""
+        return
+    raise TypeError(f"shardlock.pack takes a Parquet/Arrow path, a pyarrow Table, RecordBatch or RecordBatchReader, "
+                    f"a datasets.Dataset or IterableDataset, or a dict of arrays; not {type(source).__name__}")
+
+
+def _file_batches(path: str, columns: Optional[Sequence[str]]) -> Iterator[Tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    pa = _pa()
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if not f.startswith(".") and f.endswith((".parquet", ".arrow", ".feather", ".ipc")))
+        if not files:
+            raise FormatError(f"{path}: no .parquet or .arrow files in the directory")
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(2, "no such Parquet/Arrow file or directory", path)
+    for f in files:
+        if f.endswith(".parquet"):
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:
+                raise FormatError(f"{f}: not a readable Parquet file ({e})") from None
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=list(columns) if columns else None)
+                for b in t.to_batches(max_chunksize=_BATCH_ROWS):
+                    yield b, f"{f}, row group {g}, "
+        else:
+            try:
+                reader = pa.ipc.open_file(f)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except Exception:
+                try:
+                    batches = iter(pa.ipc.open_stream(f))
+                except Exception as e:
+                    raise FormatError(f"{f}: not an Arrow IPC file or stream ({e})") from None
+            for b in batches:
+                yield (b.select(list(columns)) if columns else b), f"{f}, "
+
+
+def pack(
+    source: Any,
+    out_dir: PathLike,
+    *,
+    keyring: PathLike,
+    issuer_key: PathLike,
+    dataset_id: str,
+    columns: Optional[Sequence[str]] = None,
+    shard_size: Union[int, str] = 256 << 20,
+    force: bool = False,
+    generation: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> int:
+    """Packs a table into an encrypted dataset, one field per column (``columns``
+    picks some, in that order); returns the record count. ``source`` is a Parquet
+    file, Arrow IPC file, or a directory of them (read in name order), a
+    ``pyarrow.Table``/``RecordBatch``/``RecordBatchReader``, a Hugging Face
+    ``datasets.Dataset`` or ``IterableDataset`` (read as Arrow), or a dict of NumPy
+    arrays (as :func:`shardlock.pack_numpy`). The other arguments are
+    :class:`shardlock.Writer`'s. Nothing reads as a dataset unless every row packed."""
+    if isinstance(source, dict):
+        from shardlock.writer import pack_numpy
+
+        return pack_numpy(out_dir, source, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id,
+                          shard_size=shard_size, force=force, generation=generation, progress=progress)
+    w: Optional[Writer] = None
+    specs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    first_schema: Any = None
+    rows = 0
+    try:
+        for batch, where in _batches(source, columns):
+            if first_schema is None:
+                first_schema = batch.schema
+                specs = {f.name: _field_spec(f.name, f.type, where) for f in batch.schema}
+                w = Writer(out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, schema=specs,
+                           shard_size=shard_size, force=force, generation=generation, progress=progress)
+            elif not batch.schema.equals(first_schema, check_metadata=False):
+                raise FormatError(f"{where}schema {batch.schema.to_string(show_schema_metadata=False)!r} differs from "
+                                  f"the first batch's {first_schema.to_string(show_schema_metadata=False)!r}")
+            assert w is not None
+            cols: List[bytes] = []
+            offs: List[Optional[bytes]] = []
+            for name, arr in zip(batch.schema.names, batch.columns):
+                values, offsets = _column_bytes(name, arr, specs[name], where, rows)
+                cols.append(values)
+                offs.append(offsets)
+            w._write_columns(cols, batch.num_rows, offs)
+            rows += batch.num_rows
+        if w is None:
+            raise FormatError("the source holds no batches, so there is no schema to pack")
+    except BaseException:
+        if w is not None:
+            w.__exit__(Exception, None, None)
+        raise
+    return w.close()
