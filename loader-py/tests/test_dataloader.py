@@ -152,3 +152,54 @@ def test_shardlock_torch_is_imported_on_first_use():
     code = ("import sys, shardlock; assert 'shardlock.torch' not in sys.modules; "
             "assert shardlock.torch.DataLoader.__module__ == 'shardlock.torch'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_epochs_stay_in_step_when_the_worker_count_changes(env, numbers):
+    path, _, _ = numbers
+    ds = dataset(env, path, drop_last=False)
+    peeked = next(iter(ds))["sample_id"].tolist()  # a pass in this process, abandoned
+    assert len(peeked) == 64
+    for workers in (2, 0, 1, 2):
+        got = ids(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+        assert sorted(got) == list(range(1000)), workers
+
+
+def test_a_state_saved_after_the_last_partial_batch_restores(env, numbers):
+    path, _, _ = numbers
+    dl = sltorch.DataLoader(dataset(env, path, drop_last=False), num_workers=2)
+    n = 0
+    for _ in dl:
+        n += 1
+        state = dl.state_dict()
+    assert n == 16 and state["consumed"] == [{"world": 1, "per_rank": 1000}]
+    dl2 = sltorch.DataLoader(dataset(env, path, drop_last=False), num_workers=1)
+    dl2.load_state_dict(state)
+    assert ids(dl2) == []
+    with pytest.raises(ValueError, match="in_order"):
+        sltorch.DataLoader(dataset(env, path), num_workers=2, in_order=False)
+
+
+def test_an_error_at_the_start_of_a_persistent_workers_pass_reaches_the_trainer(env, numbers):
+    path, _, _ = numbers
+    dl = sltorch.DataLoader(dataset(env, path), num_workers=1)
+    first = ids(dl)
+    dl.load_state_dict({"epoch": 0, "seed": 11, "consumed": []})
+    with pytest.raises(shardlock.ShardlockError, match="persistent DataLoader workers started"):
+        ids(dl)
+    assert len(first) == 960
+
+
+def test_worker_errors_keep_attributes_that_are_none(env, numbers):
+    path, _, _ = numbers
+    shard = sorted(path.glob("shard-*.slk"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 1  # the header: an IntegrityError with chunk=None
+    shard.write_bytes(bytes(raw))
+    dl = torch.utils.data.DataLoader(dataset(env, path, shuffle="none"), batch_size=None, num_workers=1)
+    with pytest.raises(shardlock.IntegrityError) as e:
+        list(dl)
+    with pytest.raises(shardlock.IntegrityError) as direct:
+        list(dataset(env, path, shuffle="none"))
+    assert direct.value.chunk is None and direct.value.kind == "header_mismatch"
+    for k in ("kind", "dataset", "shard", "chunk"):
+        assert getattr(e.value, k) == getattr(direct.value, k), k

@@ -137,3 +137,12 @@ def test_bad_input_is_a_typed_error_naming_where_and_leaves_no_dataset(env):
         pack(env, env.root / "missing.parquet", "missing")
     with pytest.raises(TypeError, match="shardlock.pack takes"):
         pack(env, 42, "int")
+
+
+def test_empty_batches_are_skipped_not_failed(env):
+    schema = pa.schema([("b", pa.binary()), ("x", pa.int32())])
+    empty = pa.record_batch([pa.array([], pa.binary()), pa.array([], pa.int32())], schema=schema)
+    full = pa.record_batch([pa.array([b"a", b""]), pa.array([1, 2], pa.int32())], schema=schema)
+    assert pack(env, pa.RecordBatchReader.from_batches(schema, [empty, full, empty]), "with-empty") == 2
+    with pytest.raises(shardlock.FormatError, match="no batches"):
+        pack(env, pa.RecordBatchReader.from_batches(schema, []), "no-batches")

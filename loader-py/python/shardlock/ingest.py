@@ -92,6 +92,8 @@ def _column_bytes(name: str, arr: Any, spec: Tuple[str, Tuple[int, ...]], where:
     if null is not None:
         raise FormatError(f"{where}row {row0 + null}, column {name!r}: null value (shardlock fields have no nulls)")
     n = len(arr)
+    if dt == "bytes" and n == 0:
+        return b"", np.zeros(1, dtype="<u8").tobytes()
     if dt == "bytes":
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             arr = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())

@@ -105,7 +105,7 @@ _install_error_attributes()
 
 def _carrying_attributes(e: ShardlockError) -> ShardlockError:
     """``e`` again, its attributes written into its text for the trip to the parent."""
-    attrs = {k: getattr(e, k) for k in _ATTR_NAMES if isinstance(getattr(e, k, None), (str, int))}
+    attrs = {k: getattr(e, k) for k in _ATTR_NAMES if hasattr(e, k) and isinstance(getattr(e, k), (str, int, type(None)))}
     out = type(e)(str(e))
     for k, v in attrs.items():
         setattr(out, k, v)
@@ -171,6 +171,7 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
         self._loader: Optional[Loader] = None
         self._loader_key: Optional[Tuple[int, int, int]] = None
         self._len: Optional[int] = None
+        self._probe_loader: Optional[Tuple[int, Loader]] = None
         self._warned = False
 
     # Pickling (to spawned DataLoader workers): the shared table travels only while
@@ -179,6 +180,7 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
         state = dict(self.__dict__)
         state["_loader"] = None
         state["_loader_key"] = None
+        state["_probe_loader"] = None
         if multiprocessing.context.get_spawning_popen() is None:
             state["_table"] = None
             state["_epoch_for_copy"] = self._next_epoch(0)
@@ -229,6 +231,28 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
                 UserWarning, stacklevel=2,
             )
         info = torch.utils.data.get_worker_info()
+        try:
+            return self._batches(self._start_pass(info), info is not None)
+        except Exception as e:
+            # Raised at the first next(): a persistent worker re-creates its iterator
+            # outside the DataLoader's error handling, where a raise kills the worker.
+            return self._raising(e, info is not None)
+
+    def _raising(self, e: Exception, in_worker: bool) -> Iterator[Any]:
+        if in_worker and isinstance(e, ShardlockError):
+            raise _carrying_attributes(e) from None
+        raise e
+        yield  # makes this a generator
+
+    def _set_slots(self, base: int, worker: int, workers: int, value: int) -> None:
+        """Writes ``value`` into this worker's slot and into every slot past the
+        current worker count, so a later pass with more workers (or none) agrees."""
+        self._table[base + worker] = value
+        for w in range(workers, MAX_WORKERS):
+            self._table[base + w] = value
+
+    def _start_pass(self, info: Any) -> Loader:
+        """This process's loader, at the epoch (or loaded state) of its next pass."""
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if workers > MAX_WORKERS:
             raise ValueError(f"shardlock.torch.IterableDataset serves at most {MAX_WORKERS} DataLoader workers, "
@@ -246,12 +270,12 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
             self._own_state = None
         elif self._pending is not None and int(self._table[_APPLIED + worker]) != self._pending[0]:
             loader.load_state_dict(json.loads(self._pending[1]))
-            self._table[_APPLIED + worker] = self._pending[0]
+            self._set_slots(_APPLIED, worker, workers, self._pending[0])
             epoch = loader.epoch
         else:
             loader.set_epoch(epoch)
-        self._table[_NEXT + worker] = epoch + 1
-        return self._batches(loader, info is not None)
+        self._set_slots(_NEXT, worker, workers, epoch + 1)
+        return loader
 
     def _batches(self, loader: Loader, in_worker: bool) -> Iterator[Any]:
         try:
@@ -262,12 +286,25 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
                 raise
             raise _carrying_attributes(e) from None
 
+    def _probe(self) -> Loader:
+        """A loader for the whole rank in this process, for counting (never iterated)."""
+        if self._probe_loader is None or self._probe_loader[0] != os.getpid():
+            self._probe_loader = (os.getpid(), Loader(self._path, rank=self._rank, world_size=self._world,
+                                                      **self._kwargs))
+        return self._probe_loader[1]
+
+    def _rank_samples(self, epoch: int, consumed: list) -> int:
+        """Samples left in the rank's ``epoch`` after ``consumed``."""
+        probe = self._probe()
+        probe.load_state_dict({"epoch": epoch, "seed": int(self._kwargs.get("seed", 0)), "consumed": consumed})
+        return int(probe._native.sample_counts()[0])
+
     def __len__(self) -> int:
         """Batches one epoch yields for this rank (all workers together)."""
         if self._len is None:
-            probe = Loader(self._path, rank=self._rank, world_size=self._world, **self._kwargs)
+            probe = self._probe()
+            probe.set_epoch(0)
             self._len = len(probe)
-            del probe
         return self._len
 
     def state_dict(self) -> Dict[str, Any]:
@@ -335,6 +372,8 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if k in kwargs and not (k == "batch_size" and kwargs[k] is None):
                 raise ValueError(f"{k}= is the dataset's: pass it to shardlock.torch.IterableDataset, not the DataLoader")
+        if kwargs.get("in_order", True) is False:
+            raise ValueError("in_order=False: shardlock.torch.DataLoader's state counts batches delivered in order")
         kwargs.pop("batch_size", None)
         kwargs.setdefault("persistent_workers", num_workers > 0)
         kwargs.setdefault("pin_memory", torch.cuda.is_available())
@@ -379,7 +418,10 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         ds: IterableDataset = self.dataset  # type: ignore[assignment]
         consumed = list(self._history)
         if self._current is not None and self._count > 0:
-            consumed.append({"world": ds._world, "per_rank": self._count * int(ds._kwargs["batch_size"])})
+            per_rank = self._count * int(ds._kwargs["batch_size"])
+            if not ds._kwargs.get("drop_last", True):  # the last batch may be partial
+                per_rank = min(per_rank, ds._rank_samples(self._epoch, list(self._history)))
+            consumed.append({"world": ds._world, "per_rank": per_rank})
         if self._current is None and self._resumed is not None:
             return dict(self._resumed)
         if self._current is None:
