@@ -146,3 +146,53 @@ def test_empty_batches_are_skipped_not_failed(env):
     assert pack(env, pa.RecordBatchReader.from_batches(schema, [empty, full, empty]), "with-empty") == 2
     with pytest.raises(shardlock.FormatError, match="no batches"):
         pack(env, pa.RecordBatchReader.from_batches(schema, []), "no-batches")
+
+
+def write_tar(path, samples):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tars_group_members_by_key(env):
+    rng = np.random.default_rng(3)
+    samples = [(f"train/{i:06d}", {"jpg": rng.bytes(int(rng.integers(0, 30000))), "cls": f"{i % 10}\n".encode(),
+                                   "json": f'{{"i": {i}}}'.encode()}) for i in range(300)]
+    d = env.root / "wds"
+    d.mkdir()
+    write_tar(d / "shard-000.tar", samples[:120])
+    write_tar(d / "shard-001.tar", samples[120:])
+    assert pack(env, d, "wds", parse={"cls": "i64"}) == 300
+    loader = shardlock.Loader(env.root / "wds", keyring=env.keyring, token=env.token("wds"), trust=env.trust,
+                              batch_size=50, shuffle="none", drop_last=False, output="numpy", strings=["json"])
+    assert loader.fields == ["cls", "jpg", "json"]
+    got = {"cls": [], "jpg": [], "json": []}
+    for b in loader:
+        got["cls"] += b["cls"].tolist()
+        vals, offs = b["jpg"]
+        got["jpg"] += [bytes(vals[offs[j]:offs[j + 1]]) for j in range(len(offs) - 1)]
+        got["json"] += b["json"]
+    assert got["cls"] == [i % 10 for i in range(300)]
+    assert got["jpg"] == [m["jpg"] for _, m in samples]
+    assert got["json"] == [m["json"].decode() for _, m in samples]
+
+
+def test_webdataset_bad_input_names_the_tar_and_sample(env):
+    d = env.root / "bad-wds"
+    d.mkdir()
+    write_tar(d / "a.tar", [("k1", {"jpg": b"x", "cls": b"1"}), ("k2", {"jpg": b"y"})])
+    with pytest.raises(shardlock.FormatError, match=r"a.tar, sample 'k2': has extensions \['jpg'\]"):
+        pack(env, d, "bad-wds-out")
+    assert not (env.root / "bad-wds-out" / "manifest.json").exists()
+    write_tar(d / "a.tar", [("k1", {"jpg": b"x", "cls": b"one"})])
+    with pytest.raises(shardlock.FormatError, match=r"sample 'k1': .cls is b'one', not integer text"):
+        pack(env, d, "bad-wds-out2", parse={"cls": "i64"})
+    (env.root / "broken.tar").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(shardlock.FormatError, match="broken.tar"):
+        pack(env, env.root / "broken.tar", "broken")

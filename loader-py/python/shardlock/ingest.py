@@ -1,5 +1,6 @@
-"""Packing tables: :func:`pack` from Parquet, Arrow IPC, a ``pyarrow`` table or
-record-batch reader, or a Hugging Face ``datasets.Dataset`` / ``IterableDataset``.
+"""Packing tables and tars: :func:`pack` from Parquet, Arrow IPC, a ``pyarrow`` table
+or record-batch reader, a Hugging Face ``datasets.Dataset`` / ``IterableDataset``, or
+WebDataset ``.tar`` shards.
 
 Each column becomes one field, converted column by column (no Python per row):
 
@@ -13,6 +14,12 @@ integer, float (16/32/64), bool                    tensor of shape ``[]`` (``boo
 ``string``, ``large_string``                       bytes holding UTF-8 (read back as
                                                    ``str`` with ``Loader(strings=[...])``)
 =================================================  =====================================
+
+WebDataset tars: members are grouped into samples by key (the member's path up to the
+first dot of its file name: ``a/000123.jpg`` and ``a/000123.cls`` are sample
+``a/000123``), one bytes field per extension (``jpg``, ``cls``, ``json``, ...);
+``parse={"cls": "i64"}`` stores an extension's integer text as an i64 scalar instead.
+Every sample must have the same extensions as the first.
 
 Nulls, a type not in the table (variable-length lists among them: token streams are
 not supported yet), and a file whose schema differs from the first raise
@@ -187,6 +194,121 @@ def _file_batches(path: str, columns: Optional[Sequence[str]]) -> Iterator[Tuple
                 yield (b.select(list(columns)) if columns else b), f"{f}, "
 
 
+_WDS_BATCH = 1024
+
+
+def _tar_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar") and not f.startswith("."))
+    return [path]
+
+
+def _is_tar_source(source: Any) -> bool:
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    p = os.fspath(source)
+    if os.path.isdir(p):
+        names = os.listdir(p)
+        return any(n.endswith(".tar") for n in names) and not any(
+            n.endswith((".parquet", ".arrow", ".feather", ".ipc")) for n in names)
+    return p.endswith(".tar")
+
+
+def _wds_samples(path: str, parse: Dict[str, str]) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """(where, {extension: value}) per sample, in tar order."""
+    import tarfile
+
+    for tar in _tar_files(path):
+        try:
+            tf = tarfile.open(tar, mode="r:*")
+        except (tarfile.TarError, OSError) as e:
+            raise FormatError(f"{tar}: not a readable tar file ({e})") from None
+        with tf:
+            key: Optional[str] = None
+            sample: Dict[str, bytes] = {}
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                if base.startswith(".") or "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                k = os.path.join(os.path.dirname(m.name), stem)
+                if k != key:
+                    if key is not None:
+                        yield f"{tar}, sample {key!r}: ", sample
+                    key, sample = k, {}
+                if ext in sample:
+                    raise FormatError(f"{tar}, sample {k!r}: two members with extension {ext!r}")
+                f = tf.extractfile(m)
+                sample[ext] = f.read() if f is not None else b""
+            if key is not None:
+                yield f"{tar}, sample {key!r}: ", sample
+
+
+def _pack_wds(path: str, out_dir: PathLike, parse: Dict[str, str], **writer_kw: Any) -> int:
+    for ext, how in parse.items():
+        if how != "i64":
+            raise ValueError(f"parse={{{ext!r}: {how!r}}}: only 'i64' (integer text) is supported")
+    if not any(True for _ in _tar_files(path)):
+        raise FormatError(f"{path}: no .tar files")
+    w: Optional[Writer] = None
+    names: List[str] = []
+    cols: Dict[str, List[bytes]] = {}
+    n = 0
+
+    def flush() -> None:
+        nonlocal n
+        if not n:
+            return
+        data, offs = [], []
+        for name in names:
+            vals = cols[name]
+            if name in parse:
+                data.append(np.array(vals, dtype="<i8").tobytes())
+                offs.append(None)
+            else:
+                lens = np.fromiter((len(v) for v in vals), dtype="<u8", count=len(vals))
+                data.append(b"".join(vals))
+                offs.append(np.concatenate([[0], np.cumsum(lens)]).astype("<u8").tobytes())
+            cols[name] = []
+        assert w is not None
+        w._write_columns(data, n, offs)
+        n = 0
+
+    try:
+        for where, sample in _wds_samples(path, parse):
+            if w is None:
+                names = sorted(sample)
+                missing = sorted(set(parse) - set(names))
+                if missing:
+                    raise FormatError(f"{where}parse= names {missing[0]!r}, which the first sample does not have")
+                schema = {e: ("i64", ()) if e in parse else "bytes" for e in names}
+                w = Writer(out_dir, schema=schema, **writer_kw)
+                cols = {e: [] for e in names}
+            if sorted(sample) != names:
+                raise FormatError(f"{where}has extensions {sorted(sample)}, the first sample has {names}")
+            for e in names:
+                v = sample[e]
+                if e in parse:
+                    try:
+                        v = int(v.decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        raise FormatError(f"{where}.{e} is {v[:40]!r}, not integer text (parse={{{e!r}: 'i64'}})") from None
+                cols[e].append(v)
+            n += 1
+            if n >= _WDS_BATCH:
+                flush()
+        if w is None:
+            raise FormatError(f"{path}: the tars hold no samples")
+        flush()
+    except BaseException:
+        if w is not None:
+            w.__exit__(Exception, None, None)
+        raise
+    return w.close()
+
+
 def pack(
     source: Any,
     out_dir: PathLike,
@@ -199,14 +321,23 @@ def pack(
     force: bool = False,
     generation: Optional[int] = None,
     progress: Optional[bool] = None,
+    parse: Optional[Dict[str, str]] = None,
 ) -> int:
     """Packs a table into an encrypted dataset, one field per column (``columns``
     picks some, in that order); returns the record count. ``source`` is a Parquet
     file, Arrow IPC file, or a directory of them (read in name order), a
     ``pyarrow.Table``/``RecordBatch``/``RecordBatchReader``, a Hugging Face
     ``datasets.Dataset`` or ``IterableDataset`` (read as Arrow), or a dict of NumPy
-    arrays (as :func:`shardlock.pack_numpy`). The other arguments are
+    arrays (as :func:`shardlock.pack_numpy`), or a WebDataset ``.tar`` file or
+    directory of them (``parse`` turns extensions holding integer text into i64
+    fields, e.g. ``{"cls": "i64"}``). The other arguments are
     :class:`shardlock.Writer`'s. Nothing reads as a dataset unless every row packed."""
+    if _is_tar_source(source):
+        return _pack_wds(os.fspath(source), out_dir, dict(parse or {}), keyring=keyring, issuer_key=issuer_key,
+                         dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
+                         progress=progress)
+    if parse:
+        raise ValueError("parse= is for WebDataset tars")
     if isinstance(source, dict):
         from shardlock.writer import pack_numpy
 
