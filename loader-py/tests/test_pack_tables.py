@@ -3,6 +3,7 @@ every field read back exactly as pyarrow reads the source, and bad input is a ty
 error naming file, row group, row and column, with no dataset left behind (#17)."""
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -196,3 +197,35 @@ def test_webdataset_bad_input_names_the_tar_and_sample(env):
     (env.root / "broken.tar").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(shardlock.FormatError, match="broken.tar"):
         pack(env, env.root / "broken.tar", "broken")
+
+
+def test_image_folders_get_image_bytes_and_sorted_class_labels(env):
+    rng = np.random.default_rng(5)
+    root = env.root / "imgs"
+    want = []
+    for c in ("zebra", "cat", "dog"):
+        (root / c / "sub").mkdir(parents=True)
+        for k in range(7):
+            data = rng.bytes(int(rng.integers(1, 5000)))
+            sub = "sub/" if k % 3 == 0 else ""
+            (root / c / f"{sub}{k:03d}.JPG").write_bytes(data)
+        (root / c / "notes.txt").write_text("not an image")
+        (root / c / ".DS_Store").write_bytes(b"x")
+    (root / "empty").mkdir()
+    with pytest.raises(shardlock.FormatError, match="class directory 'empty' holds no image file"):
+        pack(env, root, "imgs")
+    (root / "empty").rmdir()
+    classes = shardlock.image_folder_classes(root)
+    assert classes == ["cat", "dog", "zebra"]
+    for label, c in enumerate(classes):
+        for dirpath, dirs, files in sorted(os.walk(root / c)):
+            dirs.sort()
+            want += [((pathlib.Path(dirpath) / f).read_bytes(), label) for f in sorted(files) if f.endswith(".JPG")]
+    assert pack(env, root, "imgs") == 21
+    loader = shardlock.Loader(env.root / "imgs", keyring=env.keyring, token=env.token("imgs"), trust=env.trust,
+                              batch_size=5, shuffle="none", drop_last=False, output="numpy")
+    got = []
+    for b in loader:
+        vals, offs = b["image"]
+        got += [(bytes(vals[offs[j]:offs[j + 1]]), int(b["label"][j])) for j in range(len(b["label"]))]
+    assert got == want

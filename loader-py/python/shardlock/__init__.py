@@ -46,7 +46,7 @@ from shardlock._lib import (
     create_issuer_key,
     create_keyring,
 )
-from shardlock.ingest import pack
+from shardlock.ingest import image_folder_classes, pack
 from shardlock.loader import Loader
 from shardlock.tokens import attenuate_token, issue_token, revoke_token
 from shardlock.writer import Writer, pack_numpy
@@ -83,6 +83,7 @@ __all__ = [
     "create_hsm_kek",
     "create_issuer_key",
     "create_keyring",
+    "image_folder_classes",
     "issue_token",
     "pack",
     "pack_numpy",

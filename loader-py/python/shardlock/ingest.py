@@ -21,6 +21,10 @@ first dot of its file name: ``a/000123.jpg`` and ``a/000123.cls`` are sample
 ``parse={"cls": "i64"}`` stores an extension's integer text as an i64 scalar instead.
 Every sample must have the same extensions as the first.
 
+Image folders (torchvision's ``ImageFolder`` layout, ``root/<class>/<file>``): fields
+``image`` (the encoded file, untouched) and ``label`` (i64, the class's index in sorted
+order, as torchvision numbers them); :func:`image_folder_classes` gives the names.
+
 Nulls, a type not in the table (variable-length lists among them: token streams are
 not supported yet), and a file whose schema differs from the first raise
 :class:`shardlock.FormatError` naming the file, row group, row and column.
@@ -197,6 +201,12 @@ def _file_batches(path: str, columns: Optional[Sequence[str]]) -> Iterator[Tuple
 _WDS_BATCH = 1024
 
 
+def _offsets(values: List[bytes]) -> bytes:
+    """``write_columns`` offsets of ``values`` joined: n + 1 little-endian u64."""
+    lens = np.fromiter((len(v) for v in values), dtype="<u8", count=len(values))
+    return np.concatenate([[0], np.cumsum(lens)]).astype("<u8").tobytes()
+
+
 def _tar_files(path: str) -> List[str]:
     if os.path.isdir(path):
         return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar") and not f.startswith("."))
@@ -268,9 +278,8 @@ def _pack_wds(path: str, out_dir: PathLike, parse: Dict[str, str], **writer_kw: 
                 data.append(np.array(vals, dtype="<i8").tobytes())
                 offs.append(None)
             else:
-                lens = np.fromiter((len(v) for v in vals), dtype="<u8", count=len(vals))
                 data.append(b"".join(vals))
-                offs.append(np.concatenate([[0], np.cumsum(lens)]).astype("<u8").tobytes())
+                offs.append(_offsets(vals))
             cols[name] = []
         assert w is not None
         w._write_columns(data, n, offs)
@@ -309,6 +318,66 @@ def _pack_wds(path: str, out_dir: PathLike, parse: Dict[str, str], **writer_kw: 
     return w.close()
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def image_folder_classes(root: PathLike) -> List[str]:
+    """The class names of an image folder in label order: its sub-directories, sorted,
+    as torchvision's ``ImageFolder`` numbers them. A class directory without an image
+    file is a :class:`shardlock.FormatError` (torchvision refuses it too)."""
+    r = os.fspath(root)
+    out = []
+    for c in sorted(os.listdir(r)):
+        p = os.path.join(r, c)
+        if c.startswith(".") or not os.path.isdir(p):
+            continue
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for _, _, fs in os.walk(p) for f in fs):
+            raise FormatError(f"{p}: class directory {c!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+        out.append(c)
+    return out
+
+
+def _is_image_folder(source: Any) -> bool:
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return False
+    names = os.listdir(source)
+    return bool(names) and all(n.startswith(".") or os.path.isdir(os.path.join(source, n)) for n in names)
+
+
+def _pack_image_folder(root: str, out_dir: PathLike, **writer_kw: Any) -> int:
+    classes = image_folder_classes(root)
+    if not classes:
+        raise FormatError(f"{root}: no class directories with image files ({', '.join(IMAGE_EXTENSIONS)})")
+    w = Writer(out_dir, schema={"image": "bytes", "label": ("i64", ())}, **writer_kw)
+    images: List[bytes] = []
+    labels: List[int] = []
+
+    def flush() -> None:
+        if images:
+            w._write_columns([b"".join(images), np.array(labels, dtype="<i8").tobytes()], len(images),
+                             [_offsets(images), None])
+            images.clear()
+            labels.clear()
+
+    try:
+        for label, c in enumerate(classes):
+            for dirpath, dirs, files in sorted(os.walk(os.path.join(root, c))):
+                dirs.sort()
+                for f in sorted(files):
+                    if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    with open(os.path.join(dirpath, f), "rb") as fh:
+                        images.append(fh.read())
+                    labels.append(label)
+                    if len(images) >= _WDS_BATCH:
+                        flush()
+        flush()
+    except BaseException:
+        w.__exit__(Exception, None, None)
+        raise
+    return w.close()
+
+
 def pack(
     source: Any,
     out_dir: PathLike,
@@ -330,8 +399,15 @@ def pack(
     ``datasets.Dataset`` or ``IterableDataset`` (read as Arrow), or a dict of NumPy
     arrays (as :func:`shardlock.pack_numpy`), or a WebDataset ``.tar`` file or
     directory of them (``parse`` turns extensions holding integer text into i64
-    fields, e.g. ``{"cls": "i64"}``). The other arguments are
+    fields, e.g. ``{"cls": "i64"}``), or an image folder (``root/<class>/<file>``:
+    ``image`` bytes and ``label``; see :func:`image_folder_classes`). The other arguments are
     :class:`shardlock.Writer`'s. Nothing reads as a dataset unless every row packed."""
+    if _is_image_folder(source) and not _is_tar_source(source):
+        if parse:
+            raise ValueError("parse= is for WebDataset tars")
+        return _pack_image_folder(os.fspath(source), out_dir, keyring=keyring, issuer_key=issuer_key,
+                                  dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
+                                  progress=progress)
     if _is_tar_source(source):
         return _pack_wds(os.fspath(source), out_dir, dict(parse or {}), keyring=keyring, issuer_key=issuer_key,
                          dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
