@@ -111,6 +111,11 @@ def test_arguments_are_checked_in_the_constructor(env, numbers):
         dataset(env, env.root / "no-such-dataset", token=env.token("numbers"))
     with pytest.raises(TypeError, match="batch_size"):
         sltorch.IterableDataset(path, keyring=env.keyring, token=env.token("numbers"), trust=env.trust)
+    # What only the dataset can tell, too: a field it lacks, a batch larger than the rank.
+    with pytest.raises(ValueError, match="no field"):
+        dataset(env, path, fields=["nope"])
+    with pytest.raises(ValueError, match="batch_size=5000"):
+        dataset(env, path, batch_size=5000)
 
 
 def test_transform_runs_in_the_workers(env, numbers):

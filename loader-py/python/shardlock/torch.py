@@ -173,6 +173,9 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
         self._len: Optional[int] = None
         self._probe_loader: Optional[Tuple[int, Loader]] = None
         self._warned = False
+        # Everything a worker would find wrong (the dataset, its fields, a batch larger
+        # than the rank) fails here, in the training process, before any worker starts.
+        self._probe()
 
     # Pickling (to spawned DataLoader workers): the shared table travels only while
     # a worker process is being started; the loader never does.
@@ -289,8 +292,9 @@ class IterableDataset(torch.utils.data.IterableDataset):  # type: ignore[type-ar
     def _probe(self) -> Loader:
         """A loader for the whole rank in this process, for counting (never iterated)."""
         if self._probe_loader is None or self._probe_loader[0] != os.getpid():
-            self._probe_loader = (os.getpid(), Loader(self._path, rank=self._rank, world_size=self._world,
-                                                      **self._kwargs))
+            # On the CPU: CUDA must not be initialised before DataLoader workers fork.
+            kw = dict(self._kwargs, device="cpu")
+            self._probe_loader = (os.getpid(), Loader(self._path, rank=self._rank, world_size=self._world, **kw))
         return self._probe_loader[1]
 
     def _rank_samples(self, epoch: int, consumed: list) -> int:
