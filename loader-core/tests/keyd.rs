@@ -533,6 +533,32 @@ fn the_cli_benchmarks_through_the_service_with_only_its_url_and_ca() {
 }
 
 #[test]
+fn requests_without_a_valid_token_are_rate_limited_per_address() {
+    let s = Setup::new();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.rate_limit = Some(5.0); // bursts of 10 requests per address
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, None);
+    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let token = if i % 2 == 0 { Some("not-a-token") } else { None };
+        statuses.push(release(&c, &svc, &digest, token, &[0]).0);
+    }
+    assert!(statuses[..10].iter().all(|&st| st != 429), "{statuses:?}");
+    let (st, body) = release(&c, &svc, &digest, Some("still-not-a-token"), &[0]);
+    assert_eq!(st, 429, "{body}");
+    assert!(body.contains("without a valid token from 127.0.0.1"), "{body}");
+    // A valid token is not held back by the bad ones from the same address.
+    let (st, body) = release(&c, &svc, &digest, Some(&s.token(&s.spec())), &[0]);
+    assert_eq!(st, 200, "{body}");
+    svc.shutdown().unwrap();
+}
+
+#[test]
 fn each_principal_is_held_to_its_rate_limit() {
     let s = Setup::new();
     let mut cfg = s.config("127.0.0.1:0".parse().unwrap());

@@ -11,11 +11,9 @@ mod pki;
 mod s3;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
 
 use common::Fixture;
-use shardlock::{open_provider, Error, KeyProvider, Shuffle};
+use shardlock::{open_provider, Error};
 
 /// The test credentials in this process's environment (every test sets the same ones).
 fn credentials() {
@@ -45,28 +43,6 @@ fn uri(server: &s3::S3Server, key: &str) -> String {
     format!("aws-kms:{key}?region=us-east-1&endpoint={}", server.endpoint)
 }
 
-fn epoch(fx: &Fixture, dir: &Path, keys: Arc<dyn KeyProvider>) -> shardlock::Result<HashMap<u64, Vec<u8>>> {
-    let mut out = HashMap::new();
-    let l = fx.loader_with(dir, "kms-test", keys).batch_size(4).shuffle(Shuffle::Global).workers(2).build()?;
-    for b in l {
-        let b = b?;
-        for (j, &id) in b.sample_ids().iter().enumerate() {
-            out.insert(id, b.bytes("tag", j)?.to_vec());
-        }
-    }
-    Ok(out)
-}
-
-fn resign(fx: &Fixture, ds: &Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
-    use shardlock::primitives::SignedManifest;
-    let path = ds.join("manifest.json");
-    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
-    edit(&mut m);
-    let body = serde_json::to_vec_pretty(&m).unwrap();
-    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
-    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
-}
-
 #[test]
 fn pack_stream_and_rotate_through_kms_with_the_context_bound_to_each_shard() {
     let Some(server) = s3::S3Server::start("pack_stream_and_rotate_through_kms") else { return };
@@ -78,22 +54,22 @@ fn pack_stream_and_rotate_through_kms_with_the_context_bound_to_each_shard() {
     let (dir, samples) = fx.standard_with(&*kms, "ds", "kms-test", 40);
     let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
     assert!(fx.open(&dir).unwrap().manifest().shards.iter().all(|s| s.kek_id == format!("aws-kms:{key}")));
-    assert_eq!(epoch(&fx, &dir, kms.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "kms-test", kms.clone(), "tag").unwrap(), want);
 
     // KMS -> keyring -> a second KMS key: payloads untouched, every epoch exact.
     let before: Vec<Vec<u8>> = (0..10).map(|i| std::fs::read(dir.join(format!("shard-{i:05}.slk"))).unwrap()).collect();
     shardlock::rotate(&dir, &*kms, &*fx.keyring, &fx.issuer).unwrap();
-    assert_eq!(epoch(&fx, &dir, fx.keyring.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "kms-test", fx.keyring.clone(), "tag").unwrap(), want);
     let key2 = create_key(&server);
     let kms2 = open_provider(&uri(&server, &key2)).unwrap();
     shardlock::rotate(&dir, &*fx.keyring, &*kms2, &fx.issuer).unwrap();
-    assert_eq!(epoch(&fx, &dir, kms2.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "kms-test", kms2.clone(), "tag").unwrap(), want);
     let after: Vec<Vec<u8>> = (0..10).map(|i| std::fs::read(dir.join(format!("shard-{i:05}.slk"))).unwrap()).collect();
     assert_eq!(before, after, "rotation touched a payload");
 
     // A wrapped DEK copied into another shard's entry (re-signed by the issuer) does
     // not decrypt: the EncryptionContext names the shard.
-    resign(&fx, &dir, |m| m.shards[3].wrapped_dek = m.shards[4].wrapped_dek.clone());
+    fx.resign(&dir, |m| m.shards[3].wrapped_dek = m.shards[4].wrapped_dek.clone());
     let ds = fx.open(&dir).unwrap();
     match fx.access_with("kms-test", kms2.clone()).open_shard(&ds, 3) {
         Err(Error::KeyUnavailable { detail, .. }) => {
@@ -113,21 +89,9 @@ fn the_key_service_serves_from_kms_and_errors_name_no_credential() {
     let fx = Fixture::new();
     let (dir, _) = fx.standard_with(&*kms, "ds", "kms-test", 40);
     let pki = pki::Pki::new(fx.dir.path());
-    let (cert, tls_key) = pki.server();
-    let svc = shardlock::KeyService::start(shardlock::KeydConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        kms.clone(),
-        vec![fx.trust],
-        cert,
-        tls_key,
-    ))
-    .unwrap();
-    let mut opts = shardlock::service::ServiceOptions::default();
-    opts.tls.ca_cert = Some(pki.ca());
-    let client =
-        Arc::new(shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap());
+    let (svc, client) = pki::serve(&pki, kms.clone(), fx.trust, |_| {});
     // The workload holds no AWS credential and no KEK: only the service's URL and CA.
-    assert_eq!(epoch(&fx, &dir, client).unwrap().len(), 40);
+    assert_eq!(fx.epoch_field(&dir, "kms-test", client, "tag").unwrap().len(), 40);
     svc.shutdown().unwrap();
     // An unknown key: a typed error naming the key, never the credentials.
     let ghost = open_provider(&uri(&server, "00000000-0000-0000-0000-000000000000")).unwrap();

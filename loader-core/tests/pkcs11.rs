@@ -730,22 +730,11 @@ fn the_hsm_behind_the_key_service_serves_a_workload_without_the_pin() {
     let fx = Fixture::new();
     let (dir, samples) = fx.standard_with(&*hsm, "ds", "hsm-keyd", 40);
     let pki = pki::Pki::new(fx.dir.path());
-    let (cert, key) = pki.server();
-    let mut cfg = shardlock::KeydConfig::new("127.0.0.1:0".parse().unwrap(), hsm.clone(), vec![fx.trust], cert, key);
     let audit = fx.path("keyd-audit.jsonl");
-    cfg.audit_log = Some(audit.clone());
-    let svc = shardlock::KeyService::start(cfg).unwrap();
-    let mut opts = shardlock::service::ServiceOptions::default();
-    opts.tls.ca_cert = Some(pki.ca());
-    let client = shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap();
+    let (svc, client) = pki::serve(&pki, hsm.clone(), fx.trust, |cfg| cfg.audit_log = Some(audit.clone()));
     let unwraps = hsm.stats().unwraps;
-    let mut loader = fx
-        .loader_with(&dir, "hsm-keyd", Arc::new(client))
-        .batch_size(4)
-        .shuffle(Shuffle::Global)
-        .workers(2)
-        .build()
-        .unwrap();
+    let mut loader =
+        fx.loader_with(&dir, "hsm-keyd", client).batch_size(4).shuffle(Shuffle::Global).workers(2).build().unwrap();
     let got = stream(&mut loader).unwrap();
     assert_eq!(got.len(), 40);
     for (id, s) in samples.iter().enumerate() {

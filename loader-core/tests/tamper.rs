@@ -288,18 +288,6 @@ fn edited_or_foreign_manifests_fail_the_signature() {
     assert!(matches!(fx.open(&ds), Err(Error::Format { what: "manifest", .. })));
 }
 
-/// Rewrites `ds`'s manifest with `edit` applied to its body and signs it with the
-/// fixture's issuer key, as a buggy or malicious writer holding that key would.
-fn resign(fx: &Fixture, ds: &std::path::Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
-    use shardlock::primitives::SignedManifest;
-    let path = ds.join("manifest.json");
-    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
-    edit(&mut m);
-    let body = serde_json::to_vec_pretty(&m).unwrap();
-    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
-    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
-}
-
 #[test]
 fn wrapped_dek_must_be_80_lowercase_hex_digits() {
     let fx = Fixture::new();
@@ -315,7 +303,7 @@ fn wrapped_dek_must_be_80_lowercase_hex_digits() {
         String::new(),
     ];
     for bad in cases {
-        resign(&fx, &ds, |m| m.shards[1].wrapped_dek = bad.clone());
+        fx.resign(&ds, |m| m.shards[1].wrapped_dek = bad.clone());
         match fx.open(&ds) {
             Err(Error::Format { what: "manifest", detail, .. }) => {
                 assert!(detail.contains("shard 1: wrapped_dek must be 80 lowercase hex digits"), "{bad:?}: {detail}")
@@ -324,7 +312,7 @@ fn wrapped_dek_must_be_80_lowercase_hex_digits() {
             Ok(_) => panic!("{bad:?}: a manifest with this wrapped_dek opened"),
         }
     }
-    resign(&fx, &ds, |m| m.shards[1].wrapped_dek = good.clone());
+    fx.resign(&ds, |m| m.shards[1].wrapped_dek = good.clone());
     assert!(fx.read_all(&ds).is_ok());
 }
 
@@ -335,7 +323,7 @@ fn manifest_sizes_that_overflow_are_a_format_error() {
     let fx = Fixture::new();
     let ds = big(&fx, "ds", "ds1");
     for huge in [u64::MAX, u64::MAX - 16, u64::MAX / 16 * 15] {
-        resign(&fx, &ds, |m| m.shards[0].plaintext_bytes = huge);
+        fx.resign(&ds, |m| m.shards[0].plaintext_bytes = huge);
         match fx.open(&ds) {
             Err(Error::Format { what: "manifest", detail, .. }) => assert!(detail.contains("shard 0"), "{detail}"),
             Err(e) => panic!("plaintext_bytes {huge}: expected a manifest format error, got {e}"),
@@ -470,7 +458,7 @@ fn a_transit_wrapped_dek_is_bounded_hex_and_only_for_transit_kek_ids() {
         ("transit:transit/k", String::new(), false),
         ("kek-0123456789abcdef", ct.clone(), false),
     ] {
-        resign(&fx, &ds, |m| {
+        fx.resign(&ds, |m| {
             m.shards[1].kek_id = kek.into();
             m.shards[1].wrapped_dek = wrapped.clone();
         });

@@ -12,27 +12,14 @@ mod pki;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use common::Fixture;
-use shardlock::{open_provider, Error, KeyProvider, Shuffle};
+use shardlock::{open_provider, Error};
 
 /// The token variable the providers of this test process read (set once: every test
 /// uses the same root token of its own server).
 fn token_env(bao: &bao::Bao, var: &str) {
     std::env::set_var(var, &bao.root_token);
-}
-
-fn epoch(fx: &Fixture, dir: &Path, keys: Arc<dyn KeyProvider>) -> shardlock::Result<HashMap<u64, Vec<u8>>> {
-    let mut out = HashMap::new();
-    let l = fx.loader_with(dir, "transit-test", keys).batch_size(4).shuffle(Shuffle::Global).workers(2).build()?;
-    for b in l {
-        let b = b?;
-        for (j, &id) in b.sample_ids().iter().enumerate() {
-            out.insert(id, b.bytes("tag", j)?.to_vec());
-        }
-    }
-    Ok(out)
 }
 
 fn payloads(dir: &Path) -> HashMap<String, Vec<u8>> {
@@ -42,17 +29,6 @@ fn payloads(dir: &Path) -> HashMap<String, Vec<u8>> {
         .filter(|p| p.file_name().unwrap() != "manifest.json")
         .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
         .collect()
-}
-
-/// Rewrites the manifest with `edit` and signs it with the fixture's issuer key.
-fn resign(fx: &Fixture, ds: &Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
-    use shardlock::primitives::SignedManifest;
-    let path = ds.join("manifest.json");
-    let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
-    edit(&mut m);
-    let body = serde_json::to_vec_pretty(&m).unwrap();
-    let sig = fx.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
-    std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
 }
 
 #[test]
@@ -74,7 +50,7 @@ fn pack_stream_and_rotate_through_transit_without_touching_payloads() {
         assert!(ct.starts_with("vault:v1:"), "{ct}");
     }
     let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
-    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", transit.clone(), "tag").unwrap(), want);
     // The loader opens the provider from the URI itself, as --keyring and Python do.
     let l = shardlock::Loader::builder(&dir)
         .keyring(&uri)
@@ -94,13 +70,13 @@ fn pack_stream_and_rotate_through_transit_without_touching_payloads() {
         .shards
         .iter()
         .all(|s| String::from_utf8(hex::decode(&s.wrapped_dek).unwrap()).unwrap().starts_with("vault:v2:")));
-    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", transit.clone(), "tag").unwrap(), want);
     // Transit -> keyring -> Transit: the payloads never change.
     shardlock::rotate(&dir, &*transit, &*fx.keyring, &fx.issuer).unwrap();
     assert!(fx.open(&dir).unwrap().manifest().shards.iter().all(|s| s.wrapped_dek.len() == 80));
-    assert_eq!(epoch(&fx, &dir, fx.keyring.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", fx.keyring.clone(), "tag").unwrap(), want);
     shardlock::rotate(&dir, &*fx.keyring, &*transit, &fx.issuer).unwrap();
-    assert_eq!(epoch(&fx, &dir, transit.clone()).unwrap(), want);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", transit.clone(), "tag").unwrap(), want);
     assert_eq!(payloads(&dir), before, "rotation touched a payload");
 }
 
@@ -113,7 +89,7 @@ fn a_wrapped_dek_moved_to_another_shard_does_not_unwrap() {
     let fx = Fixture::new();
     let (dir, _) = fx.standard_with(&*transit, "ds", "transit-test", 40);
     // Someone holding the issuer key swaps the wrapped DEKs of shards 1 and 2.
-    resign(&fx, &dir, |m| {
+    fx.resign(&dir, |m| {
         let (a, b) = (m.shards[1].wrapped_dek.clone(), m.shards[2].wrapped_dek.clone());
         m.shards[1].wrapped_dek = b;
         m.shards[2].wrapped_dek = a;
@@ -141,7 +117,7 @@ fn least_privilege_a_decrypt_only_token_reads_but_cannot_pack() {
     let reader_token = bao.token_with_policy("reader", r#"path "transit/decrypt/lp" { capabilities = ["update"] }"#);
     std::env::set_var("SHARDLOCK_TEST_BAO_READER", &reader_token);
     let reader = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_READER")).unwrap();
-    assert_eq!(epoch(&fx, &dir, reader.clone()).unwrap().len(), 16);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", reader.clone(), "tag").unwrap().len(), 16);
     // Wrapping needs `encrypt`, which the reader's policy does not grant.
     let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("tag")]).unwrap();
     let mut w = shardlock::DatasetWriter::create(
@@ -186,21 +162,9 @@ fn the_key_service_serves_from_transit_and_a_stopped_server_is_a_typed_error() {
     let fx = Fixture::new();
     let (dir, _) = fx.standard_with(&*transit, "ds", "transit-test", 40);
     let pki = pki::Pki::new(fx.dir.path());
-    let (cert, key) = pki.server();
-    let svc = shardlock::KeyService::start(shardlock::KeydConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        transit.clone(),
-        vec![fx.trust],
-        cert,
-        key,
-    ))
-    .unwrap();
-    let mut opts = shardlock::service::ServiceOptions::default();
-    opts.tls.ca_cert = Some(pki.ca());
-    let client =
-        Arc::new(shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap());
+    let (svc, client) = pki::serve(&pki, transit.clone(), fx.trust, |_| {});
     // The workload holds no Vault token and no KEK: only the service's URL and CA.
-    assert_eq!(epoch(&fx, &dir, client).unwrap().len(), 40);
+    assert_eq!(fx.epoch_field(&dir, "transit-test", client, "tag").unwrap().len(), 40);
     svc.shutdown().unwrap();
     // Transit down: a typed error naming the server, not a hang or a panic.
     bao.stop();

@@ -472,12 +472,23 @@ impl Service {
         .map_err(|e| Refusal::of(&e))?;
         let valid = authorizer.has_valid_token();
         let principal = authorizer.principal().to_owned();
-        if let (Some(limiter), true) = (&self.limiter, valid) {
-            if let Err(wait) = limiter.take(&principal, shards.len() as f64) {
+        if let Some(limiter) = &self.limiter {
+            // A valid token spends its principal's bucket, one unit per shard. A missing
+            // or invalid one (each costs an evaluation and an audit record) spends its
+            // client address's bucket, one unit per request, so a flood of bad tokens
+            // cannot fill the audit log at line rate.
+            let (key, cost, over) = if valid {
+                (principal.clone(), shards.len() as f64, format!("principal {principal:?} is over its rate limit"))
+            } else {
+                let ip = client.peer.ip();
+                let over = format!("requests without a valid token from {ip} are over the rate limit");
+                (format!("\0bad-token:{ip}"), 1.0, over)
+            };
+            if let Err(wait) = limiter.take(&key, cost) {
                 return Err(Refusal(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
-                    format!("principal {principal:?} is over its rate limit; retry in {wait:.2}s"),
+                    format!("{over}; retry in {wait:.2}s"),
                 ));
             }
         }

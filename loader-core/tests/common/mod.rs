@@ -136,6 +136,43 @@ impl Fixture {
         self.access(&ds.manifest().dataset_id).open_shard(ds, i)
     }
 
+    /// Rewrites `ds`'s manifest with `edit` applied to its body and signs it with the
+    /// fixture's issuer key, as a buggy or malicious writer holding that key would.
+    pub fn resign(&self, ds: &Path, edit: impl FnOnce(&mut shardlock::Manifest)) {
+        use shardlock::primitives::SignedManifest;
+        let path = ds.join("manifest.json");
+        let mut m = SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap().manifest;
+        edit(&mut m);
+        let body = serde_json::to_vec_pretty(&m).unwrap();
+        let sig = self.issuer.sign(&SignedManifest::signed_message(&body)).unwrap();
+        std::fs::write(&path, SignedManifest::encode(&body, &sig).unwrap()).unwrap();
+    }
+
+    /// One epoch of `dir` through `keys` (batches of 4, global shuffle, 2 workers):
+    /// sample id -> the bytes of its `field`.
+    pub fn epoch_field(
+        &self,
+        dir: &Path,
+        dataset: &str,
+        keys: Arc<dyn KeyProvider>,
+        field: &str,
+    ) -> shardlock::Result<std::collections::HashMap<u64, Vec<u8>>> {
+        let mut out = std::collections::HashMap::new();
+        let l = self
+            .loader_with(dir, dataset, keys)
+            .batch_size(4)
+            .shuffle(shardlock::Shuffle::Global)
+            .workers(2)
+            .build()?;
+        for b in l {
+            let b = b?;
+            for (j, &id) in b.sample_ids().iter().enumerate() {
+                out.insert(id, b.bytes(field, j)?.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads every record of every shard.
     pub fn read_all(&self, dir: &Path) -> shardlock::Result<Vec<Vec<Vec<u8>>>> {
         self.read_all_with(dir, self.keyring.clone())

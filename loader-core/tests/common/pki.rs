@@ -3,6 +3,26 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A key service on a free port of 127.0.0.1 in front of `keys`, trusting `trust`
+/// (with `edit` applied to its configuration), and a client for it that trusts the
+/// test CA: a workload that holds no KEK, only the service's URL and CA.
+pub fn serve(
+    pki: &Pki,
+    keys: Arc<dyn shardlock::KeyProvider>,
+    trust: shardlock::TrustAnchor,
+    edit: impl FnOnce(&mut shardlock::KeydConfig),
+) -> (shardlock::KeyService, Arc<shardlock::service::KeyServiceProvider>) {
+    let (cert, key) = pki.server();
+    let mut cfg = shardlock::KeydConfig::new("127.0.0.1:0".parse().unwrap(), keys, vec![trust], cert, key);
+    edit(&mut cfg);
+    let svc = shardlock::KeyService::start(cfg).unwrap();
+    let mut opts = shardlock::service::ServiceOptions::default();
+    opts.tls.ca_cert = Some(pki.ca());
+    let client = shardlock::service::KeyServiceProvider::open(&format!("https://{}", svc.local_addr()), opts).unwrap();
+    (svc, Arc::new(client))
+}
 
 /// A test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
 pub struct Pki {
