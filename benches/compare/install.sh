@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the peer loaders for `make compare` into the venv, one package at a time, each
-# held to the torch and numpy already there (a peer that would change them is not
-# installed). A package that fails leaves its reason in VENV/compare-peers/PKG.status,
+# held to the torch, numpy and test packages already there (a peer that would change
+# them is not installed: it must never break `make test`'s own dependencies). A package that fails leaves its reason in VENV/compare-peers/PKG.status,
 # which run.py reports as "skipped: REASON" instead of failing the whole comparison.
 #   bash benches/compare/install.sh VENV
 set -uo pipefail
@@ -11,9 +11,15 @@ mkdir -p "$status"
 pins="$status/constraints.txt"
 # The local label (+cu132) is dropped: pip does not match a constraint that carries one.
 "$venv/bin/python" - > "$pins" <<'PY'
+import importlib.metadata as md
 import numpy, torch
 print("torch==" + torch.__version__.split("+")[0])
 print("numpy==" + numpy.__version__)
+for pkg in ("transformers", "huggingface_hub", "datasets", "pyarrow", "lightning", "accelerate", "torchdata"):
+    try:
+        print(f"{pkg}=={md.version(pkg)}")
+    except md.PackageNotFoundError:
+        pass
 PY
 for pkg in cryptography matplotlib psutil litdata mosaicml-streaming; do
   if "$venv/bin/pip" install -q --disable-pip-version-check -c "$pins" "$pkg" > "$status/$pkg.log" 2>&1; then

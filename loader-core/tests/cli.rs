@@ -372,6 +372,8 @@ fn json_everywhere_readable_times_and_sizes_and_misplaced_files() {
     let o = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--issuer-key", "other", "--trust", "iss.pub"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not the key of --trust"));
     // Subcommands list only the options they use.
-    let help = ok(d, &["upload", "--help"]);
-    assert!(help.contains("--s3-endpoint") && help.contains("--json") && !help.contains("--cache-dir"), "{help}");
+    for cmd in ["upload", "inspect"] {
+        let help = ok(d, &[cmd, "--help"]);
+        assert!(help.contains("--s3-endpoint") && help.contains("--json") && !help.contains("--cache-dir"), "{help}");
+    }
 }

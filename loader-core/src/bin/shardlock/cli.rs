@@ -266,7 +266,8 @@ pub(crate) struct ReaderArgs {
     /// PEM private key of --client-cert (mode 0600).
     #[arg(long, requires = "client_cert")]
     pub(crate) client_key: Option<PathBuf>,
-    /// Access token file (from `shardlock token issue`).
+    /// Access token file (from `shardlock token issue`): required to read any shard
+    /// (`verify` takes the data owner's --issuer-key in its place).
     #[arg(long)]
     pub(crate) token: Option<PathBuf>,
     /// Issuer public key (.pub): the trust anchor for manifest and token.
@@ -352,10 +353,10 @@ pub(crate) struct PackArgs {
 
 #[derive(Args)]
 pub(crate) struct InspectArgs {
-    /// Dataset directory, file:// URL or s3://bucket/prefix.
+    /// Dataset directory, file:// URL or s3://bucket/prefix (only the manifest is read).
     pub(crate) dir: String,
     #[command(flatten)]
-    pub(crate) remote: RemoteArgs,
+    pub(crate) store: StoreArgs,
     /// Issuer public key (.pub) to check the signature against.
     #[arg(long)]
     pub(crate) trust: Option<PathBuf>,

@@ -11,7 +11,7 @@ use crate::output::print_json;
 
 pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
     let trust = a.trust.as_deref().map(TrustAnchor::load).transpose()?;
-    let i = shardlock::inspect_at(&a.dir, trust.as_ref(), &a.remote.options()?)?;
+    let i = shardlock::inspect_at(&a.dir, trust.as_ref(), &a.store.options()?)?;
     let m = &i.manifest;
     let signature = match i.signature_valid {
         Some(true) => "valid",
