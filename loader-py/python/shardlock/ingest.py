@@ -303,7 +303,9 @@ def _pack_wds(path: str, out_dir: PathLike, parse: Dict[str, str], **writer_kw: 
                     try:
                         v = int(v.decode("ascii").strip())
                     except (UnicodeDecodeError, ValueError):
-                        raise FormatError(f"{where}.{e} is {v[:40]!r}, not integer text (parse={{{e!r}: 'i64'}})") from None
+                        # The value itself is plaintext: never put it in an error.
+                        raise FormatError(f"{where}.{e} ({len(v)} bytes) is not integer text "
+                                          f"(parse={{{e!r}: 'i64'}}); fix the label or leave it out of parse=") from None
                 cols[e].append(v)
             n += 1
             if n >= _WDS_BATCH:
