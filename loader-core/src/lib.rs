@@ -96,7 +96,7 @@ pub use keys::service;
 pub use keys::transit;
 pub use keys::{
     is_pkcs11_uri, is_service_url, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring,
-    ReleaseContext, TrustAnchor, WrapContext,
+    ReleaseContext, Rewrap, TrustAnchor, WrapContext,
 };
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};

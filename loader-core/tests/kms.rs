@@ -1,5 +1,6 @@
 //! AWS KMS custody against moto_server's KMS (the same server the s3:// tests use):
-//! pack, stream, rotate between the keyring and KMS without touching payloads, the
+//! pack (GenerateDataKey), stream, rotate between the keyring and KMS without touching
+//! payloads and between KMS keys with ReEncrypt, the
 //! EncryptionContext binding a wrapped DEK to its shard, the key service in front of
 //! KMS, and no credential in any error.
 #![allow(clippy::unwrap_used)]
@@ -78,6 +79,43 @@ fn pack_stream_and_rotate_through_kms_with_the_context_bound_to_each_shard() {
         }
         other => panic!("expected KeyUnavailable, got {:?}", other.map(|_| "a reader")),
     }
+}
+
+/// `pack` asks KMS for each DEK (`GenerateDataKey`), and `rotate` between two KMS keys
+/// is `ReEncrypt` (the DEK never leaves KMS); rotating out to a keyring decrypts. The
+/// calls are counted by a proxy in front of moto.
+#[test]
+fn kms_makes_each_dek_and_re_encrypts_between_keys_without_the_dek_leaving_kms() {
+    let Some(server) = s3::S3Server::start("kms_makes_each_dek_and_re_encrypts") else { return };
+    credentials();
+    let proxy = s3::Proxy::start(server.port);
+    let via =
+        |key: &str| open_provider(&format!("aws-kms:{key}?region=us-east-1&endpoint={}", proxy.endpoint)).unwrap();
+    let (key, key2) = (create_key(&server), create_key(&server));
+    let (kms, kms2) = (via(&key), via(&key2));
+    let fx = Fixture::new();
+    let (dir, samples) = fx.standard_with(&*kms, "ds", "kms-calls", 40);
+    let shards = fx.open(&dir).unwrap().manifest().shards.len();
+    assert!(shards > 1);
+    let calls = |name: &str| proxy.count(&format!("TrentService.{name}\r\n"));
+    assert_eq!(calls("GenerateDataKey"), shards, "pack asks KMS for each shard's DEK");
+    assert_eq!(calls("Encrypt"), 0, "no DEK drawn here and sent to KMS to wrap");
+    let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
+    assert_eq!(fx.epoch_field(&dir, "kms-calls", kms.clone(), "tag").unwrap(), want);
+
+    proxy.clear();
+    shardlock::rotate(&dir, &*kms, &*kms2, &fx.issuer).unwrap();
+    assert_eq!(calls("ReEncrypt"), shards, "KMS to KMS is one ReEncrypt per DEK");
+    assert_eq!((calls("Decrypt"), calls("Encrypt")), (0, 0), "the rotating process never held a DEK");
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    assert!(m.shards.iter().all(|s| s.kek_id == format!("aws-kms:{key2}")));
+    assert_eq!(fx.epoch_field(&dir, "kms-calls", kms2.clone(), "tag").unwrap(), want);
+
+    // Out of KMS there is nothing to re-encrypt with: Decrypt, then the keyring wraps.
+    proxy.clear();
+    shardlock::rotate(&dir, &*kms2, &*fx.keyring, &fx.issuer).unwrap();
+    assert_eq!((calls("ReEncrypt"), calls("Decrypt")), (0, shards));
+    assert_eq!(fx.epoch_field(&dir, "kms-calls", fx.keyring.clone(), "tag").unwrap(), want);
 }
 
 #[test]

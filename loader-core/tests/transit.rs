@@ -9,6 +9,8 @@ mod bao;
 mod common;
 #[path = "common/pki.rs"]
 mod pki;
+#[path = "common/s3.rs"]
+mod s3;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,6 +82,46 @@ fn pack_stream_and_rotate_through_transit_without_touching_payloads() {
     assert_eq!(payloads(&dir), before, "rotation touched a payload");
 }
 
+/// `pack` draws each DEK in Transit (`datakey/plaintext`), and `rotate` on the same key
+/// after a Transit key rotation is `rewrap` (the DEK never leaves Transit); rotating out
+/// to a keyring decrypts. The calls are counted by a proxy in front of the server.
+#[test]
+fn pack_draws_deks_in_transit_and_rotation_rewraps_them_there() {
+    let Some(bao) = bao::Bao::start("pack_draws_deks_in_transit") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_D");
+    bao.create_key("calls");
+    let port: u16 = bao.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = s3::Proxy::start(port);
+    let uri = format!("transit:{}/transit/calls?token-source=env:SHARDLOCK_TEST_BAO_TOKEN_D", proxy.endpoint);
+    let transit = open_provider(&uri).unwrap();
+    let fx = Fixture::new();
+    let (dir, samples) = fx.standard_with(&*transit, "ds", "transit-calls", 40);
+    let shards = fx.open(&dir).unwrap().manifest().shards.len();
+    assert!(shards > 1);
+    let calls = |op: &str| proxy.count(&format!("POST /v1/transit/{op}/calls "));
+    assert_eq!(calls("datakey/plaintext"), shards, "pack asks Transit for each shard's DEK");
+    assert_eq!(calls("encrypt"), 0, "no DEK drawn here and sent to Transit to wrap");
+    let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
+    assert_eq!(fx.epoch_field(&dir, "transit-calls", transit.clone(), "tag").unwrap(), want);
+
+    bao.rotate_key("calls");
+    proxy.clear();
+    shardlock::rotate(&dir, &*transit, &*transit, &fx.issuer).unwrap();
+    assert_eq!(calls("rewrap"), shards, "one rewrap per DEK");
+    assert_eq!((calls("decrypt"), calls("encrypt")), (0, 0), "the rotating process never held a DEK");
+    let m = fx.open(&dir).unwrap().manifest().clone();
+    assert!(m
+        .shards
+        .iter()
+        .all(|s| String::from_utf8(hex::decode(&s.wrapped_dek).unwrap()).unwrap().starts_with("vault:v2:")));
+    assert_eq!(fx.epoch_field(&dir, "transit-calls", transit.clone(), "tag").unwrap(), want);
+
+    proxy.clear();
+    shardlock::rotate(&dir, &*transit, &*fx.keyring, &fx.issuer).unwrap();
+    assert_eq!((calls("rewrap"), calls("decrypt")), (0, shards));
+    assert_eq!(fx.epoch_field(&dir, "transit-calls", fx.keyring.clone(), "tag").unwrap(), want);
+}
+
 #[test]
 fn a_wrapped_dek_moved_to_another_shard_does_not_unwrap() {
     let Some(bao) = bao::Bao::start("a_wrapped_dek_moved_to_another_shard") else { return };
@@ -118,7 +160,7 @@ fn least_privilege_a_decrypt_only_token_reads_but_cannot_pack() {
     std::env::set_var("SHARDLOCK_TEST_BAO_READER", &reader_token);
     let reader = open_provider(&bao.uri("lp", "SHARDLOCK_TEST_BAO_READER")).unwrap();
     assert_eq!(fx.epoch_field(&dir, "transit-test", reader.clone(), "tag").unwrap().len(), 16);
-    // Wrapping needs `encrypt`, which the reader's policy does not grant.
+    // Packing needs `datakey`, which the reader's policy does not grant.
     let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("tag")]).unwrap();
     let mut w = shardlock::DatasetWriter::create(
         &fx.path("ds2"),

@@ -1,5 +1,6 @@
 //! AWS KMS custody ([`KmsProvider`], feature `aws-kms`): the KEK is a KMS key that never
-//! leaves KMS; DEKs are wrapped with `Encrypt` and unwrapped with `Decrypt`, each with
+//! leaves KMS; DEKs are made with `GenerateDataKey` (or wrapped with `Encrypt`, when
+//! rotating in from other custody) and unwrapped with `Decrypt`, each with
 //! an `EncryptionContext` naming the dataset, shard and KEK id, so a wrapped DEK moved to
 //! another shard's entry does not decrypt, and every use is in CloudTrail with that
 //! context.
@@ -15,9 +16,12 @@
 //! Signature Version 4. Plain `http://` endpoints are accepted only on loopback.
 //!
 //! The KEK id in the manifest is `aws-kms:<key>` as the URI names it, and `wrapped_dek`
-//! is the hex of the `CiphertextBlob` (FORMAT.md section 7.6). Rotation: enable KMS
-//! automatic key rotation (old ciphertexts keep decrypting), or move a dataset to
-//! another key with `shardlock rotate --keyring aws-kms:OLD --new-keyring aws-kms:NEW`.
+//! is the hex of the `CiphertextBlob` (FORMAT.md section 7.6). `pack` asks KMS for each
+//! shard's DEK with `GenerateDataKey`. Rotation: enable KMS automatic key rotation (old
+//! ciphertexts keep decrypting), or move a dataset to another key with
+//! `shardlock rotate --keyring aws-kms:OLD --new-keyring aws-kms:NEW`, which calls
+//! `ReEncrypt` for each DEK when both keys are at the same endpoint and region, so no DEK
+//! leaves KMS during the move.
 
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +30,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{Dek, Grant, KeyProvider, WrapContext};
+use super::{Dek, Grant, KeyProvider, Rewrap, WrapContext};
 use crate::error::{Error, ProviderFailure, Result};
 
 /// Prefix of KMS KEK ids in manifests.
@@ -288,6 +292,28 @@ impl KmsProvider {
     fn unavailable(&self, detail: String) -> Error {
         Error::KeyUnavailable { key_id: self.kek_id.clone(), detail: format!("aws-kms {}: {detail}", self.kek_id) }
     }
+
+    fn answer<'a>(&self, action: &str, bytes: &'a [u8]) -> Result<KmsAnswer<'a>> {
+        serde_json::from_slice(bytes).map_err(|_| self.unavailable(format!("{action} answered no JSON")))
+    }
+
+    /// The `CiphertextBlob` of an answer, within [`MAX_CIPHERTEXT`].
+    fn blob(&self, action: &str, b64: Option<std::borrow::Cow<'_, str>>) -> Result<Vec<u8>> {
+        let blob = b64
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.as_bytes()).ok())
+            .ok_or_else(|| self.unavailable(format!("{action} answered no CiphertextBlob")))?;
+        if blob.is_empty() || blob.len() > MAX_CIPHERTEXT {
+            return Err(self.unavailable(format!("{action} answered a {}-byte ciphertext", blob.len())));
+        }
+        Ok(blob)
+    }
+
+    /// The 32-byte DEK of an answer's `Plaintext`.
+    fn plaintext_dek(&self, action: &str, shard: u32, b64: Option<&str>) -> Result<Dek> {
+        let b64 = b64.ok_or_else(|| self.unavailable(format!("{action} answered no Plaintext")))?;
+        Dek::from_base64(b64)
+            .ok_or_else(|| self.unavailable(format!("shard {shard}: the DEK {action} answered is not 32 bytes")))
+    }
 }
 
 impl KeyProvider for KmsProvider {
@@ -304,7 +330,6 @@ impl KeyProvider for KmsProvider {
     }
 
     fn wrap_dek_for(&self, dek: &Dek, ctx: &WrapContext<'_>) -> Result<(String, Vec<u8>)> {
-        let shard = ctx.shard;
         let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
         let context = self.context(ctx).to_string();
         let key = serde_json::to_string(&self.uri.key).unwrap_or_default();
@@ -318,17 +343,56 @@ impl KeyProvider for KmsProvider {
         body.push_str(&context);
         body.push('}');
         let bytes =
-            self.call("Encrypt", &body).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
-        let answer: KmsAnswer<'_> =
-            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("Encrypt answered no JSON".into()))?;
-        let blob = answer
-            .ciphertext_blob
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.as_bytes()).ok())
-            .ok_or_else(|| self.unavailable("Encrypt answered no CiphertextBlob".into()))?;
-        if blob.is_empty() || blob.len() > MAX_CIPHERTEXT {
-            return Err(self.unavailable(format!("Encrypt answered a {}-byte ciphertext", blob.len())));
+            self.call("Encrypt", &body).map_err(|d| self.unavailable(format!("wrapping shard {}: {d}", ctx.shard)))?;
+        let answer = self.answer("Encrypt", &bytes)?;
+        Ok((self.kek_id.clone(), self.blob("Encrypt", answer.ciphertext_blob)?))
+    }
+
+    /// `GenerateDataKey`: KMS draws the DEK and returns it with its wrap under this key
+    /// and the shard's EncryptionContext.
+    fn generate_dek_for(&self, ctx: &WrapContext<'_>) -> Result<(Dek, String, Vec<u8>)> {
+        let body = Zeroizing::new(
+            serde_json::json!({"KeyId": self.uri.key, "KeySpec": "AES_256", "EncryptionContext": self.context(ctx)})
+                .to_string(),
+        );
+        let bytes = self
+            .call("GenerateDataKey", &body)
+            .map_err(|d| self.unavailable(format!("a data key for shard {}: {d}", ctx.shard)))?;
+        let answer = self.answer("GenerateDataKey", &bytes)?;
+        let dek = self.plaintext_dek("GenerateDataKey", ctx.shard, answer.plaintext.as_deref())?;
+        Ok((dek, self.kek_id.clone(), self.blob("GenerateDataKey", answer.ciphertext_blob)?))
+    }
+
+    /// `ReEncrypt` to another KMS key at the same endpoint and region: KMS decrypts under
+    /// the source context and encrypts under the target's, and the DEK never leaves KMS.
+    fn rewrap_for(&self, grant: Grant, target: &dyn KeyProvider) -> Result<Rewrap> {
+        let Some(to) = target.as_any().and_then(|t| t.downcast_ref::<Self>()) else {
+            return Ok(Rewrap::Unsupported(grant));
+        };
+        if (to.endpoint.as_str(), to.region.as_str()) != (self.endpoint.as_str(), self.region.as_str())
+            || grant.kek_id() != self.kek_id
+        {
+            return Ok(Rewrap::Unsupported(grant));
         }
-        Ok((self.kek_id.clone(), blob))
+        let body = Zeroizing::new(
+            serde_json::json!({
+                "CiphertextBlob": base64::engine::general_purpose::STANDARD.encode(grant.wrapped_dek()),
+                "SourceKeyId": self.uri.key,
+                "SourceEncryptionContext": self.context(&grant.context()),
+                "DestinationKeyId": to.uri.key,
+                "DestinationEncryptionContext": to.context(&grant.context()),
+            })
+            .to_string(),
+        );
+        let bytes = self
+            .call("ReEncrypt", &body)
+            .map_err(|d| self.unavailable(format!("re-encrypting shard {} for {}: {d}", grant.shard(), to.kek_id)))?;
+        let answer = self.answer("ReEncrypt", &bytes)?;
+        Ok(Rewrap::Done(to.kek_id.clone(), self.blob("ReEncrypt", answer.ciphertext_blob)?))
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn unwrap_dek(&self, grant: Grant) -> Result<Dek> {
@@ -354,16 +418,8 @@ impl KeyProvider for KmsProvider {
                 grant.shard()
             ))
         })?;
-        let answer: KmsAnswer<'_> =
-            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("Decrypt answered no JSON".into()))?;
-        let raw = Zeroizing::new(
-            answer
-                .plaintext
-                .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p.as_bytes()).ok())
-                .ok_or_else(|| self.unavailable("Decrypt answered no Plaintext".into()))?,
-        );
-        Dek::from_slice(&raw)
-            .ok_or_else(|| self.unavailable(format!("shard {}: the DEK is not 32 bytes", grant.shard())))
+        let answer = self.answer("Decrypt", &bytes)?;
+        self.plaintext_dek("Decrypt", grant.shard(), answer.plaintext.as_deref())
     }
 }
 

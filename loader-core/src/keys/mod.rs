@@ -55,6 +55,15 @@ impl Dek {
         Some(Self(k))
     }
 
+    /// The DEK whose standard base64 is `b64` (what KMS, Transit and the key service
+    /// answer), if it decodes to exactly 32 bytes. The decoded copy is zeroized.
+    #[cfg(feature = "key-service")]
+    pub(crate) fn from_base64(b64: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let raw = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(b64).ok()?);
+        Self::from_slice(&raw)
+    }
+
     /// The key bytes, for the Cobblestone layer.
     pub(crate) fn expose(&self) -> &[u8; 32] {
         &self.0
@@ -136,6 +145,32 @@ pub trait KeyProvider: Send + Sync {
         let _ = ctx;
         self.wrap_dek(dek)
     }
+
+    /// A new DEK for the shard `ctx` names, with its wrap: (DEK, KEK id, wrapped bytes).
+    /// What `pack` calls. Custody that makes data keys itself (KMS `GenerateDataKey`,
+    /// Transit `datakey`) does so in one call, from its own randomness; the default
+    /// draws a DEK here and wraps it with [`KeyProvider::wrap_dek_for`].
+    fn generate_dek_for(&self, ctx: &WrapContext<'_>) -> Result<(Dek, String, Vec<u8>)> {
+        let dek = Dek::generate()?;
+        let (kek_id, wrapped) = self.wrap_dek_for(&dek, ctx)?;
+        Ok((dek, kek_id, wrapped))
+    }
+
+    /// Moves the DEK `grant` names to `target` without the DEK leaving custody (KMS
+    /// `ReEncrypt` to a key in the same region, Transit `rewrap` to the newest version of
+    /// the same key), when `target` is custody this one can rewrap for. What `rotate`
+    /// tries first; [`Rewrap::Unsupported`] hands the grant back, and `rotate` then
+    /// unwraps here and wraps for `target`. The default supports nothing.
+    fn rewrap_for(&self, grant: Grant, target: &dyn KeyProvider) -> Result<Rewrap> {
+        let _ = target;
+        Ok(Rewrap::Unsupported(grant))
+    }
+
+    /// This provider as [`std::any::Any`], so that [`KeyProvider::rewrap_for`] can
+    /// recognise a target of its own kind. `None` (the default): not recognisable.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Unwraps the DEK named by `grant` (its KEK id and wrapped bytes come from the
     /// verified manifest entry the grant was issued for). Only a passing authorization
     /// creates a grant, so no DEK can be unwrapped without one.
@@ -155,6 +190,16 @@ pub trait KeyProvider: Send + Sync {
     fn plan(&self, manifest_digest: &[u8; 32], order: &[u32]) {
         let _ = (manifest_digest, order);
     }
+}
+
+/// What [`KeyProvider::rewrap_for`] did.
+#[derive(Debug)]
+pub enum Rewrap {
+    /// Rewrapped inside custody (the DEK was never in the clear here): the target's KEK
+    /// id and the new wrapped bytes.
+    Done(String, Vec<u8>),
+    /// This custody cannot rewrap for that target: the grant, handed back unused.
+    Unsupported(Grant),
 }
 
 /// The shard a DEK belongs to, as custody that binds wraps sees it: the issuer key that

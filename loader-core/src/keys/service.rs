@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -409,7 +408,7 @@ impl KeyServiceProvider {
                 continue;
             }
             let outcome = match (r.dek, r.denied, r.error) {
-                (Some(b64), _, _) => decode_dek(b64).ok_or_else(|| {
+                (Some(b64), _, _) => Dek::from_base64(b64).ok_or_else(|| {
                     self.unavailable(grant, format!("shard {}: the released DEK is not 32 bytes of base64", r.shard))
                 }),
                 (None, Some(reason), _) => {
@@ -443,11 +442,6 @@ fn denied(grant: &Grant, reason: DenyReason, rule: String) -> Error {
         reason,
         rule,
     }
-}
-
-fn decode_dek(b64: &str) -> Option<Dek> {
-    let raw = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(b64).ok()?);
-    Dek::from_slice(&raw)
 }
 
 /// Exponential backoff from 50 ms to 2 s, with up to 50% jitter.

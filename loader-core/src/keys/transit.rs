@@ -1,6 +1,7 @@
 //! OpenBao / Vault Transit custody ([`TransitProvider`], feature `transit`): the KEK is a
-//! Transit key that never leaves the server; DEKs are wrapped with `encrypt` and
-//! unwrapped with `decrypt`, each under a derived-key context naming the dataset and
+//! Transit key that never leaves the server; DEKs are made with `datakey/plaintext` (or
+//! wrapped with `encrypt`, when rotating in from other custody) and unwrapped with
+//! `decrypt`, each under a derived-key context naming the dataset and
 //! shard, so a wrapped DEK moved to another shard's entry does not decrypt.
 //!
 //! ```text
@@ -17,8 +18,9 @@
 //! The KEK id in the manifest is `transit:<mount>/<key>` (without the server, which may
 //! move), and `wrapped_dek` is the hex of the Transit ciphertext text (`vault:vN:...`,
 //! FORMAT.md section 7.5). Rotation is Transit's: `bao write -f transit/keys/<key>/rotate`,
-//! then `shardlock rotate --keyring transit:... --new-keyring transit:...` rewraps every DEK
-//! under the newest key version; payloads are untouched.
+//! then `shardlock rotate --keyring transit:... --new-keyring transit:...` (the same key)
+//! calls `rewrap` for every DEK, which moves it to the newest key version without it
+//! leaving Transit; payloads are untouched.
 
 use std::path::PathBuf;
 
@@ -26,7 +28,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{Dek, Grant, KeyProvider, WrapContext};
+use super::{Dek, Grant, KeyProvider, Rewrap, WrapContext};
 use crate::error::{Error, ProviderFailure, Result};
 
 /// Prefix of Transit KEK ids in manifests.
@@ -207,6 +209,41 @@ impl TransitProvider {
     fn unavailable(&self, detail: String) -> Error {
         Error::KeyUnavailable { key_id: self.kek_id.clone(), detail: format!("transit {}: {detail}", self.kek_id) }
     }
+
+    fn data<'a>(&self, op: &str, bytes: &'a [u8]) -> Result<AnswerData<'a>> {
+        serde_json::from_slice::<Answer<'_>>(bytes)
+            .ok()
+            .and_then(|a| a.data)
+            .ok_or_else(|| self.unavailable(format!("{op} answered no data")))
+    }
+
+    /// The `vault:vN:...` ciphertext of an answer, within [`MAX_CIPHERTEXT`].
+    fn ciphertext(&self, op: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        let ct =
+            self.data(op, bytes)?.ciphertext.ok_or_else(|| self.unavailable(format!("{op} answered no ciphertext")))?;
+        if !ct.starts_with("vault:v") || ct.len() > MAX_CIPHERTEXT || !ct.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(self.unavailable(format!("{op} answered an unexpected ciphertext ({} bytes)", ct.len())));
+        }
+        Ok(ct.as_bytes().to_vec())
+    }
+
+    /// The 32-byte DEK of an answer's base64 `plaintext`.
+    fn plaintext_dek(&self, op: &str, shard: u32, bytes: &[u8]) -> Result<Dek> {
+        let pt =
+            self.data(op, bytes)?.plaintext.ok_or_else(|| self.unavailable(format!("{op} answered no plaintext")))?;
+        Dek::from_base64(&pt)
+            .ok_or_else(|| self.unavailable(format!("shard {shard}: the DEK {op} answered is not 32 bytes of base64")))
+    }
+
+    /// The Transit ciphertext text of the DEK `grant` names.
+    fn grant_ciphertext<'g>(&self, grant: &'g Grant) -> Result<&'g str> {
+        std::str::from_utf8(grant.wrapped_dek())
+            .ok()
+            .filter(|c| c.starts_with("vault:v") && c.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| {
+                self.unavailable(format!("shard {}: the wrapped DEK is not a Transit ciphertext", grant.shard()))
+            })
+    }
 }
 
 /// The Vault token from `env:VAR` or `file:PATH` (an owner-only file).
@@ -252,16 +289,42 @@ impl KeyProvider for TransitProvider {
         body.push_str("\"}");
         let bytes =
             self.call("encrypt", Some(&body)).map_err(|d| self.unavailable(format!("wrapping shard {shard}: {d}")))?;
-        let answer: Answer<'_> =
-            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("encrypt answered no JSON".into()))?;
-        let ct = answer
-            .data
-            .and_then(|d| d.ciphertext)
-            .ok_or_else(|| self.unavailable("encrypt answered no ciphertext".into()))?;
-        if !ct.starts_with("vault:v") || ct.len() > MAX_CIPHERTEXT || !ct.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(self.unavailable(format!("encrypt answered an unexpected ciphertext ({} bytes)", ct.len())));
+        Ok((self.kek_id.clone(), self.ciphertext("encrypt", &bytes)?))
+    }
+
+    /// `datakey/plaintext`: Transit draws the DEK and returns it with its wrap under the
+    /// shard's derived-key context.
+    fn generate_dek_for(&self, ctx: &WrapContext<'_>) -> Result<(Dek, String, Vec<u8>)> {
+        self.require_derived()?;
+        let body = Zeroizing::new(serde_json::json!({"context": context(ctx), "bits": 256}).to_string());
+        let bytes = self
+            .call("datakey/plaintext", Some(&body))
+            .map_err(|d| self.unavailable(format!("a data key for shard {}: {d}", ctx.shard)))?;
+        let dek = self.plaintext_dek("datakey", ctx.shard, &bytes)?;
+        Ok((dek, self.kek_id.clone(), self.ciphertext("datakey", &bytes)?))
+    }
+
+    /// `rewrap`: to the newest version of the same key on the same server (after a
+    /// Transit key rotation); the DEK never leaves Transit.
+    fn rewrap_for(&self, grant: Grant, target: &dyn KeyProvider) -> Result<Rewrap> {
+        let same_key = target
+            .as_any()
+            .and_then(|t| t.downcast_ref::<Self>())
+            .is_some_and(|t| t.uri.server == self.uri.server && t.kek_id == self.kek_id);
+        if !same_key || grant.kek_id() != self.kek_id {
+            return Ok(Rewrap::Unsupported(grant));
         }
-        Ok((self.kek_id.clone(), ct.as_bytes().to_vec()))
+        let ct = self.grant_ciphertext(&grant)?;
+        let body =
+            Zeroizing::new(serde_json::json!({"ciphertext": ct, "context": context(&grant.context())}).to_string());
+        let bytes = self
+            .call("rewrap", Some(&body))
+            .map_err(|d| self.unavailable(format!("rewrapping shard {}: {d}", grant.shard())))?;
+        Ok(Rewrap::Done(self.kek_id.clone(), self.ciphertext("rewrap", &bytes)?))
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn unwrap_dek(&self, grant: Grant) -> Result<Dek> {
@@ -272,12 +335,7 @@ impl KeyProvider for TransitProvider {
                 grant.kek_id()
             )));
         }
-        let ct = std::str::from_utf8(grant.wrapped_dek())
-            .ok()
-            .filter(|c| c.starts_with("vault:v") && c.bytes().all(|b| b.is_ascii_graphic()))
-            .ok_or_else(|| {
-                self.unavailable(format!("shard {}: the wrapped DEK is not a Transit ciphertext", grant.shard()))
-            })?;
+        let ct = self.grant_ciphertext(&grant)?;
         let body =
             Zeroizing::new(serde_json::json!({"ciphertext": ct, "context": context(&grant.context())}).to_string());
         let bytes = self.call("decrypt", Some(&body)).map_err(|d| {
@@ -287,19 +345,7 @@ impl KeyProvider for TransitProvider {
                 grant.shard()
             ))
         })?;
-        let answer: Answer<'_> =
-            serde_json::from_slice(&bytes).map_err(|_| self.unavailable("decrypt answered no JSON".into()))?;
-        let pt = answer
-            .data
-            .and_then(|d| d.plaintext)
-            .ok_or_else(|| self.unavailable("decrypt answered no plaintext".into()))?;
-        let raw = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(pt.as_bytes())
-                .map_err(|_| self.unavailable("plaintext is not base64".into()))?,
-        );
-        Dek::from_slice(&raw)
-            .ok_or_else(|| self.unavailable(format!("shard {}: the DEK is not 32 bytes", grant.shard())))
+        self.plaintext_dek("decrypt", grant.shard(), &bytes)
     }
 }
 

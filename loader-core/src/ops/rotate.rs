@@ -1,12 +1,15 @@
 //! `rotate`: rewrap every DEK under a new KEK and re-sign the manifest. Payloads are
-//! untouched; the new manifest replaces the old one atomically.
+//! untouched; the new manifest replaces the old one atomically. Custody that can move a
+//! DEK itself ([`KeyProvider::rewrap_for`]: KMS `ReEncrypt`, Transit `rewrap`) does, so
+//! the DEK is never in the clear in the rotating process; otherwise it is unwrapped
+//! here and wrapped for the new custody.
 
 use std::path::Path;
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::format::Manifest;
-use crate::keys::{Grant, IssuerKey, KeyProvider};
+use crate::keys::{Grant, IssuerKey, KeyProvider, Rewrap, WrapContext};
 
 /// Rewraps every DEK of the dataset in `dir` from `old` to `new` and writes a manifest
 /// of the next generation signed by `issuer`. Returns the new manifest.
@@ -17,11 +20,15 @@ pub fn rotate(dir: &Path, old: &dyn KeyProvider, new: &dyn KeyProvider, issuer: 
     let (dataset, issuer_id) = (m.dataset_id.clone(), m.issuer_key_id.clone());
     for e in &mut m.shards {
         let grant = owner_grant(issuer, &ds, e.index)?;
-        let dek = old.unwrap_dek(grant)?;
-        let (kek_id, rewrapped) = new.wrap_dek_for(
-            &dek,
-            &crate::keys::WrapContext { dataset: &dataset, shard: e.index, shard_id: &e.id, issuer: &issuer_id },
-        )?;
+        // Inside custody when it can (KMS ReEncrypt, Transit rewrap): no DEK in the clear here.
+        let (kek_id, rewrapped) = match old.rewrap_for(grant, new)? {
+            Rewrap::Done(kek_id, wrapped) => (kek_id, wrapped),
+            Rewrap::Unsupported(grant) => {
+                let dek = old.unwrap_dek(grant)?;
+                let ctx = WrapContext { dataset: &dataset, shard: e.index, shard_id: &e.id, issuer: &issuer_id };
+                new.wrap_dek_for(&dek, &ctx)?
+            }
+        };
         e.kek_id = kek_id;
         e.wrapped_dek = hex::encode(rewrapped);
     }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::header::validate_dataset_id;
 use crate::format::manifest::{Manifest, ShardEntry, FILE_NAME};
 use crate::format::{index, DType, FieldKind, Schema, ShardHeader};
-use crate::keys::{Dek, IssuerKey, KeyProvider, WrapContext};
+use crate::keys::{IssuerKey, KeyProvider, WrapContext};
 
 /// Default shard plaintext size: 256 MiB.
 pub const DEFAULT_SHARD_SIZE: u64 = 256 << 20;
@@ -237,6 +237,12 @@ impl<'a> DatasetWriter<'a> {
             plaintext_len,
         };
         let header_bytes = header.encode();
+        // The DEK and its wrap first: custody that makes data keys (KMS, Transit) draws
+        // it, and a custody failure stops before any ciphertext is written.
+        let (issuer, id_hex) = (self.issuer.trust_anchor().key_id(), hex::encode(shard_id));
+        let ctx =
+            WrapContext { dataset: &self.opts.dataset_id, shard: shard_index, shard_id: &id_hex, issuer: &issuer };
+        let (dek, kek_id, wrapped) = self.keys.generate_dek_for(&ctx)?;
         let file = format!("shard-{shard_index:05}.slk");
         let final_path = self.dir.join(&file);
         let tmp = self.dir.join(format!("{file}.partial"));
@@ -244,7 +250,6 @@ impl<'a> DatasetWriter<'a> {
         let mut out =
             HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
         out.write_all(&header_bytes).map_err(Error::io("write", &tmp))?;
-        let dek = Dek::generate()?;
         let mut enc = Encryptor::new(self.opts.backend, dek.expose(), &header_bytes, out)?;
         enc.write(&idx)?;
         enc.write(&self.data)?;
@@ -253,10 +258,6 @@ impl<'a> DatasetWriter<'a> {
         let f = inner.into_inner().map_err(|e| Error::io_at("write", tmp.clone(), e.into_error()))?;
         f.sync_all().map_err(Error::io("sync", &tmp))?;
         std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
-        let (issuer, id_hex) = (self.issuer.trust_anchor().key_id(), hex::encode(shard_id));
-        let ctx =
-            WrapContext { dataset: &self.opts.dataset_id, shard: shard_index, shard_id: &id_hex, issuer: &issuer };
-        let (kek_id, wrapped) = self.keys.wrap_dek_for(&dek, &ctx)?;
         self.shards.push(ShardEntry {
             index: shard_index,
             id: hex::encode(shard_id),

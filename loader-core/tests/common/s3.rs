@@ -171,6 +171,8 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
     injected: Arc<AtomicUsize>,
     forwarded: Arc<AtomicUsize>,
+    /// Everything clients sent upstream (requests), for tests that check which calls were made.
+    sent: Arc<Mutex<Vec<u8>>>,
     port: u16,
 }
 
@@ -182,7 +184,8 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let injected = Arc::new(AtomicUsize::new(0));
         let forwarded = Arc::new(AtomicUsize::new(0));
-        let (f, st, inj, fwd) = (fault.clone(), stop.clone(), injected.clone(), forwarded.clone());
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (f, st, inj, fwd, rec) = (fault.clone(), stop.clone(), injected.clone(), forwarded.clone(), sent.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -203,11 +206,23 @@ impl Proxy {
                     }
                     m
                 };
-                let (st, inj, live, fwd) = (st.clone(), inj.clone(), f.clone(), fwd.clone());
-                std::thread::spawn(move || serve(client, upstream, mode, &live, &st, &inj, &fwd));
+                let (st, inj, live, fwd, rec) = (st.clone(), inj.clone(), f.clone(), fwd.clone(), rec.clone());
+                std::thread::spawn(move || serve(client, upstream, mode, &live, &st, &inj, &fwd, rec));
             }
         });
-        Self { endpoint: format!("http://127.0.0.1:{port}"), fault, stop, injected, forwarded, port }
+        Self { endpoint: format!("http://127.0.0.1:{port}"), fault, stop, injected, forwarded, sent, port }
+    }
+
+    /// How often `needle` occurs in what clients sent upstream since the last
+    /// [`Proxy::clear`] (e.g. an `X-Amz-Target` value or a request path).
+    pub fn count(&self, needle: &str) -> usize {
+        let sent = self.sent.lock().unwrap();
+        String::from_utf8_lossy(&sent).matches(needle).count()
+    }
+
+    /// Forgets what clients sent so far.
+    pub fn clear(&self) {
+        self.sent.lock().unwrap().clear();
     }
 
     pub fn set(&self, f: Fault) {
@@ -232,6 +247,7 @@ impl Drop for Proxy {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     mut client: TcpStream,
     upstream: u16,
@@ -240,6 +256,7 @@ fn serve(
     stop: &AtomicBool,
     injected: &AtomicUsize,
     forwarded: &AtomicUsize,
+    sent: Arc<Mutex<Vec<u8>>>,
 ) {
     match mode {
         Fault::Status503(_) => {
@@ -263,7 +280,13 @@ fn serve(
             let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
             let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c2, &mut u2);
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n @ 1..) = c2.read(&mut buf) {
+                    sent.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if u2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
                 let _ = u2.shutdown(Shutdown::Write);
             });
             let mut sent = 0usize;
