@@ -95,8 +95,8 @@ pub use keys::service;
 #[cfg(feature = "transit")]
 pub use keys::transit;
 pub use keys::{
-    is_pkcs11_uri, is_service_url, open_provider, open_provider_path, Dek, Grant, IssuerKey, Kek, KeyProvider, Keyring,
-    ReleaseContext, Rewrap, TrustAnchor, WrapContext,
+    is_pkcs11_uri, is_service_url, open_provider, open_provider_path, open_providers, Dek, Grant, IssuerKey, Kek,
+    KeyProvider, Keyring, ProviderSet, ReleaseContext, Rewrap, TrustAnchor, WrapContext,
 };
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};

@@ -93,6 +93,8 @@ fn keygen_pack_inspect_verify_rotate() {
     let old = shardlock(d, &["verify", "ds", "--keyring", "kr.json", "--token", "tok", "--trust", "iss.pub"]);
     assert!(!old.status.success());
     assert!(String::from_utf8_lossy(&old.stdout).contains("key unavailable"));
+    // A repeated --keyring: each DEK is unwrapped by the keyring that holds its KEK.
+    ok(d, &["verify", "ds", "--keyring", "kr.json", "--keyring", "kr2.json", "--token", "tok", "--trust", "iss.pub"]);
     // No temporary manifest left behind by the atomic replace.
     assert!(std::fs::read_dir(d.join("ds")).unwrap().all(|e| !e
         .unwrap()

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::Fixture;
-use shardlock::{open_provider, Error};
+use shardlock::{open_provider, Error, KeyProvider as _};
 
 /// The token variable the providers of this test process read (set once: every test
 /// uses the same root token of its own server).
@@ -88,11 +88,11 @@ fn pack_stream_and_rotate_through_transit_without_touching_payloads() {
 #[test]
 fn pack_draws_deks_in_transit_and_rotation_rewraps_them_there() {
     let Some(bao) = bao::Bao::start("pack_draws_deks_in_transit") else { return };
-    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_D");
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_E");
     bao.create_key("calls");
     let port: u16 = bao.addr.rsplit(':').next().unwrap().parse().unwrap();
     let proxy = s3::Proxy::start(port);
-    let uri = format!("transit:{}/transit/calls?token-source=env:SHARDLOCK_TEST_BAO_TOKEN_D", proxy.endpoint);
+    let uri = format!("transit:{}/transit/calls?token-source=env:SHARDLOCK_TEST_BAO_TOKEN_E", proxy.endpoint);
     let transit = open_provider(&uri).unwrap();
     let fx = Fixture::new();
     let (dir, samples) = fx.standard_with(&*transit, "ds", "transit-calls", 40);
@@ -215,4 +215,62 @@ fn the_key_service_serves_from_transit_and_a_stopped_server_is_a_typed_error() {
         Err(Error::KeyUnavailable { detail, .. }) => assert!(detail.contains("unreachable"), "{detail}"),
         other => panic!("expected KeyUnavailable, got {:?}", other.map(|_| "a reader")),
     }
+}
+
+/// A manifest whose shards are wrapped under two custodies (half keyring, half Transit):
+/// one custody alone cannot read it; a `ProviderSet` of both reads every epoch exactly,
+/// locally and behind the key service, and `rotate` moves it all to one keyring.
+#[test]
+fn a_manifest_under_two_custodies_reads_with_a_provider_set_and_rotates_to_one() {
+    let Some(bao) = bao::Bao::start("a_manifest_under_two_custodies") else { return };
+    token_env(&bao, "SHARDLOCK_TEST_BAO_TOKEN_F");
+    bao.create_key("mix");
+    let transit = open_provider(&bao.uri("mix", "SHARDLOCK_TEST_BAO_TOKEN_F")).unwrap();
+    let fx = Fixture::new();
+    let (dir, samples) = fx.standard_with(&*fx.keyring, "ds", "mixed", 40);
+    let want: HashMap<u64, Vec<u8>> = samples.iter().enumerate().map(|(i, s)| (i as u64, s[1].clone())).collect();
+    // A copy moved to Transit; its entries for shards 5.. go into the original manifest.
+    let moved = fx.path("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for (name, bytes) in payloads(&dir) {
+        std::fs::write(moved.join(name), bytes).unwrap();
+    }
+    std::fs::copy(dir.join("manifest.json"), moved.join("manifest.json")).unwrap();
+    shardlock::rotate(&moved, &*fx.keyring, &*transit, &fx.issuer).unwrap();
+    let t = fx.open(&moved).unwrap().manifest().clone();
+    fx.resign(&dir, |m| {
+        for e in m.shards.iter_mut().skip(5) {
+            e.kek_id.clone_from(&t.shards[e.index as usize].kek_id);
+            e.wrapped_dek.clone_from(&t.shards[e.index as usize].wrapped_dek);
+        }
+    });
+    let kinds: Vec<bool> =
+        fx.open(&dir).unwrap().manifest().shards.iter().map(|s| s.kek_id.starts_with("transit:")).collect();
+    assert!(kinds[..5].iter().all(|t| !t) && kinds[5..].iter().all(|t| *t), "{kinds:?}");
+
+    match fx.epoch_field(&dir, "mixed", fx.keyring.clone(), "tag") {
+        Err(Error::KeyUnavailable { key_id, .. }) => assert_eq!(key_id, "transit:transit/mix"),
+        other => panic!("a keyring alone read Transit-wrapped shards: {other:?}"),
+    }
+    let both = shardlock::ProviderSet::combine(vec![
+        fx.keyring.clone() as std::sync::Arc<dyn shardlock::KeyProvider>,
+        transit.clone(),
+    ])
+    .unwrap();
+    assert_eq!(fx.epoch_field(&dir, "mixed", both.clone(), "tag").unwrap(), want);
+    // The loader opens the same set from a list of specs, as a repeated --keyring does.
+    let specs = [fx.path("keyring.json").display().to_string(), bao.uri("mix", "SHARDLOCK_TEST_BAO_TOKEN_F")];
+    assert_eq!(fx.epoch_field(&dir, "mixed", shardlock::open_providers(&specs).unwrap(), "tag").unwrap(), want);
+
+    // The key service holding both custodies serves the whole manifest.
+    let pki = pki::Pki::new(fx.dir.path());
+    let (svc, client) = pki::serve(&pki, both.clone(), fx.trust, |_| {});
+    assert_eq!(fx.epoch_field(&dir, "mixed", client, "tag").unwrap(), want);
+    svc.shutdown().unwrap();
+
+    // rotate moves every shard, from either custody, to one new keyring.
+    let new = std::sync::Arc::new(shardlock::Keyring::create(&fx.path("new.json")).unwrap());
+    shardlock::rotate(&dir, &*both, &*new, &fx.issuer).unwrap();
+    assert!(fx.open(&dir).unwrap().manifest().shards.iter().all(|s| s.kek_id == new.active_kek_id()));
+    assert_eq!(fx.epoch_field(&dir, "mixed", new, "tag").unwrap(), want);
 }

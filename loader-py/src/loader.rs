@@ -180,29 +180,37 @@ fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTupl
     PyTuple::new(py, [out.into_any(), ids.into_any()])
 }
 
+/// The key providers `keyring` names, as one ([`shardlock::ProviderSet`] for several).
+fn open_keys(
+    keyring: &[PathBuf],
+    tls: &shardlock::service::ServiceTls,
+) -> shardlock::Result<std::sync::Arc<dyn shardlock::KeyProvider>> {
+    let has_tls = tls.ca_cert.is_some() || tls.client_cert.is_some() || tls.client_key.is_some();
+    if has_tls && !keyring.iter().any(|k| shardlock::is_service_url(&k.to_string_lossy())) {
+        return Err(shardlock::Error::InvalidArgument(
+            "ca_cert/client_cert/client_key are for a key service (keyring=\"https://...\")".into(),
+        ));
+    }
+    shardlock::ProviderSet::combine(keyring.iter().map(|k| open_key(k, tls)).collect::<shardlock::Result<_>>()?)
+}
+
 /// The key provider `keyring` names; a key service's URL gets the TLS files given
 /// (each falling back to its environment variable).
-fn open_keys(
+fn open_key(
     keyring: &std::path::Path,
-    tls: shardlock::service::ServiceTls,
+    tls: &shardlock::service::ServiceTls,
 ) -> shardlock::Result<std::sync::Arc<dyn shardlock::KeyProvider>> {
     let spec = keyring.to_string_lossy();
-    let has_tls = tls.ca_cert.is_some() || tls.client_cert.is_some() || tls.client_key.is_some();
     if !shardlock::is_service_url(&spec) {
-        if has_tls {
-            return Err(shardlock::Error::InvalidArgument(
-                "ca_cert/client_cert/client_key are for a key service (keyring=\"https://...\")".into(),
-            ));
-        }
         return shardlock::open_provider_path(keyring);
     }
     let mut opts = shardlock::service::ServiceOptions::from_env()?;
     if tls.ca_cert.is_some() {
-        opts.tls.ca_cert = tls.ca_cert;
+        opts.tls.ca_cert.clone_from(&tls.ca_cert);
     }
     if tls.client_cert.is_some() || tls.client_key.is_some() {
-        opts.tls.client_cert = tls.client_cert;
-        opts.tls.client_key = tls.client_key;
+        opts.tls.client_cert.clone_from(&tls.client_cert);
+        opts.tls.client_key.clone_from(&tls.client_key);
     }
     Ok(std::sync::Arc::new(shardlock::service::KeyServiceProvider::open(&spec, opts)?))
 }
@@ -218,7 +226,7 @@ impl NativeLoader {
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        keyring: PathBuf,
+        keyring: Vec<PathBuf>,
         token: Option<PathBuf>,
         trust: PathBuf,
         batch_size: usize,
@@ -254,7 +262,7 @@ impl NativeLoader {
         }
         py.detach(|| {
             let mut b = Loader::builder(&path)
-                .key_provider(open_keys(&keyring, tls)?)
+                .key_provider(open_keys(&keyring, &tls)?)
                 .trust(&trust)
                 .batch_size(batch_size)
                 .shuffle(shuffle)

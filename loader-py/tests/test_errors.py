@@ -71,6 +71,24 @@ def test_wrong_keyring_is_key_unavailable(env, numbers):
         first_batch(loader)
 
 
+def test_a_list_of_keyrings_unwraps_each_key_with_the_one_that_holds_it(env, numbers):
+    path, _, _ = numbers
+    other = env.root / "other.json"
+    shardlock.create_keyring(other)
+    token = env.token("numbers")
+    kw = dict(token=token, trust=env.trust, batch_size=4, shuffle="none")
+    want = [b["x"].clone() for b in shardlock.Loader(path, keyring=env.keyring, **kw)]
+    got = [b["x"] for b in shardlock.Loader(path, keyring=[other, env.keyring], **kw)]
+    assert len(got) == len(want) and all(bool((g == w).all()) for g, w in zip(got, want))
+    with pytest.raises(shardlock.KeyUnavailable) as e:
+        first_batch(shardlock.Loader(path, keyring=(other,), **kw))
+    assert "other.json" in str(e.value)
+    with pytest.raises(ValueError, match="non-empty list"):
+        shardlock.Loader(path, keyring=[], **kw)
+    with pytest.raises(FileNotFoundError, match="keyring file"):
+        shardlock.Loader(path, keyring=[env.keyring, env.root / "missing.json"], **kw)
+
+
 def test_bad_arguments_are_value_errors(env, numbers):
     path, _, _ = numbers
     with pytest.raises(ValueError):

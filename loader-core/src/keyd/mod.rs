@@ -29,7 +29,9 @@ pub struct KeydConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port; see [`KeyService::local_addr`]).
     pub listen: SocketAddr,
     /// The custody that unwraps DEKs: a keyring file, a PKCS#11 HSM, OpenBao/Vault Transit
-    /// or AWS KMS ([`crate::open_provider`]).
+    /// or AWS KMS ([`crate::open_provider`]), or several of them as a
+    /// [`crate::ProviderSet`] ([`crate::open_providers`]) for manifests whose shards are
+    /// wrapped under different custody.
     pub keys: Arc<dyn KeyProvider>,
     /// The issuer keys whose manifests (and tokens) this service accepts; at least one.
     pub trust: Vec<TrustAnchor>,
@@ -129,7 +131,9 @@ impl KeyService {
                 "the key service needs at least one trust anchor (--trust FILE.pub)".into(),
             ));
         }
-        if cfg.keys.describe().starts_with("key service") {
+        let set = cfg.keys.as_any().and_then(|k| k.downcast_ref::<crate::keys::ProviderSet>());
+        let members = set.map_or_else(|| vec![cfg.keys.clone()], |s| s.members().to_vec());
+        if members.iter().any(|k| k.describe().starts_with("key service")) {
             return Err(Error::InvalidArgument(
                 "the key service's custody must hold the KEK (a keyring file, pkcs11:, transit: or aws-kms:), not be another key service".into(),
             ));

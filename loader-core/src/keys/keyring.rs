@@ -126,6 +126,10 @@ impl KeyProvider for Keyring {
         &self.active
     }
 
+    fn holds(&self, kek_id: &str) -> bool {
+        self.kek_ids().any(|id| id == kek_id)
+    }
+
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)> {
         let kek = self.kek(&self.active)?;
         Ok((kek.id.clone(), kek.wrap(dek)?))

@@ -7,6 +7,8 @@
 //! - [`KeyProvider`]: where a DEK is wrapped and unwrapped: the keyring file, or a
 //!   PKCS#11 HSM ([`pkcs11`], feature `pkcs11`). [`open_provider`] opens either from one
 //!   string (a file path or a `pkcs11:` URI).
+//! - [`ProviderSet`] ([`open_providers`]): several providers as one, each shard's DEK
+//!   unwrapped by the one that holds its KEK.
 
 mod grant;
 mod keyring;
@@ -16,11 +18,13 @@ pub mod kms;
 pub mod pkcs11;
 #[cfg(feature = "key-service")]
 pub mod service;
+mod set;
 #[cfg(feature = "transit")]
 pub mod transit;
 
 pub use grant::Grant;
 pub use keyring::Keyring;
+pub use set::ProviderSet;
 
 use std::fmt;
 use std::path::Path;
@@ -135,6 +139,11 @@ pub trait KeyProvider: Send + Sync {
     fn describe(&self) -> String;
     /// Id of the KEK new DEKs are wrapped under.
     fn active_kek_id(&self) -> &str;
+    /// Whether this provider can unwrap DEKs wrapped under KEK `kek_id` (what a
+    /// [`ProviderSet`] routes by). The default: `kek_id` is the active KEK's.
+    fn holds(&self, kek_id: &str) -> bool {
+        kek_id == self.active_kek_id()
+    }
     /// Wraps a DEK under the active KEK; returns (KEK id, wrapped bytes).
     fn wrap_dek(&self, dek: &Dek) -> Result<(String, Vec<u8>)>;
 
@@ -290,6 +299,13 @@ pub fn open_provider(spec: &str) -> Result<Arc<dyn KeyProvider>> {
         ));
     }
     Ok(Arc::new(Keyring::load(Path::new(spec))?))
+}
+
+/// The provider of each spec ([`open_provider`]) as one: a single provider as it is,
+/// several as a [`ProviderSet`] asked in this order (for a manifest whose shards are
+/// wrapped under different custody).
+pub fn open_providers<S: AsRef<str>>(specs: &[S]) -> Result<Arc<dyn KeyProvider>> {
+    ProviderSet::combine(specs.iter().map(|s| open_provider(s.as_ref())).collect::<Result<Vec<_>>>()?)
 }
 
 /// [`open_provider`] for a path-like argument (a keyring file, or a `pkcs11:` URI passed

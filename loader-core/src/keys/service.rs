@@ -515,6 +515,11 @@ impl KeyProvider for KeyServiceProvider {
         ""
     }
 
+    /// The service decides what it can unwrap: every KEK id goes to it.
+    fn holds(&self, _kek_id: &str) -> bool {
+        true
+    }
+
     fn wrap_dek(&self, _dek: &Dek) -> Result<(String, Vec<u8>)> {
         Err(Error::InvalidArgument(format!(
             "key service {}: a key service releases DEKs for reading; pack with the keyring or HSM the service uses",

@@ -120,7 +120,7 @@ class NativeLoader:
         cls,
         path: _Path,
         *,
-        keyring: _Path,
+        keyring: List[_Path],
         token: Optional[_Path],
         trust: _Path,
         batch_size: int,

@@ -191,6 +191,15 @@ def _check_args(batch_size: Any, shuffle: Any, seed: Any, fields: Any) -> Tuple[
 _KEY_URI_PREFIXES = ("pkcs11:", "https://", "http://", "transit:", "aws-kms:")
 
 
+def _keyrings(keyring: Any) -> List[str]:
+    """``keyring=`` as a list of provider specs: one path or URI, or a list of them (a
+    manifest whose shards are wrapped under different custody)."""
+    specs = list(keyring) if isinstance(keyring, (list, tuple)) else [keyring]
+    if not specs:
+        raise ValueError("keyring= needs a keyring file or a key provider URI, or a non-empty list of them")
+    return [os.fspath(k) for k in specs]
+
+
 def _check_files(path: Any, keyring: Any, token: Any, trust: Any) -> None:
     """``FileNotFoundError`` naming the first of the local files a loader reads that
     does not exist, before anything is opened."""
@@ -198,9 +207,9 @@ def _check_files(path: Any, keyring: Any, token: Any, trust: Any) -> None:
     checks = []
     if "://" not in str(p):
         checks.append(("dataset directory", p))
-    k = os.fspath(keyring)
-    if not str(k).startswith(_KEY_URI_PREFIXES):
-        checks.append(("keyring file", k))
+    for k in _keyrings(keyring):
+        if not str(k).startswith(_KEY_URI_PREFIXES):
+            checks.append(("keyring file", k))
     if token is not None:
         checks.append(("token file", os.fspath(token)))
     checks.append(("trust (issuer public key) file", os.fspath(trust)))
@@ -249,7 +258,9 @@ class Loader:
     and releases each shard's key; ``ca_cert`` is the PEM CA that signed the service's
     certificate (default ``$SHARDLOCK_CA_CERT``, ``$SSL_CERT_FILE``, the system bundle),
     ``client_cert``/``client_key`` a client certificate for a service that requires
-    mTLS. Then every 16 KiB chunk is authenticated before a byte of it is released.
+    mTLS. A list of these (``keyring=["keyring.json", "aws-kms:..."]``) reads a dataset
+    whose shards are wrapped under different custody: each shard's key is unwrapped by
+    the first that holds its KEK (a key service holds every KEK, so put it last). Then every 16 KiB chunk is authenticated before a byte of it is released.
     Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
     arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
     the buffer is wiped and reused only after every tensor built on it is freed. A
@@ -321,7 +332,7 @@ class Loader:
         self,
         path: PathLike,
         *,
-        keyring: PathLike,
+        keyring: Union[PathLike, Sequence[PathLike]],
         token: Optional[PathLike],
         trust: PathLike,
         batch_size: int,
@@ -364,7 +375,7 @@ class Loader:
         self._pid = os.getpid()
         self._native = NativeLoader(
             os.fspath(path),
-            keyring=os.fspath(keyring),
+            keyring=_keyrings(keyring),
             token=None if token is None else os.fspath(token),
             trust=os.fspath(trust),
             batch_size=batch_size,

@@ -39,10 +39,15 @@ impl RemoteArgs {
 }
 
 impl ReaderArgs {
-    /// The key provider `--keyring` names; a key service gets the TLS options.
+    /// The key provider `--keyring` names (a [`shardlock::ProviderSet`] when repeated);
+    /// a key service gets the TLS options.
     pub(crate) fn keys(&self) -> Result<Arc<dyn KeyProvider>, Error> {
-        if !shardlock::is_service_url(&self.keyring) {
-            return shardlock::open_provider(&self.keyring);
+        shardlock::ProviderSet::combine(self.keyring.iter().map(|spec| self.open_one(spec)).collect::<Result<_, _>>()?)
+    }
+
+    fn open_one(&self, spec: &str) -> Result<Arc<dyn KeyProvider>, Error> {
+        if !shardlock::is_service_url(spec) {
+            return shardlock::open_provider(spec);
         }
         let mut opts = service::ServiceOptions::from_env()?;
         if self.ca_cert.is_some() {
@@ -52,7 +57,7 @@ impl ReaderArgs {
             opts.tls.client_cert.clone_from(&self.client_cert);
             opts.tls.client_key.clone_from(&self.client_key);
         }
-        Ok(Arc::new(service::KeyServiceProvider::open(&self.keyring, opts)?))
+        Ok(Arc::new(service::KeyServiceProvider::open(spec, opts)?))
     }
 
     /// The trust anchor and the access gate: `--token` (or `token`, when given, in its

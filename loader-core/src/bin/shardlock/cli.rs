@@ -54,9 +54,10 @@ pub(crate) struct KeydArgs {
     #[arg(long)]
     pub(crate) listen: Option<std::net::SocketAddr>,
     /// Custody of the KEK: a keyring file, the pkcs11: URI of an HSM KEK, a transit: URI
-    /// (OpenBao/Vault) or an aws-kms: URI.
+    /// (OpenBao/Vault) or an aws-kms: URI. Repeat to serve manifests whose shards are
+    /// wrapped under different custody: each DEK goes to the first that holds its KEK.
     #[arg(long)]
-    pub(crate) keyring: Option<String>,
+    pub(crate) keyring: Vec<String>,
     /// Issuer public key (.pub) whose manifests and tokens are accepted; repeat for several.
     #[arg(long)]
     pub(crate) trust: Vec<PathBuf>,
@@ -253,9 +254,11 @@ pub(crate) struct ReaderArgs {
     /// Keyring file holding the KEK the DEKs are wrapped under, the pkcs11: URI of an
     /// HSM KEK (RFC 7512; the PIN comes from pin-source=env:VAR or file:PATH, never the URI),
     /// a transit: or aws-kms: URI, or the https:// URL of a key service (shardlock keyd),
-    /// which then holds the KEK.
-    #[arg(long)]
-    pub(crate) keyring: String,
+    /// which then holds the KEK. Repeat for a manifest whose shards are wrapped under
+    /// different custody: each DEK is unwrapped by the first that holds its KEK (a key
+    /// service holds every KEK, so give it last).
+    #[arg(long, required = true)]
+    pub(crate) keyring: Vec<String>,
     /// With an https:// key service: PEM CA certificate that signed the service's
     /// certificate (default: $SHARDLOCK_CA_CERT, $SSL_CERT_FILE, the system bundle).
     #[arg(long)]
@@ -435,9 +438,11 @@ pub(crate) struct BenchArgs {
 pub(crate) struct RotateArgs {
     /// Dataset directory.
     pub(crate) dir: PathBuf,
-    /// Current key provider: keyring file, pkcs11:, transit: or aws-kms: URI.
-    #[arg(long)]
-    pub(crate) keyring: String,
+    /// Current key provider: keyring file, pkcs11:, transit: or aws-kms: URI. Repeat when
+    /// the shards are wrapped under different custody (each DEK is unwrapped by the first
+    /// that holds its KEK), to move them all to --new-keyring.
+    #[arg(long, required = true)]
+    pub(crate) keyring: Vec<String>,
     /// Key provider whose active KEK will wrap the DEKs: keyring file, pkcs11:, transit: or aws-kms: URI.
     #[arg(long)]
     pub(crate) new_keyring: String,

@@ -13,7 +13,7 @@ use crate::cli::KeydArgs;
 #[serde(deny_unknown_fields)]
 struct KeydFile {
     listen: Option<std::net::SocketAddr>,
-    keyring: Option<String>,
+    keyring: Option<Keyrings>,
     #[serde(default)]
     trust: Vec<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -26,6 +26,14 @@ struct KeydFile {
     max_in_flight: Option<usize>,
     max_shards: Option<usize>,
     rate_limit: Option<f64>,
+}
+
+/// `keyring = "..."` or `keyring = ["...", "..."]` (several custodies).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Keyrings {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn read_config(path: &Path) -> Result<KeydFile, Error> {
@@ -52,12 +60,17 @@ pub(crate) fn keyd_cmd(a: KeydArgs) -> Result<(), Error> {
         Some(p) => read_config(p)?,
         None => KeydFile::default(),
     };
-    let keyring = required(a.keyring, f.keyring, "keyring")?;
+    let file_keyrings = f.keyring.map(|k| match k {
+        Keyrings::One(s) => vec![s],
+        Keyrings::Many(v) => v,
+    });
+    let keyring =
+        required(Some(a.keyring).filter(|k| !k.is_empty()), file_keyrings.filter(|k| !k.is_empty()), "keyring")?;
     let trust_files = if a.trust.is_empty() { f.trust } else { a.trust };
     if trust_files.is_empty() {
         return Err(Error::InvalidArgument("--trust is required (on the command line or in --config)".into()));
     }
-    let keys = shardlock::open_provider(&keyring)?;
+    let keys = shardlock::open_providers(&keyring)?;
     let trust = trust_files.iter().map(|p| TrustAnchor::load(p)).collect::<Result<Vec<_>, _>>()?;
     let listen = a.listen.or(f.listen).unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
     let mut cfg = KeydConfig::new(

@@ -7,7 +7,7 @@ use crate::cli::RotateArgs;
 use crate::output::print_json;
 
 pub(crate) fn rotate_cmd(a: RotateArgs) -> Result<(), Error> {
-    let old = shardlock::open_provider(&a.keyring)?;
+    let old = shardlock::open_providers(&a.keyring)?;
     let new = shardlock::open_provider(&a.new_keyring)?;
     let issuer = IssuerKey::load(&a.issuer_key)?;
     let m = shardlock::rotate(&a.dir, &*old, &*new, &issuer)?;
