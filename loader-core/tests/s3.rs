@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "common/s3.rs"]
 mod s3;
 
@@ -143,6 +145,41 @@ fn streams_through_a_ciphertext_only_cache_and_rereads_from_it() {
     let audit = std::fs::read_to_string(fx.path("audit.jsonl")).unwrap();
     assert_no_credentials("audit log", &audit);
     assert!(!audit.contains("CANARY"));
+}
+
+/// A workload with no KEK material (no keyring, no PIN, no cloud credentials for custody)
+/// streams exact epochs of an `s3://` dataset: shards from the store, each DEK from the
+/// key service after the service's own authorization, audited there.
+#[test]
+fn a_workload_without_a_kek_streams_s3_through_the_key_service() {
+    let Some(srv) = S3Server::start("a_workload_without_a_kek_streams_s3") else { return };
+    let fx = Fixture::new();
+    let (dir, samples) = dataset(&fx);
+    let url = srv.upload(&fx.trust, &dir, BUCKET, "datasets/keyd");
+    let pki = pki::Pki::new(fx.dir.path());
+    let service_audit = fx.path("keyd-audit.jsonl");
+    let (svc, client) = pki::serve(&pki, fx.keyring.clone(), fx.trust, |c| c.audit_log = Some(service_audit.clone()));
+    let (trust, token) = trust_and_token(&fx);
+    let mut l = Loader::builder(&url)
+        .key_provider(client)
+        .token(&token)
+        .trust(&trust)
+        .batch_size(8)
+        .shuffle(Shuffle::None)
+        .workers(2)
+        .remote_options(options(&srv.endpoint, Some(&fx.path("cache"))))
+        .build()
+        .unwrap();
+    assert!(l.dataset().is_remote());
+    for e in 0..2 {
+        assert_eq!(epoch(&mut l).unwrap(), samples, "epoch {e}");
+    }
+    drop(l);
+    svc.shutdown().unwrap();
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&service_audit).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let released = records.iter().filter(|r| r["event"] == "key_release" && r["decision"] == "allow").count();
+    assert_eq!(released, 2 * 8, "each shard's DEK released by the service once per epoch");
 }
 
 #[test]

@@ -294,3 +294,26 @@ def test_forked_child_drops_an_s3_loader_without_hanging(env, server, remote):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("a forked child hung freeing an s3:// loader")
+
+
+def test_a_process_without_the_keyring_streams_s3_through_the_key_service(env, server, remote, keyd):
+    """No KEK material in the workload: the DEKs come from the service, the shards from S3."""
+    local, url, x, y = remote
+    svc, ca, audit = keyd
+    kw = dict(dataset="pyds", shuffle="window", seed=5, output="numpy", batch_size=16, drop_last=False)
+    token = env.token("pyds")
+    loader = shardlock.Loader(url, keyring=svc, ca_cert=ca, token=token, trust=env.trust,
+                              storage_options=_opts(server, env.root / "cache"),
+                              **{k: v for k, v in kw.items() if k != "dataset"})
+    for epoch in range(2):
+        local_loader = env.loader(local, **kw)
+        local_loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        lx, ly = _epoch(local_loader)
+        rx, ry = _epoch(loader)
+        assert (ry == ly).all() and (rx == lx).all(), f"epoch {epoch}"
+        assert sorted(ry.tolist()) == list(range(len(y)))
+    released = [json.loads(r) for r in audit.read_text().splitlines()]
+    released = [r for r in released if r["event"] == "key_release" and r["decision"] == "allow"]
+    shards = len(json.loads((local / "manifest.json").read_text())["body"]["shards"])
+    assert len(released) == 2 * shards, "each shard's key released by the service once per epoch"
