@@ -12,7 +12,10 @@
 //! Run: `cargo run --release -p shardlock-benches --features keyd --example keyd_load [N]`
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::path::Path;
+/// The test PKI the key service's integration tests use (CA, server certificate, raw client).
+#[path = "../../loader-core/tests/common/pki.rs"]
+mod pki;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,36 +26,9 @@ use shardlock::{Schema, ShardSet, Shuffle, Token, TokenSpec};
 const SHARDS: usize = 10_000;
 const BATCH: usize = 64;
 
-fn pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"));
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    shardlock::write_new_file(&paths.2, key.serialize_pem().as_bytes(), 0o600).unwrap();
-    paths
-}
-
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn raw_client(ca: &Path) -> reqwest::blocking::Client {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::blocking::Client::builder().tls_backend_preconfigured(cfg).build().unwrap()
 }
 
 fn main() {
@@ -73,7 +49,9 @@ fn main() {
     w.finish().unwrap();
     let manifest = std::fs::read(data.join("manifest.json")).unwrap();
     println!("packed {SHARDS} shards in {:.1?} (manifest {} KiB)", t.elapsed(), manifest.len() >> 10);
-    let (ca, cert, key) = pki(dir.path());
+    let pki = pki::Pki::new(dir.path());
+    let (cert, key) = pki.server();
+    let ca = pki.ca();
     let spec = TokenSpec {
         dataset: "keyd-load".into(),
         principal: "bench".into(),
@@ -107,9 +85,9 @@ fn main() {
         let lat: Vec<f64> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..clients)
                 .map(|c| {
-                    let (urls, ca, manifest, bearer, barrier) = (&urls, &ca, &manifest, &bearer, barrier.clone());
+                    let (urls, pki, manifest, bearer, barrier) = (&urls, &pki, &manifest, &bearer, barrier.clone());
                     s.spawn(move || {
-                        let http = raw_client(ca);
+                        let http = pki.raw_client(None);
                         barrier.wait();
                         let mut digest = String::new();
                         for u in urls {

@@ -61,6 +61,31 @@ impl Pki {
         (c, k)
     }
 
+    /// A raw HTTPS client (TLS 1.3 and 1.2 offered) that trusts this CA, with the client
+    /// certificate `client` (cert, key) if given: for requests that skip the loader's own
+    /// checks.
+    pub fn raw_client(&self, client: Option<(PathBuf, PathBuf)>) -> reqwest::blocking::Client {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(self.ca()).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let cfg = match client {
+            Some((c, k)) => b
+                .with_client_auth_cert(
+                    rustls::pki_types::CertificateDer::pem_file_iter(c).unwrap().map(|c| c.unwrap()).collect(),
+                    rustls::pki_types::PrivateKeyDer::from_pem_file(k).unwrap(),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        reqwest::blocking::Client::builder().tls_backend_preconfigured(cfg).build().unwrap()
+    }
+
     pub fn server(&self) -> (PathBuf, PathBuf) {
         let c = self.dir.join("server.pem");
         if c.exists() {
