@@ -100,7 +100,9 @@ pub use keys::{
 };
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
-pub use pack::{pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, DEFAULT_SHARD_SIZE};
+pub use pack::{
+    default_pack_threads, pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, DEFAULT_SHARD_SIZE,
+};
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,
     Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,

@@ -346,6 +346,10 @@ pub(crate) struct PackArgs {
     /// AEAD backend.
     #[arg(long, default_value = "aws-lc-rs", value_parser = parse_backend)]
     pub(crate) backend: Backend,
+    /// Shards encrypted and written at once, each on its own thread (default: the cores,
+    /// at most 8). Memory: up to threads + 1 shards of --shard-size plaintext.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) threads: Option<u16>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     pub(crate) json: bool,

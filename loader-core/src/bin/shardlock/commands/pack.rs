@@ -17,6 +17,7 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         force: a.force,
         backend: a.backend,
         generation: a.generation,
+        threads: a.threads.map_or_else(shardlock::default_pack_threads, usize::from),
     };
     let mut w = shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
