@@ -82,6 +82,7 @@ pub use bench::{run as run_bench, BenchReport, EpochReport, Source as BenchSourc
 pub use crypto::aead::Backend;
 pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};
 pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, RemoteFailure, Result, ShardRef};
+pub use format::manifest::Metadata;
 pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
 #[cfg(feature = "keyd")]

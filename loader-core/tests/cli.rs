@@ -379,3 +379,48 @@ fn json_everywhere_readable_times_and_sizes_and_misplaced_files() {
         assert!(help.contains("--s3-endpoint") && help.contains("--json") && !help.contains("--cache-dir"), "{help}");
     }
 }
+
+/// `pack --metadata`: signed with the manifest, shown by `inspect` (text and JSON);
+/// a `classes` that is not a list of names is refused; an edited class name breaks the
+/// signature.
+#[test]
+fn pack_metadata_is_signed_and_shown_by_inspect() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    common::write_npy(
+        &d.join("label.npy"),
+        "<i8",
+        &[6],
+        &(0..6i64).flat_map(|i| (i % 2).to_le_bytes()).collect::<Vec<_>>(),
+    );
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    let pack = |out: &str, meta: &[&str]| {
+        let mut args =
+            vec!["pack", "--keyring", "kr.json", "--issuer-key", "iss", "--dataset-id", "meta", "--out", out];
+        for m in meta {
+            args.extend(["--metadata", m]);
+        }
+        args.push("label.npy");
+        shardlock(d, &args)
+    };
+    assert!(pack("ds", &[r#"classes=["cat","dog"]"#, "source=camera trap 7"]).status.success());
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(d, &["inspect", "ds", "--trust", "iss.pub", "--json"])).unwrap();
+    assert_eq!(j["classes"], serde_json::json!(["cat", "dog"]));
+    assert_eq!(j["metadata"]["source"], "camera trap 7");
+    let text = ok(d, &["inspect", "ds", "--trust", "iss.pub"]);
+    assert!(text.contains("classes     2: cat, dog") && text.contains("source = \"camera trap 7\""), "{text}");
+
+    let bad = pack("bad", &["classes=3"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("list of class names"));
+    assert!(!d.join("bad/manifest.json").exists());
+
+    let m = d.join("ds/manifest.json");
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("\"dog\"", "\"cow\"")).unwrap();
+    let o = shardlock(d, &["inspect", "ds", "--trust", "iss.pub", "--json"]);
+    assert!(!o.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["signature"], false);
+}

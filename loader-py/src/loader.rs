@@ -334,6 +334,12 @@ impl NativeLoader {
         with_stream!(&mut self.inner, s => s.set_epoch(epoch))
     }
 
+    /// The dataset's signed metadata, as a JSON object.
+    fn metadata_json(&self) -> String {
+        let m = with_stream!(&self.inner, s => serde_json::to_string(&s.loader().dataset().manifest().metadata));
+        m.unwrap_or_else(|_| "{}".into())
+    }
+
     /// Names of the fields each batch holds.
     fn field_names(&self) -> Vec<String> {
         with_stream!(&self.inner, s => s.loader().field_names().into_iter().map(str::to_owned).collect())

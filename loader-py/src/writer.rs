@@ -37,7 +37,8 @@ fn parse_schema(fields: Vec<(String, String, Vec<u64>)>) -> shardlock::Result<Sc
 impl NativeWriter {
     /// `fields`: (name, dtype name or "bytes", shape) in record order.
     #[new]
-    #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None))]
+    #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None,
+        metadata_json=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -49,7 +50,13 @@ impl NativeWriter {
         shard_size: u64,
         force: bool,
         generation: Option<u64>,
+        metadata_json: Option<String>,
     ) -> PyResult<Self> {
+        let metadata: shardlock::Metadata = match metadata_json {
+            Some(j) => serde_json::from_str(&j)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("metadata must be a JSON object: {e}")))?,
+            None => Default::default(),
+        };
         py.detach(|| {
             let keys = shardlock::open_provider_path(&keyring)?;
             let issuer = Arc::new(IssuerKey::load(&issuer_key)?);
@@ -57,6 +64,7 @@ impl NativeWriter {
             opts.shard_size = shard_size;
             opts.force = force;
             opts.generation = generation;
+            opts.metadata = metadata;
             DatasetWriter::create_owned(&out_dir, parse_schema(fields)?, opts, keys, issuer)
         })
         .py()

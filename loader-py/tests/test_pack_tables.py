@@ -225,8 +225,26 @@ def test_image_folders_get_image_bytes_and_sorted_class_labels(env):
     assert pack(env, root, "imgs") == 21
     loader = shardlock.Loader(env.root / "imgs", keyring=env.keyring, token=env.token("imgs"), trust=env.trust,
                               batch_size=5, shuffle="none", drop_last=False, output="numpy")
+    assert loader.classes == ["cat", "dog", "zebra"], "the class names are signed with the manifest"
     got = []
     for b in loader:
         vals, offs = b["image"]
         got += [(bytes(vals[offs[j]:offs[j + 1]]), int(b["label"][j])) for j in range(len(b["label"]))]
     assert got == want
+
+
+def test_writer_metadata_is_signed_and_read_back(env):
+    with shardlock.Writer(env.root / "m", keyring=env.keyring, issuer_key=env.issuer, dataset_id="m",
+                          metadata={"classes": ["a", "b"], "license": "CC-BY-4.0", "stats": {"mean": 0.5}}) as w:
+        w.write({"y": np.int64(1)})
+    loader = shardlock.Loader(env.root / "m", keyring=env.keyring, token=env.token("m"), trust=env.trust, batch_size=1)
+    assert loader.metadata == {"classes": ["a", "b"], "license": "CC-BY-4.0", "stats": {"mean": 0.5}}
+    assert loader.classes == ["a", "b"]
+    with pytest.raises(ValueError, match="list of class names"):
+        shardlock.Writer(env.root / "bad", keyring=env.keyring, issuer_key=env.issuer, dataset_id="bad",
+                         metadata={"classes": "a,b"}, schema={"y": ("i64", ())})
+    with pytest.raises(ValueError, match="JSON values"):
+        shardlock.Writer(env.root / "bad2", keyring=env.keyring, issuer_key=env.issuer, dataset_id="bad2",
+                         metadata={"when": object()})
+    plain = env.pack("plain", {"y": np.arange(3, dtype=np.int64)})
+    assert env.loader(plain, batch_size=1).classes is None

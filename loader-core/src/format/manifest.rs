@@ -79,6 +79,38 @@ pub struct Manifest {
     pub records: u64,
     /// Every shard, by index.
     pub shards: Vec<ShardEntry>,
+    /// Dataset metadata the issuer signs with the rest (FORMAT.md section 6): for example
+    /// `classes`, the label names in label order of a dataset packed from an image folder
+    /// ([`Manifest::classes`]). Left out of the JSON when empty.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: Metadata,
+}
+
+/// Signed dataset metadata: names (1 to 128 printable ASCII characters) to JSON values.
+pub type Metadata = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// Checks metadata names, and that `classes`, when present, is a list of strings.
+pub fn validate_metadata(m: &Metadata) -> std::result::Result<(), String> {
+    for k in m.keys() {
+        if k.is_empty() || k.len() > 128 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("metadata name {k:?} must be 1 to 128 printable ASCII characters without spaces"));
+        }
+    }
+    match m.get("classes") {
+        Some(serde_json::Value::Array(a)) if a.iter().all(serde_json::Value::is_string) => Ok(()),
+        Some(_) => Err("metadata \"classes\" must be a list of class names (strings) in label order".into()),
+        None => Ok(()),
+    }
+}
+
+impl Manifest {
+    /// The class names in label order (`metadata.classes`), when the packer recorded them.
+    pub fn classes(&self) -> Option<Vec<&str>> {
+        match self.metadata.get("classes")? {
+            serde_json::Value::Array(a) => a.iter().map(serde_json::Value::as_str).collect(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,6 +174,7 @@ impl SignedManifest {
         if hex::encode(m.schema.digest()) != m.schema_digest {
             return Err(bad("schema digest does not match the schema".into()));
         }
+        validate_metadata(&m.metadata).map_err(bad)?;
         let mut total = 0u64;
         let mut names = std::collections::HashSet::new();
         let mut ids = std::collections::HashSet::new();

@@ -49,6 +49,8 @@ pub struct PackOptions {
     /// entries keep shard order. Memory: up to `threads + 1` shard buffers of
     /// `shard_size` plaintext each. 1 seals each shard on the calling thread.
     pub threads: usize,
+    /// Dataset metadata signed with the manifest (`classes`: label names in label order).
+    pub metadata: crate::format::manifest::Metadata,
 }
 
 /// Default [`PackOptions::threads`]: the cores this process may use, at most 8.
@@ -66,6 +68,7 @@ impl PackOptions {
             backend: Backend::default(),
             generation: None,
             threads: default_pack_threads(),
+            metadata: Default::default(),
         }
     }
 }
@@ -118,6 +121,7 @@ impl<'a> DatasetWriter<'a> {
         if opts.shard_size == 0 {
             return Err(Error::InvalidArgument("shard size must be > 0".into()));
         }
+        crate::format::manifest::validate_metadata(&opts.metadata).map_err(Error::InvalidArgument)?;
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         let manifest = dir.join(FILE_NAME);
         let mut previous = None;
@@ -333,6 +337,7 @@ impl<'a> DatasetWriter<'a> {
             schema: self.schema.clone(),
             records,
             shards: std::mem::take(&mut self.shards),
+            metadata: std::mem::take(&mut self.opts.metadata),
         };
         crate::dataset::write_signed_manifest(&self.dir, &m, &self.issuer)?;
         Ok(m)

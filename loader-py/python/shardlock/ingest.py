@@ -23,7 +23,8 @@ Every sample must have the same extensions as the first.
 
 Image folders (torchvision's ``ImageFolder`` layout, ``root/<class>/<file>``): fields
 ``image`` (the encoded file, untouched) and ``label`` (i64, the class's index in sorted
-order, as torchvision numbers them); :func:`image_folder_classes` gives the names.
+order, as torchvision numbers them); :func:`image_folder_classes` gives the names, which are signed with the manifest
+(``metadata["classes"]``) and read back as ``Loader.classes``.
 
 Nulls, a type not in the table (variable-length lists among them: token streams are
 not supported yet), and a file whose schema differs from the first raise
@@ -350,7 +351,7 @@ def _pack_image_folder(root: str, out_dir: PathLike, **writer_kw: Any) -> int:
     classes = image_folder_classes(root)
     if not classes:
         raise FormatError(f"{root}: no class directories with image files ({', '.join(IMAGE_EXTENSIONS)})")
-    w = Writer(out_dir, schema={"image": "bytes", "label": ("i64", ())}, **writer_kw)
+    w = Writer(out_dir, schema={"image": "bytes", "label": ("i64", ())}, metadata={"classes": classes}, **writer_kw)
     images: List[bytes] = []
     labels: List[int] = []
 

@@ -516,6 +516,18 @@ class Loader:
         self._loaded = None
 
     @property
+    def metadata(self) -> Dict[str, Any]:
+        """The dataset metadata the issuer signed with the manifest (``{}`` if none)."""
+        return dict(json.loads(self._native.metadata_json()))
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        """Class names in label order (``metadata["classes"]``, recorded when packing an
+        image folder), like torchvision's ``ImageFolder.classes``; ``None`` if not recorded."""
+        c = self.metadata.get("classes")
+        return None if c is None else [str(n) for n in c]
+
+    @property
     def fields(self) -> List[str]:
         """Names of the fields each batch holds."""
         return list(self._native.field_names())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -152,6 +153,10 @@ class Writer:
     ``progress`` shows a progress line on stderr (samples, MB, MB/s), by default when
     stderr is a terminal.
 
+    ``metadata`` (a dict of JSON values) is signed with the manifest and read back as
+    ``Loader.metadata``; ``metadata["classes"]``, the label names in label order, as
+    ``Loader.classes``.
+
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
     a value not above the replaced one is refused, so generations only go up.
@@ -173,8 +178,13 @@ class Writer:
         force: bool = False,
         generation: Optional[int] = None,
         progress: Optional[bool] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self._progress = _Progress(progress, "packing")
+        try:
+            self._metadata = None if metadata is None else json.dumps(dict(metadata))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be a dict of JSON values: {e}") from None
         self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, _size_arg("shard_size", shard_size), bool(force))
         self._generation = None if generation is None else int(generation)
         self._native: Optional[NativeWriter] = None
@@ -189,7 +199,8 @@ class Writer:
         self._names = list(fields)
         self._specs = [fields[n] for n in self._names]
         self._native = NativeWriter(
-            out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation
+            out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation,
+            self._metadata,
         )
 
     def _check_names(self, keys: Any) -> None:

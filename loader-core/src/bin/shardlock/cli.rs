@@ -350,6 +350,11 @@ pub(crate) struct PackArgs {
     /// at most 8). Memory: up to threads + 1 shards of --shard-size plaintext.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub(crate) threads: Option<u16>,
+    /// Dataset metadata signed with the manifest, NAME=VALUE (VALUE is JSON if it parses,
+    /// else a string), repeatable: e.g. --metadata 'classes=["cat","dog"]' (label names in
+    /// label order, shown by inspect and Loader.classes).
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub(crate) metadata: Vec<String>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     pub(crate) json: bool,

@@ -26,6 +26,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
             "created": crate::output::rfc3339(m.created_unix),
             "issuer_key_id": m.issuer_key_id, "signature": i.signature_valid, "consistency_error": i.consistency_error,
             "schema": m.schema, "records": m.records, "plaintext_bytes": plain, "file_bytes": bytes,
+            "metadata": m.metadata, "classes": m.classes(),
             "shards": m.shards.iter().map(|s| serde_json::json!({
                 "index": s.index, "file": s.file, "records": s.records, "plaintext_bytes": s.plaintext_bytes,
                 "file_bytes": s.file_bytes, "sha256": s.sha256, "kek_id": s.kek_id,
@@ -58,6 +59,17 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
                 }
                 FieldKind::Bytes => println!("  {:<16} bytes", f.name),
             }
+        }
+        if let Some(c) = m.classes() {
+            let shown: Vec<&str> = c.iter().copied().take(10).collect();
+            let more = if c.len() > 10 { format!(", … {} more", c.len() - 10) } else { String::new() };
+            println!("classes     {}: {}{more}", c.len(), shown.join(", "));
+        }
+        for (k, v) in m.metadata.iter().filter(|(k, _)| *k != "classes") {
+            let text = v.to_string();
+            let text: String =
+                if text.chars().count() > 120 { text.chars().take(120).collect::<String>() + "…" } else { text };
+            println!("metadata    {k} = {text}");
         }
         println!("shards");
         for s in &m.shards {

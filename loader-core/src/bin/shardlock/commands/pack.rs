@@ -18,6 +18,17 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         backend: a.backend,
         generation: a.generation,
         threads: a.threads.map_or_else(shardlock::default_pack_threads, usize::from),
+        metadata: a
+            .metadata
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').ok_or_else(|| {
+                    Error::InvalidArgument(format!("--metadata {kv:?}: give NAME=VALUE (VALUE as JSON or text)"))
+                })?;
+                let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+                Ok((k.to_owned(), value))
+            })
+            .collect::<Result<_, Error>>()?,
     };
     let mut w = shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
