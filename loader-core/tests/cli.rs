@@ -424,3 +424,70 @@ fn pack_metadata_is_signed_and_shown_by_inspect() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["signature"], false);
 }
+
+/// `pack --part FIRST:COUNT --trust` on two workers, then `assemble`: one dataset that
+/// verifies, with no issuer secret key on the workers.
+#[test]
+fn pack_parts_without_the_issuer_key_then_assemble() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    for (name, range) in [("a", 0..40u8), ("b", 40..70u8)] {
+        let rows: Vec<u8> = range.flat_map(|i| [i; 100]).collect();
+        std::fs::create_dir_all(d.join(name)).unwrap();
+        common::write_npy(&d.join(format!("{name}/x.npy")), "|u1", &[rows.len() / 100, 100], &rows);
+    }
+    let part = |dir: &str, spec: &str| {
+        shardlock(
+            d,
+            &[
+                "pack",
+                "--keyring",
+                "kr.json",
+                "--trust",
+                "iss.pub",
+                "--part",
+                spec,
+                "--dataset-id",
+                "parts",
+                "--out",
+                "ds",
+                "--shard-size",
+                "1000",
+                &format!("{dir}/x.npy"),
+            ],
+        )
+    };
+    // 40 rows of 100 bytes in 1,000-byte shards: 4 shards, so the second part starts at 4.
+    let o = part("a", "0:4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(part("b", "4").status.success());
+    let v = shardlock(d, &["inspect", "ds"]);
+    assert!(!v.status.success(), "not a dataset before assemble");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(d, &["assemble", "ds", "--issuer-key", "iss", "--json"])).unwrap();
+    assert_eq!((j["records"].as_u64(), j["shards"].as_u64()), (Some(70), Some(7)));
+    ok(
+        d,
+        &[
+            "token",
+            "issue",
+            "--issuer-key",
+            "iss",
+            "--dataset-id",
+            "parts",
+            "--principal",
+            "t",
+            "--ops",
+            "read,verify",
+            "--out",
+            "tok",
+        ],
+    );
+    ok(d, &["verify", "ds", "--keyring", "kr.json", "--token", "tok", "--trust", "iss.pub"]);
+    // --part without --trust, and --part with --issuer-key, are usage errors.
+    let o =
+        shardlock(d, &["pack", "--keyring", "kr.json", "--part", "0", "--dataset-id", "p", "--out", "x", "a/x.npy"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -3,9 +3,11 @@
 
 mod inputs;
 mod npy;
+mod part;
 
 pub use inputs::{pack_paths, InputSource};
 pub use npy::NpyArray;
+pub use part::{assemble, Part, PART_FORMAT};
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -81,7 +83,12 @@ pub struct DatasetWriter<'a> {
     opts: PackOptions,
     schema: Schema,
     keys: Held<'a, dyn KeyProvider + 'a>,
-    issuer: Held<'a, IssuerKey>,
+    /// The issuer key that signs the manifest; `None` for a part ([`Part`]), which
+    /// `shardlock assemble` signs later.
+    issuer: Option<Held<'a, IssuerKey>>,
+    /// Key id of the issuer key (what custody binds each wrap to).
+    issuer_id: String,
+    part: Option<Part>,
     fixed: Vec<Option<u64>>,
     field_lens: Vec<u64>,
     data: Zeroizing<Vec<u8>>,
@@ -106,7 +113,22 @@ impl<'a> DatasetWriter<'a> {
         keys: &'a dyn KeyProvider,
         issuer: &'a IssuerKey,
     ) -> Result<Self> {
-        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Held::Borrowed(issuer))
+        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Signer::Key(Held::Borrowed(issuer)))
+    }
+
+    /// Prepares one part of a dataset packed on several machines (see [`Part`]): shards
+    /// from `part.first_shard` on, wrapped by `keys`; no issuer secret key is needed,
+    /// only the public trust anchor of the issuer who will sign the dataset with
+    /// [`assemble`]. `finish` writes the part file, not a manifest.
+    pub fn create_part(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: &'a dyn KeyProvider,
+        issuer: &crate::keys::TrustAnchor,
+        part: Part,
+    ) -> Result<Self> {
+        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Signer::Part(*issuer, part))
     }
 
     fn create_held(
@@ -114,7 +136,7 @@ impl<'a> DatasetWriter<'a> {
         schema: Schema,
         opts: PackOptions,
         keys: Held<'a, dyn KeyProvider + 'a>,
-        issuer: Held<'a, IssuerKey>,
+        signer: Signer<'a>,
     ) -> Result<Self> {
         validate_dataset_id(&opts.dataset_id).map_err(Error::InvalidArgument)?;
         schema.validate().map_err(|e| Error::InvalidArgument(format!("schema: {e}")))?;
@@ -124,6 +146,17 @@ impl<'a> DatasetWriter<'a> {
         crate::format::manifest::validate_metadata(&opts.metadata).map_err(Error::InvalidArgument)?;
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         let manifest = dir.join(FILE_NAME);
+        let (issuer, issuer_id) = match signer {
+            Signer::Key(k) => {
+                let id = k.trust_anchor().key_id();
+                (k, id)
+            }
+            Signer::Part(anchor, part) => {
+                part.check(dir, &manifest)?;
+                let fixed = schema.fields.iter().map(|f| f.fixed_len()).collect();
+                return Ok(Self::new_state(dir, schema, opts, keys, None, anchor.key_id(), Some(part), fixed, 0));
+            }
+        };
         let mut previous = None;
         if manifest.exists() {
             if !opts.force {
@@ -164,12 +197,29 @@ impl<'a> DatasetWriter<'a> {
             }
         }
         let fixed = schema.fields.iter().map(|f| f.fixed_len()).collect();
-        Ok(Self {
+        Ok(Self::new_state(dir, schema, opts, keys, Some(issuer), issuer_id, None, fixed, generation))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_state(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: Held<'a, dyn KeyProvider + 'a>,
+        issuer: Option<Held<'a, IssuerKey>>,
+        issuer_id: String,
+        part: Option<Part>,
+        fixed: Vec<Option<u64>>,
+        generation: u64,
+    ) -> Self {
+        Self {
             dir: dir.to_owned(),
             opts,
             schema,
             keys,
             issuer,
+            issuer_id,
+            part,
             fixed,
             field_lens: Vec::new(),
             data: Zeroizing::new(Vec::new()),
@@ -179,7 +229,7 @@ impl<'a> DatasetWriter<'a> {
             samples: 0,
             bytes_in: 0,
             generation,
-        })
+        }
     }
 
     /// The dataset schema.
@@ -243,8 +293,14 @@ impl<'a> DatasetWriter<'a> {
     /// Seals the shard filled so far: its DEK from custody here, then encryption, the
     /// file write and fsync on a thread of its own (or here, with one thread).
     fn seal_shard(&mut self) -> Result<()> {
+        let first = self.part.as_ref().map_or(0, |p| p.first_shard);
         let shard_index = u32::try_from(self.shards.len() + self.sealing.len())
-            .map_err(|_| Error::InvalidArgument("more than 2^32 shards".into()))?;
+            .ok()
+            .and_then(|n| n.checked_add(first))
+            .ok_or_else(|| Error::InvalidArgument("more than 2^32 shards".into()))?;
+        if let Some(p) = &self.part {
+            p.check_index(shard_index)?;
+        }
         let fields = self.fixed.len();
         let records = (self.field_lens.len() / fields) as u64;
         let idx = index::encode(records, fields, &self.field_lens);
@@ -261,9 +317,13 @@ impl<'a> DatasetWriter<'a> {
         };
         // The DEK and its wrap first: custody that makes data keys (KMS, Transit) draws
         // it, and a custody failure stops before any ciphertext is written.
-        let (issuer, id_hex) = (self.issuer.trust_anchor().key_id(), hex::encode(shard_id));
-        let ctx =
-            WrapContext { dataset: &self.opts.dataset_id, shard: shard_index, shard_id: &id_hex, issuer: &issuer };
+        let id_hex = hex::encode(shard_id);
+        let ctx = WrapContext {
+            dataset: &self.opts.dataset_id,
+            shard: shard_index,
+            shard_id: &id_hex,
+            issuer: &self.issuer_id,
+        };
         let (dek, kek_id, wrapped) = self.keys.generate_dek_for(&ctx)?;
         let file = format!("shard-{shard_index:05}.slk");
         let entry = ShardEntry {
@@ -287,6 +347,7 @@ impl<'a> DatasetWriter<'a> {
             dek,
             backend: self.opts.backend,
             entry,
+            no_replace: self.part.is_some(),
         };
         if self.opts.threads <= 1 {
             let sealed = job.run()?;
@@ -319,7 +380,9 @@ impl<'a> DatasetWriter<'a> {
         Ok(())
     }
 
-    /// Seals the last shard and writes the signed manifest (atomically, last).
+    /// Seals the last shard and writes the signed manifest (atomically, last). For a
+    /// part ([`DatasetWriter::create_part`]), writes the part file instead and returns
+    /// its content: the part's shards and records, generation 0, unsigned.
     pub fn finish(mut self) -> Result<Manifest> {
         if !self.field_lens.is_empty() {
             self.seal_shard()?;
@@ -332,14 +395,18 @@ impl<'a> DatasetWriter<'a> {
             dataset_id: self.opts.dataset_id.clone(),
             generation: self.generation,
             created_unix: crate::time::unix_now(),
-            issuer_key_id: self.issuer.trust_anchor().key_id(),
+            issuer_key_id: self.issuer_id.clone(),
             schema_digest: hex::encode(self.schema.digest()),
             schema: self.schema.clone(),
             records,
             shards: std::mem::take(&mut self.shards),
             metadata: std::mem::take(&mut self.opts.metadata),
         };
-        crate::dataset::write_signed_manifest(&self.dir, &m, &self.issuer)?;
+        match (&self.issuer, &self.part) {
+            (Some(issuer), _) => crate::dataset::write_signed_manifest(&self.dir, &m, issuer)?,
+            (None, Some(part)) => part.write(&self.dir, &m)?,
+            (None, None) => return Err(Error::Internal("a writer with neither issuer key nor part".into())),
+        }
         Ok(m)
     }
 }
@@ -364,6 +431,8 @@ struct SealJob {
     backend: Backend,
     /// The manifest entry, completed with the file's size and hash once written.
     entry: ShardEntry,
+    /// A part never replaces a shard file (another part's, when ranges overlap).
+    no_replace: bool,
 }
 
 /// A sealed shard: its manifest entry, and its plaintext buffer wiped for reuse.
@@ -375,9 +444,19 @@ struct Sealed {
 impl SealJob {
     /// Encrypts the shard into `<file>.partial`, fsyncs it and renames it into place.
     fn run(self) -> Result<Sealed> {
-        let Self { dir, header, idx, mut data, dek, backend, mut entry } = self;
+        let Self { dir, header, idx, mut data, dek, backend, mut entry, no_replace } = self;
         let final_path = dir.join(&entry.file);
         let tmp = dir.join(format!("{}.partial", entry.file));
+        let taken = || {
+            Error::InvalidArgument(format!(
+                "{} exists: another part wrote shard {} (give each worker a disjoint range)",
+                final_path.display(),
+                entry.index
+            ))
+        };
+        if no_replace && final_path.exists() {
+            return Err(taken());
+        }
         let f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
         let mut out =
             HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
@@ -390,7 +469,17 @@ impl SealJob {
         let HashingWriter { inner, hash, .. } = out;
         let f = inner.into_inner().map_err(|e| Error::io_at("write", tmp.clone(), e.into_error()))?;
         f.sync_all().map_err(Error::io("sync", &tmp))?;
-        std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
+        if no_replace {
+            // A hard link fails if the name exists: no part replaces another's shard.
+            let linked = std::fs::hard_link(&tmp, &final_path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken()),
+                r => r.map_err(Error::io("link", &final_path))?,
+            }
+        } else {
+            std::fs::rename(&tmp, &final_path).map_err(Error::io("rename", &final_path))?;
+        }
         entry.file_bytes = header.len() as u64 + ct_len;
         entry.sha256 = hex::encode(hash.finish());
         // Keep the allocation for a next shard but wipe its contents.
@@ -410,8 +499,26 @@ impl DatasetWriter<'static> {
         keys: std::sync::Arc<dyn KeyProvider>,
         issuer: std::sync::Arc<IssuerKey>,
     ) -> Result<Self> {
-        Self::create_held(dir, schema, opts, Held::Shared(keys), Held::Shared(issuer))
+        Self::create_held(dir, schema, opts, Held::Shared(keys), Signer::Key(Held::Shared(issuer)))
     }
+
+    /// As [`DatasetWriter::create_part`], owning a shared handle to the key provider.
+    pub fn create_part_owned(
+        dir: &Path,
+        schema: Schema,
+        opts: PackOptions,
+        keys: std::sync::Arc<dyn KeyProvider>,
+        issuer: &crate::keys::TrustAnchor,
+        part: Part,
+    ) -> Result<Self> {
+        Self::create_held(dir, schema, opts, Held::Shared(keys), Signer::Part(*issuer, part))
+    }
+}
+
+/// Who the writer packs for: the issuer key (a whole dataset), or a part for `assemble`.
+enum Signer<'a> {
+    Key(Held<'a, IssuerKey>),
+    Part(crate::keys::TrustAnchor, Part),
 }
 
 /// A borrowed or shared handle.

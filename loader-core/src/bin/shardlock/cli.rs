@@ -40,6 +40,23 @@ pub(crate) enum Command {
     Upload(UploadArgs),
     /// Serve token-gated DEK release over HTTPS (the key service; docs/KEY-SERVICE.md).
     Keyd(KeydArgs),
+    /// Verify the parts of a dataset packed with `pack --part` and sign its manifest.
+    Assemble(AssembleArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct AssembleArgs {
+    /// Dataset directory holding the shard files and part-*.json files.
+    pub(crate) dir: PathBuf,
+    /// The data owner's issuer secret key; signs the manifest.
+    #[arg(long)]
+    pub(crate) issuer_key: PathBuf,
+    /// Generation of the manifest (default 1).
+    #[arg(long)]
+    pub(crate) generation: Option<u64>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// `shardlock keyd`'s options. Each can also come from `--config FILE` (TOML, the same
@@ -325,8 +342,16 @@ pub(crate) struct PackArgs {
     #[arg(long)]
     pub(crate) keyring: String,
     /// The data owner's issuer secret key; signs the manifest.
+    #[arg(long, required_unless_present = "part", conflicts_with = "part")]
+    pub(crate) issuer_key: Option<PathBuf>,
+    /// Pack one part of a dataset packed by several workers: shards from FIRST on, at
+    /// most COUNT of them (FIRST:COUNT; FIRST alone for the last part). Needs --trust
+    /// instead of --issuer-key; `shardlock assemble` signs the dataset once every part is in.
+    #[arg(long, value_name = "FIRST[:COUNT]", requires = "trust")]
+    pub(crate) part: Option<String>,
+    /// With --part: the issuer's public key (the wraps are bound to its key id).
     #[arg(long)]
-    pub(crate) issuer_key: PathBuf,
+    pub(crate) trust: Option<PathBuf>,
     /// Dataset id bound into every shard ([A-Za-z0-9_.:/-], 1-255 characters).
     #[arg(long)]
     pub(crate) dataset_id: String,

@@ -17,7 +17,7 @@ use crate::commands::bench::bench_cmd;
 use crate::commands::inspect::inspect_cmd;
 use crate::commands::keyd::keyd_cmd;
 use crate::commands::keygen::keygen_cmd;
-use crate::commands::pack::pack_cmd;
+use crate::commands::pack::{assemble_cmd, pack_cmd};
 use crate::commands::rotate::rotate_cmd;
 use crate::commands::token::token_cmd;
 use crate::commands::upload::upload_cmd;
@@ -46,6 +46,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Verify(a) => return verify_cmd(a),
         Command::Rotate(a) => rotate_cmd(a)?,
         Command::Keyd(a) => keyd_cmd(a)?,
+        Command::Assemble(a) => assemble_cmd(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,6 @@ use crate::output::{bar, print_json};
 
 pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
     let keys = shardlock::open_provider(&a.keyring)?;
-    let issuer = IssuerKey::load(&a.issuer_key)?;
     let src = shardlock::InputSource::from_paths(&a.inputs)?;
     let opts = PackOptions {
         dataset_id: a.dataset_id,
@@ -30,7 +29,19 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
             })
             .collect::<Result<_, Error>>()?,
     };
-    let mut w = shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?;
+    let issuer;
+    let mut w = match (&a.part, &a.trust, &a.issuer_key) {
+        (Some(part), Some(trust), _) => {
+            let part = parse_part(part)?;
+            let trust = shardlock::TrustAnchor::load(trust)?;
+            shardlock::DatasetWriter::create_part(&a.out, src.schema()?, opts, &*keys, &trust, part)?
+        }
+        (None, _, Some(key)) => {
+            issuer = IssuerKey::load(key)?;
+            shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?
+        }
+        _ => return Err(Error::InvalidArgument("give --issuer-key, or --part with --trust".into())),
+    };
     let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
     let t = std::time::Instant::now();
     src.write_into(&mut w, &mut |n| pb.set_position(n))?;
@@ -43,6 +54,16 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
             "dataset": m.dataset_id, "generation": m.generation, "out": a.out, "records": m.records, "shards": m.shards.len(),
             "plaintext_bytes": bytes, "seconds": secs, "gb_per_s": bytes as f64 / secs / 1e9,
         }));
+    } else if a.part.is_some() {
+        println!(
+            "packed part {} of {} records ({}) into {} shard(s) in {} ({:.2} GB/s); run `shardlock assemble` once every part is in",
+            m.shards.first().map_or(0, |s| s.index),
+            m.records,
+            crate::output::bytes(bytes),
+            m.shards.len(),
+            a.out.display(),
+            bytes as f64 / secs / 1e9,
+        );
     } else {
         println!(
             "packed {} records ({}) into {} shard(s) in {} ({:.2} GB/s); manifest generation {} signed by issuer {}",
@@ -51,6 +72,39 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
             m.shards.len(),
             a.out.display(),
             bytes as f64 / secs / 1e9,
+            m.generation,
+            m.issuer_key_id
+        );
+    }
+    Ok(())
+}
+
+/// `FIRST[:COUNT]` of `--part`.
+fn parse_part(s: &str) -> Result<shardlock::Part, Error> {
+    let bad = || Error::InvalidArgument(format!("--part {s:?}: give FIRST or FIRST:COUNT (shard indices, COUNT >= 1)"));
+    let (first, count) = match s.split_once(':') {
+        Some((f, c)) => (f, Some(c)),
+        None => (s, None),
+    };
+    let first_shard = first.parse().map_err(|_| bad())?;
+    let max_shards = count.map(|c| c.parse::<u32>().ok().filter(|&c| c >= 1).ok_or_else(bad)).transpose()?;
+    Ok(shardlock::Part { first_shard, max_shards })
+}
+
+/// `shardlock assemble`: verifies every part and signs the manifest.
+pub(crate) fn assemble_cmd(a: crate::cli::AssembleArgs) -> Result<(), Error> {
+    let issuer = IssuerKey::load(&a.issuer_key)?;
+    let m = shardlock::assemble(&a.dir, &issuer, a.generation)?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "dataset": m.dataset_id, "generation": m.generation, "dir": a.dir, "records": m.records, "shards": m.shards.len(),
+        }));
+    } else {
+        println!(
+            "assembled {} records in {} shard(s) in {}; manifest generation {} signed by issuer {}",
+            m.records,
+            m.shards.len(),
+            a.dir.display(),
             m.generation,
             m.issuer_key_id
         );

@@ -1,0 +1,225 @@
+//! Partitioned packing: many workers each pack a disjoint range of shard indices into
+//! the same dataset directory, with no issuer secret key, and [`assemble`] verifies
+//! every part and signs the one manifest. Until `assemble` succeeds the directory does
+//! not read as a dataset (there is no manifest).
+//!
+//! A part file `part-<first shard, 5+ digits>.json` is
+//! `{"format": "shardlock-part/1", "part": <manifest body>}`: the manifest body (FORMAT.md
+//! section 9.2) of the part's shards, with generation 0, unsigned. Shard files are named
+//! by their index as in a whole pack, so parts in one directory never share a file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{Manifest, FILE_NAME};
+use crate::format::ShardHeader;
+use crate::keys::IssuerKey;
+
+/// Format tag of part files.
+pub const PART_FORMAT: &str = "shardlock-part/1";
+
+/// Longest part file read (its manifest body is bounded as a manifest's is).
+const MAX_PART_BYTES: u64 = 64 << 20;
+
+/// One worker's share of a partitioned pack: shard indices from `first_shard`, at most
+/// `max_shards` of them (so that a worker that gets more data than planned fails
+/// instead of writing over the next worker's shards).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Index of the part's first shard.
+    pub first_shard: u32,
+    /// Most shards the part may write; `None`: no limit (the last part).
+    pub max_shards: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartFile {
+    format: String,
+    part: Manifest,
+}
+
+impl Part {
+    /// The part file's name.
+    pub fn file_name(&self) -> String {
+        format!("part-{:05}.json", self.first_shard)
+    }
+
+    /// Before writing: the dataset is not assembled yet, and no part starts here already.
+    pub(super) fn check(&self, dir: &Path, manifest: &Path) -> Result<()> {
+        if manifest.exists() {
+            return Err(Error::AlreadyExists { path: dir.to_owned() });
+        }
+        let file = dir.join(self.file_name());
+        if file.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists: another worker packed the part starting at shard {} (give each worker its own range)",
+                file.display(),
+                self.first_shard
+            )));
+        }
+        Ok(())
+    }
+
+    /// `index` lies within the part's range.
+    pub(super) fn check_index(&self, index: u32) -> Result<()> {
+        match self.max_shards {
+            Some(max) if u64::from(index) >= u64::from(self.first_shard) + u64::from(max) => {
+                Err(Error::InvalidArgument(format!(
+                    "the part starting at shard {} may write {max} shard(s), and its input needs more: give it a \
+                     larger range (or a larger shard size)",
+                    self.first_shard
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the part file (never replacing one).
+    pub(super) fn write(&self, dir: &Path, m: &Manifest) -> Result<()> {
+        let f = PartFile { format: PART_FORMAT.into(), part: m.clone() };
+        let body = serde_json::to_vec_pretty(&f).map_err(|e| Error::Internal(format!("part encoding: {e}")))?;
+        crate::fs::write_new_file(&dir.join(self.file_name()), &body, 0o644)
+    }
+}
+
+/// Verifies every part file in `dir` and signs the dataset's one manifest with `issuer`
+/// (generation `generation`, default 1); the part files are removed afterwards. Refused,
+/// with an error naming the part and shard: no part file; parts of different datasets,
+/// schemas, metadata or issuers; a gap, an overlap or a repeated shard; a shard file
+/// whose size, SHA-256 or header differs from its part's entry.
+pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Result<Manifest> {
+    if dir.join(FILE_NAME).exists() {
+        return Err(Error::AlreadyExists { path: dir.to_owned() });
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(Error::io("list", dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("part-") && n.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Input { path: dir.to_owned(), detail: "no part-*.json files to assemble".into() });
+    }
+    let mut parts = Vec::with_capacity(files.len());
+    for p in &files {
+        let bytes = crate::fs::read_bounded(p, MAX_PART_BYTES, "part file")?;
+        let bad = |detail: String| Error::Format { what: "part file", path: p.clone(), detail };
+        let f: PartFile = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a part file: {e}")))?;
+        if f.format != PART_FORMAT {
+            return Err(bad(format!("format {:?}, expected {PART_FORMAT:?}", f.format)));
+        }
+        parts.push((p.clone(), f.part));
+    }
+    let issuer_id = issuer.trust_anchor().key_id();
+    let (first_path, first) = &parts[0];
+    for (p, m) in &parts {
+        let differs = |what: &str| Error::Format {
+            what: "part file",
+            path: p.clone(),
+            detail: format!("its {what} differs from {}'s", first_path.display()),
+        };
+        if m.dataset_id != first.dataset_id {
+            return Err(differs("dataset id"));
+        }
+        if m.schema_digest != first.schema_digest || m.schema != first.schema {
+            return Err(differs("schema"));
+        }
+        if m.metadata != first.metadata {
+            return Err(differs("metadata"));
+        }
+        if m.issuer_key_id != issuer_id {
+            return Err(Error::Format {
+                what: "part file",
+                path: p.clone(),
+                detail: format!(
+                    "packed for issuer {}, and this issuer key is {issuer_id}: wraps are bound to the issuer",
+                    m.issuer_key_id
+                ),
+            });
+        }
+    }
+    let mut entries: Vec<(PathBuf, crate::format::ShardEntry)> =
+        parts.iter().flat_map(|(p, m)| m.shards.iter().map(move |e| (p.clone(), e.clone()))).collect();
+    entries.sort_by_key(|(_, e)| e.index);
+    for (i, (p, e)) in entries.iter().enumerate() {
+        if u64::from(e.index) != i as u64 {
+            let detail = match i.checked_sub(1).map(|j| &entries[j]) {
+                Some((q, prev)) if prev.index == e.index => {
+                    format!("shard {} is in this part and in {} (a repeated partition)", e.index, q.display())
+                }
+                _ => format!("no part has shard {i} (a missing or failed partition); this part starts at {}", e.index),
+            };
+            return Err(Error::Format { what: "part file", path: p.clone(), detail });
+        }
+    }
+    for (p, e) in &entries {
+        check_shard(dir, p, e, first)?;
+    }
+    let m = Manifest {
+        dataset_id: first.dataset_id.clone(),
+        generation: generation.unwrap_or(1).max(1),
+        created_unix: crate::time::unix_now(),
+        issuer_key_id: issuer_id,
+        schema: first.schema.clone(),
+        schema_digest: first.schema_digest.clone(),
+        records: entries.iter().map(|(_, e)| e.records).sum(),
+        shards: entries.into_iter().map(|(_, e)| e).collect(),
+        metadata: first.metadata.clone(),
+    };
+    crate::dataset::write_signed_manifest(dir, &m, issuer)?;
+    for p in &files {
+        std::fs::remove_file(p).map_err(Error::io("remove", p))?;
+    }
+    Ok(m)
+}
+
+/// The shard file matches its part's entry: size, SHA-256, and header.
+fn check_shard(dir: &Path, part: &Path, e: &crate::format::ShardEntry, m: &Manifest) -> Result<()> {
+    let path = dir.join(&e.file);
+    let bad = |detail: String| Error::Format {
+        what: "shard file",
+        path: path.clone(),
+        detail: format!("shard {} of {}: {detail}", e.index, part.display()),
+    };
+    if e.file != format!("shard-{:05}.slk", e.index) {
+        return Err(bad(format!("file name {:?} is not the shard's", e.file)));
+    }
+    let mut f = std::fs::File::open(&path).map_err(Error::io("open", &path))?;
+    let len = f.metadata().map_err(Error::io("stat", &path))?.len();
+    if len != e.file_bytes {
+        return Err(bad(format!("{len} bytes, the part says {}", e.file_bytes)));
+    }
+    let mut hash = crate::crypto::Sha256::default();
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io("read", &path))?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 4096 {
+            head.extend_from_slice(&buf[..n.min(4096 - head.len())]);
+        }
+        hash.update(&buf[..n]);
+    }
+    if hex::encode(hash.finish()) != e.sha256 {
+        return Err(bad("its SHA-256 differs from the part's (changed or partly written)".into()));
+    }
+    let (h, _) = ShardHeader::decode(&head, &path)?;
+    if h.dataset_id != m.dataset_id
+        || h.shard_index != e.index
+        || hex::encode(h.shard_id) != e.id
+        || hex::encode(h.schema_digest) != m.schema_digest
+        || h.record_count != e.records
+        || h.plaintext_len != e.plaintext_bytes
+    {
+        return Err(bad("its header does not match the part's entry".into()));
+    }
+    Ok(())
+}

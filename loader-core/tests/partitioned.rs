@@ -1,0 +1,120 @@
+//! Partitioned packing: workers pack disjoint shard ranges into one directory without the
+//! issuer key, `assemble` verifies the parts and signs the manifest. The result reads
+//! exactly as a single-machine pack of the same samples; gaps, repeats, changed shards,
+//! an overfull part and a foreign issuer are refused, naming the part and shard.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::Fixture;
+use shardlock::{assemble, DType, DatasetWriter, Error, Field, PackOptions, Part, Schema};
+
+/// 4 records of 705 bytes per shard, as `Fixture::standard` packs them.
+const SHARD: u64 = 4 * 705;
+const PER_SHARD: usize = 4;
+
+fn schema() -> Schema {
+    Schema::new(vec![Field::tensor("x", DType::U8, &[700]), Field::bytes("tag")]).unwrap()
+}
+
+/// Packs `samples[range]` as the part starting at `first` of at most `max` shards.
+fn pack_part(
+    fx: &Fixture,
+    dir: &Path,
+    samples: &[Vec<Vec<u8>>],
+    range: std::ops::Range<usize>,
+    part: Part,
+) -> shardlock::Result<shardlock::Manifest> {
+    let mut opts = PackOptions::new("parted");
+    opts.shard_size = SHARD;
+    let mut w = DatasetWriter::create_part(dir, schema(), opts, &*fx.keyring, &fx.trust, part)?;
+    for s in &samples[range] {
+        let refs: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
+        w.write_sample(&refs)?;
+    }
+    w.finish()
+}
+
+/// Three workers of 3 shards each (the last one open-ended, with 2 shards).
+fn three_parts(fx: &Fixture, dir: &Path, samples: &[Vec<Vec<u8>>]) {
+    let k = 3 * PER_SHARD;
+    pack_part(fx, dir, samples, 0..k, Part { first_shard: 0, max_shards: Some(3) }).unwrap();
+    pack_part(fx, dir, samples, k..2 * k, Part { first_shard: 3, max_shards: Some(3) }).unwrap();
+    pack_part(fx, dir, samples, 2 * k..samples.len(), Part { first_shard: 6, max_shards: None }).unwrap();
+}
+
+#[test]
+fn parts_assemble_into_the_dataset_a_single_pack_makes() {
+    let fx = Fixture::new();
+    let (whole, samples) = fx.standard("whole", "parted", 32);
+    let dir = fx.path("parted");
+    three_parts(&fx, &dir, &samples);
+    // Not a dataset until assembled.
+    assert!(fx.open(&dir).is_err());
+    let m = assemble(&dir, &fx.issuer, None).unwrap();
+    assert_eq!((m.shards.len(), m.records, m.generation), (8, 32, 1));
+    assert!(!dir.join("part-00000.json").exists(), "part files are removed once assembled");
+    let a = fx.read_all(&whole).unwrap();
+    assert_eq!(fx.read_all(&dir).unwrap(), a, "same records in the same order as one pack");
+    assert_eq!(a.len(), samples.len());
+    let w = fx.open(&whole).unwrap().manifest().clone();
+    let p = fx.open(&dir).unwrap().manifest().clone();
+    let shape = |m: &shardlock::Manifest| m.shards.iter().map(|s| (s.records, s.plaintext_bytes)).collect::<Vec<_>>();
+    assert_eq!(shape(&w), shape(&p), "same plaintext layout");
+    // Assembling twice is refused: the dataset exists.
+    assert!(matches!(assemble(&dir, &fx.issuer, None), Err(Error::AlreadyExists { .. })));
+}
+
+#[test]
+fn gaps_repeats_changed_shards_overfull_parts_and_foreign_issuers_are_refused() {
+    let fx = Fixture::new();
+    let (_, samples) = fx.standard("whole", "parted", 32);
+    let k = 3 * PER_SHARD;
+    let fail = |dir: &Path, want: &str| {
+        let e = assemble(dir, &fx.issuer, None).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(!dir.join("manifest.json").exists());
+    };
+
+    // A missing partition.
+    let gap = fx.path("gap");
+    pack_part(&fx, &gap, &samples, 0..k, Part { first_shard: 0, max_shards: Some(3) }).unwrap();
+    pack_part(&fx, &gap, &samples, 2 * k..32, Part { first_shard: 6, max_shards: None }).unwrap();
+    fail(&gap, "no part has shard 3");
+
+    // The same range packed twice: refused by the second worker.
+    let twice = fx.path("twice");
+    pack_part(&fx, &twice, &samples, 0..k, Part { first_shard: 0, max_shards: Some(3) }).unwrap();
+    let e = pack_part(&fx, &twice, &samples, 0..k, Part { first_shard: 0, max_shards: Some(3) }).unwrap_err();
+    assert!(e.to_string().contains("another worker"), "{e}");
+    // Overlapping ranges: a part never replaces another's shard file.
+    let e = pack_part(&fx, &twice, &samples, k..32, Part { first_shard: 2, max_shards: None }).unwrap_err();
+    assert!(e.to_string().contains("another part wrote shard 2"), "{e}");
+    // A part file copied (a partition counted twice): refused at assemble.
+    let rep = fx.path("rep");
+    three_parts(&fx, &rep, &samples);
+    std::fs::copy(rep.join("part-00003.json"), rep.join("part-00099.json")).unwrap();
+    fail(&rep, "a repeated partition");
+
+    // A shard file changed after its part was written.
+    let changed = fx.path("changed");
+    three_parts(&fx, &changed, &samples);
+    common::flip(&changed.join("shard-00004.slk"), 300);
+    fail(&changed, "shard 4 of");
+
+    // A part given too little room fails while packing, before it writes into the next range.
+    let small = fx.path("small");
+    let e = pack_part(&fx, &small, &samples, 0..2 * k, Part { first_shard: 0, max_shards: Some(3) }).unwrap_err();
+    assert!(e.to_string().contains("may write 3 shard(s)"), "{e}");
+    assert!(!small.join("shard-00003.slk").exists());
+
+    // Another issuer cannot sign parts whose wraps name this one.
+    let ok = fx.path("ok");
+    three_parts(&fx, &ok, &samples);
+    let other = shardlock::IssuerKey::generate().unwrap();
+    let e = assemble(&ok, &other, None).unwrap_err().to_string();
+    assert!(e.contains("packed for issuer"), "{e}");
+    assert!(assemble(&ok, &fx.issuer, Some(4)).unwrap().generation == 4);
+}
