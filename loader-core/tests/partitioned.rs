@@ -64,7 +64,8 @@ fn parts_assemble_into_the_dataset_a_single_pack_makes() {
     let shape = |m: &shardlock::Manifest| m.shards.iter().map(|s| (s.records, s.plaintext_bytes)).collect::<Vec<_>>();
     assert_eq!(shape(&w), shape(&p), "same plaintext layout");
     // Assembling twice is refused: the dataset exists.
-    assert!(matches!(assemble(&dir, &fx.issuer, None), Err(Error::AlreadyExists { .. })));
+    let e = assemble(&dir, &fx.issuer, None).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("assembled"), "{e}");
 }
 
 #[test]

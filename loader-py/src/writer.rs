@@ -38,7 +38,7 @@ impl NativeWriter {
     /// `fields`: (name, dtype name or "bytes", shape) in record order.
     #[new]
     #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None,
-        metadata_json=None))]
+        metadata_json=None, part=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -51,6 +51,7 @@ impl NativeWriter {
         force: bool,
         generation: Option<u64>,
         metadata_json: Option<String>,
+        part: Option<(u32, Option<u32>)>,
     ) -> PyResult<Self> {
         let metadata: shardlock::Metadata = match metadata_json {
             Some(j) => serde_json::from_str(&j)
@@ -59,13 +60,21 @@ impl NativeWriter {
         };
         py.detach(|| {
             let keys = shardlock::open_provider_path(&keyring)?;
-            let issuer = Arc::new(IssuerKey::load(&issuer_key)?);
             let mut opts = PackOptions::new(dataset_id);
             opts.shard_size = shard_size;
             opts.force = force;
             opts.generation = generation;
             opts.metadata = metadata;
-            DatasetWriter::create_owned(&out_dir, parse_schema(fields)?, opts, keys, issuer)
+            let schema = parse_schema(fields)?;
+            match part {
+                // A part: `issuer_key` is the issuer's public key (the trust anchor).
+                Some((first_shard, max_shards)) => {
+                    let trust = shardlock::TrustAnchor::load(&issuer_key)?;
+                    let part = shardlock::Part { first_shard, max_shards };
+                    DatasetWriter::create_part_owned(&out_dir, schema, opts, keys, &trust, part)
+                }
+                None => DatasetWriter::create_owned(&out_dir, schema, opts, keys, Arc::new(IssuerKey::load(&issuer_key)?)),
+            }
         })
         .py()
         .map(|w| Self { inner: Some(w) })
@@ -156,5 +165,19 @@ fn closed() -> PyErr {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(assemble, m)?)?;
     m.add_class::<NativeWriter>()
+}
+
+/// Verifies the parts of a partitioned pack in `dir` and signs its manifest; returns
+/// (records, shards).
+#[pyfunction]
+#[pyo3(signature = (dir, issuer_key, generation=None))]
+pub(crate) fn assemble(py: Python<'_>, dir: PathBuf, issuer_key: PathBuf, generation: Option<u64>) -> PyResult<(u64, usize)> {
+    py.detach(|| {
+        let issuer = IssuerKey::load(&issuer_key)?;
+        let m = shardlock::assemble(&dir, &issuer, generation)?;
+        Ok((m.records, m.shards.len()))
+    })
+    .py()
 }

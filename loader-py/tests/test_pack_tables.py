@@ -248,3 +248,23 @@ def test_writer_metadata_is_signed_and_read_back(env):
                          metadata={"when": object()})
     plain = env.pack("plain", {"y": np.arange(3, dtype=np.int64)})
     assert env.loader(plain, batch_size=1).classes is None
+
+
+def test_parts_packed_without_the_issuer_key_assemble_into_one_dataset(env):
+    """Two workers (processes or machines in real use) each pack a shard range with the
+    issuer's public key only; assemble verifies the parts and signs."""
+    out = env.root / "parted"
+    rows = np.arange(60, dtype=np.int64)
+    # 8-byte rows in 80-byte shards: 10 rows per shard, so rows 0..30 fill shards 0..2.
+    for first, count, part_rows in ((0, 3, rows[:30]), (3, None, rows[30:])):
+        with shardlock.Writer(out, keyring=env.keyring, issuer_key=env.trust, dataset_id="parted",
+                              schema={"y": ("i64", ())}, shard_size=80, part=(first, count)) as w:
+            for r in part_rows:
+                w.write({"y": r})
+    with pytest.raises(shardlock.FormatError):
+        shardlock.Loader(out, keyring=env.keyring, token=env.token("parted"), trust=env.trust, batch_size=4)
+    assert shardlock.assemble(out, issuer_key=env.issuer) == (60, 6)
+    loader = env.loader(out, batch_size=6, shuffle="none", output="numpy")
+    assert np.concatenate([b["y"] for b in loader]).tolist() == rows.tolist()
+    with pytest.raises(ValueError, match="assembled"):
+        shardlock.assemble(out, issuer_key=env.issuer)

@@ -51,7 +51,10 @@ impl Part {
     /// Before writing: the dataset is not assembled yet, and no part starts here already.
     pub(super) fn check(&self, dir: &Path, manifest: &Path) -> Result<()> {
         if manifest.exists() {
-            return Err(Error::AlreadyExists { path: dir.to_owned() });
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds an assembled dataset (manifest.json): parts go into a directory before assemble",
+                dir.display()
+            )));
         }
         let file = dir.join(self.file_name());
         if file.exists() {
@@ -93,7 +96,10 @@ impl Part {
 /// whose size, SHA-256 or header differs from its part's entry.
 pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Result<Manifest> {
     if dir.join(FILE_NAME).exists() {
-        return Err(Error::AlreadyExists { path: dir.to_owned() });
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds a signed manifest: it was assembled (or packed whole) already",
+            dir.display()
+        )));
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(Error::io("list", dir))?

@@ -49,7 +49,7 @@ from shardlock._lib import (
 from shardlock.ingest import image_folder_classes, pack
 from shardlock.loader import Loader
 from shardlock.tokens import attenuate_token, issue_token, revoke_token
-from shardlock.writer import Writer, pack_numpy
+from shardlock.writer import Writer, assemble, pack_numpy
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
@@ -79,6 +79,7 @@ __all__ = [
     "TokenRevoked",
     "Writer",
     "__version__",
+    "assemble",
     "attenuate_token",
     "create_hsm_kek",
     "create_issuer_key",

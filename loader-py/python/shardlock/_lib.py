@@ -19,6 +19,7 @@ from shardlock._native import (  # noqa: F401
     TokenExpired,
     TokenRevoked,
     __version__,
+    assemble,
     attenuate_token,
     create_hsm_kek,
     create_issuer_key,

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from shardlock._lib import FormatError, NativeWriter
+from shardlock._lib import assemble as _assemble
 from shardlock.loader import _size_arg
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -157,6 +158,12 @@ class Writer:
     ``Loader.metadata``; ``metadata["classes"]``, the label names in label order, as
     ``Loader.classes``.
 
+    ``part=(first, count)`` packs one part of a dataset packed by several processes or
+    machines: shards ``first`` to ``first + count - 1`` (``count`` ``None``: the last
+    part). ``issuer_key`` is then the issuer's *public* key (``issuer.key.pub``): no
+    worker needs the secret key. ``close()`` writes a part file, and once every part is
+    in, :func:`assemble` verifies them and signs the manifest.
+
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
     a value not above the replaced one is refused, so generations only go up.
@@ -179,6 +186,7 @@ class Writer:
         generation: Optional[int] = None,
         progress: Optional[bool] = None,
         metadata: Optional[Mapping[str, Any]] = None,
+        part: Optional[Tuple[int, Optional[int]]] = None,
     ) -> None:
         self._progress = _Progress(progress, "packing")
         try:
@@ -187,6 +195,11 @@ class Writer:
             raise ValueError(f"metadata must be a dict of JSON values: {e}") from None
         self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, _size_arg("shard_size", shard_size), bool(force))
         self._generation = None if generation is None else int(generation)
+        if part is not None:
+            first, count = part
+            self._part: Optional[Tuple[int, Optional[int]]] = (int(first), None if count is None else int(count))
+        else:
+            self._part = None
         self._native: Optional[NativeWriter] = None
         self._names: List[str] = []
         self._specs: List[Tuple[str, Tuple[int, ...]]] = []
@@ -200,7 +213,7 @@ class Writer:
         self._specs = [fields[n] for n in self._names]
         self._native = NativeWriter(
             out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation,
-            self._metadata,
+            self._metadata, self._part,
         )
 
     def _check_names(self, keys: Any) -> None:
@@ -321,3 +334,11 @@ def pack_numpy(
         w.__exit__(Exception, None, None)
         raise
     return w.close()
+
+
+def assemble(dir: PathLike, *, issuer_key: PathLike, generation: Optional[int] = None) -> Tuple[int, int]:
+    """Verifies the parts a partitioned pack wrote into ``dir`` (``Writer(part=...)``,
+    ``shardlock pack --part``) and signs the dataset's manifest with ``issuer_key``;
+    returns ``(records, shards)``. A gap, an overlap, a changed shard or parts of
+    different datasets raise :class:`shardlock.FormatError` naming the part and shard."""
+    return tuple(_assemble(os.fspath(dir), os.fspath(issuer_key), generation))  # type: ignore[return-value]
