@@ -176,6 +176,18 @@ fn register(c: &reqwest::blocking::Client, svc: &KeyService, manifest: &[u8]) ->
     (r.status().as_u16(), serde_json::from_str(&r.text().unwrap()).unwrap())
 }
 
+/// Registers the test dataset's manifest with `svc` through `c` and returns its digest,
+/// the name release requests give it (checked to be the SHA-256 of the bytes posted).
+fn registered(s: &Setup, c: &reqwest::blocking::Client, svc: &KeyService) -> String {
+    let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
+    let (status, reg) = register(c, svc, &manifest);
+    assert_eq!(status, 200, "{reg}");
+    assert_eq!(reg["dataset"], DATASET, "{reg}");
+    let digest = reg["digest"].as_str().unwrap().to_owned();
+    assert_eq!(digest, hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &manifest)));
+    digest
+}
+
 fn release(
     c: &reqwest::blocking::Client,
     svc: &KeyService,
@@ -220,11 +232,7 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
     let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
-    let (status, reg) = register(&c, &svc, &manifest);
-    assert_eq!(status, 200, "{reg}");
-    let digest = reg["digest"].as_str().unwrap().to_owned();
-    assert_eq!(digest, hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &manifest)));
-    assert_eq!(reg["dataset"], DATASET);
+    let digest = registered(&s, &c, &svc);
 
     // A good token gets keys, which open the shards.
     let good = s.token(&s.spec());
@@ -348,7 +356,7 @@ fn under_mtls_the_certificate_must_be_the_tokens_principal() {
     let token = s.token(&s.spec());
 
     let c = raw(&s, &svc, Some(tester.clone()));
-    let digest = register(&c, &svc, &manifest).1["digest"].as_str().unwrap().to_owned();
+    let digest = registered(&s, &c, &svc);
     let (_, body) = release(&c, &svc, &digest, Some(&token), &[0]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
 
@@ -539,10 +547,7 @@ fn requests_without_a_valid_token_are_rate_limited_per_address() {
     cfg.rate_limit = Some(5.0); // bursts of 10 requests per address
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let mut statuses = Vec::new();
     for i in 0..12 {
         let token = if i % 2 == 0 { Some("not-a-token") } else { None };
@@ -565,10 +570,7 @@ fn each_principal_is_held_to_its_rate_limit() {
     cfg.rate_limit = Some(5.0); // bursts of 10 shards
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let tester = s.token(&s.spec());
     let other = s.token(&TokenSpec { principal: "other".into(), ..s.spec() });
     let all: Vec<u32> = (0..10).collect();
@@ -676,10 +678,7 @@ fn under_mtls_a_token_without_a_principal_matches_no_certificate() {
         .unwrap();
     let tester = s.pki.issue("tester", "tester", &[], false);
     let c = raw(&s, &svc, Some(tester));
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let (st, body) = release(&c, &svc, &digest, Some(&anonymous), &[0, 1]);
     assert_eq!(st, 200, "{body}");
     assert!(!body.contains("\"dek\""), "a token with no principal got keys under mTLS: {body}");
@@ -687,10 +686,7 @@ fn under_mtls_a_token_without_a_principal_matches_no_certificate() {
     // Without mTLS the same token is authorized as usual (the principal is not a grant).
     let plain = s.start();
     let c = raw(&s, &plain, None);
-    let digest = register(&c, &plain, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &plain);
     let (_, body) = release(&c, &plain, &digest, Some(&anonymous), &[0]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
     plain.shutdown().unwrap();
