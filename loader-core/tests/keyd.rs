@@ -205,6 +205,17 @@ fn release(
     (r.status().as_u16(), r.text().unwrap())
 }
 
+/// `token` (base64) with a block of Datalog `code` appended by its holder, as an
+/// attacker would write one with the Biscuit library (no issuer key needed).
+fn widen(s: &Setup, token: &str, code: &str) -> String {
+    let root =
+        biscuit_auth::PublicKey::from_bytes(s.fx.trust.public_bytes(), biscuit_auth::builder::Algorithm::Ed25519)
+            .unwrap();
+    let parsed = biscuit_auth::Biscuit::from_base64(token, root).unwrap();
+    let block = biscuit_auth::builder::BlockBuilder::new().code(code).unwrap();
+    parsed.append(block).unwrap().to_base64().unwrap()
+}
+
 /// (shard, Some(dek base64) | None, denial reason) of a release answer.
 fn entries(body: &str) -> Vec<(u32, Option<String>, Option<String>)> {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -249,6 +260,12 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
         .unwrap()
         .attenuate(&Attenuation { shards: Some(ShardSet::parse("0-1").unwrap()), ..Attenuation::default() })
         .unwrap();
+    // Blocks a holder appends asserting wider grants than the issuer's: more shards,
+    // the dataset again, a later expiry. Only the authority block's facts count.
+    let widening =
+        r#"allowed_shards(0, 1000); allowed_dataset("keyd-test"); allowed_op("read"); expires(2100-01-01T00:00:00Z);"#;
+    let narrow_issued = s.token(&TokenSpec { shards: ShardSet::parse("0-3").unwrap(), ..s.spec() });
+    let expired = s.token(&TokenSpec { expires: now - Duration::from_secs(3600), ..s.spec() });
     let cases: Vec<(&str, Option<String>, Vec<u32>, DenyReason)> = vec![
         ("missing", None, vec![0, 1, 2, 3], DenyReason::MissingToken),
         ("garbage", Some("not-a-token".into()), vec![0, 5], DenyReason::InvalidToken),
@@ -264,12 +281,7 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
             vec![0],
             DenyReason::WrongDataset,
         ),
-        (
-            "expired",
-            Some(s.token(&TokenSpec { expires: now - Duration::from_secs(3600), ..s.spec() })),
-            vec![0],
-            DenyReason::TokenExpired,
-        ),
+        ("expired", Some(expired.clone()), vec![0], DenyReason::TokenExpired),
         (
             "not yet valid",
             Some(s.token(&TokenSpec { not_before: Some(now + Duration::from_secs(3600)), ..s.spec() })),
@@ -284,6 +296,25 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
             DenyReason::ShardOutOfScope,
         ),
         ("attenuated to 0-1", Some(narrowed.to_base64().unwrap().to_string()), vec![2, 8], DenyReason::ShardOutOfScope),
+        (
+            "issued for 0-3, widened by a block",
+            Some(widen(&s, &narrow_issued, widening)),
+            vec![4, 9],
+            DenyReason::ShardOutOfScope,
+        ),
+        (
+            "attenuated to 0-1, widened by a block",
+            Some(widen(&s, &narrowed.to_base64().unwrap(), widening)),
+            vec![2, 8],
+            DenyReason::ShardOutOfScope,
+        ),
+        ("expired, widened by a block", Some(widen(&s, &expired, widening)), vec![0, 3], DenyReason::TokenExpired),
+        (
+            "another dataset's, widened by a block",
+            Some(widen(&s, &s.token(&TokenSpec { dataset: "other".into(), ..s.spec() }), widening)),
+            vec![0],
+            DenyReason::WrongDataset,
+        ),
         (
             "verify only",
             Some(s.token(&TokenSpec { ops: vec![Operation::Verify], ..s.spec() })),
@@ -313,6 +344,9 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
     }
     // The narrowed token still gets what it covers.
     let (_, body) = release(&c, &svc, &digest, Some(&narrowed.to_base64().unwrap()), &[1]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+    // A widened token still verifies: it gets what its issuer granted, and only that.
+    let (_, body) = release(&c, &svc, &digest, Some(&widen(&s, &narrow_issued, widening)), &[3]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
 
     // Requests the service refuses as a whole.
