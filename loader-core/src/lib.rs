@@ -43,6 +43,8 @@ mod tls;
 mod memory;
 // ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
 mod crypto;
+// Documents re-read when they change (the deny list, the key service's trust anchors).
+mod watch;
 // Wire formats: parsers and encoders, no keys.
 mod format;
 // Key custody: secret types, Grant, providers.
