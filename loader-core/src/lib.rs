@@ -87,7 +87,7 @@ pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, Re
 pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
 #[cfg(feature = "keyd")]
-pub use keyd::{KeyService, KeydConfig};
+pub use keyd::{KeyService, KeydConfig, LogFormat, Source as KeydSource};
 #[cfg(feature = "aws-kms")]
 pub use keys::kms;
 #[cfg(feature = "pkcs11")]
