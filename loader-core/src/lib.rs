@@ -43,6 +43,8 @@ mod tls;
 mod memory;
 // ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
 mod crypto;
+// Documents re-read when they change (the deny list, the key service's trust anchors).
+mod watch;
 // Wire formats: parsers and encoders, no keys.
 mod format;
 // Key custody: secret types, Grant, providers.
@@ -86,7 +88,7 @@ pub use format::manifest::Metadata;
 pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
 #[cfg(feature = "keyd")]
-pub use keyd::{KeyService, KeydConfig};
+pub use keyd::{KeyService, KeydConfig, LogFormat, Source as KeydSource};
 #[cfg(feature = "aws-kms")]
 pub use keys::kms;
 #[cfg(feature = "pkcs11")]

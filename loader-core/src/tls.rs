@@ -82,10 +82,9 @@ pub(crate) fn checked_server(url: &reqwest::Url) -> std::result::Result<String, 
         return Err("the server URL takes no query or fragment here");
     }
     let host = url.host_str().ok_or("the server URL needs a host")?;
-    let loopback = matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1");
     match url.scheme() {
         "https" => {}
-        "http" if loopback => {}
+        "http" if is_loopback(url) => {}
         "http" => return Err("plain http is accepted only for a loopback dev server; use https://"),
         _ => return Err("the server URL must be https://"),
     }
@@ -93,6 +92,15 @@ pub(crate) fn checked_server(url: &reqwest::Url) -> std::result::Result<String, 
         Some(p) => format!("{}://{host}:{p}", url.scheme()),
         None => format!("{}://{host}", url.scheme()),
     })
+}
+
+/// True when `url`'s host is this machine: `localhost`, 127.0.0.0/8 or `[::1]` (the
+/// host as parsed, so `127.0.0.1.evil.example` is not).
+#[cfg(feature = "key-service")]
+pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An HTTP client for custody: no redirects (a redirect could carry a token or a DEK

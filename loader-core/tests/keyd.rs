@@ -9,19 +9,23 @@
 #[path = "common/cli.rs"]
 mod cli;
 mod common;
+#[path = "common/files_server.rs"]
+mod files_server;
 #[path = "common/pki.rs"]
 mod pki;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Fixture;
+use files_server::FilesServer;
 use pki::Pki;
 use shardlock::service::{KeyServiceProvider, ServiceOptions, ServiceTls};
-use shardlock::{Attenuation, DenyReason, Error, IssuerKey, KeyService, KeydConfig, Loader, Operation, Shuffle};
+use shardlock::{Attenuation, DenyReason, Error, IssuerKey, KeyService, KeydConfig, KeydSource, Loader, LogFormat};
+use shardlock::{Operation, Shuffle};
 use shardlock::{ShardSet, Token, TokenSpec};
 
 const DATASET: &str = "keyd-test";
@@ -45,6 +49,7 @@ impl Setup {
         let (cert, key) = self.pki.server();
         let mut cfg = KeydConfig::new(listen, self.fx.keyring.clone(), vec![self.fx.trust], cert, key);
         cfg.audit_log = Some(self.fx.path("keyd-audit.jsonl"));
+        cfg.log = Box::new(TestOutput);
         cfg
     }
 
@@ -90,6 +95,60 @@ impl Setup {
 
     fn token(&self, spec: &TokenSpec) -> String {
         Token::issue(&self.fx.issuer, spec).unwrap().to_base64().unwrap().to_string()
+    }
+}
+
+/// The service's log into the test harness's captured output (shown when a test fails).
+struct TestOutput;
+
+impl std::io::Write for TestOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        eprint!("{}", String::from_utf8_lossy(b));
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The service's log kept in memory, for a test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Every line, parsed as JSON.
+    fn json(&self) -> Vec<serde_json::Value> {
+        self.text().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect()
+    }
+
+    /// The JSON lines of `event`.
+    fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.json().into_iter().filter(|l| l["event"] == event).collect()
+    }
+}
+
+/// Waits up to 10 s for `f` to hold.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -176,6 +235,18 @@ fn register(c: &reqwest::blocking::Client, svc: &KeyService, manifest: &[u8]) ->
     (r.status().as_u16(), serde_json::from_str(&r.text().unwrap()).unwrap())
 }
 
+/// Registers the test dataset's manifest with `svc` through `c` and returns its digest,
+/// the name release requests give it (checked to be the SHA-256 of the bytes posted).
+fn registered(s: &Setup, c: &reqwest::blocking::Client, svc: &KeyService) -> String {
+    let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
+    let (status, reg) = register(c, svc, &manifest);
+    assert_eq!(status, 200, "{reg}");
+    assert_eq!(reg["dataset"], DATASET, "{reg}");
+    let digest = reg["digest"].as_str().unwrap().to_owned();
+    assert_eq!(digest, hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &manifest)));
+    digest
+}
+
 fn release(
     c: &reqwest::blocking::Client,
     svc: &KeyService,
@@ -191,6 +262,17 @@ fn release(
     }
     let r = req.send().unwrap();
     (r.status().as_u16(), r.text().unwrap())
+}
+
+/// `token` (base64) with a block of Datalog `code` appended by its holder, as an
+/// attacker would write one with the Biscuit library (no issuer key needed).
+fn widen(s: &Setup, token: &str, code: &str) -> String {
+    let root =
+        biscuit_auth::PublicKey::from_bytes(s.fx.trust.public_bytes(), biscuit_auth::builder::Algorithm::Ed25519)
+            .unwrap();
+    let parsed = biscuit_auth::Biscuit::from_base64(token, root).unwrap();
+    let block = biscuit_auth::builder::BlockBuilder::new().code(code).unwrap();
+    parsed.append(block).unwrap().to_base64().unwrap()
 }
 
 /// (shard, Some(dek base64) | None, denial reason) of a release answer.
@@ -216,15 +298,11 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
     let deny_list = s.fx.path("deny.txt");
     std::fs::write(&deny_list, "").unwrap();
     let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
-    cfg.deny_list = Some(deny_list.clone());
+    cfg.deny_list = Some(deny_list.clone().into());
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
     let manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
-    let (status, reg) = register(&c, &svc, &manifest);
-    assert_eq!(status, 200, "{reg}");
-    let digest = reg["digest"].as_str().unwrap().to_owned();
-    assert_eq!(digest, hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &manifest)));
-    assert_eq!(reg["dataset"], DATASET);
+    let digest = registered(&s, &c, &svc);
 
     // A good token gets keys, which open the shards.
     let good = s.token(&s.spec());
@@ -241,6 +319,12 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
         .unwrap()
         .attenuate(&Attenuation { shards: Some(ShardSet::parse("0-1").unwrap()), ..Attenuation::default() })
         .unwrap();
+    // Blocks a holder appends asserting wider grants than the issuer's: more shards,
+    // the dataset again, a later expiry. Only the authority block's facts count.
+    let widening =
+        r#"allowed_shards(0, 1000); allowed_dataset("keyd-test"); allowed_op("read"); expires(2100-01-01T00:00:00Z);"#;
+    let narrow_issued = s.token(&TokenSpec { shards: ShardSet::parse("0-3").unwrap(), ..s.spec() });
+    let expired = s.token(&TokenSpec { expires: now - Duration::from_secs(3600), ..s.spec() });
     let cases: Vec<(&str, Option<String>, Vec<u32>, DenyReason)> = vec![
         ("missing", None, vec![0, 1, 2, 3], DenyReason::MissingToken),
         ("garbage", Some("not-a-token".into()), vec![0, 5], DenyReason::InvalidToken),
@@ -256,12 +340,7 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
             vec![0],
             DenyReason::WrongDataset,
         ),
-        (
-            "expired",
-            Some(s.token(&TokenSpec { expires: now - Duration::from_secs(3600), ..s.spec() })),
-            vec![0],
-            DenyReason::TokenExpired,
-        ),
+        ("expired", Some(expired.clone()), vec![0], DenyReason::TokenExpired),
         (
             "not yet valid",
             Some(s.token(&TokenSpec { not_before: Some(now + Duration::from_secs(3600)), ..s.spec() })),
@@ -276,6 +355,25 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
             DenyReason::ShardOutOfScope,
         ),
         ("attenuated to 0-1", Some(narrowed.to_base64().unwrap().to_string()), vec![2, 8], DenyReason::ShardOutOfScope),
+        (
+            "issued for 0-3, widened by a block",
+            Some(widen(&s, &narrow_issued, widening)),
+            vec![4, 9],
+            DenyReason::ShardOutOfScope,
+        ),
+        (
+            "attenuated to 0-1, widened by a block",
+            Some(widen(&s, &narrowed.to_base64().unwrap(), widening)),
+            vec![2, 8],
+            DenyReason::ShardOutOfScope,
+        ),
+        ("expired, widened by a block", Some(widen(&s, &expired, widening)), vec![0, 3], DenyReason::TokenExpired),
+        (
+            "another dataset's, widened by a block",
+            Some(widen(&s, &s.token(&TokenSpec { dataset: "other".into(), ..s.spec() }), widening)),
+            vec![0],
+            DenyReason::WrongDataset,
+        ),
         (
             "verify only",
             Some(s.token(&TokenSpec { ops: vec![Operation::Verify], ..s.spec() })),
@@ -305,6 +403,9 @@ fn the_service_denies_the_whole_matrix_to_a_raw_client_and_audits_it() {
     }
     // The narrowed token still gets what it covers.
     let (_, body) = release(&c, &svc, &digest, Some(&narrowed.to_base64().unwrap()), &[1]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+    // A widened token still verifies: it gets what its issuer granted, and only that.
+    let (_, body) = release(&c, &svc, &digest, Some(&widen(&s, &narrow_issued, widening)), &[3]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
 
     // Requests the service refuses as a whole.
@@ -348,7 +449,7 @@ fn under_mtls_the_certificate_must_be_the_tokens_principal() {
     let token = s.token(&s.spec());
 
     let c = raw(&s, &svc, Some(tester.clone()));
-    let digest = register(&c, &svc, &manifest).1["digest"].as_str().unwrap().to_owned();
+    let digest = registered(&s, &c, &svc);
     let (_, body) = release(&c, &svc, &digest, Some(&token), &[0]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
 
@@ -539,10 +640,7 @@ fn requests_without_a_valid_token_are_rate_limited_per_address() {
     cfg.rate_limit = Some(5.0); // bursts of 10 requests per address
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let mut statuses = Vec::new();
     for i in 0..12 {
         let token = if i % 2 == 0 { Some("not-a-token") } else { None };
@@ -565,10 +663,7 @@ fn each_principal_is_held_to_its_rate_limit() {
     cfg.rate_limit = Some(5.0); // bursts of 10 shards
     let svc = KeyService::start(cfg).unwrap();
     let c = raw(&s, &svc, None);
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let tester = s.token(&s.spec());
     let other = s.token(&TokenSpec { principal: "other".into(), ..s.spec() });
     let all: Vec<u32> = (0..10).collect();
@@ -593,22 +688,27 @@ fn the_cli_service_takes_a_toml_config_and_stops_on_sigterm() {
     let s = Setup::new();
     let (cert, key) = s.pki.server();
     let trust = s.trust_file();
+    let deny = s.fx.path("deny.txt");
+    std::fs::write(&deny, "").unwrap();
     let config = s.fx.path("keyd.toml");
     let q = |p: &Path| format!("{:?}", p.to_str().unwrap());
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nkeyring = {}\ntrust = [{}]\ntls_cert = {}\ntls_key = {}\naudit_log = {}\nrate_limit = 1000\n",
+            "listen = \"127.0.0.1:0\"\nkeyring = {}\ntrust = [{}]\ntls_cert = {}\ntls_key = {}\naudit_log = {}\nrate_limit = 1000\n\
+             deny_list = {}\nsource_ca = {}\npoll_interval = \"5s\"\nlog_format = \"json\"\njson = true\n",
             q(&s.fx.path("keyring.json")),
             q(&trust),
             q(&cert),
             q(&key),
-            q(&s.fx.path("keyd-audit.jsonl"))
+            q(&s.fx.path("keyd-audit.jsonl")),
+            q(&deny),
+            q(&s.pki.ca()),
         ),
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardlock"))
-        .args(["keyd", "--config", config.to_str().unwrap(), "--json"])
+        .args(["keyd", "--config", config.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -631,6 +731,16 @@ fn the_cli_service_takes_a_toml_config_and_stops_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "keyd exited with {status:?}");
     assert!(t.elapsed() < Duration::from_secs(15));
+    // Its log on stderr: JSON lines (log_format in the file), start to shutdown.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect();
+    assert_eq!(lines.first().map(|l| &l["event"]), Some(&"start".into()), "{log}");
+    assert_eq!(lines.last().map(|l| &l["event"]), Some(&"shutdown".into()), "{log}");
+    assert_eq!(lines[0]["poll_interval_s"], 5.0, "{log}");
+    assert_eq!(lines[0]["deny_list"], deny.to_str().unwrap(), "{log}");
+    assert!(lines.iter().any(|l| l["event"] == "request" && l["shards_released"].as_u64() > Some(0)), "{log}");
     // An unknown option in the file is an error naming the file.
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlisten_adress = 1\n").unwrap();
     let o = cli::run(s.fx.dir.path(), &["keyd", "--config", config.to_str().unwrap()]);
@@ -676,10 +786,7 @@ fn under_mtls_a_token_without_a_principal_matches_no_certificate() {
         .unwrap();
     let tester = s.pki.issue("tester", "tester", &[], false);
     let c = raw(&s, &svc, Some(tester));
-    let digest = register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &svc);
     let (st, body) = release(&c, &svc, &digest, Some(&anonymous), &[0, 1]);
     assert_eq!(st, 200, "{body}");
     assert!(!body.contains("\"dek\""), "a token with no principal got keys under mTLS: {body}");
@@ -687,10 +794,7 @@ fn under_mtls_a_token_without_a_principal_matches_no_certificate() {
     // Without mTLS the same token is authorized as usual (the principal is not a grant).
     let plain = s.start();
     let c = raw(&s, &plain, None);
-    let digest = register(&c, &plain, &std::fs::read(s.dir.join("manifest.json")).unwrap()).1["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let digest = registered(&s, &c, &plain);
     let (_, body) = release(&c, &plain, &digest, Some(&anonymous), &[0]);
     assert!(entries(&body)[0].1.is_some(), "{body}");
     plain.shutdown().unwrap();
@@ -735,7 +839,7 @@ fn a_key_released_for_one_token_is_never_used_for_another() {
     let deny_list = s.fx.path("deny.txt");
     std::fs::write(&deny_list, "").unwrap();
     let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
-    cfg.deny_list = Some(deny_list.clone());
+    cfg.deny_list = Some(deny_list.clone().into());
     let svc = KeyService::start(cfg).unwrap();
     let provider = s.provider(&svc, Duration::from_secs(10));
     let wide = Token::issue(&s.fx.issuer, &s.spec()).unwrap();
@@ -798,4 +902,287 @@ fn idle_and_crowding_connections_are_dropped_not_served_forever() {
     assert!(fresh.get(format!("https://{}/healthz", svc.local_addr())).send().unwrap().status().is_success());
     assert!(metrics(&c) >= 257, "dropped connections: {}", metrics(&c));
     svc.shutdown().unwrap();
+}
+
+/// A dataset of another issuer (a fixture of its own), its DEKs wrapped under the
+/// service's keyring: servable once that issuer is trusted.
+fn other_issuers_dataset(s: &Setup) -> (Fixture, PathBuf) {
+    let fx = Fixture::new();
+    let (dir, _) = fx.standard_with(&*s.fx.keyring, "other-ds", "other-ds", 8);
+    (fx, dir)
+}
+
+/// The text of `fx`'s issuer public key file (`.pub`).
+fn pub_text(fx: &Fixture) -> String {
+    let key = fx.path("issuer-for-pub.key");
+    if !key.exists() {
+        fx.issuer.save(&key).unwrap();
+    }
+    std::fs::read_to_string(fx.path("issuer-for-pub.key.pub")).unwrap()
+}
+
+/// Replaces `path` with `text` at once (written aside, renamed over it), with `mode`.
+fn replace(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+#[test]
+fn trust_anchors_are_re_read_when_their_file_changes() {
+    let s = Setup::new();
+    let (b_fx, b_dir) = other_issuers_dataset(&s);
+    let (a_pub, b_pub) = (pub_text(&s.fx), pub_text(&b_fx));
+    let trust = s.fx.path("trust.json");
+    replace(&trust, &a_pub, 0o644);
+    let log = Captured::default();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.trust = Vec::new();
+    cfg.trust_sources = vec![trust.clone().into()];
+    cfg.log_format = LogFormat::Json;
+    cfg.log = Box::new(log.clone());
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, None);
+    let a_manifest = std::fs::read(s.dir.join("manifest.json")).unwrap();
+    let b_manifest = std::fs::read(b_dir.join("manifest.json")).unwrap();
+    let a_digest = registered(&s, &c, &svc);
+    let a_token = s.token(&s.spec());
+    let b_token = Token::issue(&b_fx.issuer, &TokenSpec { dataset: "other-ds".into(), ..s.spec() })
+        .unwrap()
+        .to_base64()
+        .unwrap()
+        .to_string();
+    let (_, body) = release(&c, &svc, &a_digest, Some(&a_token), &[0]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+    let (st, body) = register(&c, &svc, &b_manifest);
+    assert_eq!(st, 422, "issuer B is not trusted yet: {body}");
+
+    // The file now names B only (a bundle: a JSON array of .pub contents).
+    replace(&trust, &format!("[{b_pub}]"), 0o644);
+    let (st, reg) = register(&c, &svc, &b_manifest);
+    assert_eq!(st, 200, "an added anchor is honoured at the next registration: {reg}");
+    let b_digest = reg["digest"].as_str().unwrap().to_owned();
+    let (_, body) = release(&c, &svc, &b_digest, Some(&b_token), &[0, 1]);
+    assert!(entries(&body).iter().all(|e| e.1.is_some()), "{body}");
+    // A's manifest, registered before, is no longer served: refused, audited as a deny.
+    let before = s.audit().len();
+    let (st, body) = release(&c, &svc, &a_digest, Some(&a_token), &[0, 1]);
+    assert_eq!(st, 403, "{body}");
+    assert!(body.contains("untrusted_manifest") && !body.contains("\"dek\""), "{body}");
+    let new = s.audit()[before..].to_vec();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(
+        (&new[0]["event"], &new[0]["decision"], &new[0]["reason"], &new[0]["dataset"]),
+        (&"authorize".into(), &"deny".into(), &"untrusted_manifest".into(), &DATASET.into()),
+        "{new:?}"
+    );
+    assert!(new[0]["rule"].as_str().unwrap().contains(&s.fx.trust.key_id()), "{new:?}");
+    let (st, body) = register(&c, &svc, &a_manifest);
+    assert_eq!(st, 422, "{body}");
+    // The loader through this service gets a clear error, not keys.
+    let p = s.provider(&svc, Duration::from_secs(5));
+    let mut l = s.fx.loader_with(&s.dir, DATASET, p).build().unwrap();
+    match ids(&mut l, None) {
+        Err(Error::KeyUnavailable { detail, .. }) => assert!(detail.contains("manifest_signature"), "{detail}"),
+        other => panic!("expected KeyUnavailable, got {other:?}"),
+    }
+    let reloads = log.events("reload");
+    assert!(
+        reloads
+            .iter()
+            .any(|l| l["what"] == "trust anchors" && l["entries"] == 1 && l["source"] == trust.to_str().unwrap()),
+        "{reloads:?}"
+    );
+
+    // A file that turns invalid keeps the last good anchors (B), and says so in the log.
+    std::fs::write(&trust, "{not json").unwrap();
+    assert_eq!(register(&c, &svc, &b_manifest).0, 200);
+    assert_eq!(release(&c, &svc, &a_digest, Some(&a_token), &[0]).0, 403);
+    // So does one that others could write, however good its content.
+    replace(&trust, &format!("[{a_pub}, {b_pub}]"), 0o666);
+    assert_eq!(release(&c, &svc, &a_digest, Some(&a_token), &[0]).0, 403);
+    let failed = log.events("reload_failed");
+    assert!(
+        failed.iter().any(|l| l["what"] == "trust anchors" && l["kept_entries"] == 1 && l["error"] == "format"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().any(|l| l["message"].as_str().unwrap().contains("writable by group or others")),
+        "{failed:?}"
+    );
+    // Fixed, it is read again: A is back, and its cached manifest is served again.
+    std::fs::set_permissions(&trust, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (st, body) = release(&c, &svc, &a_digest, Some(&a_token), &[2]);
+    assert_eq!(st, 200, "{body}");
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+    assert!(log.events("reload").iter().any(|l| l["what"] == "trust anchors" && l["entries"] == 2));
+    shardlock::verify_log(&s.fx.path("keyd-audit.jsonl")).unwrap();
+    svc.shutdown().unwrap();
+
+    // At start a bad or missing trust file is an error naming it (fail closed).
+    for (name, text) in [("bad.json", Some("[{}]")), ("missing.json", None)] {
+        let path = s.fx.path(name);
+        if let Some(t) = text {
+            replace(&path, t, 0o644);
+        }
+        let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+        cfg.trust = Vec::new();
+        cfg.trust_sources = vec![path.into()];
+        let e = KeyService::start(cfg).unwrap_err().to_string();
+        assert!(e.contains(name), "{e}");
+    }
+}
+
+#[test]
+fn deny_list_and_trust_anchors_can_be_https_urls_polled_with_validators() {
+    let s = Setup::new();
+    let (cert, key) = s.pki.server();
+    let files = FilesServer::start(&cert, &key);
+    files.put("/deny.txt", b"# nothing revoked yet\n");
+    files.put("/trust.json", pub_text(&s.fx).as_bytes());
+    // Credentials and a query that must reach the server but never the log.
+    let secret = |path: &str| files.url(path).replacen("https://", "https://ops:hunter2@", 1) + "?sig=SECRETQUERY";
+    let log = Captured::default();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.trust = Vec::new();
+    cfg.trust_sources = vec![KeydSource::Url(secret("/trust.json"))];
+    cfg.deny_list = Some(KeydSource::Url(secret("/deny.txt")));
+    cfg.source_ca = Some(s.pki.ca());
+    cfg.poll_interval = Duration::from_millis(200);
+    cfg.log_format = LogFormat::Json;
+    cfg.log = Box::new(log.clone());
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, None);
+    let digest = registered(&s, &c, &svc);
+    let token = Token::issue(&s.fx.issuer, &s.spec()).unwrap();
+    let bearer = token.to_base64().unwrap().to_string();
+    let (_, body) = release(&c, &svc, &digest, Some(&bearer), &[0]);
+    assert!(entries(&body)[0].1.is_some(), "{body}");
+    // Polls are conditional: an unchanged document is answered 304.
+    eventually("a 304 to If-None-Match", || files.seen().iter().any(|r| r.status == 304 && r.if_none_match.is_some()));
+    for r in files.seen() {
+        assert!(r.target.ends_with("?sig=SECRETQUERY"), "{r:?}");
+        assert_eq!(r.authorization.as_deref(), Some("Basic b3BzOmh1bnRlcjI="), "{r:?}");
+    }
+    // A revocation published at the URL bites within a poll or two.
+    files.put("/deny.txt", format!("{} # test\n", token.revocation_id()).as_bytes());
+    let denied = || entries(&release(&c, &svc, &digest, Some(&bearer), &[0]).1)[0].2.clone();
+    eventually("the revocation", || denied().as_deref() == Some("revoked"));
+    // The server failing keeps the last good copies (the revocation stays), logged.
+    files.force(Some(503));
+    eventually("a logged fetch failure", || {
+        let f = log.events("reload_failed");
+        ["deny list", "trust anchors"].iter().all(|w| f.iter().any(|l| l["what"] == *w && l["kept_entries"] == 1))
+    });
+    assert_eq!(denied().as_deref(), Some("revoked"));
+    assert_eq!(register(&c, &svc, &std::fs::read(s.dir.join("manifest.json")).unwrap()).0, 200);
+    files.force(None);
+    svc.shutdown().unwrap();
+    let reloads = log.events("reload");
+    assert!(
+        reloads.iter().any(|l| l["what"] == "deny list" && l["entries"] == 1 && l["source"] == files.url("/deny.txt")),
+        "{reloads:?}"
+    );
+    let text = log.text();
+    for leak in ["hunter2", "SECRETQUERY", "ops:"] {
+        assert!(!text.contains(leak), "{leak:?} reached the log:\n{text}");
+    }
+
+    // At start a first fetch that fails stops the service, naming the URL (without its
+    // secrets) and what to check.
+    let start = |edit: &dyn Fn(&mut KeydConfig)| {
+        let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+        cfg.source_ca = Some(s.pki.ca());
+        edit(&mut cfg);
+        KeyService::start(cfg).unwrap_err().to_string()
+    };
+    let e = start(&|c| c.deny_list = Some(KeydSource::Url(secret("/missing.txt"))));
+    assert!(e.contains(&files.url("/missing.txt")) && e.contains("404") && e.contains("--source-ca"), "{e}");
+    assert!(!e.contains("hunter2") && !e.contains("SECRETQUERY"), "{e}");
+    // A trust document over 1 MiB, and plain http off loopback, are refused.
+    files.put("/big.json", &vec![b' '; (1 << 20) + 1]);
+    let e = start(&|c| c.trust_sources = vec![KeydSource::Url(files.url("/big.json"))]);
+    assert!(e.contains("larger than 1 MiB"), "{e}");
+    let e = start(&|c| c.deny_list = Some(KeydSource::Url("http://192.0.2.1/deny.txt".into())));
+    assert!(e.contains("plain http"), "{e}");
+}
+
+#[test]
+fn the_json_log_has_a_line_per_request_and_no_secret() {
+    let s = Setup::new();
+    let log = Captured::default();
+    let mut cfg = s.config("127.0.0.1:0".parse().unwrap());
+    cfg.client_ca = Some(s.pki.ca());
+    cfg.log_format = LogFormat::Json;
+    cfg.log = Box::new(log.clone());
+    let svc = KeyService::start(cfg).unwrap();
+    let c = raw(&s, &svc, Some(s.pki.issue("tester", "tester", &[], false)));
+    let digest = registered(&s, &c, &svc);
+    let token = Token::issue(&s.fx.issuer, &s.spec()).unwrap();
+    let bearer = token.to_base64().unwrap().to_string();
+    let (_, body) = release(&c, &svc, &digest, Some(&bearer), &[0, 1, 5]);
+    let deks: Vec<String> = entries(&body).into_iter().filter_map(|e| e.1).collect();
+    assert_eq!(deks.len(), 3, "{body}");
+    let narrow = s.token(&TokenSpec { shards: ShardSet::parse("0").unwrap(), ..s.spec() });
+    let (_, body) = release(&c, &svc, &digest, Some(&narrow), &[0, 1]);
+    let deks: Vec<String> = deks.into_iter().chain(entries(&body).into_iter().filter_map(|e| e.1)).collect();
+    assert_eq!(release(&c, &svc, &"0".repeat(64), Some(&bearer), &[0]).0, 404);
+    let other = c.get(format!("https://{}/v1/nope?token={bearer}", svc.local_addr())).send().unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    assert!(c.get(format!("https://{}/metrics", svc.local_addr())).send().unwrap().status().is_success());
+    svc.shutdown().unwrap();
+
+    let lines = log.json();
+    assert_eq!(lines.first().map(|l| &l["event"]), Some(&"start".into()), "{lines:?}");
+    assert_eq!(lines.last().map(|l| &l["event"]), Some(&"shutdown".into()), "{lines:?}");
+    for l in &lines {
+        humantime::parse_rfc3339(l["time"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(l["level"] == "info" || l["level"] == "warn", "{l}");
+    }
+    let start = &lines[0];
+    assert_eq!(start["trust_anchors"], serde_json::json!([s.fx.trust.key_id()]), "{start}");
+    assert_eq!(start["mtls"], true, "{start}");
+    let requests = log.events("request");
+    assert_eq!(requests.len(), 6, "{requests:?}");
+    for r in &requests {
+        assert!(r["method"].is_string() && r["path"].is_string() && r["status"].is_u64(), "{r}");
+        assert!(r["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{r}");
+        assert!(r["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+        assert_eq!(r["identity"], "tester", "{r}");
+    }
+    let (reg, wide, narrowed, unknown, nope, metrics) =
+        (&requests[0], &requests[1], &requests[2], &requests[3], &requests[4], &requests[5]);
+    assert_eq!((&reg["method"], &reg["path"], &reg["status"]), (&"POST".into(), &"/v1/manifests".into(), &200.into()));
+    assert_eq!(wide["path"], "/v1/release");
+    assert_eq!(wide["principal"], "tester");
+    assert_eq!(wide["token_id"], token.revocation_id());
+    assert_eq!(
+        (&wide["shards_asked"], &wide["shards_released"], &wide["shards_denied"]),
+        (&3.into(), &3.into(), &0.into())
+    );
+    assert!(wide.get("error").is_none() && wide.get("deny_reasons").is_none(), "{wide}");
+    assert_eq!((&narrowed["shards_released"], &narrowed["shards_denied"]), (&1.into(), &1.into()), "{narrowed}");
+    assert_eq!(narrowed["deny_reasons"], "shard_out_of_scope");
+    assert_eq!((&unknown["status"], &unknown["error"]), (&404.into(), &"unknown_manifest".into()), "{unknown}");
+    assert_eq!((&nope["path"], &nope["error"]), (&"(other)".into(), &"not_found".into()), "{nope}");
+    assert_eq!((&metrics["method"], &metrics["path"]), (&"GET".into(), &"/metrics".into()));
+
+    // Nothing secret anywhere: no token, DEK, KEK, wrapped DEK or manifest signature,
+    // no Authorization header.
+    let text = log.text();
+    let mut secrets = vec![bearer.clone(), narrow.clone(), "Bearer".into(), "authorization".into()];
+    secrets.extend(deks);
+    let path = s.dir.join("manifest.json");
+    let signed = shardlock::primitives::SignedManifest::parse(&std::fs::read(&path).unwrap(), &path).unwrap();
+    secrets.extend(signed.manifest.shards.iter().map(|e| e.wrapped_dek.clone()));
+    secrets.push(hex::encode(&signed.signature));
+    let keyring: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.fx.path("keyring.json")).unwrap()).unwrap();
+    secrets.extend(keyring["keys"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap().to_owned()));
+    assert!(secrets.len() > 10);
+    for secret in &secrets {
+        assert!(!text.to_ascii_lowercase().contains(&secret.to_ascii_lowercase()), "{secret:?} is in the log:\n{text}");
+    }
 }

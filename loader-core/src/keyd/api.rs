@@ -15,14 +15,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::log::{Fields, Log};
 use super::metrics::Metrics;
+use super::trust::TrustSet;
 use super::KeydConfig;
 use crate::access::Access;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Authorizer, AuthorizerConfig, Clock};
 use crate::dataset::Dataset;
 use crate::error::{DenyReason, Error, Operation};
-use crate::keys::{KeyProvider, TrustAnchor};
+use crate::keys::KeyProvider;
 
 /// Largest release request body (a list of shard numbers).
 const MAX_RELEASE_BODY: usize = 1 << 20;
@@ -36,6 +38,9 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const ALIASES_PER_MANIFEST: usize = 4;
 /// Principals tracked by the rate limiter; idle full buckets are dropped beyond this.
 const MAX_BUCKETS: usize = 100_000;
+
+/// The paths the service serves.
+const ROUTES: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/v1/manifests", "/v1/release"];
 
 /// Per-principal token buckets of shard releases.
 struct RateLimiter {
@@ -65,6 +70,25 @@ impl RateLimiter {
         }
     }
 }
+
+/// What the request log says about a release, beyond the HTTP exchange: who asked
+/// (the principal and revocation id of a valid token, never the token) and how many
+/// shards were asked for, released and denied.
+#[derive(Clone, Debug, Default)]
+struct Note {
+    principal: String,
+    token_id: String,
+    asked: usize,
+    released: usize,
+    denied: usize,
+    /// The distinct reasons of the denials, in the order first met.
+    reasons: Vec<&'static str>,
+}
+
+/// The `error` code of an error answer, for the request log (a response extension,
+/// never sent).
+#[derive(Clone, Copy, Debug)]
+struct ErrorCode(&'static str);
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
@@ -177,7 +201,7 @@ impl Drop for InFlight<'_> {
 /// The service's state, shared by every connection.
 pub(super) struct Service {
     keys: Arc<dyn KeyProvider>,
-    trust: Vec<TrustAnchor>,
+    pub(super) trust: Arc<TrustSet>,
     skew: Duration,
     deny_list: Option<Arc<crate::auth::DenyList>>,
     clock: Option<Clock>,
@@ -192,6 +216,7 @@ pub(super) struct Service {
     manifests: Mutex<Manifests>,
     ready: AtomicBool,
     pub(super) metrics: Metrics,
+    pub(super) log: Arc<Log>,
 }
 
 #[derive(Deserialize)]
@@ -209,9 +234,10 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn error_body(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+fn error_body(status: StatusCode, code: &'static str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({"error": code, "message": message}).to_string();
     let mut r = json(status, body);
+    r.extensions_mut().insert(ErrorCode(code));
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         // The rest of the body is not read: the connection cannot carry another request.
         r.headers_mut().insert("connection", hyper::header::HeaderValue::from_static("close"));
@@ -238,13 +264,24 @@ fn bearer(req: &Request<Incoming>) -> Option<Zeroizing<String>> {
 }
 
 impl Service {
-    pub(super) fn new(cfg: &KeydConfig) -> crate::error::Result<Self> {
+    /// The state for `cfg`, whose log sink it takes. Reads the audit log, the deny list
+    /// and the trust sources now: a bad one fails here, naming it.
+    pub(super) fn new(cfg: &mut KeydConfig) -> crate::error::Result<Self> {
+        let log = Arc::new(Log::new(cfg.log_format, std::mem::replace(&mut cfg.log, Box::new(std::io::sink()))));
+        let report = log.reporter();
         let audit = cfg.audit_log.as_deref().map(AuditLog::open).transpose()?.map(Arc::new);
-        // One list for every request, re-read when the file changes; a bad file fails now.
-        let deny_list = cfg.deny_list.as_deref().map(crate::auth::DenyList::open).transpose()?.map(Arc::new);
+        let ca = cfg.source_ca.as_deref();
+        // One list for every request, re-read when it changes; a bad one fails now.
+        let deny_list = cfg
+            .deny_list
+            .as_ref()
+            .map(|s| crate::auth::DenyList::open_source(s, ca, Some(report.clone())))
+            .transpose()?
+            .map(Arc::new);
+        let trust = TrustSet::open(&cfg.trust, &cfg.trust_sources, ca, &report)?;
         Ok(Self {
             keys: cfg.keys.clone(),
-            trust: cfg.trust.clone(),
+            trust,
             skew: cfg.skew,
             deny_list,
             clock: cfg.clock.clone(),
@@ -259,7 +296,42 @@ impl Service {
             manifests: Mutex::new(Manifests::default()),
             ready: AtomicBool::new(false),
             metrics: Metrics::default(),
+            log,
         })
+    }
+
+    /// True when there is a deny list or a trust source to poll.
+    pub(super) fn watches(&self) -> bool {
+        self.deny_list.is_some() || self.trust.watches()
+    }
+
+    /// Fetches the URL sources and checks the files now (the poll thread's work).
+    pub(super) fn poll_sources(&self) {
+        if let Some(d) = &self.deny_list {
+            d.poll();
+        }
+        self.trust.poll();
+    }
+
+    /// The `start` log line: where the service listens and what it serves with.
+    pub(super) fn log_start(&self, addr: SocketAddr, cfg: &KeydConfig) {
+        let deny_ids = self.deny_list.as_ref().and_then(|d| d.entries().ok());
+        self.log.line(
+            "info",
+            "start",
+            vec![
+                ("listen", format!("https://{addr}").into()),
+                ("custody", self.keys.describe().into()),
+                ("mtls", self.mtls.into()),
+                ("trust_anchors", self.trust.current().iter().map(|a| a.key_id()).collect::<Vec<_>>().into()),
+                ("trust_sources", self.trust.sources().into()),
+                ("deny_list", self.deny_list.as_ref().map(|d| d.path().display().to_string()).into()),
+                ("deny_list_entries", deny_ids.into()),
+                ("audit_log", cfg.audit_log.as_ref().map(|p| p.display().to_string()).into()),
+                ("rate_limit", cfg.rate_limit.into()),
+                ("poll_interval_s", cfg.poll_interval.as_secs_f64().into()),
+            ],
+        );
     }
 
     pub(super) fn set_ready(&self, ready: bool) {
@@ -270,8 +342,18 @@ impl Service {
         self.manifests.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes one request.
+    /// Routes one request, and logs it.
     pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>, client: Client) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        // Only a route's own path is logged: anything else a client sends is not echoed.
+        let path = ROUTES.into_iter().find(|r| *r == req.uri().path()).unwrap_or("(other)");
+        let resp = self.clone().route(req, client.clone()).await;
+        self.log_request(&method, path, &resp, started, &client);
+        resp
+    }
+
+    async fn route(self: Arc<Self>, req: Request<Incoming>, client: Client) -> Response<Full<Bytes>> {
         let route: &'static str = match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => "healthz",
             (&Method::GET, "/readyz") => "readyz",
@@ -292,6 +374,45 @@ impl Service {
         };
         self.metrics.request(route, resp.status().as_u16());
         resp
+    }
+
+    /// The `request` log line: the exchange, who asked (never the token) and, for a
+    /// release, how many shards were asked for, released and denied.
+    fn log_request(
+        &self,
+        method: &Method,
+        path: &'static str,
+        resp: &Response<Full<Bytes>>,
+        started: Instant,
+        client: &Client,
+    ) {
+        let ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        let note = resp.extensions().get::<Note>();
+        let some = |s: &str| if s.is_empty() { serde_json::Value::Null } else { s.into() };
+        let mut fields: Fields = vec![
+            ("method", method.as_str().to_owned().into()),
+            ("path", path.into()),
+            ("status", resp.status().as_u16().into()),
+            ("latency_ms", ms.into()),
+            ("client", client.peer.to_string().into()),
+            ("identity", client.identity.as_deref().map(bounded).into()),
+        ];
+        if let Some(n) = note {
+            fields.extend([
+                ("principal", some(&n.principal)),
+                ("token_id", some(&n.token_id)),
+                ("shards_asked", n.asked.into()),
+                ("shards_released", n.released.into()),
+                ("shards_denied", n.denied.into()),
+                (
+                    "deny_reasons",
+                    if n.reasons.is_empty() { serde_json::Value::Null } else { n.reasons.join(",").into() },
+                ),
+            ]);
+        }
+        fields.push(("error", resp.extensions().get::<ErrorCode>().map(|c| c.0).into()));
+        let level = if resp.status().is_server_error() { "warn" } else { "info" };
+        self.log.line(level, "request", fields);
     }
 
     async fn serve_post(
@@ -349,15 +470,23 @@ impl Service {
             let _permit = permit;
             let _gauge = InFlight::new(&me.metrics);
             match route {
-                "manifests" => me.register(&body),
-                _ => me.release(token, &body, &client),
+                "manifests" => (me.register(&body), None),
+                _ => {
+                    let mut note = Note::default();
+                    let r = me.release(token, &body, &client, &mut note);
+                    (r, Some(note))
+                }
             }
         });
-        match work.await {
-            Ok(Ok(body)) => json(StatusCode::OK, body),
-            Ok(Err(Refusal(status, code, message))) => error_body(status, code, &message),
-            Err(_) => error_body(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed"),
+        let (mut resp, note) = match work.await {
+            Ok((Ok(body), note)) => (json(StatusCode::OK, body), note),
+            Ok((Err(Refusal(status, code, message)), note)) => (error_body(status, code, &message), note),
+            Err(_) => (error_body(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed"), None),
+        };
+        if let Some(n) = note {
+            resp.extensions_mut().insert(n);
         }
+        resp
     }
 
     fn record(&self, ev: &AuditEvent) -> Result<(), Refusal> {
@@ -380,7 +509,7 @@ impl Service {
         });
         let mut first_err = None;
         let mut ds = None;
-        for anchor in &self.trust {
+        for anchor in &self.trust.current() {
             match Dataset::from_manifest_bytes(
                 Path::new("(posted)"),
                 PathBuf::from("posted manifest.json"),
@@ -404,7 +533,10 @@ impl Service {
                 _ => Ok(d),
             },
             (None, Some(e)) => Err(e),
-            (None, None) => Err(Error::InvalidArgument("no trust anchor".into())),
+            (None, None) => Err(Error::ManifestSignature {
+                path: PathBuf::from("posted manifest.json"),
+                detail: "the service trusts no issuer key now (its trust sources hold none)".into(),
+            }),
         };
         let ds = match checked {
             Ok(d) => d,
@@ -437,7 +569,13 @@ impl Service {
     /// `POST /v1/release`: authorizes `read` of each shard for the bearer token with the
     /// same authorizer as the loader, audits every decision, and unwraps only what
     /// passed, taking each wrapped DEK from the service's own verified manifest.
-    fn release(&self, token: Option<Zeroizing<String>>, body: &[u8], client: &Client) -> Result<Bytes, Refusal> {
+    fn release(
+        &self,
+        token: Option<Zeroizing<String>>,
+        body: &[u8],
+        client: &Client,
+        note: &mut Note,
+    ) -> Result<Bytes, Refusal> {
         let bad = |m: String| Refusal(StatusCode::BAD_REQUEST, "invalid_request", m);
         let req: ReleaseRequest = serde_json::from_slice(body).map_err(|e| {
             bad(format!("the body must be {{\"manifest\": \"<sha256 hex>\", \"shards\": [...]}} ({e})"))
@@ -447,6 +585,7 @@ impl Service {
         }
         let mut seen = std::collections::HashSet::new();
         let shards: Vec<u32> = req.shards.into_iter().filter(|s| seen.insert(*s)).collect();
+        note.asked = shards.len();
         let ds = self.manifests().get(&req.manifest).ok_or_else(|| {
             Refusal(
                 StatusCode::NOT_FOUND,
@@ -454,6 +593,9 @@ impl Service {
                 format!("manifest {} is not registered here; POST it to /v1/manifests first", bounded(&req.manifest)),
             )
         })?;
+        if !self.trust.trusts(ds.trust_anchor()) {
+            return Err(self.untrusted(&ds, &req.manifest, shards.len(), client));
+        }
         let n = ds.manifest().shards.len();
         if let Some(s) = shards.iter().find(|&&s| s as usize >= n) {
             return Err(bad(format!("dataset {:?} has {n} shards; there is no shard {s}", ds.manifest().dataset_id)));
@@ -472,25 +614,16 @@ impl Service {
         .map_err(|e| Refusal::of(&e))?;
         let valid = authorizer.has_valid_token();
         let principal = authorizer.principal().to_owned();
-        if let Some(limiter) = &self.limiter {
-            // A valid token spends its principal's bucket, one unit per shard. A missing
-            // or invalid one (each costs an evaluation and an audit record) spends its
-            // client address's bucket, one unit per request, so a flood of bad tokens
-            // cannot fill the audit log at line rate.
-            let (key, cost, over) = if valid {
-                (principal.clone(), shards.len() as f64, format!("principal {principal:?} is over its rate limit"))
-            } else {
-                let ip = client.peer.ip();
-                let over = format!("requests without a valid token from {ip} are over the rate limit");
-                (format!("\0bad-token:{ip}"), 1.0, over)
-            };
-            if let Err(wait) = limiter.take(&key, cost) {
-                return Err(Refusal(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("{over}; retry in {wait:.2}s"),
-                ));
-            }
+        note.principal.clone_from(&principal);
+        note.token_id = authorizer.token_id().to_owned();
+        // A valid token spends its principal's bucket, one unit per shard. A missing or
+        // invalid one (each costs an evaluation and an audit record) spends its client
+        // address's bucket, one unit per request, so a flood of bad tokens cannot fill
+        // the audit log at line rate.
+        if valid {
+            self.limit(&principal, shards.len() as f64, || format!("principal {principal:?} is over its rate limit"))?;
+        } else {
+            self.limit_unverified(client)?;
         }
         // Under mTLS the certificate's identity must be exactly the token's principal
         // (an empty principal matches no certificate).
@@ -533,6 +666,7 @@ impl Service {
             };
             let entry = match outcome {
                 Ok(dek) => {
+                    note.released += 1;
                     self.metrics.release(started.elapsed());
                     let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(dek.expose()));
                     let mut e = Zeroizing::new(String::with_capacity(b64.len() + 32));
@@ -542,6 +676,10 @@ impl Service {
                     e
                 }
                 Err(Error::AccessDenied { reason, rule, .. }) => {
+                    note.denied += 1;
+                    if !note.reasons.contains(&reason.name()) {
+                        note.reasons.push(reason.name());
+                    }
                     self.metrics.denial(reason.name());
                     if token_denial.is_none() && (!valid || mismatch.is_some() || reason == DenyReason::InvalidToken) {
                         token_denial = Some((reason, rule.clone()));
@@ -572,6 +710,59 @@ impl Service {
         out.push_str("]}");
         // The buffer moves to the HTTP stack, which does not zeroize it (THREAT-MODEL 5).
         Ok(Bytes::from(out.into_bytes()))
+    }
+}
+
+impl Service {
+    /// Takes `cost` from `key`'s bucket, if there is a rate limit; `over` says who is over it.
+    fn limit(&self, key: &str, cost: f64, over: impl FnOnce() -> String) -> Result<(), Refusal> {
+        match self.limiter.as_ref().map(|l| l.take(key, cost)) {
+            Some(Err(wait)) => {
+                Err(Refusal(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("{}; retry in {wait:.2}s", over())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// One unit from the bucket of requests without a verified token from `client`'s address.
+    fn limit_unverified(&self, client: &Client) -> Result<(), Refusal> {
+        let ip = client.peer.ip();
+        self.limit(&format!("\0bad-token:{ip}"), 1.0, || {
+            format!("requests without a valid token from {ip} are over the rate limit")
+        })
+    }
+
+    /// The refusal of a release for a manifest registered under a trust anchor the
+    /// service no longer has (its trust sources changed): audited as a deny, once per
+    /// request (the token is not evaluated: its issuer is not trusted either).
+    fn untrusted(&self, ds: &Dataset, digest: &str, shards: usize, client: &Client) -> Refusal {
+        if let Err(r) = self.limit_unverified(client) {
+            return r;
+        }
+        let key = ds.trust_anchor().key_id();
+        let rule = format!(
+            "manifest {} was verified under issuer key {key}, which is no longer a trust anchor of this service",
+            bounded(digest)
+        );
+        let ev = AuditEvent {
+            event: "authorize",
+            client: Some(client.label()),
+            dataset: Some(ds.manifest().dataset_id.clone()),
+            operation: Some(Operation::Read.name()),
+            decision: Some("deny"),
+            reason: Some("untrusted_manifest"),
+            rule: Some(rule.clone()),
+            detail: Some(format!("{shards} shards asked")),
+            ..AuditEvent::default()
+        };
+        if let Err(r) = self.record(&ev) {
+            return r;
+        }
+        Refusal(
+            StatusCode::FORBIDDEN,
+            "untrusted_manifest",
+            format!("{rule}; nothing is released for it (ask the data owner which issuer to trust)"),
+        )
     }
 }
 

@@ -4,7 +4,10 @@
 //! a token constrains never holds the KEK. docs/KEY-SERVICE.md has the wire API.
 //!
 //! - [`KeydConfig`]: what the service serves with (custody, trust anchors, TLS, deny
-//!   list, audit log, limits).
+//!   list, audit log, limits, log).
+//! - [`Source`] (`shardlock::KeydSource`): a deny list or trust file, or an `https://`
+//!   URL, re-read when it changes.
+//! - [`LogFormat`]: text or JSON lines for the operational log (never a secret).
 //! - [`KeyService`]: a running service: [`KeyService::start`] binds and serves on a
 //!   thread of its own; [`KeyService::shutdown`] stops it gracefully.
 //!
@@ -12,8 +15,10 @@
 //! `Grant` from the service's own verified manifest → unwrap → audit.
 
 mod api;
+mod log;
 mod metrics;
 mod server;
+mod trust;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +28,8 @@ use std::time::Duration;
 use crate::auth::Clock;
 use crate::error::{Error, Result};
 use crate::keys::{KeyProvider, TrustAnchor};
+pub use crate::watch::Source;
+pub use log::LogFormat;
 
 /// How a key service serves.
 pub struct KeydConfig {
@@ -33,8 +40,15 @@ pub struct KeydConfig {
     /// [`crate::ProviderSet`] ([`crate::open_providers`]) for manifests whose shards are
     /// wrapped under different custody.
     pub keys: Arc<dyn KeyProvider>,
-    /// The issuer keys whose manifests (and tokens) this service accepts; at least one.
+    /// Issuer keys whose manifests (and tokens) this service always accepts. With
+    /// `trust_sources`, at least one anchor in all.
     pub trust: Vec<TrustAnchor>,
+    /// Trust files (one `.pub`, or a JSON array of them) or `https://` URLs, re-read when
+    /// they change: an anchor added there is honoured at the next manifest
+    /// registration; a manifest registered under an anchor no longer in any source (nor
+    /// in `trust`) is not served (`403 untrusted_manifest`, audited). A source that
+    /// cannot be read or parsed after start keeps its last good anchors (logged).
+    pub trust_sources: Vec<Source>,
     /// PEM certificate chain the service presents.
     pub tls_cert: PathBuf,
     /// PEM private key of `tls_cert` (owner-only permissions).
@@ -42,8 +56,16 @@ pub struct KeydConfig {
     /// With a CA file, every client must present a certificate it signed, whose subject
     /// CN must equal the token's principal (mTLS): a stolen token alone is not enough.
     pub client_ca: Option<PathBuf>,
-    /// Deny-list file of revocation ids, re-read whenever it changes.
-    pub deny_list: Option<PathBuf>,
+    /// Deny list of revocation ids: a file, re-read whenever it changes (one that cannot
+    /// be read or parsed fails every release until it can), or an `https://` URL polled
+    /// every `poll_interval` (a failed fetch keeps the last good copy, logged).
+    pub deny_list: Option<Source>,
+    /// PEM CA certificate(s) for `https://` sources; else `SSL_CERT_FILE`, else the
+    /// system bundle.
+    pub source_ca: Option<PathBuf>,
+    /// How often URL sources are fetched (and files checked without a request; default
+    /// 30 s).
+    pub poll_interval: Duration,
     /// The service's hash-chained audit log (every decision, never a key or token).
     pub audit_log: Option<PathBuf>,
     /// Allowed clock skew against the issuer (default 30 s, as in the loader).
@@ -63,6 +85,11 @@ pub struct KeydConfig {
     pub handle_signals: bool,
     /// The clock (injectable for tests); `None` is the system clock.
     pub clock: Option<Clock>,
+    /// Format of the operational log (default text).
+    pub log_format: LogFormat,
+    /// Where the operational log goes (default stderr): one line per request and per
+    /// start, shutdown, reload and fetch failure.
+    pub log: Box<dyn std::io::Write + Send>,
 }
 
 impl KeydConfig {
@@ -78,10 +105,13 @@ impl KeydConfig {
             listen,
             keys,
             trust,
+            trust_sources: Vec::new(),
             tls_cert,
             tls_key,
             client_ca: None,
             deny_list: None,
+            source_ca: None,
+            poll_interval: Duration::from_secs(30),
             audit_log: None,
             skew: Duration::from_secs(30),
             min_generation: None,
@@ -91,6 +121,8 @@ impl KeydConfig {
             rate_limit: None,
             handle_signals: false,
             clock: None,
+            log_format: LogFormat::Text,
+            log: Box::new(std::io::stderr()),
         }
     }
 }
@@ -101,8 +133,11 @@ impl std::fmt::Debug for KeydConfig {
             .field("listen", &self.listen)
             .field("keys", &self.keys.describe())
             .field("trust", &self.trust.iter().map(TrustAnchor::key_id).collect::<Vec<_>>())
+            .field("trust_sources", &self.trust_sources)
             .field("client_ca", &self.client_ca)
             .field("deny_list", &self.deny_list)
+            .field("poll_interval", &self.poll_interval)
+            .field("log_format", &self.log_format)
             .field("audit_log", &self.audit_log)
             .finish_non_exhaustive()
     }
@@ -113,6 +148,9 @@ pub struct KeyService {
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
+    /// Dropped to stop the poller of the watched sources (it ends after a fetch in
+    /// flight, without being waited for).
+    poll_stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -125,11 +163,14 @@ impl KeyService {
     /// Checks the configuration, reads the TLS files, binds the address and starts
     /// serving on a thread of its own. Everything that can be wrong with the
     /// configuration fails here, naming the file or setting.
-    pub fn start(cfg: KeydConfig) -> Result<Self> {
-        if cfg.trust.is_empty() {
+    pub fn start(mut cfg: KeydConfig) -> Result<Self> {
+        if cfg.trust.is_empty() && cfg.trust_sources.is_empty() {
             return Err(Error::InvalidArgument(
                 "the key service needs at least one trust anchor (--trust FILE.pub)".into(),
             ));
+        }
+        if cfg.poll_interval.is_zero() {
+            return Err(Error::InvalidArgument("the poll interval must be longer than zero".into()));
         }
         let set = cfg.keys.as_any().and_then(|k| k.downcast_ref::<crate::keys::ProviderSet>());
         let members = set.map_or_else(|| vec![cfg.keys.clone()], |s| s.members().to_vec());
@@ -147,18 +188,39 @@ impl KeyService {
             ));
         }
         let tls = server::tls_config(&cfg)?;
-        let state = Arc::new(api::Service::new(&cfg)?);
+        let state = Arc::new(api::Service::new(&mut cfg)?);
+        if state.trust.current().is_empty() {
+            return Err(Error::InvalidArgument(
+                "the key service needs at least one trust anchor, and its trust files hold none".into(),
+            ));
+        }
         let listener = std::net::TcpListener::bind(cfg.listen)
             .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", cfg.listen)))?;
         listener.set_nonblocking(true).map_err(Error::io("listen", std::path::Path::new("socket")))?;
         let addr = listener.local_addr().map_err(Error::io("listen", std::path::Path::new("socket")))?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let signals = cfg.handle_signals;
+        let poll_stop = state.watches().then(|| Self::poller(state.clone(), cfg.poll_interval)).transpose()?;
+        state.log_start(addr, &cfg);
         let thread = std::thread::Builder::new()
             .name("shardlock-keyd".into())
             .spawn(move || server::run(listener, tls, state, stop_rx, signals))
             .map_err(|e| Error::Internal(format!("cannot start the key service thread: {e}")))?;
-        Ok(Self { addr, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Self { addr, stop: Some(stop_tx), thread: Some(thread), poll_stop })
+    }
+
+    /// Checks the watched sources every `interval` until the sender is dropped.
+    fn poller(state: Arc<api::Service>, interval: Duration) -> Result<std::sync::mpsc::Sender<()>> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("shardlock-keyd-poll".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                    state.poll_sources();
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the key service's poll thread: {e}")))?;
+        Ok(tx)
     }
 
     /// The address the service listens on.
@@ -180,11 +242,13 @@ impl KeyService {
     }
 
     fn join(&mut self) -> Result<()> {
-        match self.thread.take().map(std::thread::JoinHandle::join) {
+        let r = match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Error::Internal("the key service thread panicked".into())),
             None => Ok(()),
-        }
+        };
+        self.poll_stop = None;
+        r
     }
 }
 

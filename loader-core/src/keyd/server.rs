@@ -193,6 +193,7 @@ async fn serve(
     }
     state.set_ready(false);
     drop(listener);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_ok();
+    state.log.line("info", "shutdown", vec![("drained", drained.into())]);
     Ok(())
 }

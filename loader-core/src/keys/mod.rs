@@ -523,31 +523,59 @@ impl TrustAnchor {
     /// Loads a `.pub` file written by `shardlock keygen issuer`.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = Zeroizing::new(std::fs::read(path).map_err(Error::io("read trust anchor", path))?);
+        Self::refuse_other_key_files(&bytes, path)?;
+        let f: TrustFile =
+            serde_json::from_slice(&bytes).map_err(|_| Self::bad(path, "not an issuer public key file"))?;
+        Self::of_file(&f, path)
+    }
+
+    /// Every trust anchor in `bytes`, the text of `path`: one issuer public key (a
+    /// `.pub` file), or a JSON array of them (a bundle; `[]` holds none).
+    #[cfg(feature = "keyd")]
+    pub(crate) fn parse_all(bytes: &[u8], path: &Path) -> Result<Vec<Self>> {
+        Self::refuse_other_key_files(bytes, path)?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            let files: Vec<TrustFile> = serde_json::from_slice(bytes)
+                .map_err(|_| Self::bad(path, "not a JSON array of issuer public keys (.pub file contents)"))?;
+            return files.iter().map(|f| Self::of_file(f, path)).collect();
+        }
+        let f: TrustFile = serde_json::from_slice(bytes)
+            .map_err(|_| Self::bad(path, "not an issuer public key file, nor a JSON array of them"))?;
+        Ok(vec![Self::of_file(&f, path)?])
+    }
+
+    fn bad(path: &Path, detail: &str) -> Error {
+        Error::Format { what: "issuer public key file", path: path.to_owned(), detail: detail.into() }
+    }
+
+    /// A secret key or a keyring given as a trust anchor: an error saying which file goes there.
+    fn refuse_other_key_files(bytes: &[u8], path: &Path) -> Result<()> {
         let what = "issuer public key file";
-        match KeyFile::of(&bytes) {
+        match KeyFile::of(bytes) {
             Some(k @ KeyFile::IssuerSecret) => {
                 let hint = format!(
                     "pass {}.pub (the public key) as the trust anchor; a reader never needs the secret key",
                     path.display()
                 );
-                return Err(k.misplaced(path, what, &hint));
+                Err(k.misplaced(path, what, &hint))
             }
             Some(k @ KeyFile::Keyring) => {
                 let hint = "pass the issuer's public key (issuer.key.pub) as the trust anchor; the keyring is keyring=";
-                return Err(k.misplaced(path, what, hint));
+                Err(k.misplaced(path, what, hint))
             }
-            _ => {}
+            _ => Ok(()),
         }
-        let bad = |detail: &str| Error::Format { what, path: path.to_owned(), detail: detail.into() };
-        let f: TrustFile = serde_json::from_slice(&bytes).map_err(|_| bad("not an issuer public key file"))?;
+    }
+
+    fn of_file(f: &TrustFile, path: &Path) -> Result<Self> {
         if f.format != TRUST_FORMAT || f.alg != "ed25519" {
-            return Err(bad("unknown format or algorithm"));
+            return Err(Self::bad(path, "unknown format or algorithm"));
         }
         let mut public = [0u8; 32];
-        hex::decode_to_slice(&f.public, &mut public).map_err(|_| bad("public key is not 64 hex digits"))?;
+        hex::decode_to_slice(&f.public, &mut public).map_err(|_| Self::bad(path, "public key is not 64 hex digits"))?;
         let t = Self { public };
         if t.key_id() != f.key_id {
-            return Err(bad("key_id does not match the public key"));
+            return Err(Self::bad(path, "key_id does not match the public key"));
         }
         Ok(t)
     }

@@ -64,7 +64,8 @@ pub(crate) struct AssembleArgs {
 #[derive(Args)]
 pub(crate) struct KeydArgs {
     /// TOML file with any of the options below (e.g. `listen = "0.0.0.0:8443"`,
-    /// `trust = ["a.pub", "b.pub"]`, `rate_limit = 5000`).
+    /// `trust = ["a.pub", "https://keys.example/issuers.json"]`, `rate_limit = 5000`,
+    /// `log_format = "json"`).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1:8443; port 0 picks a free one, which is printed).
@@ -75,9 +76,11 @@ pub(crate) struct KeydArgs {
     /// wrapped under different custody: each DEK goes to the first that holds its KEK.
     #[arg(long)]
     pub(crate) keyring: Vec<String>,
-    /// Issuer public key (.pub) whose manifests and tokens are accepted; repeat for several.
+    /// Issuer public key (.pub), or a JSON array of them, whose manifests and tokens are
+    /// accepted: a file, re-read when it changes, or an https:// URL, polled; repeat for
+    /// several.
     #[arg(long)]
-    pub(crate) trust: Vec<PathBuf>,
+    pub(crate) trust: Vec<String>,
     /// PEM certificate chain the service presents.
     #[arg(long)]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -88,9 +91,21 @@ pub(crate) struct KeydArgs {
     /// must then equal the token's principal.
     #[arg(long)]
     pub(crate) client_ca: Option<PathBuf>,
-    /// Deny-list file of revoked token ids, re-read when it changes.
+    /// Deny list of revoked token ids: a file, re-read when it changes, or an https://
+    /// URL, polled.
     #[arg(long)]
-    pub(crate) deny_list: Option<PathBuf>,
+    pub(crate) deny_list: Option<String>,
+    /// PEM CA certificate(s) for https:// --trust and --deny-list URLs (default:
+    /// SSL_CERT_FILE, else the system bundle).
+    #[arg(long)]
+    pub(crate) source_ca: Option<PathBuf>,
+    /// How often https:// --trust and --deny-list URLs are fetched (default 30s).
+    #[arg(long)]
+    pub(crate) poll_interval: Option<String>,
+    /// Format of the log on stderr: text (default) or json, one line per request and
+    /// per start, shutdown, reload and fetch failure.
+    #[arg(long)]
+    pub(crate) log_format: Option<String>,
     /// The service's hash-chained audit log.
     #[arg(long)]
     pub(crate) audit_log: Option<PathBuf>,

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use shardlock::{Error, KeyService, KeydConfig, TrustAnchor};
+use shardlock::{Error, KeyService, KeydConfig, KeydSource, LogFormat};
 
 use crate::cli::KeydArgs;
 
@@ -15,17 +15,21 @@ struct KeydFile {
     listen: Option<std::net::SocketAddr>,
     keyring: Option<Keyrings>,
     #[serde(default)]
-    trust: Vec<PathBuf>,
+    trust: Vec<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
-    deny_list: Option<PathBuf>,
+    deny_list: Option<String>,
+    source_ca: Option<PathBuf>,
+    poll_interval: Option<String>,
+    log_format: Option<String>,
     audit_log: Option<PathBuf>,
     clock_skew: Option<String>,
     min_generation: Option<u64>,
     max_in_flight: Option<usize>,
     max_shards: Option<usize>,
     rate_limit: Option<f64>,
+    json: Option<bool>,
 }
 
 /// `keyring = "..."` or `keyring = ["...", "..."]` (several custodies).
@@ -71,17 +75,26 @@ pub(crate) fn keyd_cmd(a: KeydArgs) -> Result<(), Error> {
         return Err(Error::InvalidArgument("--trust is required (on the command line or in --config)".into()));
     }
     let keys = shardlock::open_providers(&keyring)?;
-    let trust = trust_files.iter().map(|p| TrustAnchor::load(p)).collect::<Result<Vec<_>, _>>()?;
     let listen = a.listen.or(f.listen).unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8443)));
     let mut cfg = KeydConfig::new(
         listen,
         keys,
-        trust,
+        Vec::new(),
         required(a.tls_cert, f.tls_cert, "tls-cert")?,
         required(a.tls_key, f.tls_key, "tls-key")?,
     );
+    // Files and URLs alike are read by the service at start (an error names the one
+    // that failed) and re-read when they change.
+    cfg.trust_sources = trust_files.iter().map(|t| KeydSource::parse(t)).collect();
     cfg.client_ca = a.client_ca.or(f.client_ca);
-    cfg.deny_list = a.deny_list.or(f.deny_list);
+    cfg.deny_list = a.deny_list.or(f.deny_list).map(|d| KeydSource::parse(&d));
+    cfg.source_ca = a.source_ca.or(f.source_ca);
+    if let Some(s) = a.poll_interval.or(f.poll_interval) {
+        cfg.poll_interval = shardlock::parse_ttl(&s)?;
+    }
+    if let Some(s) = a.log_format.or(f.log_format) {
+        cfg.log_format = s.parse::<LogFormat>()?;
+    }
     cfg.audit_log = a.audit_log.or(f.audit_log);
     if let Some(s) = a.clock_skew.or(f.clock_skew) {
         cfg.skew = shardlock::parse_ttl(&s)?;
@@ -100,7 +113,7 @@ pub(crate) fn keyd_cmd(a: KeydArgs) -> Result<(), Error> {
     let service = KeyService::start(cfg)?;
     let addr = service.local_addr();
     let mut out = std::io::stdout().lock();
-    let line = if a.json {
+    let line = if a.json || f.json == Some(true) {
         serde_json::json!({"listening": format!("https://{addr}"), "mtls": mtls, "custody": provider}).to_string()
     } else {
         format!(
