@@ -73,7 +73,9 @@ impl NativeWriter {
                     let part = shardlock::Part { first_shard, max_shards };
                     DatasetWriter::create_part_owned(&out_dir, schema, opts, keys, &trust, part)
                 }
-                None => DatasetWriter::create_owned(&out_dir, schema, opts, keys, Arc::new(IssuerKey::load(&issuer_key)?)),
+                None => {
+                    DatasetWriter::create_owned(&out_dir, schema, opts, keys, Arc::new(IssuerKey::load(&issuer_key)?))
+                }
             }
         })
         .py()
@@ -173,7 +175,12 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// (records, shards).
 #[pyfunction]
 #[pyo3(signature = (dir, issuer_key, generation=None))]
-pub(crate) fn assemble(py: Python<'_>, dir: PathBuf, issuer_key: PathBuf, generation: Option<u64>) -> PyResult<(u64, usize)> {
+pub(crate) fn assemble(
+    py: Python<'_>,
+    dir: PathBuf,
+    issuer_key: PathBuf,
+    generation: Option<u64>,
+) -> PyResult<(u64, usize)> {
     py.detach(|| {
         let issuer = IssuerKey::load(&issuer_key)?;
         let m = shardlock::assemble(&dir, &issuer, generation)?;
