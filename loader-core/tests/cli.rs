@@ -466,7 +466,8 @@ fn pack_parts_without_the_issuer_key_then_assemble() {
     let v = shardlock(d, &["inspect", "ds"]);
     assert!(!v.status.success(), "not a dataset before assemble");
     let j: serde_json::Value =
-        serde_json::from_str(&ok(d, &["assemble", "ds", "--issuer-key", "iss", "--json"])).unwrap();
+        serde_json::from_str(&ok(d, &["assemble", "ds", "--issuer-key", "iss", "--keyring", "kr.json", "--json"]))
+            .unwrap();
     assert_eq!((j["records"].as_u64(), j["shards"].as_u64()), (Some(70), Some(7)));
     ok(
         d,

@@ -53,7 +53,7 @@ fn parts_assemble_into_the_dataset_a_single_pack_makes() {
     three_parts(&fx, &dir, &samples);
     // Not a dataset until assembled.
     assert!(fx.open(&dir).is_err());
-    let m = assemble(&dir, &fx.issuer, None).unwrap();
+    let m = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap();
     assert_eq!((m.shards.len(), m.records, m.generation), (8, 32, 1));
     assert!(!dir.join("part-00000.json").exists(), "part files are removed once assembled");
     let a = fx.read_all(&whole).unwrap();
@@ -64,7 +64,7 @@ fn parts_assemble_into_the_dataset_a_single_pack_makes() {
     let shape = |m: &shardlock::Manifest| m.shards.iter().map(|s| (s.records, s.plaintext_bytes)).collect::<Vec<_>>();
     assert_eq!(shape(&w), shape(&p), "same plaintext layout");
     // Assembling twice is refused: the dataset exists.
-    let e = assemble(&dir, &fx.issuer, None).unwrap_err();
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("assembled"), "{e}");
 }
 
@@ -74,7 +74,7 @@ fn gaps_repeats_changed_shards_overfull_parts_and_foreign_issuers_are_refused() 
     let (_, samples) = fx.standard("whole", "parted", 32);
     let k = 3 * PER_SHARD;
     let fail = |dir: &Path, want: &str| {
-        let e = assemble(dir, &fx.issuer, None).unwrap_err().to_string();
+        let e = assemble(dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
         assert!(!dir.join("manifest.json").exists());
     };
@@ -115,7 +115,43 @@ fn gaps_repeats_changed_shards_overfull_parts_and_foreign_issuers_are_refused() 
     let ok = fx.path("ok");
     three_parts(&fx, &ok, &samples);
     let other = shardlock::IssuerKey::generate().unwrap();
-    let e = assemble(&ok, &other, None).unwrap_err().to_string();
+    let e = assemble(&ok, &other, &*fx.keyring, None).unwrap_err().to_string();
     assert!(e.contains("packed for issuer"), "{e}");
-    assert!(assemble(&ok, &fx.issuer, Some(4)).unwrap().generation == 4);
+    assert!(assemble(&ok, &fx.issuer, &*fx.keyring, Some(4)).unwrap().generation == 4);
+}
+
+/// Edits entry `k` of the part file `name` in `dir`.
+fn edit_part(dir: &Path, name: &str, k: usize, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(name);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    edit(&mut v["part"]["shards"][k]);
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+/// Part files are unsigned: whoever can write the directory can write one. An entry
+/// that names another dataset's wrapped DEK (under a keyring KWP binds no context) would
+/// hand that dataset's key to every reader of this one; `assemble` authenticates every
+/// shard under its own DEK and refuses it, and a wrapped DEK used twice.
+#[test]
+fn a_part_naming_a_wrapped_dek_it_did_not_encrypt_with_is_refused() {
+    let fx = Fixture::new();
+    let (other, _) = fx.standard("other", "other", 8);
+    let foreign = fx.open(&other).unwrap().manifest().shards[0].clone();
+    let (_, samples) = fx.standard("whole", "parted", 32);
+    let dir = fx.path("spliced");
+    three_parts(&fx, &dir, &samples);
+    edit_part(&dir, "part-00003.json", 0, |e| {
+        e["kek_id"] = foreign.kek_id.clone().into();
+        e["wrapped_dek"] = foreign.wrapped_dek.clone().into();
+    });
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
+    assert!(e.contains("shard 3 of") && e.contains("does not authenticate under its DEK"), "{e}");
+    assert!(!dir.join("manifest.json").exists());
+
+    let dir = fx.path("reused");
+    three_parts(&fx, &dir, &samples);
+    let w0: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("part-00000.json")).unwrap()).unwrap();
+    edit_part(&dir, "part-00003.json", 0, |e| e["wrapped_dek"] = w0["part"]["shards"][0]["wrapped_dek"].clone());
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
+    assert!(e.contains("has the wrapped DEK of another shard"), "{e}");
 }

@@ -174,16 +174,18 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Verifies the parts of a partitioned pack in `dir` and signs its manifest; returns
 /// (records, shards).
 #[pyfunction]
-#[pyo3(signature = (dir, issuer_key, generation=None))]
+#[pyo3(signature = (dir, issuer_key, keyring, generation=None))]
 pub(crate) fn assemble(
     py: Python<'_>,
     dir: PathBuf,
     issuer_key: PathBuf,
+    keyring: Vec<String>,
     generation: Option<u64>,
 ) -> PyResult<(u64, usize)> {
     py.detach(|| {
         let issuer = IssuerKey::load(&issuer_key)?;
-        let m = shardlock::assemble(&dir, &issuer, generation)?;
+        let keys = shardlock::open_providers(&keyring)?;
+        let m = shardlock::assemble(&dir, &issuer, &*keys, generation)?;
         Ok((m.records, m.shards.len()))
     })
     .py()

@@ -263,8 +263,8 @@ def test_parts_packed_without_the_issuer_key_assemble_into_one_dataset(env):
                 w.write({"y": r})
     with pytest.raises(shardlock.FormatError):
         shardlock.Loader(out, keyring=env.keyring, token=env.token("parted"), trust=env.trust, batch_size=4)
-    assert shardlock.assemble(out, issuer_key=env.issuer) == (60, 6)
+    assert shardlock.assemble(out, issuer_key=env.issuer, keyring=env.keyring) == (60, 6)
     loader = env.loader(out, batch_size=6, shuffle="none", output="numpy")
     assert np.concatenate([b["y"] for b in loader]).tolist() == rows.tolist()
     with pytest.raises(ValueError, match="assembled"):
-        shardlock.assemble(out, issuer_key=env.issuer)
+        shardlock.assemble(out, issuer_key=env.issuer, keyring=env.keyring)

@@ -24,7 +24,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Authorizer, AuthorizerConfig, Clock};
 use crate::dataset::Dataset;
 use crate::error::{DenyReason, Error, Operation};
-use crate::keys::KeyProvider;
+use crate::keys::{KeyProvider, TrustAnchor};
 
 /// Largest release request body (a list of shard numbers).
 const MAX_RELEASE_BODY: usize = 1 << 20;
@@ -501,7 +501,9 @@ impl Service {
     fn register(&self, bytes: &[u8]) -> Result<Bytes, Refusal> {
         let digest = hex::encode(crate::crypto::sha256(bytes));
         // What the signature covers, whatever the encoding around it.
-        let signed = crate::format::SignedManifest::parse(bytes, Path::new("posted manifest.json")).ok().map(|m| {
+        let parsed = crate::format::SignedManifest::parse(bytes, Path::new("posted manifest.json")).ok();
+        let claimed = parsed.as_ref().map(|m| m.manifest.issuer_key_id.clone());
+        let signed = parsed.map(|m| {
             let mut h = crate::crypto::Sha256::default();
             h.update(&crate::format::SignedManifest::signed_message(&m.body));
             h.update(&m.signature);
@@ -509,7 +511,16 @@ impl Service {
         });
         let mut first_err = None;
         let mut ds = None;
-        for anchor in &self.trust.current() {
+        let current = self.trust.current();
+        // Verified only under the anchors with the key id the manifest names (else under
+        // the first, for its error): a large trust bundle does not multiply the cost of
+        // an unauthenticated registration.
+        let mut candidates: Vec<&TrustAnchor> =
+            current.iter().filter(|a| claimed.as_deref() == Some(a.key_id().as_str())).collect();
+        if candidates.is_empty() {
+            candidates.extend(current.first());
+        }
+        for anchor in candidates {
             match Dataset::from_manifest_bytes(
                 Path::new("(posted)"),
                 PathBuf::from("posted manifest.json"),

@@ -29,6 +29,12 @@ impl ProviderSet {
                 "no key provider given: a keyring file, or a pkcs11:, transit:, aws-kms: or https:// URI".into(),
             ));
         }
+        // A key service holds every KEK id: anywhere but last it would take every shard.
+        if members.iter().rev().skip(1).any(|m| m.describe().starts_with("key service")) {
+            return Err(Error::InvalidArgument(
+                "a key service holds every KEK id, so it goes last among the key providers".into(),
+            ));
+        }
         Ok(Self { members })
     }
 
@@ -165,5 +171,36 @@ mod tests {
             other => panic!("expected KeyUnavailable, got {other:?}"),
         }
         assert!(ProviderSet::new(Vec::new()).is_err());
+    }
+
+    /// A provider that claims every KEK id, as a key service client does.
+    struct ServiceLike;
+
+    impl KeyProvider for ServiceLike {
+        fn describe(&self) -> String {
+            "key service https://keyd.test".into()
+        }
+        fn active_kek_id(&self) -> &str {
+            ""
+        }
+        fn holds(&self, _: &str) -> bool {
+            true
+        }
+        fn wrap_dek(&self, _: &Dek) -> Result<(String, Vec<u8>)> {
+            Err(Error::Internal("test".into()))
+        }
+        fn unwrap_dek(&self, _: Grant) -> Result<Dek> {
+            Err(Error::Internal("test".into()))
+        }
+    }
+
+    #[test]
+    fn a_key_service_goes_last_or_it_would_take_every_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring: Arc<dyn KeyProvider> = Arc::new(Keyring::create(&dir.path().join("a.json")).unwrap());
+        let svc: Arc<dyn KeyProvider> = Arc::new(ServiceLike);
+        let e = ProviderSet::new(vec![svc.clone(), ring.clone()]).unwrap_err().to_string();
+        assert!(e.contains("goes last"), "{e}");
+        assert!(ProviderSet::new(vec![ring, svc]).is_ok());
     }
 }

@@ -97,6 +97,9 @@ pub struct DatasetWriter<'a> {
     sealing: std::collections::VecDeque<std::thread::JoinHandle<Result<Sealed>>>,
     /// Wiped shard buffers back from sealing threads, for the next shards.
     spare: Vec<Zeroizing<Vec<u8>>>,
+    /// Set by the first error: a writer that lost a shard writes nothing more (no
+    /// manifest with a gap, no index reused while its shard is still in flight).
+    failed: bool,
     samples: u64,
     bytes_in: u64,
     generation: u64,
@@ -226,6 +229,7 @@ impl<'a> DatasetWriter<'a> {
             shards: Vec::new(),
             sealing: std::collections::VecDeque::new(),
             spare: Vec::new(),
+            failed: false,
             samples: 0,
             bytes_in: 0,
             generation,
@@ -249,6 +253,7 @@ impl<'a> DatasetWriter<'a> {
 
     /// Appends one sample: one value per schema field, in schema order.
     pub fn write_sample(&mut self, values: &[&[u8]]) -> Result<()> {
+        self.check_usable()?;
         if values.len() != self.fixed.len() {
             return Err(Error::Schema {
                 sample: self.samples,
@@ -278,7 +283,7 @@ impl<'a> DatasetWriter<'a> {
         }
         let size: u64 = values.iter().map(|v| v.len() as u64).sum();
         if !self.field_lens.is_empty() && self.data.len() as u64 + size > self.opts.shard_size {
-            self.seal_shard()?;
+            self.seal_shard().inspect_err(|_| self.failed = true)?;
         }
         reserve_zeroizing(&mut self.data, size as usize);
         for v in values {
@@ -364,10 +369,19 @@ impl<'a> DatasetWriter<'a> {
         Ok(())
     }
 
+    fn check_usable(&self) -> Result<()> {
+        if self.failed {
+            return Err(Error::InvalidArgument(
+                "this writer lost a shard to an earlier error and writes nothing more: pack again".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Waits for the oldest shard being sealed.
     fn collect_oldest(&mut self) -> Result<()> {
         let Some(h) = self.sealing.pop_front() else { return Ok(()) };
-        let shard = self.shards.len();
+        let shard = self.shards.len() as u64 + u64::from(self.part.as_ref().map_or(0, |p| p.first_shard));
         let sealed = h.join().map_err(|_| Error::Internal(format!("the thread sealing shard {shard} panicked")))??;
         self.collected(sealed)
     }
@@ -384,6 +398,7 @@ impl<'a> DatasetWriter<'a> {
     /// part ([`DatasetWriter::create_part`]), writes the part file instead and returns
     /// its content: the part's shards and records, generation 0, unsigned.
     pub fn finish(mut self) -> Result<Manifest> {
+        self.check_usable()?;
         if !self.field_lens.is_empty() {
             self.seal_shard()?;
         }
@@ -457,7 +472,18 @@ impl SealJob {
         if no_replace && final_path.exists() {
             return Err(taken());
         }
-        let f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+        // A part shares its directory with other workers: never truncate or follow what is there.
+        let f = if no_replace {
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    taken()
+                } else {
+                    Error::io_at("create", tmp.clone(), e)
+                }
+            })?
+        } else {
+            File::create(&tmp).map_err(Error::io("create", &tmp))?
+        };
         let mut out =
             HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::default(), path: &tmp };
         out.write_all(&header).map_err(Error::io("write", &tmp))?;
@@ -712,12 +738,14 @@ mod tests {
                 break;
             }
         }
-        let e = match first {
-            Some(e) => e,
-            None => w.finish().unwrap_err(),
-        };
+        let e = first.expect("50 samples of 60 bytes in 100-byte shards seal shards that must fail");
         assert!(matches!(e, Error::Io { .. }), "{e}");
         assert!(e.to_string().contains("shard-0000"), "{e}");
+        // The writer lost a shard: it writes nothing more, and no manifest with a gap.
+        std::fs::create_dir_all(&dir).unwrap();
+        let again = w.write_sample(&[&[1u8; 60]]).unwrap_err().to_string();
+        assert!(again.contains("lost a shard"), "{again}");
+        assert!(w.finish().unwrap_err().to_string().contains("lost a shard"));
         assert!(!dir.join(FILE_NAME).exists());
     }
 }

@@ -13,10 +13,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::aead::Backend;
+use crate::crypto::chunked::{ChunkBuf, StreamDecryptor};
 use crate::error::{Error, Result};
-use crate::format::manifest::{Manifest, FILE_NAME};
+use crate::format::manifest::{Manifest, SignedManifest, FILE_NAME};
 use crate::format::ShardHeader;
-use crate::keys::IssuerKey;
+use crate::keys::{Grant, IssuerKey, KeyProvider};
 
 /// Format tag of part files.
 pub const PART_FORMAT: &str = "shardlock-part/1";
@@ -90,11 +92,18 @@ impl Part {
 }
 
 /// Verifies every part file in `dir` and signs the dataset's one manifest with `issuer`
-/// (generation `generation`, default 1); the part files are removed afterwards. Refused,
-/// with an error naming the part and shard: no part file; parts of different datasets,
-/// schemas, metadata or issuers; a gap, an overlap or a repeated shard; a shard file
-/// whose size, SHA-256 or header differs from its part's entry.
-pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Result<Manifest> {
+/// (generation `generation`, default 1); the part files are removed afterwards.
+///
+/// Part files are unsigned, and whoever could write the directory could have written
+/// them, so nothing in them is taken on trust: each shard's DEK is unwrapped with `keys`
+/// (the data owner's custody) and every chunk of the shard file is authenticated under
+/// it and its own header, as `verify` does. An entry that names another dataset's
+/// wrapped DEK, or a shard file that is not what that DEK encrypted, is refused. Also
+/// refused, with an error naming the part and shard: no part file; parts of different
+/// datasets, schemas, metadata or issuers; a gap, an overlap or a repeated shard or
+/// wrapped DEK; a shard file whose size, SHA-256 or header differs from its entry; a
+/// result that is not a consistent manifest.
+pub fn assemble(dir: &Path, issuer: &IssuerKey, keys: &dyn KeyProvider, generation: Option<u64>) -> Result<Manifest> {
     if dir.join(FILE_NAME).exists() {
         return Err(Error::InvalidArgument(format!(
             "{} already holds a signed manifest: it was assembled (or packed whole) already",
@@ -164,8 +173,23 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Resu
             return Err(Error::Format { what: "part file", path: p.clone(), detail });
         }
     }
+    let mut wrapped = std::collections::HashSet::new();
     for (p, e) in &entries {
-        check_shard(dir, p, e, first)?;
+        if !wrapped.insert(e.wrapped_dek.as_str()) {
+            return Err(Error::Format {
+                what: "part file",
+                path: p.clone(),
+                detail: format!("shard {} has the wrapped DEK of another shard: every shard has its own DEK", e.index),
+            });
+        }
+    }
+    let records = entries.iter().try_fold(0u64, |n, (_, e)| n.checked_add(e.records)).ok_or_else(|| Error::Format {
+        what: "part file",
+        path: dir.to_owned(),
+        detail: "record count overflows".into(),
+    })?;
+    for (p, e) in &entries {
+        check_shard(dir, p, e, first, keys)?;
     }
     let m = Manifest {
         dataset_id: first.dataset_id.clone(),
@@ -174,10 +198,13 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Resu
         issuer_key_id: issuer_id,
         schema: first.schema.clone(),
         schema_digest: first.schema_digest.clone(),
-        records: entries.iter().map(|(_, e)| e.records).sum(),
+        records,
         shards: entries.into_iter().map(|(_, e)| e).collect(),
         metadata: first.metadata.clone(),
     };
+    // Every rule a reader applies to the manifest alone, before it is signed.
+    SignedManifest { manifest: m.clone(), body: Vec::new(), signature: Vec::new() }
+        .check_consistency(&dir.join(FILE_NAME))?;
     crate::dataset::write_signed_manifest(dir, &m, issuer)?;
     for p in &files {
         std::fs::remove_file(p).map_err(Error::io("remove", p))?;
@@ -185,8 +212,15 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, generation: Option<u64>) -> Resu
     Ok(m)
 }
 
-/// The shard file matches its part's entry: size, SHA-256, and header.
-fn check_shard(dir: &Path, part: &Path, e: &crate::format::ShardEntry, m: &Manifest) -> Result<()> {
+/// The shard file matches its part's entry (size, SHA-256, header), and every chunk
+/// authenticates under the entry's DEK, unwrapped with `keys`, and the file's header.
+fn check_shard(
+    dir: &Path,
+    part: &Path,
+    e: &crate::format::ShardEntry,
+    m: &Manifest,
+    keys: &dyn KeyProvider,
+) -> Result<()> {
     let path = dir.join(&e.file);
     let bad = |detail: String| Error::Format {
         what: "shard file",
@@ -217,7 +251,7 @@ fn check_shard(dir: &Path, part: &Path, e: &crate::format::ShardEntry, m: &Manif
     if hex::encode(hash.finish()) != e.sha256 {
         return Err(bad("its SHA-256 differs from the part's (changed or partly written)".into()));
     }
-    let (h, _) = ShardHeader::decode(&head, &path)?;
+    let (h, header_len) = ShardHeader::decode(&head, &path)?;
     if h.dataset_id != m.dataset_id
         || h.shard_index != e.index
         || hex::encode(h.shard_id) != e.id
@@ -226,6 +260,23 @@ fn check_shard(dir: &Path, part: &Path, e: &crate::format::ShardEntry, m: &Manif
         || h.plaintext_len != e.plaintext_bytes
     {
         return Err(bad("its header does not match the part's entry".into()));
+    }
+    // The data owner's own grant (as `rotate`'s): assemble runs with the issuer key.
+    let dek = keys.unwrap_dek(Grant::for_entry(&m.dataset_id, &m.issuer_key_id, e, None)?)?;
+    let mut f = std::fs::File::open(&path).map_err(Error::io("open", &path))?;
+    let mut context = vec![0u8; header_len];
+    f.read_exact(&mut context).map_err(Error::io("read", &path))?;
+    let mut dec = StreamDecryptor::new(Backend::default(), dek.expose(), &context, std::io::BufReader::new(f))
+        .map_err(|err| bad(format!("does not authenticate under its DEK ({err})")))?;
+    let mut scratch = ChunkBuf::new();
+    let mut plain = 0u64;
+    while let Some(n) =
+        dec.next_chunk(&mut scratch).map_err(|err| bad(format!("does not authenticate under its DEK ({err})")))?
+    {
+        plain += n as u64;
+    }
+    if plain != e.plaintext_bytes {
+        return Err(bad(format!("decrypts to {plain} bytes, the part says {}", e.plaintext_bytes)));
     }
     Ok(())
 }

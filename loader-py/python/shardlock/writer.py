@@ -336,9 +336,14 @@ def pack_numpy(
     return w.close()
 
 
-def assemble(dir: PathLike, *, issuer_key: PathLike, generation: Optional[int] = None) -> Tuple[int, int]:
+def assemble(dir: PathLike, *, issuer_key: PathLike, keyring: Union[PathLike, Sequence[PathLike]],
+             generation: Optional[int] = None) -> Tuple[int, int]:
     """Verifies the parts a partitioned pack wrote into ``dir`` (``Writer(part=...)``,
     ``shardlock pack --part``) and signs the dataset's manifest with ``issuer_key``;
-    returns ``(records, shards)``. A gap, an overlap, a changed shard or parts of
-    different datasets raise :class:`shardlock.FormatError` naming the part and shard."""
-    return tuple(_assemble(os.fspath(dir), os.fspath(issuer_key), generation))  # type: ignore[return-value]
+    returns ``(records, shards)``. Part files are unsigned, so every shard is
+    authenticated under its own DEK, unwrapped with ``keyring`` (the custody the parts
+    were packed with; a list for several), before anything is signed. A gap, an overlap,
+    a changed or foreign shard, or parts of different datasets raise
+    :class:`shardlock.FormatError` naming the part and shard."""
+    specs = list(keyring) if isinstance(keyring, (list, tuple)) else [keyring]
+    return tuple(_assemble(os.fspath(dir), os.fspath(issuer_key), [os.fspath(k) for k in specs], generation))  # type: ignore[return-value]

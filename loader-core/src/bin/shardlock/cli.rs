@@ -51,6 +51,10 @@ pub(crate) struct AssembleArgs {
     /// The data owner's issuer secret key; signs the manifest.
     #[arg(long)]
     pub(crate) issuer_key: PathBuf,
+    /// Custody of the KEKs the parts were packed with (repeatable, as for readers): every
+    /// shard is authenticated under its own DEK before the manifest is signed.
+    #[arg(long, required = true)]
+    pub(crate) keyring: Vec<String>,
     /// Generation of the manifest (default 1).
     #[arg(long)]
     pub(crate) generation: Option<u64>,

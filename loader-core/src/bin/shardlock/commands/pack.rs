@@ -94,7 +94,8 @@ fn parse_part(s: &str) -> Result<shardlock::Part, Error> {
 /// `shardlock assemble`: verifies every part and signs the manifest.
 pub(crate) fn assemble_cmd(a: crate::cli::AssembleArgs) -> Result<(), Error> {
     let issuer = IssuerKey::load(&a.issuer_key)?;
-    let m = shardlock::assemble(&a.dir, &issuer, a.generation)?;
+    let keys = shardlock::open_providers(&a.keyring)?;
+    let m = shardlock::assemble(&a.dir, &issuer, &*keys, a.generation)?;
     if a.json {
         print_json(&serde_json::json!({
             "dataset": m.dataset_id, "generation": m.generation, "dir": a.dir, "records": m.records, "shards": m.shards.len(),
