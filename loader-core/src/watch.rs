@@ -491,7 +491,8 @@ mod remote {
         /// given (credentials, query) removed from the library's text.
         fn failure(&self, why: String) -> Error {
             let mut why = why.replace(self.url.as_str(), &self.shown);
-            for secret in [self.url.password(), self.url.query()].into_iter().flatten() {
+            // A user name can be a token too (https://TOKEN@host/...).
+            for secret in [Some(self.url.username()), self.url.password(), self.url.query()].into_iter().flatten() {
                 if !secret.is_empty() {
                     why = why.replace(secret, "(redacted)");
                 }
@@ -545,6 +546,26 @@ mod remote {
             cur = s.source();
         }
         parts.join(": ")
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        /// The HTTP library's error text names the URL as given: user name, password and
+        /// query (any of which can be a credential) are taken out of it.
+        #[test]
+        fn a_fetch_failure_names_no_credential_of_the_url() {
+            let r = super::Remote::open("https://TOKENUSER:pw7@keys.example/x?sig=SIG9", "deny list", None).unwrap();
+            let e = r
+                .failure(
+                    "error sending request for url (https://TOKENUSER:pw7@keys.example/x?sig=SIG9): TOKENUSER".into(),
+                )
+                .to_string();
+            for secret in ["TOKENUSER", "pw7", "SIG9"] {
+                assert!(!e.contains(secret), "{e}");
+            }
+            assert!(e.contains("https://keys.example/x"), "{e}");
+        }
     }
 }
 

@@ -60,13 +60,16 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
                 FieldKind::Bytes => println!("  {:<16} bytes", f.name),
             }
         }
+        // Names come from the manifest (shown even when its signature fails): no control
+        // characters reach the terminal.
+        let printable = |s: &str| -> String { s.chars().map(|c| if c.is_control() { '?' } else { c }).collect() };
         if let Some(c) = m.classes() {
-            let shown: Vec<&str> = c.iter().copied().take(10).collect();
+            let shown: Vec<String> = c.iter().take(10).map(|n| printable(n)).collect();
             let more = if c.len() > 10 { format!(", … {} more", c.len() - 10) } else { String::new() };
             println!("classes     {}: {}{more}", c.len(), shown.join(", "));
         }
         for (k, v) in m.metadata.iter().filter(|(k, _)| *k != "classes") {
-            let text = v.to_string();
+            let text = printable(&v.to_string());
             let text: String =
                 if text.chars().count() > 120 { text.chars().take(120).collect::<String>() + "…" } else { text };
             println!("metadata    {k} = {text}");
