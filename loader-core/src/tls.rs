@@ -16,6 +16,22 @@ use crate::error::{Error, Result};
 #[cfg(feature = "key-service")]
 pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// An error and its sources as one line, each text once (HTTP client errors nest the
+/// same words several levels deep).
+#[cfg(feature = "key-service")]
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
 /// The certificates of a PEM file (at least one).
 pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let bad =

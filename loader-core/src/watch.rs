@@ -509,7 +509,7 @@ mod remote {
             if let Some(l) = &v.last_modified {
                 req = req.header(reqwest::header::IF_MODIFIED_SINCE, l);
             }
-            let resp = req.send().map_err(|e| self.failure(chain(&e.without_url())))?;
+            let resp = req.send().map_err(|e| self.failure(crate::tls::error_chain(&e.without_url())))?;
             match resp.status().as_u16() {
                 200 => {}
                 304 if v.etag.is_some() || v.last_modified.is_some() => return Ok(Fetched::NotModified),
@@ -526,26 +526,12 @@ mod remote {
             let mut bytes = Zeroizing::new(Vec::new());
             resp.take(max + 1)
                 .read_to_end(&mut bytes)
-                .map_err(|e| self.failure(format!("reading the body: {}", chain(&e))))?;
+                .map_err(|e| self.failure(format!("reading the body: {}", crate::tls::error_chain(&e))))?;
             if bytes.len() as u64 > max {
                 return Err(self.failure(format!("the {what} is larger than {} MiB", max >> 20)));
             }
             Ok(Fetched::Body { bytes, validators })
         }
-    }
-
-    /// An error and its sources, each once.
-    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-        let mut parts = vec![e.to_string()];
-        let mut cur = e.source();
-        while let Some(s) = cur {
-            let t = s.to_string();
-            if !parts.iter().any(|p| p.contains(&t)) {
-                parts.push(t);
-            }
-            cur = s.source();
-        }
-        parts.join(": ")
     }
 
     #[cfg(test)]

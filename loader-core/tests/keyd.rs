@@ -209,25 +209,7 @@ fn a_workload_without_any_kek_streams_exact_epochs_through_the_service() {
 
 /// A raw HTTPS client with the CA (and optionally a client certificate).
 fn raw(s: &Setup, _svc: &KeyService, client: Option<(PathBuf, PathBuf)>) -> reqwest::blocking::Client {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(s.pki.ca()).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let cfg = match client {
-        Some((c, k)) => b
-            .with_client_auth_cert(
-                rustls::pki_types::CertificateDer::pem_file_iter(c).unwrap().map(|c| c.unwrap()).collect(),
-                rustls::pki_types::PrivateKeyDer::from_pem_file(k).unwrap(),
-            )
-            .unwrap(),
-        None => b.with_no_client_auth(),
-    };
-    reqwest::blocking::Client::builder().tls_backend_preconfigured(cfg).build().unwrap()
+    s.pki.raw_client(client)
 }
 
 fn register(c: &reqwest::blocking::Client, svc: &KeyService, manifest: &[u8]) -> (u16, serde_json::Value) {

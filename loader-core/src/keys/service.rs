@@ -229,7 +229,7 @@ impl KeyServiceProvider {
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| bad(format!("cannot set up the HTTPS client: {}", chain(&e))))?;
+            .map_err(|e| bad(format!("cannot set up the HTTPS client: {}", crate::tls::error_chain(&e))))?;
         Ok(Self {
             url: url.trim_end_matches('/').to_owned(),
             client,
@@ -300,7 +300,7 @@ impl KeyServiceProvider {
                     format!("HTTP {status} {error}: {message}")
                 }
                 Err(e) => {
-                    let why = chain(&e);
+                    let why = crate::tls::error_chain(&e);
                     if is_tls_failure(&e, &why) {
                         return Err(format!(
                             "TLS handshake failed ({why}); give the CA that signed the service's certificate \
@@ -451,20 +451,6 @@ fn backoff(attempt: u32) -> Duration {
     let _ = crypto::random_bytes(&mut r);
     let jitter = u64::from(u16::from_le_bytes(r)) % (base / 2 + 1);
     Duration::from_millis(base + jitter)
-}
-
-/// The error and its sources, as one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 /// True when a rustls error (a certificate or handshake failure) is in the chain, or
