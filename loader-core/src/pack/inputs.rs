@@ -1,15 +1,57 @@
-//! Inputs of `shardlock pack`: `.npy` files (one per field) or one directory of files
-//! (one sample per file, field `data`).
+//! Inputs of `shardlock pack`: `.npy` files (one per field), one directory of files
+//! (one sample per file, field `data`), WebDataset tars, or an image folder.
 
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
+use super::imagefolder::{looks_like_image_folder, ImageFolder};
 use super::npy::NpyArray;
+use super::wds::{is_tar_name, WebDataset};
 use super::{DatasetWriter, PackOptions};
 use crate::error::{Error, Result};
 use crate::format::{Field, Manifest, Schema};
 use crate::keys::{IssuerKey, KeyProvider};
+
+/// What kind of input `pack` reads (`shardlock pack --format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InputFormat {
+    /// Told from the inputs: `.npy` files; a `.tar` file or a directory of them
+    /// (WebDataset); a directory holding only directories (an image folder); any other
+    /// directory (files).
+    #[default]
+    Auto,
+    /// `.npy` files, one per field.
+    Npy,
+    /// One directory of files, one sample per file (field `data`).
+    Files,
+    /// WebDataset tars: a `.tar` file or a directory of them.
+    WebDataset,
+    /// An image folder, `root/<class>/<file>`: fields `image` and `label`.
+    ImageFolder,
+}
+
+impl InputFormat {
+    /// The format of `paths`, as [`InputFormat::Auto`] tells it.
+    pub fn detect(paths: &[PathBuf]) -> Self {
+        match paths {
+            [p] if p.is_dir() => {
+                let has_tar = std::fs::read_dir(p)
+                    .map(|rd| rd.flatten().any(|e| is_tar_name(&e.path()) && e.path().is_file()))
+                    .unwrap_or(false);
+                if has_tar {
+                    Self::WebDataset
+                } else if looks_like_image_folder(p) {
+                    Self::ImageFolder
+                } else {
+                    Self::Files
+                }
+            }
+            [p] if is_tar_name(p) => Self::WebDataset,
+            _ => Self::Npy,
+        }
+    }
+}
 
 /// Parsed pack inputs.
 pub enum InputSource {
@@ -17,14 +59,51 @@ pub enum InputSource {
     Npy(Vec<(String, NpyArray)>),
     /// The files of a directory, sorted by name.
     Dir(PathBuf, Vec<PathBuf>),
+    /// WebDataset tars, read in name order, one sample at a time.
+    WebDataset(WebDataset),
+    /// An image folder.
+    ImageFolder(ImageFolder),
 }
 
 impl InputSource {
     /// Classifies and checks the inputs: either only `.npy` files with equal first-axis
     /// lengths, or exactly one directory holding at least one file.
     pub fn from_paths(paths: &[PathBuf]) -> Result<Self> {
+        Self::open(paths, InputFormat::Auto, &[])
+    }
+
+    /// Opens the inputs as `format`; `parse` names the WebDataset extensions that hold
+    /// integer text, stored as i64 (`--parse cls=i64`).
+    pub fn open(paths: &[PathBuf], format: InputFormat, parse: &[String]) -> Result<Self> {
         let first =
             paths.first().ok_or_else(|| Error::Input { path: PathBuf::from("."), detail: "no input given".into() })?;
+        let format = if format == InputFormat::Auto { InputFormat::detect(paths) } else { format };
+        if !parse.is_empty() && format != InputFormat::WebDataset {
+            return Err(Error::InvalidArgument("--parse is for WebDataset tars (--format wds)".into()));
+        }
+        let one = || -> Result<&PathBuf> {
+            match paths {
+                [p] => Ok(p),
+                _ => Err(Error::Input {
+                    path: first.clone(),
+                    detail: format!("{format:?} input is one path; give only one"),
+                }),
+            }
+        };
+        match format {
+            InputFormat::WebDataset => return Ok(Self::WebDataset(WebDataset::open(one()?, parse)?)),
+            InputFormat::ImageFolder => return Ok(Self::ImageFolder(ImageFolder::open(one()?)?)),
+            InputFormat::Files if !first.is_dir() => {
+                return Err(Error::Input { path: first.clone(), detail: "not a directory (--format files)".into() })
+            }
+            InputFormat::Npy if first.is_dir() => {
+                return Err(Error::Input {
+                    path: first.clone(),
+                    detail: "a directory, not a .npy file (--format npy)".into(),
+                })
+            }
+            _ => {}
+        }
         if first.is_dir() {
             if paths.len() != 1 {
                 return Err(Error::Input {
@@ -85,28 +164,40 @@ impl InputSource {
                 Schema::new(a.iter().map(|(n, arr)| Field::tensor(n.clone(), arr.dtype, &arr.shape[1..])).collect())
             }
             Self::Dir(..) => Schema::new(vec![Field::bytes("data")]),
+            Self::WebDataset(w) => w.schema(),
+            Self::ImageFolder(_) => ImageFolder::schema(),
         }
     }
 
-    /// Number of samples.
-    pub fn len(&self) -> u64 {
+    /// Dataset metadata the input brings: an image folder's class names (`classes`).
+    pub fn metadata(&self) -> crate::format::manifest::Metadata {
+        let mut m = crate::format::manifest::Metadata::new();
+        if let Self::ImageFolder(f) = self {
+            m.insert("classes".into(), serde_json::json!(f.classes()));
+        }
+        m
+    }
+
+    /// Number of samples, where it is known before reading (not for tars).
+    pub fn samples(&self) -> Option<u64> {
         match self {
-            Self::Npy(a) => a[0].1.len(),
-            Self::Dir(_, f) => f.len() as u64,
+            Self::Npy(a) => Some(a[0].1.len()),
+            Self::Dir(_, f) => Some(f.len() as u64),
+            Self::WebDataset(_) => None,
+            Self::ImageFolder(f) => Some(f.len()),
         }
-    }
-
-    /// True if there are no samples (never, after `from_paths`).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Writes every sample into `w`, calling `progress(samples_done)` now and then.
     pub fn write_into(&self, w: &mut DatasetWriter<'_>, progress: &mut dyn FnMut(u64)) -> Result<()> {
         match self {
+            Self::WebDataset(t) => {
+                t.write_into(w, progress)?;
+            }
+            Self::ImageFolder(f) => f.write_into(w, progress)?,
             Self::Npy(arrays) => {
                 let mut row: Vec<&[u8]> = Vec::with_capacity(arrays.len());
-                for i in 0..self.len() {
+                for i in 0..arrays[0].1.len() {
                     row.clear();
                     row.extend(arrays.iter().map(|(_, a)| a.row(i)));
                     w.write_sample(&row)?;
@@ -125,7 +216,9 @@ impl InputSource {
                 }
             }
         }
-        progress(self.len());
+        if let Some(n) = self.samples() {
+            progress(n);
+        }
         Ok(())
     }
 }
@@ -140,6 +233,8 @@ pub fn pack_paths(
     progress: &mut dyn FnMut(u64),
 ) -> Result<Manifest> {
     let src = InputSource::from_paths(inputs)?;
+    let mut opts = opts;
+    opts.metadata.extend(src.metadata());
     let mut w = DatasetWriter::create(out, src.schema()?, opts, keys, issuer)?;
     src.write_into(&mut w, progress)?;
     w.finish()

@@ -1,13 +1,17 @@
 //! Packing: samples -> records -> index -> Cobblestone-256 payload per shard, DEKs
 //! wrapped by the key provider, manifest signed by the issuer key.
 
+mod imagefolder;
 mod inputs;
 mod npy;
 mod part;
+mod wds;
 
-pub use inputs::{pack_paths, InputSource};
+pub use imagefolder::{ImageFolder, IMAGE_EXTENSIONS};
+pub use inputs::{pack_paths, InputFormat, InputSource};
 pub use npy::NpyArray;
-pub use part::{assemble, Part, PART_FORMAT};
+pub use part::{assemble, Part, PartShards, ShardLease, PART_FORMAT};
+pub use wds::WebDataset;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -88,13 +92,13 @@ pub struct DatasetWriter<'a> {
     issuer: Option<Held<'a, IssuerKey>>,
     /// Key id of the issuer key (what custody binds each wrap to).
     issuer_id: String,
-    part: Option<Part>,
+    part: Option<part::PartState<'a>>,
     fixed: Vec<Option<u64>>,
     field_lens: Vec<u64>,
     data: Zeroizing<Vec<u8>>,
     shards: Vec<ShardEntry>,
     /// Shards being sealed on threads of their own, oldest first.
-    sealing: std::collections::VecDeque<std::thread::JoinHandle<Result<Sealed>>>,
+    sealing: std::collections::VecDeque<(u32, std::thread::JoinHandle<Result<Sealed>>)>,
     /// Wiped shard buffers back from sealing threads, for the next shards.
     spare: Vec<Zeroizing<Vec<u8>>>,
     /// Set by the first error: a writer that lost a shard writes nothing more (no
@@ -119,19 +123,20 @@ impl<'a> DatasetWriter<'a> {
         Self::create_held(dir, schema, opts, Held::Borrowed(keys), Signer::Key(Held::Borrowed(issuer)))
     }
 
-    /// Prepares one part of a dataset packed on several machines (see [`Part`]): shards
-    /// from `part.first_shard` on, wrapped by `keys`; no issuer secret key is needed,
-    /// only the public trust anchor of the issuer who will sign the dataset with
-    /// [`assemble`]. `finish` writes the part file, not a manifest.
+    /// Prepares one part of a dataset packed on several machines: shards from
+    /// `part.first_shard` on ([`Part`]), or at the indices a shared counter hands out
+    /// ([`ShardLease`]), wrapped by `keys`; no issuer secret key is needed, only the
+    /// public trust anchor of the issuer who will sign the dataset with [`assemble`].
+    /// `finish` writes the part file, not a manifest.
     pub fn create_part(
         dir: &Path,
         schema: Schema,
         opts: PackOptions,
         keys: &'a dyn KeyProvider,
         issuer: &crate::keys::TrustAnchor,
-        part: Part,
+        part: impl Into<PartShards<'a>>,
     ) -> Result<Self> {
-        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Signer::Part(*issuer, part))
+        Self::create_held(dir, schema, opts, Held::Borrowed(keys), Signer::Part(*issuer, part.into()))
     }
 
     fn create_held(
@@ -155,7 +160,7 @@ impl<'a> DatasetWriter<'a> {
                 (k, id)
             }
             Signer::Part(anchor, part) => {
-                part.check(dir, &manifest)?;
+                let part = part::PartState::new(part, dir, &manifest)?;
                 let fixed = schema.fields.iter().map(|f| f.fixed_len()).collect();
                 return Ok(Self::new_state(dir, schema, opts, keys, None, anchor.key_id(), Some(part), fixed, 0));
             }
@@ -211,7 +216,7 @@ impl<'a> DatasetWriter<'a> {
         keys: Held<'a, dyn KeyProvider + 'a>,
         issuer: Option<Held<'a, IssuerKey>>,
         issuer_id: String,
-        part: Option<Part>,
+        part: Option<part::PartState<'a>>,
         fixed: Vec<Option<u64>>,
         generation: u64,
     ) -> Self {
@@ -298,14 +303,11 @@ impl<'a> DatasetWriter<'a> {
     /// Seals the shard filled so far: its DEK from custody here, then encryption, the
     /// file write and fsync on a thread of its own (or here, with one thread).
     fn seal_shard(&mut self) -> Result<()> {
-        let first = self.part.as_ref().map_or(0, |p| p.first_shard);
-        let shard_index = u32::try_from(self.shards.len() + self.sealing.len())
-            .ok()
-            .and_then(|n| n.checked_add(first))
-            .ok_or_else(|| Error::InvalidArgument("more than 2^32 shards".into()))?;
-        if let Some(p) = &self.part {
-            p.check_index(shard_index)?;
-        }
+        let started = self.shards.len() + self.sealing.len();
+        let shard_index = match &mut self.part {
+            Some(p) => p.next_index(started)?,
+            None => u32::try_from(started).map_err(|_| Error::InvalidArgument("more than 2^32 shards".into()))?,
+        };
         let fields = self.fixed.len();
         let records = (self.field_lens.len() / fields) as u64;
         let idx = index::encode(records, fields, &self.field_lens);
@@ -365,7 +367,7 @@ impl<'a> DatasetWriter<'a> {
             .name(format!("shardlock-seal-{shard_index}"))
             .spawn(move || job.run())
             .map_err(|e| Error::Internal(format!("cannot start a thread to seal shard {shard_index}: {e}")))?;
-        self.sealing.push_back(handle);
+        self.sealing.push_back((shard_index, handle));
         Ok(())
     }
 
@@ -380,8 +382,7 @@ impl<'a> DatasetWriter<'a> {
 
     /// Waits for the oldest shard being sealed.
     fn collect_oldest(&mut self) -> Result<()> {
-        let Some(h) = self.sealing.pop_front() else { return Ok(()) };
-        let shard = self.shards.len() as u64 + u64::from(self.part.as_ref().map_or(0, |p| p.first_shard));
+        let Some((shard, h)) = self.sealing.pop_front() else { return Ok(()) };
         let sealed = h.join().map_err(|_| Error::Internal(format!("the thread sealing shard {shard} panicked")))??;
         self.collected(sealed)
     }
@@ -430,7 +431,7 @@ impl Drop for DatasetWriter<'_> {
     /// A writer dropped without `finish` (or after an error) waits for the shards still
     /// being sealed, so no thread outlives it writing into the directory.
     fn drop(&mut self) {
-        for h in self.sealing.drain(..) {
+        for (_, h) in self.sealing.drain(..) {
             let _ = h.join();
         }
     }
@@ -535,16 +536,16 @@ impl DatasetWriter<'static> {
         opts: PackOptions,
         keys: std::sync::Arc<dyn KeyProvider>,
         issuer: &crate::keys::TrustAnchor,
-        part: Part,
+        part: impl Into<PartShards<'static>>,
     ) -> Result<Self> {
-        Self::create_held(dir, schema, opts, Held::Shared(keys), Signer::Part(*issuer, part))
+        Self::create_held(dir, schema, opts, Held::Shared(keys), Signer::Part(*issuer, part.into()))
     }
 }
 
 /// Who the writer packs for: the issuer key (a whole dataset), or a part for `assemble`.
 enum Signer<'a> {
     Key(Held<'a, IssuerKey>),
-    Part(crate::keys::TrustAnchor, Part),
+    Part(crate::keys::TrustAnchor, PartShards<'a>),
 }
 
 /// A borrowed or shared handle.

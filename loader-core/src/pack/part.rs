@@ -44,20 +44,93 @@ struct PartFile {
     part: Manifest,
 }
 
-impl Part {
-    /// The part file's name.
-    pub fn file_name(&self) -> String {
-        format!("part-{:05}.json", self.first_shard)
-    }
+/// Hands a part the index of each shard it starts, when the workers' ranges cannot be
+/// fixed in advance (a Ray Data write task does not know how many shards its blocks
+/// fill): a counter shared by every worker of the dataset, such as a Ray actor or a
+/// database sequence. Every index it hands out must be unique across the dataset; an
+/// index handed out and never written (a worker that failed) is a gap that
+/// [`assemble`] reports, so a failed partition is never assembled.
+pub trait ShardLease: Send + Sync {
+    /// The index of the next shard this part writes.
+    fn next_shard(&mut self) -> Result<u32>;
+}
 
-    /// Before writing: the dataset is not assembled yet, and no part starts here already.
-    pub(super) fn check(&self, dir: &Path, manifest: &Path) -> Result<()> {
+/// Which shard indices a part writes: a fixed range ([`Part`]) or indices taken from a
+/// shared counter as shards fill ([`ShardLease`]). A leased part writes
+/// `part-<its first leased shard>.json`, and none when it got no data.
+pub enum PartShards<'a> {
+    /// From `first_shard` on, at most `max_shards`.
+    Range(Part),
+    /// Each shard's index from the lease.
+    Leased(Box<dyn ShardLease + 'a>),
+}
+
+impl From<Part> for PartShards<'_> {
+    fn from(p: Part) -> Self {
+        PartShards::Range(p)
+    }
+}
+
+/// A writer's part state: its shard indices and, for a leased part, the first one.
+pub(super) struct PartState<'a> {
+    shards: PartShards<'a>,
+    first_leased: Option<u32>,
+}
+
+impl<'a> PartState<'a> {
+    /// Before writing: the dataset is not assembled yet, and (for a range) no part
+    /// starts there already.
+    pub(super) fn new(shards: PartShards<'a>, dir: &Path, manifest: &Path) -> Result<Self> {
         if manifest.exists() {
             return Err(Error::InvalidArgument(format!(
                 "{} already holds an assembled dataset (manifest.json): parts go into a directory before assemble",
                 dir.display()
             )));
         }
+        if let PartShards::Range(p) = &shards {
+            p.check(dir)?;
+        }
+        Ok(Self { shards, first_leased: None })
+    }
+
+    /// The index of the next shard, given how many the part has started.
+    pub(super) fn next_index(&mut self, started: usize) -> Result<u32> {
+        match &mut self.shards {
+            PartShards::Range(p) => {
+                let index = u32::try_from(started)
+                    .ok()
+                    .and_then(|n| n.checked_add(p.first_shard))
+                    .ok_or_else(|| Error::InvalidArgument("more than 2^32 shards".into()))?;
+                p.check_index(index)?;
+                Ok(index)
+            }
+            PartShards::Leased(lease) => {
+                let index = lease.next_shard()?;
+                self.first_leased.get_or_insert(index);
+                Ok(index)
+            }
+        }
+    }
+
+    /// Writes the part file (never replacing one); a leased part with no shard writes
+    /// none.
+    pub(super) fn write(&self, dir: &Path, m: &Manifest) -> Result<()> {
+        match (&self.shards, self.first_leased) {
+            (PartShards::Range(p), _) => p.write(dir, m),
+            (PartShards::Leased(_), Some(first_shard)) => Part { first_shard, max_shards: None }.write(dir, m),
+            (PartShards::Leased(_), None) => Ok(()),
+        }
+    }
+}
+
+impl Part {
+    /// The part file's name.
+    pub fn file_name(&self) -> String {
+        format!("part-{:05}.json", self.first_shard)
+    }
+
+    /// No part starts here already.
+    fn check(&self, dir: &Path) -> Result<()> {
         let file = dir.join(self.file_name());
         if file.exists() {
             return Err(Error::InvalidArgument(format!(
@@ -70,7 +143,7 @@ impl Part {
     }
 
     /// `index` lies within the part's range.
-    pub(super) fn check_index(&self, index: u32) -> Result<()> {
+    fn check_index(&self, index: u32) -> Result<()> {
         match self.max_shards {
             Some(max) if u64::from(index) >= u64::from(self.first_shard) + u64::from(max) => {
                 Err(Error::InvalidArgument(format!(
@@ -84,7 +157,7 @@ impl Part {
     }
 
     /// Writes the part file (never replacing one).
-    pub(super) fn write(&self, dir: &Path, m: &Manifest) -> Result<()> {
+    fn write(&self, dir: &Path, m: &Manifest) -> Result<()> {
         let f = PartFile { format: PART_FORMAT.into(), part: m.clone() };
         let body = serde_json::to_vec_pretty(&f).map_err(|e| Error::Internal(format!("part encoding: {e}")))?;
         crate::fs::write_new_file(&dir.join(self.file_name()), &body, 0o644)

@@ -1,7 +1,7 @@
 """Type stubs of the native extension (checked against the built module by stubtest)."""
 
 from os import PathLike
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
 
 import numpy as np
 
@@ -13,11 +13,13 @@ __all__ = [
     "DeviceTensor",
     "DeviceUnavailable",
     "FormatError",
+    "IMAGE_EXTENSIONS",
     "IntegrityError",
     "InvalidToken",
     "KeyUnavailable",
     "MemoryLockError",
     "NativeLoader",
+    "NativeSource",
     "NativeWriter",
     "OutOfScope",
     "RemoteError",
@@ -94,12 +96,22 @@ class NativeWriter:
         force: bool = False,
         generation: Optional[int] = None,
         metadata_json: Optional[str] = None,
-        part: Optional[Tuple[int, Optional[int]]] = None,
+        part: Union[Tuple[int, Optional[int]], Callable[[], int], None] = None,
     ) -> NativeWriter: ...
     def write_sample(self, values: List[bytes]) -> None: ...
     def write_columns(self, columns: List[bytes], n: int, offsets: Optional[List[Optional[bytes]]] = None) -> None: ...
-    def finish(self) -> int: ...
+    def write_source(self, source: NativeSource) -> Tuple[int, int]: ...
+    def finish(self) -> Tuple[int, int]: ...
     def abort(self) -> None: ...
+
+IMAGE_EXTENSIONS: List[str]
+
+@final
+class NativeSource:
+    def __new__(cls, paths: List[_Path], format: str = "auto", parse: List[str] = ...) -> NativeSource: ...
+    def fields(self) -> List[Tuple[str, str, List[int]]]: ...
+    def metadata_json(self) -> str: ...
+    def samples(self) -> Optional[int]: ...
 
 @final
 class BatchOwner: ...

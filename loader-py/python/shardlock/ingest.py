@@ -15,7 +15,8 @@ integer, float (16/32/64), bool                    tensor of shape ``[]`` (``boo
                                                    ``str`` with ``Loader(strings=[...])``)
 =================================================  =====================================
 
-WebDataset tars: members are grouped into samples by key (the member's path up to the
+WebDataset tars and image folders are read and packed by the Rust packer, the same
+code as ``shardlock pack --format wds|imagefolder``. WebDataset tars: members are grouped into samples by key (the member's path up to the
 first dot of its file name: ``a/000123.jpg`` and ``a/000123.cls`` are sample
 ``a/000123``), one bytes field per extension (``jpg``, ``cls``, ``json``, ...);
 ``parse={"cls": "i64"}`` stores an extension's integer text as an i64 scalar instead.
@@ -33,12 +34,14 @@ not supported yet), and a file whose schema differs from the first raise
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from shardlock._lib import FormatError
+from shardlock._lib import IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS
+from shardlock._lib import FormatError, NativeSource
 from shardlock.writer import Writer
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -51,6 +54,9 @@ _ARROW_DTYPES = {
 }
 
 _BATCH_ROWS = 8192
+
+#: Ray Data's fixed-shape tensor extension types (``ray.data.from_numpy``, ``map_batches``).
+_RAY_TENSORS = ("ray.data.arrow_tensor", "ray.data.arrow_tensor_v2")
 
 
 def _pa() -> Any:
@@ -66,6 +72,10 @@ def _field_spec(name: str, t: Any, where: str) -> Tuple[str, Tuple[int, ...]]:
     pa = _pa()
     if isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.fixed_shape_tensor":
         dt, inner = _field_spec(name, t.storage_type, where)
+        return dt, tuple(int(d) for d in t.shape)
+    if isinstance(t, pa.BaseExtensionType) and t.extension_name in _RAY_TENSORS:
+        # Ray Data's fixed-shape tensor column: a list of the elements, the shape in the type.
+        dt, _ = _field_spec(name, t.storage_type.value_type, where)
         return dt, tuple(int(d) for d in t.shape)
     if pa.types.is_fixed_size_list(t):
         dt, inner = _field_spec(name, t.value_type, where)
@@ -199,21 +209,6 @@ def _file_batches(path: str, columns: Optional[Sequence[str]]) -> Iterator[Tuple
                 yield (b.select(list(columns)) if columns else b), f"{f}, "
 
 
-_WDS_BATCH = 1024
-
-
-def _offsets(values: List[bytes]) -> bytes:
-    """``write_columns`` offsets of ``values`` joined: n + 1 little-endian u64."""
-    lens = np.fromiter((len(v) for v in values), dtype="<u8", count=len(values))
-    return np.concatenate([[0], np.cumsum(lens)]).astype("<u8").tobytes()
-
-
-def _tar_files(path: str) -> List[str]:
-    if os.path.isdir(path):
-        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar") and not f.startswith("."))
-    return [path]
-
-
 def _is_tar_source(source: Any) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
@@ -225,119 +220,15 @@ def _is_tar_source(source: Any) -> bool:
     return p.endswith(".tar")
 
 
-def _wds_samples(path: str, parse: Dict[str, str]) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(where, {extension: value}) per sample, in tar order."""
-    import tarfile
-
-    for tar in _tar_files(path):
-        try:
-            tf = tarfile.open(tar, mode="r:*")
-        except (tarfile.TarError, OSError) as e:
-            raise FormatError(f"{tar}: not a readable tar file ({e})") from None
-        with tf:
-            key: Optional[str] = None
-            sample: Dict[str, bytes] = {}
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if base.startswith(".") or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                k = os.path.join(os.path.dirname(m.name), stem)
-                if k != key:
-                    if key is not None:
-                        yield f"{tar}, sample {key!r}: ", sample
-                    key, sample = k, {}
-                if ext in sample:
-                    raise FormatError(f"{tar}, sample {k!r}: two members with extension {ext!r}")
-                f = tf.extractfile(m)
-                sample[ext] = f.read() if f is not None else b""
-            if key is not None:
-                yield f"{tar}, sample {key!r}: ", sample
-
-
-def _pack_wds(path: str, out_dir: PathLike, parse: Dict[str, str], **writer_kw: Any) -> int:
-    for ext, how in parse.items():
-        if how != "i64":
-            raise ValueError(f"parse={{{ext!r}: {how!r}}}: only 'i64' (integer text) is supported")
-    if not any(True for _ in _tar_files(path)):
-        raise FormatError(f"{path}: no .tar files")
-    w: Optional[Writer] = None
-    names: List[str] = []
-    cols: Dict[str, List[bytes]] = {}
-    n = 0
-
-    def flush() -> None:
-        nonlocal n
-        if not n:
-            return
-        data, offs = [], []
-        for name in names:
-            vals = cols[name]
-            if name in parse:
-                data.append(np.array(vals, dtype="<i8").tobytes())
-                offs.append(None)
-            else:
-                data.append(b"".join(vals))
-                offs.append(_offsets(vals))
-            cols[name] = []
-        assert w is not None
-        w._write_columns(data, n, offs)
-        n = 0
-
-    try:
-        for where, sample in _wds_samples(path, parse):
-            if w is None:
-                names = sorted(sample)
-                missing = sorted(set(parse) - set(names))
-                if missing:
-                    raise FormatError(f"{where}parse= names {missing[0]!r}, which the first sample does not have")
-                schema = {e: ("i64", ()) if e in parse else "bytes" for e in names}
-                w = Writer(out_dir, schema=schema, **writer_kw)
-                cols = {e: [] for e in names}
-            if sorted(sample) != names:
-                raise FormatError(f"{where}has extensions {sorted(sample)}, the first sample has {names}")
-            for e in names:
-                v = sample[e]
-                if e in parse:
-                    try:
-                        v = int(v.decode("ascii").strip())
-                    except (UnicodeDecodeError, ValueError):
-                        # The value itself is plaintext: never put it in an error.
-                        raise FormatError(f"{where}.{e} ({len(v)} bytes) is not integer text "
-                                          f"(parse={{{e!r}: 'i64'}}); fix the label or leave it out of parse=") from None
-                cols[e].append(v)
-            n += 1
-            if n >= _WDS_BATCH:
-                flush()
-        if w is None:
-            raise FormatError(f"{path}: the tars hold no samples")
-        flush()
-    except BaseException:
-        if w is not None:
-            w.__exit__(Exception, None, None)
-        raise
-    return w.close()
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+#: File extensions taken as images (lower-cased), as torchvision's ``IMG_EXTENSIONS``.
+IMAGE_EXTENSIONS = tuple("." + e for e in _IMAGE_EXTENSIONS)
 
 
 def image_folder_classes(root: PathLike) -> List[str]:
     """The class names of an image folder in label order: its sub-directories, sorted,
     as torchvision's ``ImageFolder`` numbers them. A class directory without an image
     file is a :class:`shardlock.FormatError` (torchvision refuses it too)."""
-    r = os.fspath(root)
-    out = []
-    for c in sorted(os.listdir(r)):
-        p = os.path.join(r, c)
-        if c.startswith(".") or not os.path.isdir(p):
-            continue
-        if not any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for _, _, fs in os.walk(p) for f in fs):
-            raise FormatError(f"{p}: class directory {c!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
-        out.append(c)
-    return out
+    return list(json.loads(NativeSource([os.fspath(root)], "imagefolder").metadata_json())["classes"])
 
 
 def _is_image_folder(source: Any) -> bool:
@@ -347,34 +238,17 @@ def _is_image_folder(source: Any) -> bool:
     return bool(names) and all(n.startswith(".") or os.path.isdir(os.path.join(source, n)) for n in names)
 
 
-def _pack_image_folder(root: str, out_dir: PathLike, **writer_kw: Any) -> int:
-    classes = image_folder_classes(root)
-    if not classes:
-        raise FormatError(f"{root}: no class directories with image files ({', '.join(IMAGE_EXTENSIONS)})")
-    w = Writer(out_dir, schema={"image": "bytes", "label": ("i64", ())}, metadata={"classes": classes}, **writer_kw)
-    images: List[bytes] = []
-    labels: List[int] = []
-
-    def flush() -> None:
-        if images:
-            w._write_columns([b"".join(images), np.array(labels, dtype="<i8").tobytes()], len(images),
-                             [_offsets(images), None])
-            images.clear()
-            labels.clear()
-
+def _pack_native(path: str, fmt: str, parse: Dict[str, str], out_dir: PathLike, **writer_kw: Any) -> int:
+    """Packs WebDataset tars or an image folder with the Rust packer (``shardlock pack``'s)."""
+    for ext, how in parse.items():
+        if how != "i64":
+            raise ValueError(f"parse={{{ext!r}: {how!r}}}: only 'i64' (integer text) is supported")
+    src = NativeSource([path], fmt, list(parse))
+    schema = {n: "bytes" if d == "bytes" else (d, tuple(shape)) for n, d, shape in src.fields()}
+    metadata = json.loads(src.metadata_json()) or None
+    w = Writer(out_dir, schema=schema, metadata=metadata, **writer_kw)
     try:
-        for label, c in enumerate(classes):
-            for dirpath, dirs, files in sorted(os.walk(os.path.join(root, c))):
-                dirs.sort()
-                for f in sorted(files):
-                    if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
-                        continue
-                    with open(os.path.join(dirpath, f), "rb") as fh:
-                        images.append(fh.read())
-                    labels.append(label)
-                    if len(images) >= _WDS_BATCH:
-                        flush()
-        flush()
+        w._write_source(src)
     except BaseException:
         w.__exit__(Exception, None, None)
         raise
@@ -408,13 +282,13 @@ def pack(
     if _is_image_folder(source) and not _is_tar_source(source):
         if parse:
             raise ValueError("parse= is for WebDataset tars")
-        return _pack_image_folder(os.fspath(source), out_dir, keyring=keyring, issuer_key=issuer_key,
-                                  dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
-                                  progress=progress)
+        return _pack_native(os.fspath(source), "imagefolder", {}, out_dir, keyring=keyring, issuer_key=issuer_key,
+                            dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
+                            progress=progress)
     if _is_tar_source(source):
-        return _pack_wds(os.fspath(source), out_dir, dict(parse or {}), keyring=keyring, issuer_key=issuer_key,
-                         dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
-                         progress=progress)
+        return _pack_native(os.fspath(source), "wds", dict(parse or {}), out_dir, keyring=keyring,
+                            issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
+                            generation=generation, progress=progress)
     if parse:
         raise ValueError("parse= is for WebDataset tars")
     if isinstance(source, dict):
@@ -422,17 +296,30 @@ def pack(
 
         return pack_numpy(out_dir, source, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id,
                           shard_size=shard_size, force=force, generation=generation, progress=progress)
+    w = _write_batches(_batches(source, columns), lambda specs: Writer(
+        out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, schema=specs, shard_size=shard_size,
+        force=force, generation=generation, progress=progress))
+    if w is None:
+        raise FormatError("the source holds no batches, so there is no schema to pack")
+    return w.close()
+
+
+def _write_batches(batches: Iterator[Tuple[Any, str]],
+                   open_writer: Callable[[Dict[str, Tuple[str, Tuple[int, ...]]]], Writer]) -> Optional[Writer]:
+    """Writes Arrow record batches (with where each came from, for errors) into the
+    writer ``open_writer`` makes from the first batch's field specs; returns it, still
+    open, or ``None`` for no batches. Every batch must have the first one's schema; on
+    any error the writer is abandoned (no manifest or part file) and the error raised."""
     w: Optional[Writer] = None
     specs: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
     first_schema: Any = None
     rows = 0
     try:
-        for batch, where in _batches(source, columns):
+        for batch, where in batches:
             if first_schema is None:
                 first_schema = batch.schema
                 specs = {f.name: _field_spec(f.name, f.type, where) for f in batch.schema}
-                w = Writer(out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, schema=specs,
-                           shard_size=shard_size, force=force, generation=generation, progress=progress)
+                w = open_writer(specs)
             elif not batch.schema.equals(first_schema, check_metadata=False):
                 raise FormatError(f"{where}schema {batch.schema.to_string(show_schema_metadata=False)!r} differs from "
                                   f"the first batch's {first_schema.to_string(show_schema_metadata=False)!r}")
@@ -445,10 +332,8 @@ def pack(
                 offs.append(offsets)
             w._write_columns(cols, batch.num_rows, offs)
             rows += batch.num_rows
-        if w is None:
-            raise FormatError("the source holds no batches, so there is no schema to pack")
     except BaseException:
         if w is not None:
             w.__exit__(Exception, None, None)
         raise
-    return w.close()
+    return w

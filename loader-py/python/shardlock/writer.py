@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -162,7 +162,11 @@ class Writer:
     machines: shards ``first`` to ``first + count - 1`` (``count`` ``None``: the last
     part). ``issuer_key`` is then the issuer's *public* key (``issuer.key.pub``): no
     worker needs the secret key. ``close()`` writes a part file, and once every part is
-    in, :func:`assemble` verifies them and signs the manifest.
+    in, :func:`assemble` verifies them and signs the manifest. When a worker cannot know
+    its range in advance, ``part`` is a callable returning the index of each shard the
+    worker starts, from a counter every worker shares (what
+    :class:`shardlock.ray.Datasink` does with a Ray actor); an index it hands out that
+    no part writes (a failed worker) is a gap :func:`assemble` refuses.
 
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
@@ -186,7 +190,7 @@ class Writer:
         generation: Optional[int] = None,
         progress: Optional[bool] = None,
         metadata: Optional[Mapping[str, Any]] = None,
-        part: Optional[Tuple[int, Optional[int]]] = None,
+        part: Union[Tuple[int, Optional[int]], Callable[[], int], None] = None,
     ) -> None:
         self._progress = _Progress(progress, "packing")
         try:
@@ -195,15 +199,18 @@ class Writer:
             raise ValueError(f"metadata must be a dict of JSON values: {e}") from None
         self._args = (os.fspath(out_dir), os.fspath(keyring), os.fspath(issuer_key), dataset_id, _size_arg("shard_size", shard_size), bool(force))
         self._generation = None if generation is None else int(generation)
-        if part is not None:
-            first, count = part
-            self._part: Optional[Tuple[int, Optional[int]]] = (int(first), None if count is None else int(count))
+        self._part: Union[Tuple[int, Optional[int]], Callable[[], int], None]
+        if part is None or callable(part):
+            self._part = part
         else:
-            self._part = None
+            first, count = part
+            self._part = (int(first), None if count is None else int(count))
         self._native: Optional[NativeWriter] = None
         self._names: List[str] = []
         self._specs: List[Tuple[str, Tuple[int, ...]]] = []
         self._closed = False
+        #: The number of shards written, once closed.
+        self.shards: Optional[int] = None
         if schema is not None:
             self._open({k: ("bytes", ()) if v == "bytes" else (v[0], tuple(v[1])) for k, v in schema.items()})
 
@@ -286,6 +293,14 @@ class Writer:
         self._native.write_columns(data, n, offsets if any(o is not None for o in offsets) else None)
         self._progress.add(n, sum(len(d) for d in data))
 
+    def _write_source(self, source: Any) -> None:
+        """Appends every sample of a native source (``_lib.NativeSource``: WebDataset
+        tars, an image folder), read and packed in Rust."""
+        if self._closed or self._native is None:
+            raise ValueError("this Writer is closed or has no schema")
+        n, nbytes = self._native.write_source(source)
+        self._progress.add(n, nbytes)
+
     def close(self) -> int:
         """Seals the last shard and writes the signed manifest; returns the record count."""
         if self._closed:
@@ -294,7 +309,8 @@ class Writer:
         self._progress.close()
         if self._native is None:
             raise ValueError("nothing was written: a dataset needs a schema (pass schema= or write a sample)")
-        return self._native.finish()
+        records, self.shards = self._native.finish()
+        return records
 
     def __enter__(self) -> "Writer":
         return self

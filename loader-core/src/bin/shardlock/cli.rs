@@ -402,9 +402,39 @@ pub(crate) struct PackArgs {
     /// Print a JSON summary instead of text.
     #[arg(long)]
     pub(crate) json: bool,
-    /// `.npy` files (field = file stem) or one directory (one sample per file, field `data`).
+    /// What the inputs are (default: told from them; see INPUTS).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) format: PackFormat,
+    /// WebDataset: an extension whose members hold integer text, stored as an i64 scalar
+    /// instead of bytes, EXT=i64 (repeatable): e.g. --parse cls=i64.
+    #[arg(long, value_name = "EXT=i64")]
+    pub(crate) parse: Vec<String>,
+    /// INPUTS: `.npy` files (field = file stem); one directory of files (one sample per
+    /// file, field `data`); a WebDataset `.tar` or a directory of them (one bytes field
+    /// per member extension); an image folder root/<class>/<file> (fields `image` and
+    /// `label`, the class names signed as metadata `classes`). Parquet, Arrow and Hugging
+    /// Face datasets: `shardlock.pack` in Python.
     #[arg(required = true)]
     pub(crate) inputs: Vec<PathBuf>,
+}
+
+/// `shardlock pack --format`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum PackFormat {
+    /// Told from the inputs.
+    Auto,
+    /// `.npy` files, one per field.
+    Npy,
+    /// One directory of files, one sample per file.
+    Files,
+    /// WebDataset tars.
+    Wds,
+    /// An image folder, root/<class>/<file>.
+    Imagefolder,
+    /// Parquet files (from Python: `shardlock.pack`).
+    Parquet,
+    /// Arrow IPC files (from Python: `shardlock.pack`).
+    Arrow,
 }
 
 #[derive(Args)]

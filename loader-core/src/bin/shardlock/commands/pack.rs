@@ -1,4 +1,4 @@
-//! `shardlock pack`: `.npy` files or a directory of files into an encrypted dataset.
+//! `shardlock pack`: `.npy` files, a directory of files, WebDataset tars or an image folder into an encrypted dataset.
 
 use shardlock::Error;
 use shardlock::IssuerKey;
@@ -9,8 +9,8 @@ use crate::output::{bar, print_json};
 
 pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
     let keys = shardlock::open_provider(&a.keyring)?;
-    let src = shardlock::InputSource::from_paths(&a.inputs)?;
-    let opts = PackOptions {
+    let src = open_inputs(&a)?;
+    let mut opts = PackOptions {
         dataset_id: a.dataset_id,
         shard_size: a.shard_size,
         force: a.force,
@@ -29,6 +29,9 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
             })
             .collect::<Result<_, Error>>()?,
     };
+    for (k, v) in src.metadata() {
+        opts.metadata.entry(k).or_insert(v);
+    }
     let issuer;
     let mut w = match (&a.part, &a.trust, &a.issuer_key) {
         (Some(part), Some(trust), _) => {
@@ -42,7 +45,10 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         }
         _ => return Err(Error::InvalidArgument("give --issuer-key, or --part with --trust".into())),
     };
-    let pb = bar(src.len(), a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]");
+    let pb = match src.samples() {
+        Some(n) => bar(n, a.json, "packing {bar:40} {pos}/{len} samples [{elapsed_precise}, {per_sec}]"),
+        None => bar(0, a.json, "packing {spinner} {pos} samples [{elapsed_precise}, {per_sec}]"),
+    };
     let t = std::time::Instant::now();
     src.write_into(&mut w, &mut |n| pb.set_position(n))?;
     let bytes = w.bytes_in();
@@ -77,6 +83,34 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// The inputs as `--format` and `--parse` say.
+fn open_inputs(a: &PackArgs) -> Result<shardlock::InputSource, Error> {
+    use crate::cli::PackFormat;
+    use shardlock::InputFormat;
+    let format = match a.format {
+        PackFormat::Auto => InputFormat::Auto,
+        PackFormat::Npy => InputFormat::Npy,
+        PackFormat::Files => InputFormat::Files,
+        PackFormat::Wds => InputFormat::WebDataset,
+        PackFormat::Imagefolder => InputFormat::ImageFolder,
+        PackFormat::Parquet | PackFormat::Arrow => {
+            return Err(Error::InvalidArgument(
+                "the CLI does not read Parquet or Arrow yet: pack them from Python with shardlock.pack(path, out,                  keyring=..., issuer_key=..., dataset_id=...) (pip install pyarrow)"
+                    .into(),
+            ))
+        }
+    };
+    let parse = a
+        .parse
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((ext, "i64")) if !ext.is_empty() => Ok(ext.to_owned()),
+            _ => Err(Error::InvalidArgument(format!("--parse {p:?}: give EXT=i64 (e.g. cls=i64)"))),
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    shardlock::InputSource::open(&a.inputs, format, &parse)
 }
 
 /// `FIRST[:COUNT]` of `--part`.
