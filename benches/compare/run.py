@@ -27,8 +27,11 @@ import report  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: Formats to prepare: step -> the pip package it needs (None: always there).
-PREP_STEPS = {"plain": None, "shardlock": None, "handrolled": "cryptography", "litdata": "litdata",
-              "litdata-fernet": "litdata", "mds": "mosaicml-streaming"}
+PREP_STEPS = {"plain": None, "disk": None, "shardlock": None, "handrolled": "cryptography", "litdata": "litdata",
+              "litdata-fernet": "litdata", "mds": "mosaicml-streaming", "parquet": None, "shardlock-parquet": None,
+              "litdata-parquet": "litdata", "mds-parquet": "mosaicml-streaming"}
+#: Steps that only time a pack (nothing reads their output): dropped by --only.
+PACK_ONLY = {"disk", "parquet", "shardlock-parquet", "litdata-parquet", "mds-parquet"}
 
 #: (loader, prepared format it reads, encrypted?); the peers run with DataLoader
 #: num_workers 0 and 2, shardlock with its own decrypt threads.
@@ -140,15 +143,16 @@ def main() -> int:
     only = set(a.only.split(",")) if a.only else None
     failed = False
     for shape in shapes(a.small).values():
-        # Six formats of the plaintext (Fernet's base64 adds a third): fail early, not midway.
-        need, free = 7 * shape.total_bytes, shutil.disk_usage(a.data).free
+        # Ten formats of the plaintext (Fernet's base64 adds a third): fail early, not midway.
+        need, free = 11 * shape.total_bytes, shutil.disk_usage(a.data).free
         if free < need:
             print(f"compare: {shape.name} needs ~{need / 2**30:.1f} GiB free under {a.data}, "
                   f"only {free / 2**30:.1f} GiB left", file=sys.stderr)
             return 1
         prepared: Dict[str, Optional[str]] = {}  # step -> None if ready, else why not
         for step, package in PREP_STEPS.items():
-            if only and step != "plain" and not any(n in only and st == step for n, _, st, _ in LOADERS):
+            if only and step != "plain" and (step in PACK_ONLY or
+                                             not any(n in only and st == step for n, _, st, _ in LOADERS)):
                 prepared[step] = "not selected by --only"
                 continue
             why = install_status(a.venv, package)

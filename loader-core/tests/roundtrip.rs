@@ -142,3 +142,44 @@ fn many_shards_keep_order_and_every_dtype_size() {
     assert!(d.manifest().shards.len() > 20);
     assert_eq!(fx.read_all(&ds).unwrap(), samples);
 }
+
+/// A `list` field (token ids) reads back value for value, including empty lists and a
+/// value spanning chunks, with offsets counted in elements; the writer refuses a value
+/// that is not whole elements.
+#[test]
+fn list_fields_read_back_with_element_offsets() {
+    let fx = Fixture::new();
+    let schema = Schema::new(vec![Field::list("tok", DType::U32), Field::tensor("y", DType::I64, &[])]).unwrap();
+    let lens = [0usize, 1, 7, 5000, 0, 3, 12_000, 2];
+    let samples: Vec<Vec<Vec<u8>>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let tok: Vec<u8> = (0..n as u32).flat_map(|t| (t * 31 + i as u32).to_le_bytes()).collect();
+            vec![tok, (i as i64).to_le_bytes().to_vec()]
+        })
+        .collect();
+    let ds = fx.pack("tok", "t", schema.clone(), &samples, 40_000);
+    assert_eq!(fx.read_all(&ds).unwrap(), samples);
+    let loader = fx.loader(&ds, "t").batch_size(4).shuffle(shardlock::Shuffle::None).build().unwrap();
+    let mut seen = 0;
+    for batch in loader {
+        let batch = batch.unwrap();
+        let slot = batch.fields().iter().find(|s| &*s.name == "tok").unwrap().clone();
+        let at = slot.offsets_at.unwrap();
+        let raw = batch.buffer_bytes();
+        let off = |j: usize| u64::from_le_bytes(raw[at + 8 * j..at + 8 * j + 8].try_into().unwrap()) as usize;
+        for i in 0..batch.len() {
+            assert_eq!(batch.bytes("tok", i).unwrap(), &samples[seen + i][0][..]);
+            assert_eq!(off(i + 1) - off(i), lens[seen + i], "offsets count elements");
+        }
+        seen += batch.len();
+    }
+    assert_eq!(seen, lens.len());
+
+    let mut opts = shardlock::PackOptions::new("bad");
+    opts.force = true;
+    let mut w = shardlock::DatasetWriter::create(&fx.path("bad"), schema, opts, &*fx.keyring, &fx.issuer).unwrap();
+    let e = w.write_sample(&[&[1, 2, 3], &0i64.to_le_bytes()]).unwrap_err().to_string();
+    assert!(e.contains("not a whole number of elements"), "{e}");
+}

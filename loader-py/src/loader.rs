@@ -109,11 +109,15 @@ fn device_batch_to_py<'py>(py: Python<'py>, batch: DeviceBatch) -> PyResult<Boun
                 let t = Bound::new(py, DeviceTensor::new(&batch, addr, full, *dtype))?;
                 out.set_item(&*slot.name, (dtype.name(), t))?;
             }
-            FieldKind::Bytes => {
-                let values = Bound::new(py, DeviceTensor::new(&batch, addr, vec![len], DType::U8))?;
+            FieldKind::Bytes | FieldKind::List { .. } => {
+                let (tag, dtype) = match &slot.kind {
+                    FieldKind::List { dtype } => (format!("list<{}>", dtype.name()), *dtype),
+                    _ => ("bytes".to_owned(), DType::U8),
+                };
+                let values = Bound::new(py, DeviceTensor::new(&batch, addr, vec![len / dtype.size()], dtype))?;
                 let at = batch.offsets_address(&slot.name).py()?;
                 let offsets = Bound::new(py, DeviceTensor::new(&batch, at, vec![n + 1], DType::I64))?;
-                out.set_item(&*slot.name, ("bytes", values, offsets))?;
+                out.set_item(&*slot.name, (tag, values, offsets))?;
             }
         }
     }
@@ -151,21 +155,15 @@ fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTupl
             FieldKind::Tensor { dtype, shape } => {
                 let mut full = vec![n];
                 full.extend(shape.iter().map(|&d| d as usize));
-                let arr = match dtype {
-                    // bool: its bytes (0 or 1); Python views them as bool.
-                    DType::U8 | DType::Bool => array::<u8>(&owner, raw, &full)?,
-                    DType::I8 => array::<i8>(&owner, raw, &full)?,
-                    DType::I16 => array::<i16>(&owner, raw, &full)?,
-                    DType::U16 | DType::Bf16 => array::<u16>(&owner, raw, &full)?,
-                    DType::I32 => array::<i32>(&owner, raw, &full)?,
-                    DType::U32 => array::<u32>(&owner, raw, &full)?,
-                    DType::I64 => array::<i64>(&owner, raw, &full)?,
-                    DType::U64 => array::<u64>(&owner, raw, &full)?,
-                    DType::F16 => array::<half::f16>(&owner, raw, &full)?,
-                    DType::F32 => array::<f32>(&owner, raw, &full)?,
-                    DType::F64 => array::<f64>(&owner, raw, &full)?,
-                };
+                let arr = typed_array(&owner, *dtype, raw, &full)?;
                 out.set_item(&*slot.name, (dtype.name(), arr))?;
+            }
+            FieldKind::List { dtype } => {
+                let at = slot.offsets_at.unwrap_or(0);
+                let all = b.buffer_bytes();
+                let values = typed_array(&owner, *dtype, raw, &[raw.len() / dtype.size()])?;
+                let offsets = array::<i64>(&owner, &all[at..at + 8 * (n + 1)], &[n + 1])?;
+                out.set_item(&*slot.name, (format!("list<{}>", dtype.name()), values, offsets))?;
             }
             FieldKind::Bytes => {
                 let at = slot.offsets_at.unwrap_or(0);
@@ -178,6 +176,29 @@ fn batch_to_py<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyTupl
     }
     let ids = numpy::PyArray1::from_slice(py, b.sample_ids());
     PyTuple::new(py, [out.into_any(), ids.into_any()])
+}
+
+/// A zero-copy NumPy view of `bytes` as `dtype` elements of `shape`.
+fn typed_array<'py>(
+    owner: &Bound<'py, BatchOwner>,
+    dtype: DType,
+    raw: &[u8],
+    full: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    match dtype {
+        // bool: its bytes (0 or 1); Python views them as bool.
+        DType::U8 | DType::Bool => array::<u8>(owner, raw, full),
+        DType::I8 => array::<i8>(owner, raw, full),
+        DType::I16 => array::<i16>(owner, raw, full),
+        DType::U16 | DType::Bf16 => array::<u16>(owner, raw, full),
+        DType::I32 => array::<i32>(owner, raw, full),
+        DType::U32 => array::<u32>(owner, raw, full),
+        DType::I64 => array::<i64>(owner, raw, full),
+        DType::U64 => array::<u64>(owner, raw, full),
+        DType::F16 => array::<half::f16>(owner, raw, full),
+        DType::F32 => array::<f32>(owner, raw, full),
+        DType::F64 => array::<f64>(owner, raw, full),
+    }
 }
 
 /// The key providers `keyring` names, as one ([`shardlock::ProviderSet`] for several).

@@ -23,6 +23,10 @@ fn parse_schema(fields: Vec<(String, String, Vec<u64>)>) -> shardlock::Result<Sc
         .map(|(name, dtype, shape)| {
             if dtype == "bytes" {
                 Ok(Field::bytes(name))
+            } else if let Some(inner) = dtype.strip_prefix("list<").and_then(|d| d.strip_suffix('>')) {
+                DType::from_name(inner).map(|d| Field::list(name.clone(), d)).ok_or_else(|| {
+                    shardlock::Error::InvalidArgument(format!("field {name:?}: unknown dtype {inner:?} in {dtype:?}"))
+                })
             } else {
                 DType::from_name(&dtype).map(|d| Field::tensor(name.clone(), d, &shape)).ok_or_else(|| {
                     shardlock::Error::InvalidArgument(format!("field {name:?}: unknown dtype {dtype:?}"))
@@ -35,7 +39,7 @@ fn parse_schema(fields: Vec<(String, String, Vec<u64>)>) -> shardlock::Result<Sc
 
 #[pymethods]
 impl NativeWriter {
-    /// `fields`: (name, dtype name or "bytes", shape) in record order.
+    /// `fields`: (name, dtype name, "bytes" or "list<dtype>", shape) in record order.
     #[new]
     #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None,
         metadata_json=None, part=None))]
@@ -230,6 +234,7 @@ impl NativeSource {
             .iter()
             .map(|f| match &f.kind {
                 shardlock::FieldKind::Bytes => (f.name.clone(), "bytes".to_owned(), Vec::new()),
+                shardlock::FieldKind::List { dtype } => (f.name.clone(), format!("list<{}>", dtype.name()), Vec::new()),
                 shardlock::FieldKind::Tensor { dtype, shape } => {
                     (f.name.clone(), dtype.name().to_owned(), shape.clone())
                 }

@@ -127,9 +127,13 @@ def test_bad_input_is_a_typed_error_naming_where_and_leaves_no_dataset(env):
     with pytest.raises(shardlock.FormatError, match=r"b.parquet.*differs"):
         pack(env, drift, "drifted")
     assert not (env.root / "drifted" / "manifest.json").exists()
-    ragged = pa.table({"tokens": pa.array([[1, 2], [3]], pa.list_(pa.int32()))})
-    with pytest.raises(shardlock.FormatError, match=r"column 'tokens'.*variable-length lists"):
-        pack(env, ragged, "ragged")
+    nested = pa.table({"tokens": pa.array([[[1], [2]], [[3]]], pa.list_(pa.list_(pa.int32())))})
+    with pytest.raises(shardlock.FormatError, match=r"column 'tokens'.*nested lists are not supported"):
+        pack(env, nested, "nested")
+    holes = pa.table({"tokens": pa.array([[1, 2], [3, None, 5]], pa.list_(pa.int32()))})
+    with pytest.raises(shardlock.FormatError, match=r"row 1, column 'tokens': null element in a list"):
+        pack(env, holes, "holes")
+    assert not (env.root / "holes" / "manifest.json").exists()
     garbage = env.root / "garbage.parquet"
     garbage.write_bytes(b"PAR1 nope")
     with pytest.raises(shardlock.FormatError, match="garbage.parquet: not a readable Parquet file"):
@@ -138,6 +142,59 @@ def test_bad_input_is_a_typed_error_naming_where_and_leaves_no_dataset(env):
         pack(env, env.root / "missing.parquet", "missing")
     with pytest.raises(TypeError, match="shardlock.pack takes"):
         pack(env, 42, "int")
+
+
+def test_token_lists_become_list_fields_read_back_as_values_and_element_offsets(env):
+    rng = np.random.default_rng(9)
+    docs = [rng.integers(0, 50_000, int(n), dtype=np.uint32) for n in rng.integers(0, 300, 400)]
+    docs[3] = np.arange(20_000, dtype=np.uint32)  # one document spanning several 16 KiB chunks
+    docs[4] = np.array([], dtype=np.uint32)
+    t = pa.table({"tokens": pa.array([d.tolist() for d in docs], pa.list_(pa.uint32())),
+                  "big": pa.array([d.astype(np.int64).tolist()[:5] for d in docs], pa.large_list(pa.int64())),
+                  "id": pa.array(np.arange(400), pa.int64())})
+    pq.write_table(t, env.root / "docs.parquet", row_group_size=128)
+    assert pack(env, env.root / "docs.parquet", "docs") == 400
+    loader = shardlock.Loader(env.root / "docs", keyring=env.keyring, token=env.token("docs"), trust=env.trust,
+                              batch_size=64, shuffle="none", drop_last=False, output="numpy")
+    got, big = [], []
+    for b in loader:
+        vals, offs = b["tokens"]
+        assert vals.dtype == np.uint32 and offs.dtype == np.int64 and offs[0] == 0 and offs[-1] == len(vals)
+        got += [vals[offs[j]:offs[j + 1]] for j in range(len(offs) - 1)]
+        bv, bo = b["big"]
+        assert bv.dtype == np.int64
+        big += [bv[bo[j]:bo[j + 1]].tolist() for j in range(len(bo) - 1)]
+    assert len(got) == 400 and all(np.array_equal(g, d) for g, d in zip(got, docs))
+    assert big == t.column("big").to_pylist()
+    torch = pytest.importorskip("torch")
+    tl = shardlock.Loader(env.root / "docs", keyring=env.keyring, token=env.token("docs"), trust=env.trust,
+                          batch_size=8, shuffle="none")
+    vals, offs = next(iter(tl))["tokens"]
+    assert isinstance(vals, torch.Tensor) and vals.dtype == torch.uint32 and offs.dtype == torch.int64
+    nt = torch.nested.nested_tensor_from_jagged(vals.to(torch.int64), offs)
+    assert [x.tolist() for x in nt.unbind()] == [d.tolist() for d in docs[:8]]
+
+
+def test_writer_list_fields(env):
+    with shardlock.Writer(env.root / "w", keyring=env.keyring, issuer_key=env.issuer, dataset_id="w",
+                          schema={"tok": "list<i32>", "y": ("i64", ())}) as w:
+        for i in range(5):
+            w.write({"tok": list(range(i)), "y": i})
+    got = []
+    for b in env.loader(env.root / "w", dataset="w", batch_size=5, shuffle="none", output="numpy"):
+        vals, offs = b["tok"]
+        got += [vals[offs[j]:offs[j + 1]].tolist() for j in range(len(offs) - 1)]
+    assert got == [list(range(i)) for i in range(5)]
+    with pytest.raises(ValueError, match="names no dtype"):
+        shardlock.Writer(env.root / "w2", keyring=env.keyring, issuer_key=env.issuer, dataset_id="w2",
+                         schema={"tok": "list<int>"})
+    with shardlock.Writer(env.root / "w3", keyring=env.keyring, issuer_key=env.issuer, dataset_id="w3",
+                          schema={"tok": "list<u16>"}) as w:
+        with pytest.raises(shardlock.FormatError, match="1-D array"):
+            w.write({"tok": np.zeros((2, 2), dtype=np.uint16)})
+        with pytest.raises(shardlock.FormatError, match="does not convert"):
+            w.write({"tok": np.array([70_000], dtype=np.int64)})
+        w.write({"tok": [1, 2]})
 
 
 def test_empty_batches_are_skipped_not_failed(env):

@@ -69,6 +69,8 @@ impl RecordIndex {
             offsets.push(u64::from_le_bytes(b));
         }
         let fixed: Vec<Option<u64>> = schema.fields.iter().map(|f| f.fixed_len()).collect();
+        // Element size of list fields (their values are whole elements), 1 otherwise.
+        let unit: Vec<u64> = schema.fields.iter().map(|f| f.var_unit().unwrap_or(1) as u64).collect();
         if offsets[0] != 0 {
             return Err(bad("first offset is not 0".into()));
         }
@@ -82,6 +84,13 @@ impl RecordIndex {
                         schema.fields[j % fields].name
                     )));
                 }
+            } else if span % unit[j % fields] != 0 {
+                return Err(bad(format!(
+                    "record {} field {:?} has {span} bytes, not whole elements of {} bytes (a list field)",
+                    j / fields,
+                    schema.fields[j % fields].name,
+                    unit[j % fields]
+                )));
             }
         }
         if len.checked_add(offsets[count - 1]) != Some(plaintext_len) {
@@ -131,4 +140,25 @@ pub fn encode(records: u64, fields: usize, field_lens: &[u64]) -> Vec<u8> {
         out.extend_from_slice(&off.to_le_bytes());
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::format::{DType, Field};
+
+    /// Index rule 6 for a list field: its values are whole elements.
+    #[test]
+    fn a_list_value_of_partial_elements_is_refused() {
+        let schema = Schema::new(vec![Field::list("t", DType::U16)]).unwrap();
+        let parse = |lens: &[u64]| {
+            let idx = encode(lens.len() as u64, 1, lens);
+            let total: u64 = lens.iter().sum();
+            RecordIndex::parse(&idx, &schema, idx.len() as u64 + total, Path::new("s.slk"))
+        };
+        assert!(parse(&[0, 2, 6]).is_ok());
+        let e = parse(&[2, 3]).err().unwrap().to_string();
+        assert!(e.contains("record 1 field \"t\" has 3 bytes, not whole elements of 2"), "{e}");
+    }
 }

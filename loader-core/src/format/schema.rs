@@ -1,4 +1,5 @@
-//! Dataset schema: named fields, each a fixed dtype + shape or variable-length bytes.
+//! Dataset schema: named fields, each a fixed dtype + shape, variable-length bytes, or a
+//! variable-length list of one dtype (token ids).
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,13 @@ pub enum FieldKind {
     },
     /// Variable-length bytes.
     Bytes,
+    /// A variable-length 1-D sequence of `dtype` elements (little-endian), such as a
+    /// document's token ids: stored as bytes whose length is a multiple of the element
+    /// size; a batch gives its values and offsets counted in elements.
+    List {
+        /// Element type.
+        dtype: DType,
+    },
 }
 
 /// A named field.
@@ -97,13 +105,28 @@ impl Field {
         Self { name: name.into(), kind: FieldKind::Bytes }
     }
 
-    /// Byte length of one value, for fixed fields; `None` for bytes.
+    /// A variable-length list field of `dtype` elements (token ids: u16, u32, i32, i64).
+    pub fn list(name: impl Into<String>, dtype: DType) -> Self {
+        Self { name: name.into(), kind: FieldKind::List { dtype } }
+    }
+
+    /// Bytes per unit a variable-length value's length and offsets count: the element
+    /// size of a list field, 1 for bytes; `None` for a tensor field.
+    pub fn var_unit(&self) -> Option<usize> {
+        match &self.kind {
+            FieldKind::Tensor { .. } => None,
+            FieldKind::Bytes => Some(1),
+            FieldKind::List { dtype } => Some(dtype.size()),
+        }
+    }
+
+    /// Byte length of one value, for fixed fields; `None` for bytes and lists.
     pub fn fixed_len(&self) -> Option<u64> {
         match &self.kind {
             FieldKind::Tensor { dtype, shape } => {
                 shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d)).or(Some(u64::MAX))
             }
-            FieldKind::Bytes => None,
+            FieldKind::Bytes | FieldKind::List { .. } => None,
         }
     }
 }
@@ -172,5 +195,42 @@ impl Schema {
     /// Position of a field by name.
     pub fn position(&self, name: &str) -> Option<usize> {
         self.fields.iter().position(|f| f.name == name)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The canonical bytes and digests FORMAT.md section 6.1 gives as examples.
+    #[test]
+    fn canonical_encoding_matches_the_format_examples() {
+        let cases = [
+            (
+                Schema::new(vec![Field::tensor("x", DType::F32, &[3, 4]), Field::tensor("label", DType::I64, &[])]),
+                r#"{"fields":[{"name":"x","kind":"tensor","dtype":"f32","shape":[3,4]},{"name":"label","kind":"tensor","dtype":"i64","shape":[]}]}"#,
+                "6debca89422fd90ec315061aadddcc54fa09c914c054cbfa23c84ec4e83c6401",
+            ),
+            (
+                Schema::new(vec![Field::bytes("data")]),
+                r#"{"fields":[{"name":"data","kind":"bytes"}]}"#,
+                "6bb1c74450a1436e223753dd7afb17b0339ab836a919315028964178c92b2aaa",
+            ),
+            (
+                Schema::new(vec![Field::list("tokens", DType::U32)]),
+                r#"{"fields":[{"name":"tokens","kind":"list","dtype":"u32"}]}"#,
+                "629012733e7611be516d0cf99cf57337df44aa51429b9763a79a9d466efd5903",
+            ),
+        ];
+        for (schema, bytes, digest) in cases {
+            let s = schema.unwrap();
+            assert_eq!(String::from_utf8(s.canonical_bytes()).unwrap(), bytes);
+            assert_eq!(hex::encode(s.digest()), digest);
+            let back: Schema = serde_json::from_str(bytes).unwrap();
+            assert_eq!(back, s);
+        }
+        let list = Field::list("t", DType::U16);
+        assert_eq!((list.fixed_len(), list.var_unit()), (None, Some(2)));
     }
 }

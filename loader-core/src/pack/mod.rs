@@ -279,7 +279,24 @@ impl<'a> DatasetWriter<'a> {
                 }
             }
             let field = &self.schema.fields[i];
-            if matches!(field.kind, FieldKind::Tensor { dtype: DType::Bool, .. }) && v.iter().any(|&b| b > 1) {
+            if let FieldKind::List { dtype } = field.kind {
+                if v.len() % dtype.size() != 0 {
+                    return Err(Error::Schema {
+                        sample: self.samples,
+                        detail: format!(
+                            "field {:?} is a list of {}: {} bytes is not a whole number of elements",
+                            field.name,
+                            dtype.name(),
+                            v.len()
+                        ),
+                    });
+                }
+            }
+            let bool_values = matches!(
+                field.kind,
+                FieldKind::Tensor { dtype: DType::Bool, .. } | FieldKind::List { dtype: DType::Bool }
+            );
+            if bool_values && v.iter().any(|&b| b > 1) {
                 return Err(Error::Schema {
                     sample: self.samples,
                     detail: format!("field {:?} is bool: every byte must be 0 or 1", field.name),

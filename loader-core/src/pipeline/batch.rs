@@ -19,8 +19,8 @@ pub struct FieldSlot {
     pub offset: usize,
     /// Bytes of values.
     pub len: usize,
-    /// For bytes fields: absolute offset of `samples + 1` little-endian u64 offsets,
-    /// each relative to `offset`.
+    /// For bytes and list fields: absolute offset of `samples + 1` little-endian u64
+    /// offsets from `offset`, counted in bytes (bytes) or elements (list).
     pub offsets_at: Option<usize>,
 }
 
@@ -180,7 +180,8 @@ impl Batch {
         Ok(TensorView { data, shape })
     }
 
-    /// Value `i` of a bytes field.
+    /// Value `i` of a bytes field, or the little-endian element bytes of value `i` of a
+    /// list field.
     pub fn bytes(&self, name: &str, i: usize) -> Result<&[u8]> {
         let s = self.slot(name)?;
         let at = s
@@ -189,12 +190,16 @@ impl Batch {
         if i >= self.len() {
             return Err(Error::InvalidArgument(format!("sample {i} of a batch of {}", self.len())));
         }
+        let unit = match s.kind {
+            FieldKind::List { dtype } => dtype.size(),
+            _ => 1,
+        };
         let b = self.bytes_of();
         let off = |j: usize| {
             let p = at + 8 * j;
             let mut x = [0u8; 8];
             x.copy_from_slice(&b[p..p + 8]);
-            u64::from_le_bytes(x) as usize
+            u64::from_le_bytes(x) as usize * unit
         };
         Ok(&b[s.offset + off(i)..s.offset + off(i + 1)])
     }

@@ -83,7 +83,7 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
                 slots.push(FieldSlot {
                     name,
                     schema_pos: pf,
-                    kind: FieldKind::Bytes,
+                    kind: f.kind.clone(),
                     offset: off,
                     len: len as usize,
                     offsets_at: Some(at),
@@ -114,6 +114,11 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
         // Destination of each sample: fixed stride, or prefix sums of byte lengths.
         let mut dest = Vec::with_capacity(n + 1);
         let mut w = slot.offset;
+        // Offsets count elements for a list field (whole elements: the index checks it).
+        let unit = match slot.kind {
+            FieldKind::List { dtype } => dtype.size() as u64,
+            _ => 1,
+        };
         for (r, &p) in refs.iter().zip(&shard_of) {
             dest.push(w);
             let (a, z) = open[p].1.index().field_range(u64::from(r.record()), slot.schema_pos);
@@ -122,7 +127,7 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
         dest.push(w);
         if let Some(at) = slot.offsets_at {
             for (j, d) in dest.iter().enumerate() {
-                out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&((d - slot.offset) as u64).to_le_bytes());
+                out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&((d - slot.offset) as u64 / unit).to_le_bytes());
             }
         }
         // Coalesce samples that are contiguous both in the shard and in the batch

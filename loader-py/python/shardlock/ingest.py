@@ -13,6 +13,8 @@ integer, float (16/32/64), bool                    tensor of shape ``[]`` (``boo
 ``binary``, ``large_binary``                       bytes
 ``string``, ``large_string``                       bytes holding UTF-8 (read back as
                                                    ``str`` with ``Loader(strings=[...])``)
+``list``/``large_list`` of integers, floats, bools ``list<dtype>``, variable length (token
+                                                   ids; read back as values + offsets)
 =================================================  =====================================
 
 WebDataset tars and image folders are read and packed by the Rust packer, the same
@@ -27,8 +29,7 @@ Image folders (torchvision's ``ImageFolder`` layout, ``root/<class>/<file>``): f
 order, as torchvision numbers them); :func:`image_folder_classes` gives the names, which are signed with the manifest
 (``metadata["classes"]``) and read back as ``Loader.classes``.
 
-Nulls, a type not in the table (variable-length lists among them: token streams are
-not supported yet), and a file whose schema differs from the first raise
+Nulls, a type not in the table (nested lists among them), and a file whose schema differs from the first raise
 :class:`shardlock.FormatError` naming the file, row group, row and column.
 """
 
@@ -84,11 +85,15 @@ def _field_spec(name: str, t: Any, where: str) -> Tuple[str, Tuple[int, ...]]:
         return dt, (t.list_size, *inner)
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
         return "bytes", ()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        dt, inner = _field_spec(name, t.value_type, where) if str(t.value_type) in _ARROW_DTYPES else ("", ())
+        if not dt:
+            raise FormatError(f"{where}column {name!r} has Arrow type {t}: a variable-length list must hold integers, "
+                              f"floats or bools (nested lists are not supported)")
+        return f"list<{dt}>", ()
     dt = _ARROW_DTYPES.get(str(t))
     if dt is None:
-        hint = (" (variable-length lists, e.g. token streams, are not supported yet; pad them to a fixed_size_list)"
-                if pa.types.is_list(t) or pa.types.is_large_list(t) else "")
-        raise FormatError(f"{where}column {name!r} has Arrow type {t}, which shardlock cannot store{hint}")
+        raise FormatError(f"{where}column {name!r} has Arrow type {t}, which shardlock cannot store")
     return dt, ()
 
 
@@ -114,8 +119,23 @@ def _column_bytes(name: str, arr: Any, spec: Tuple[str, Tuple[int, ...]], where:
     if null is not None:
         raise FormatError(f"{where}row {row0 + null}, column {name!r}: null value (shardlock fields have no nulls)")
     n = len(arr)
-    if dt == "bytes" and n == 0:
+    if (dt == "bytes" or dt.startswith("list<")) and n == 0:
         return b"", np.zeros(1, dtype="<u8").tobytes()
+    if dt.startswith("list<"):
+        # Arrow's layout already: the elements back to back and n + 1 offsets.
+        offs = np.asarray(arr.offsets).astype(np.int64)
+        start, end = int(offs[0]), int(offs[-1])
+        leaf = arr.values.slice(start, end - start)
+        null = _first_null(leaf)
+        if null is not None:
+            row = int(np.searchsorted(offs, start + null, side="right")) - 1
+            raise FormatError(f"{where}row {row0 + row}, column {name!r}: null element in a list")
+        values = leaf.to_numpy(zero_copy_only=False)
+        if dt == "list<bool>":
+            values = values.astype(np.bool_)
+        size = values.dtype.itemsize
+        data = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        return data, ((offs - start) * size).astype("<u8").tobytes()
     if dt == "bytes":
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
             arr = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())

@@ -112,6 +112,11 @@ def _duration_arg(name: str, value: Any) -> str:
     return f"{_int_arg(name, value, 1)}s"
 
 
+def _is_var(tag: str) -> bool:
+    """A variable-length field's tag: ``bytes`` or ``list<dtype>`` (values and offsets)."""
+    return tag == "bytes" or tag.startswith("list<")
+
+
 def _check_strings(strings: Any, fields: List[str], device: str) -> List[str]:
     """``strings=``: names of bytes fields to yield as ``list[str]``."""
     if strings is None:
@@ -264,7 +269,11 @@ class Loader:
     Iterating yields ``dict[str, torch.Tensor]`` (``output="numpy"`` for NumPy
     arrays) whose memory is the page-locked batch buffer itself: no copy is made, and
     the buffer is wiped and reused only after every tensor built on it is freed. A
-    bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``. NumPy
+    bytes field yields ``(values: uint8[total], offsets: int64[batch + 1])``, a
+    ``list<dtype>`` field (token ids) ``(values: dtype[total], offsets: int64[batch +
+    1])`` with offsets counted in elements (sample ``i`` is
+    ``values[offsets[i]:offsets[i + 1]]``, the layout of ``torch.nested``'s jagged
+    tensors and of Arrow's lists). NumPy
     arrays are read-only; torch has no read-only tensors, so a CPU tensor may be
     written in place, which changes only that batch's buffer (wiped before reuse).
 
@@ -440,8 +449,10 @@ class Loader:
                     a.flags.writeable = False
                 if v[0] == "bool":
                     out[name] = v[1].view(np.bool_)
+                elif v[0] == "list<bool>":
+                    out[name] = (v[1].view(np.bool_), v[2])
                 else:
-                    out[name] = (v[1], v[2]) if v[0] == "bytes" else v[1]
+                    out[name] = (v[1], v[2]) if _is_var(v[0]) else v[1]
         else:
             import torch
 
@@ -451,15 +462,13 @@ class Loader:
                 if name in strings:
                     out[name] = strings[name]
                     continue
-                if v[0] == "bytes":
-                    out[name] = (torch.from_dlpack(v[1]), torch.from_dlpack(v[2]))
-                    continue
                 t = torch.from_dlpack(v[1])
-                if v[0] == "bf16" and t.dtype != torch.bfloat16:
+                elem = v[0][5:-1] if v[0].startswith("list<") else v[0]
+                if elem == "bf16" and t.dtype != torch.bfloat16:
                     t = t.view(torch.bfloat16)
-                elif v[0] == "bool" and t.dtype != torch.bool:
+                elif elem == "bool" and t.dtype != torch.bool:
                     t = t.view(torch.bool)
-                out[name] = t
+                out[name] = (t, torch.from_dlpack(v[2])) if _is_var(v[0]) else t
             ids = torch.from_numpy(ids)
         if self._sample_ids:
             if "sample_id" in out:

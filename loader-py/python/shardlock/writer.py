@@ -102,7 +102,8 @@ class _Progress:
             self.drawn = False
 
 
-#: A field spec: ``"bytes"`` or ``(dtype_name, shape)``.
+#: A field spec: ``"bytes"``, ``"list<dtype>"`` (a variable-length 1-D sequence, e.g.
+#: ``"list<u32>"`` for token ids) or ``(dtype_name, shape)``.
 FieldSpec = Union[str, Tuple[str, Sequence[int]]]
 
 
@@ -135,6 +136,19 @@ def _field_of(value: Any) -> Tuple[str, Tuple[int, ...]]:
     return dt, tuple(arr.shape)
 
 
+def _spec(name: str, v: Any) -> Tuple[str, Tuple[int, ...]]:
+    """A schema entry as (dtype name, "bytes" or "list<dtype>", shape)."""
+    if v == "bytes":
+        return "bytes", ()
+    if isinstance(v, str) and v.startswith("list<") and v.endswith(">"):
+        if v[5:-1] not in _DTYPE_TO_NP:
+            raise ValueError(f"field {name!r}: {v!r} names no dtype (list<u16>, list<u32>, list<i32>, list<i64>, ...)")
+        return v, ()
+    if isinstance(v, str):
+        raise ValueError(f"field {name!r}: {v!r} is not a field spec: give 'bytes', 'list<dtype>' or (dtype, shape)")
+    return v[0], tuple(v[1])
+
+
 class Writer:
     """Writes an encrypted dataset: one shard per ``shard_size`` bytes of plaintext,
     a fresh data key per shard wrapped by the keyring's KEK (``keyring`` is a keyring
@@ -142,9 +156,12 @@ class Writer:
     key. Until :meth:`close` (or the end of a ``with`` block) succeeds,
     the output does not read as a dataset; an exception inside ``with`` abandons it.
 
-    ``schema`` maps field names to ``"bytes"`` or ``(dtype, shape)`` (dtype names:
-    u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64 bool); by default it is inferred
-    from the first sample written. A scalar (Python or NumPy number, 0-d array) has
+    ``schema`` maps field names to ``"bytes"``, ``(dtype, shape)`` (dtype names:
+    u8 i8 i16 u16 i32 u32 i64 u64 f16 bf16 f32 f64 bool) or ``"list<dtype>"``, a
+    variable-length 1-D sequence such as a document's token ids (``"list<u32>"``; each
+    sample's value is a 1-D array of any length, read back as ``(values, offsets)``
+    with offsets counted in elements); by default it is inferred from the first sample
+    written. A scalar (Python or NumPy number, 0-d array) has
     shape ``[]`` and comes back as a ``(batch,)`` tensor; a ``bool`` is a ``bool``
     field; a ``str`` is stored as its UTF-8 bytes in a bytes field (read it back as
     ``str`` with ``Loader(strings=[name])``).
@@ -212,7 +229,7 @@ class Writer:
         #: The number of shards written, once closed.
         self.shards: Optional[int] = None
         if schema is not None:
-            self._open({k: ("bytes", ()) if v == "bytes" else (v[0], tuple(v[1])) for k, v in schema.items()})
+            self._open({k: _spec(k, v) for k, v in schema.items()})
 
     def _open(self, fields: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> None:
         out, kr, ik, ds, size, force = self._args
@@ -241,6 +258,11 @@ class Writer:
                 if forced != "bytes":
                     raise TypeError(f"field {name!r} holds bytes; got {type(sample[name]).__name__}")
                 values.append(arr)
+            elif dt.startswith("list<"):
+                if forced == "bytes" or arr.ndim != 1:
+                    raise FormatError(f"field {name!r} is a {dt}: give a 1-D array or list; got "
+                                      f"{'bytes' if forced == 'bytes' else f'shape {list(arr.shape)}'}")
+                values.append(_as_field(name, sample[name], arr, forced, dt[5:-1], tuple(arr.shape)).tobytes())
             else:
                 values.append(_as_field(name, sample[name], arr, forced, dt, shape).tobytes())
         assert self._native is not None
@@ -272,8 +294,8 @@ class Writer:
         data = []
         for name, (dt, shape) in zip(self._names, self._specs):
             a, forced = cols[name]
-            if dt == "bytes":
-                raise TypeError(f"field {name!r} holds bytes: write it one sample at a time with write()")
+            if dt == "bytes" or dt.startswith("list<"):
+                raise TypeError(f"field {name!r} is variable-length: write it one sample at a time with write()")
             data.append(_as_field(name, a, a, forced, dt, (len(a), *shape)).tobytes())
         assert self._native is not None
         # In slices, so the progress line moves and an interrupt is seen between them.

@@ -58,6 +58,7 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
                     println!("  {:<16} {} {:?}", f.name, dtype.name(), shape)
                 }
                 FieldKind::Bytes => println!("  {:<16} bytes", f.name),
+                FieldKind::List { dtype } => println!("  {:<16} list<{}>", f.name, dtype.name()),
             }
         }
         // Names come from the manifest (shown even when its signature fails): no control
