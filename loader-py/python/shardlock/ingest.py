@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -212,10 +213,16 @@ def _file_batches(path: str, columns: Optional[Sequence[str]]) -> Iterator[Tuple
                 pf = pq.ParquetFile(f)
             except Exception as e:
                 raise FormatError(f"{f}: not a readable Parquet file ({e})") from None
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=list(columns) if columns else None)
-                for b in t.to_batches(max_chunksize=_BATCH_ROWS):
-                    yield b, f"{f}, row group {g}, "
+            # The next row group is read (pyarrow, without the GIL) while this one packs.
+            cols = list(columns) if columns else None
+            with ThreadPoolExecutor(1, thread_name_prefix="shardlock-parquet") as ex:
+                ahead = ex.submit(pf.read_row_group, 0, columns=cols) if pf.num_row_groups else None
+                for g in range(pf.num_row_groups):
+                    assert ahead is not None
+                    t = ahead.result()
+                    ahead = ex.submit(pf.read_row_group, g + 1, columns=cols) if g + 1 < pf.num_row_groups else None
+                    for b in t.to_batches(max_chunksize=_BATCH_ROWS):
+                        yield b, f"{f}, row group {g}, "
         else:
             try:
                 reader = pa.ipc.open_file(f)
