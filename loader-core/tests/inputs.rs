@@ -68,9 +68,9 @@ fn webdataset_tars_read_back_member_for_member() {
         members.push(("README".into(), b"no extension".to_vec(), None));
         write_tar(&dir.join(format!("shard-{t:03}.tar")), &members);
     }
-    std::fs::write(dir.join("notes.txt"), "not a tar").unwrap();
-    assert_eq!(InputFormat::detect(std::slice::from_ref(&dir)), InputFormat::WebDataset);
-    let out = pack(&fx, &dir, InputFormat::Auto, &["cls"], "wds").unwrap();
+    std::fs::write(dir.join(".notes"), "hidden: not counted").unwrap();
+    assert_eq!(InputFormat::detect(std::slice::from_ref(&dir)).unwrap(), InputFormat::WebDataset);
+    let out = pack(&fx, &dir, InputFormat::Auto, &["cls"], "wds-out").unwrap();
     let ds = fx.open(&out).unwrap();
     let names: Vec<&str> = ds.manifest().schema.fields.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["cls", "jpg", "json"], "one field per extension, sorted");
@@ -82,6 +82,12 @@ fn webdataset_tars_read_back_member_for_member() {
     let got = fx.read_all(&out).unwrap();
     assert_eq!(got.len(), 25);
     assert_eq!(got[0][0], b" 5\n".to_vec());
+
+    // Tars among other files: which one is meant is asked, no file silently left out.
+    std::fs::write(dir.join("notes.txt"), "not a tar").unwrap();
+    let e = pack(&fx, &dir, InputFormat::Auto, &[], "mixed").unwrap_err().to_string();
+    assert!(e.contains("1 other file(s)") && e.contains("--format"), "{e}");
+    assert!(pack(&fx, &dir, InputFormat::WebDataset, &["cls"], "mixed").is_ok());
 }
 
 #[test]
@@ -104,9 +110,22 @@ fn bad_webdataset_input_names_the_tar_and_sample_and_leaves_no_dataset() {
     fail(&[m("k1.jpg", b"x"), m("k1.jpg", b"y")], &[], "two members with extension \"jpg\"");
     fail(&[m("k1.jpg", b"x")], &["cls"], "--parse names \"cls\"");
     fail(&[m("README", b"x")], &[], "no samples");
-    std::fs::write(&tar, b"\x00garbage".repeat(100)).unwrap();
+    let link = vec![m("k1.jpg", b"x"), ("k1.cls".to_string(), vec![], Some(tar::EntryType::Link))];
+    fail(&link, &[], "is a Link entry");
+    // A corrupt header is sample bytes: the error names the tar, never quotes them.
+    let mut junk = b"secret-sample-".repeat(40);
+    junk[100..108].copy_from_slice(b"NOTOCTAL");
+    std::fs::write(&tar, &junk).unwrap();
     let e = pack(&fx, &tar, InputFormat::WebDataset, &[], "bad").unwrap_err().to_string();
     assert!(e.contains("a.tar") && e.contains("not a readable tar file"), "{e}");
+    assert!(!e.contains("secret") && !e.contains("NOTOCTAL"), "{e}");
+    // A header claiming more bytes than the tar holds.
+    write_tar(&tar, &[m("k1.jpg", &[7u8; 2000])]);
+    let mut bytes = std::fs::read(&tar).unwrap();
+    bytes.truncate(512 + 1024);
+    std::fs::write(&tar, &bytes).unwrap();
+    let e = pack(&fx, &tar, InputFormat::WebDataset, &[], "bad").unwrap_err().to_string();
+    assert!(e.contains("claims 2000 bytes"), "{e}");
     let empty = fx.path("empty");
     std::fs::create_dir(&empty).unwrap();
     let e = pack(&fx, &empty, InputFormat::WebDataset, &[], "bad").unwrap_err().to_string();
@@ -127,7 +146,9 @@ fn image_folders_get_torchvision_labels_order_and_signed_class_names() {
                 files.push((d.join(f), label));
             }
             std::fs::write(d.join("notes.txt"), "not an image").unwrap();
-            std::fs::write(d.join(".hidden.jpg"), "hidden").unwrap();
+            std::fs::write(d.join("anim.gif"), "not in torchvision's list").unwrap();
+            // torchvision skips no hidden name: neither does the pack.
+            files.push((d.join(".hidden.jpeg"), label));
         }
     }
     let order = |p: &Path| p.parent().unwrap().to_string_lossy().into_owned();
@@ -144,11 +165,20 @@ fn image_folders_get_torchvision_labels_order_and_signed_class_names() {
     std::fs::remove_dir_all(root.join("empty")).unwrap();
     std::fs::write(root.join(".DS_Store"), "x").unwrap();
 
-    assert_eq!(InputFormat::detect(std::slice::from_ref(&root)), InputFormat::ImageFolder);
-    let out = pack(&fx, &root, InputFormat::Auto, &[], "imgs").unwrap();
+    assert_eq!(InputFormat::detect(std::slice::from_ref(&root)).unwrap(), InputFormat::ImageFolder);
+    let out = pack(&fx, &root, InputFormat::Auto, &[], "imgs-out").unwrap();
     assert_eq!(fx.read_all(&out).unwrap(), want);
     let m = fx.open(&out).unwrap().manifest().clone();
     assert_eq!(m.classes().unwrap(), ["cat", "dog", "zebra"]);
     // A folder of files is still the `files` input.
-    assert_eq!(InputFormat::detect(&[root.join("cat/a/x")]), InputFormat::Files);
+    assert_eq!(InputFormat::detect(&[root.join("cat/a/x")]).unwrap(), InputFormat::Files);
+    // A link to a directory is followed (os.walk(followlinks=True)); one back up is refused.
+    std::os::unix::fs::symlink(root.join("cat"), root.join("dog/up")).unwrap();
+    let linked = pack(&fx, &root, InputFormat::Auto, &[], "linked").unwrap();
+    let cats = files.iter().filter(|f| f.1 == 0).count() as u64;
+    assert_eq!(fx.open(&linked).unwrap().manifest().records, files.len() as u64 + cats, "dog/up walks cat again");
+    std::fs::remove_file(root.join("dog/up")).unwrap();
+    std::os::unix::fs::symlink(root.join("dog"), root.join("dog/a/back")).unwrap();
+    let e = pack(&fx, &root, InputFormat::Auto, &[], "loop2").unwrap_err().to_string();
+    assert!(e.contains("loops back"), "{e}");
 }

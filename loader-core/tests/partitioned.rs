@@ -203,7 +203,18 @@ fn leased_parts_interleave_and_a_failed_worker_is_a_gap() {
     );
     let empty = pack_part(&fx, &dir, &samples, 0..0, leased(&c)).unwrap();
     assert!(empty.shards.is_empty());
+    let issued = u64::from(c.0.load(std::sync::atomic::Ordering::SeqCst));
+    // The coordinator's record: one index more than the parts hold (a worker that failed
+    // holding the last index) is refused, as is a failed write; the true count assembles.
+    shardlock::write_leases(&dir, issued + 1, None).unwrap();
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
+    assert!(e.contains(&format!("handed out {} shard indices and the parts hold {issued}", issued + 1)), "{e}");
+    shardlock::write_leases(&dir, issued, Some("task 3 died")).unwrap();
+    let e = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap_err().to_string();
+    assert!(e.contains("failed (task 3 died)"), "{e}");
+    shardlock::write_leases(&dir, issued, None).unwrap();
     let m = assemble(&dir, &fx.issuer, &*fx.keyring, None).unwrap();
+    assert!(!dir.join(shardlock::LEASES_FILE).exists(), "the record goes with the parts");
     assert_eq!((m.records, m.shards.len()), (32, ia.len() + ib.len()));
     let mut got = fx.read_all(&dir).unwrap();
     let mut want = samples.clone();

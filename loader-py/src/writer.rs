@@ -259,6 +259,7 @@ fn closed() -> PyErr {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(assemble, m)?)?;
+    m.add_function(wrap_pyfunction!(write_leases, m)?)?;
     m.add("IMAGE_EXTENSIONS", shardlock::IMAGE_EXTENSIONS.to_vec())?;
     m.add_class::<NativeSource>()?;
     m.add_class::<NativeWriter>()
@@ -282,4 +283,13 @@ pub(crate) fn assemble(
         Ok((m.records, m.shards.len()))
     })
     .py()
+}
+
+/// Records how many shard indices the coordinator of leased parts handed out, or that
+/// the write failed (`shardlock::write_leases`), so that `assemble` refuses a failed or
+/// incomplete partitioned write.
+#[pyfunction]
+#[pyo3(signature = (dir, issued, failed=None))]
+pub(crate) fn write_leases(dir: PathBuf, issued: u64, failed: Option<String>) -> PyResult<()> {
+    shardlock::write_leases(&dir, issued, failed.as_deref()).py()
 }

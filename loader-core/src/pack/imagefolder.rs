@@ -1,9 +1,14 @@
 //! Image folders as pack input, in torchvision's `ImageFolder` layout
 //! (`root/<class>/<file>`, sub-directories of a class included): fields `image` (the
-//! encoded file, untouched) and `label` (i64, the class's index in sorted order). Classes
-//! and files are numbered and ordered exactly as torchvision does (`sorted(os.walk(...))`,
-//! file names sorted within a directory), so labels agree with a torchvision reader.
+//! encoded file, untouched) and `label` (i64, the class's index in sorted order). Classes,
+//! files and their order are torchvision's (`datasets/folder.py`): classes are the
+//! directories of the root, sorted; a class's images are the files below it whose name
+//! ends (in any case) in one of [`IMAGE_EXTENSIONS`], walked as
+//! `sorted(os.walk(class_dir, followlinks=True))` with file names sorted in each
+//! directory. Hidden names are not skipped (torchvision does not skip them). Names are
+//! compared as bytes (the order of Python's `str` for UTF-8 names).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
@@ -12,8 +17,9 @@ use super::DatasetWriter;
 use crate::error::{Error, Result};
 use crate::format::{DType, Field, Schema};
 
-/// File extensions taken as images (lower-cased), as torchvision's `IMG_EXTENSIONS`.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif"];
+/// File extensions taken as images (matched case-insensitively), torchvision's
+/// `IMG_EXTENSIONS`.
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp"];
 
 /// An image folder: its class names and every image with its label, in order.
 pub struct ImageFolder {
@@ -23,32 +29,36 @@ pub struct ImageFolder {
 }
 
 impl ImageFolder {
-    /// Lists the classes (the non-hidden sub-directories of `root`, sorted) and their
-    /// images. A class directory without an image file is an error, as in torchvision.
+    /// Lists the classes and their images. A class directory without an image file is
+    /// an error, as in torchvision; so is a class name that is not UTF-8 (class names
+    /// are signed into the manifest as text) and a directory cycle through links.
     pub fn open(root: &Path) -> Result<Self> {
         let bad = |path: &Path, detail: String| Error::Input { path: path.to_owned(), detail };
-        let mut classes: Vec<String> = Vec::new();
+        let mut names: Vec<OsString> = Vec::new();
         for e in std::fs::read_dir(root).map_err(Error::io("list", root))? {
             let e = e.map_err(Error::io("list", root))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') && e.path().is_dir() {
-                classes.push(name);
+            // `os.scandir(root)` entries with `is_dir()`: links to directories count.
+            if e.path().is_dir() {
+                names.push(e.file_name());
             }
         }
-        classes.sort();
-        if classes.is_empty() {
+        names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+        if names.is_empty() {
             return Err(bad(root, "no class directories (an image folder is root/<class>/<image file>)".into()));
         }
+        let mut classes = Vec::with_capacity(names.len());
         let mut files = Vec::new();
-        for (label, class) in classes.iter().enumerate() {
-            let dir = root.join(class);
+        for (label, name) in names.iter().enumerate() {
+            let dir = root.join(name);
+            let class = name.to_str().map(str::to_owned).ok_or_else(|| {
+                bad(&dir, "the class directory's name is not UTF-8 (class names are signed as text): rename it".into())
+            })?;
             let mut dirs = Vec::new();
-            walk(&dir, &mut dirs)?;
-            // torchvision: `for root, _, fnames in sorted(os.walk(dir))`, then `sorted(fnames)`.
+            walk(&dir, &mut dirs, &mut Vec::new())?;
             dirs.sort_by(|a, b| a.0.as_os_str().as_encoded_bytes().cmp(b.0.as_os_str().as_encoded_bytes()));
             let before = files.len();
             for (d, mut names) in dirs {
-                names.sort();
+                names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
                 files.extend(names.into_iter().map(|n| (d.join(n), label as i64)));
             }
             if files.len() == before {
@@ -57,6 +67,7 @@ impl ImageFolder {
                     format!("class directory {class:?} holds no image file ({})", IMAGE_EXTENSIONS.join(", ")),
                 ));
             }
+            classes.push(class);
         }
         Ok(Self { root: root.to_owned(), classes, files })
     }
@@ -100,30 +111,45 @@ impl ImageFolder {
     }
 }
 
-/// The image file names of `dir` and of every directory below it (symbolic links to
-/// directories are not followed, as `os.walk`), as (directory, names).
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<String>)>) -> Result<()> {
+/// The image file names of `dir` and of every directory below it, links to
+/// directories followed (`os.walk(followlinks=True)`), as (directory, names). A link
+/// back to a directory being walked (a cycle, which `os.walk` would follow forever) is
+/// an error; `ancestors` holds the resolved directories above `dir`.
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<OsString>)>, ancestors: &mut Vec<PathBuf>) -> Result<()> {
+    let real = std::fs::canonicalize(dir).map_err(Error::io("resolve", dir))?;
+    if ancestors.contains(&real) {
+        return Err(Error::Input {
+            path: dir.to_owned(),
+            detail: "a directory link loops back to a directory above it: remove the link".into(),
+        });
+    }
+    ancestors.push(real);
     let mut names = Vec::new();
     let mut subdirs = Vec::new();
     for e in std::fs::read_dir(dir).map_err(Error::io("list", dir))? {
         let e = e.map_err(Error::io("list", dir))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ty = e.file_type().map_err(Error::io("stat", &e.path()))?;
-        if ty.is_dir() {
-            subdirs.push(e.path());
-        } else if !name.starts_with('.') && is_image_name(&name) && e.path().is_file() {
-            names.push(name);
+        let path = e.path();
+        // os.walk: whatever `is_dir()` (following links) is a directory, the rest files.
+        if path.is_dir() {
+            subdirs.push(path);
+        } else if is_image_name(&e.file_name()) {
+            names.push(e.file_name());
         }
     }
     out.push((dir.to_owned(), names));
     for d in subdirs {
-        walk(&d, out)?;
+        walk(&d, out, ancestors)?;
     }
+    ancestors.pop();
     Ok(())
 }
 
-fn is_image_name(name: &str) -> bool {
-    name.rsplit_once('.').is_some_and(|(_, ext)| IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()))
+/// torchvision's `has_file_allowed_extension`: the lower-cased name ends in `.EXT`.
+fn is_image_name(name: &std::ffi::OsStr) -> bool {
+    let lower = name.as_encoded_bytes().to_ascii_lowercase();
+    IMAGE_EXTENSIONS.iter().any(|ext| {
+        lower.len() > ext.len() && lower.ends_with(ext.as_bytes()) && lower[lower.len() - ext.len() - 1] == b'.'
+    })
 }
 
 /// Every non-hidden entry of `dir` is a directory, and there is one at least: the layout

@@ -32,24 +32,42 @@ pub enum InputFormat {
 }
 
 impl InputFormat {
-    /// The format of `paths`, as [`InputFormat::Auto`] tells it.
-    pub fn detect(paths: &[PathBuf]) -> Self {
-        match paths {
+    /// The format of `paths`, as [`InputFormat::Auto`] tells it. A directory holding
+    /// `.tar` files among other files is refused (give `--format`), so that no file is
+    /// silently left out.
+    pub fn detect(paths: &[PathBuf]) -> Result<Self> {
+        Ok(match paths {
             [p] if p.is_dir() => {
-                let has_tar = std::fs::read_dir(p)
-                    .map(|rd| rd.flatten().any(|e| is_tar_name(&e.path()) && e.path().is_file()))
-                    .unwrap_or(false);
-                if has_tar {
-                    Self::WebDataset
-                } else if looks_like_image_folder(p) {
-                    Self::ImageFolder
-                } else {
-                    Self::Files
+                let (mut tars, mut others) = (0usize, 0usize);
+                for e in std::fs::read_dir(p).map_err(Error::io("list", p))?.flatten() {
+                    let path = e.path();
+                    if !path.is_file() || e.file_name().to_string_lossy().starts_with('.') {
+                        continue;
+                    }
+                    if is_tar_name(&path) {
+                        tars += 1;
+                    } else {
+                        others += 1;
+                    }
+                }
+                match (tars, others) {
+                    (0, _) if looks_like_image_folder(p) => Self::ImageFolder,
+                    (0, _) => Self::Files,
+                    (_, 0) => Self::WebDataset,
+                    _ => {
+                        return Err(Error::Input {
+                            path: p.clone(),
+                            detail: format!(
+                                "holds {tars} .tar file(s) and {others} other file(s): say which it is with --format \
+                                 wds (the tars only) or --format files (every file a sample)"
+                            ),
+                        })
+                    }
                 }
             }
             [p] if is_tar_name(p) => Self::WebDataset,
             _ => Self::Npy,
-        }
+        })
     }
 }
 
@@ -77,7 +95,7 @@ impl InputSource {
     pub fn open(paths: &[PathBuf], format: InputFormat, parse: &[String]) -> Result<Self> {
         let first =
             paths.first().ok_or_else(|| Error::Input { path: PathBuf::from("."), detail: "no input given".into() })?;
-        let format = if format == InputFormat::Auto { InputFormat::detect(paths) } else { format };
+        let format = if format == InputFormat::Auto { InputFormat::detect(paths)? } else { format };
         if !parse.is_empty() && format != InputFormat::WebDataset {
             return Err(Error::InvalidArgument("--parse is for WebDataset tars (--format wds)".into()));
         }

@@ -10,7 +10,7 @@ mod wds;
 pub use imagefolder::{ImageFolder, IMAGE_EXTENSIONS};
 pub use inputs::{pack_paths, InputFormat, InputSource};
 pub use npy::NpyArray;
-pub use part::{assemble, Part, PartShards, ShardLease, PART_FORMAT};
+pub use part::{assemble, write_leases, Part, PartShards, ShardLease, LEASES_FILE, LEASES_FORMAT, PART_FORMAT};
 pub use wds::WebDataset;
 
 use std::fs::File;

@@ -26,6 +26,61 @@ pub const PART_FORMAT: &str = "shardlock-part/1";
 /// Longest part file read (its manifest body is bounded as a manifest's is).
 const MAX_PART_BYTES: u64 = 64 << 20;
 
+/// The file in which the coordinator of leased parts ([`ShardLease`]) records how many
+/// shard indices it handed out, or that the write failed:
+/// `{"format": "shardlock-leases/1", "issued": N}` or `{..., "failed": "why"}`.
+/// With it, [`assemble`] refuses a failed write, and parts that do not hold exactly
+/// `issued` shards (a worker that failed holding the last indices, or a retried worker
+/// whose first attempt also wrote a part), which the indices alone cannot show.
+pub const LEASES_FILE: &str = "leases.json";
+
+/// Format tag of [`LEASES_FILE`].
+pub const LEASES_FORMAT: &str = "shardlock-leases/1";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Leases {
+    format: String,
+    issued: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failed: Option<String>,
+}
+
+/// Records in `dir` what the coordinator of leased parts knows at the end of the write:
+/// `issued` indices handed out, and `failed` (why) when the write did not succeed, so
+/// that [`assemble`] refuses the directory. Replaces an earlier record atomically.
+pub fn write_leases(dir: &Path, issued: u64, failed: Option<&str>) -> Result<()> {
+    let body =
+        serde_json::to_vec_pretty(&Leases { format: LEASES_FORMAT.into(), issued, failed: failed.map(str::to_owned) })
+            .map_err(|e| Error::Internal(format!("leases encoding: {e}")))?;
+    let tmp = dir.join(format!(".{LEASES_FILE}.tmp"));
+    std::fs::write(&tmp, body).map_err(Error::io("write", &tmp))?;
+    let path = dir.join(LEASES_FILE);
+    std::fs::rename(&tmp, &path).map_err(Error::io("rename", &path))
+}
+
+/// The leases record of `dir`, if there is one.
+fn read_leases(dir: &Path) -> Result<Option<Leases>> {
+    let path = dir.join(LEASES_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = crate::fs::read_bounded(&path, 1 << 20, "leases file")?;
+    let l: Leases = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+        what: "leases file",
+        path: path.clone(),
+        detail: format!("not a leases file: {e}"),
+    })?;
+    if l.format != LEASES_FORMAT {
+        return Err(Error::Format {
+            what: "leases file",
+            path,
+            detail: format!("format {:?}, expected {LEASES_FORMAT:?}", l.format),
+        });
+    }
+    Ok(Some(l))
+}
+
 /// One worker's share of a partitioned pack: shard indices from `first_shard`, at most
 /// `max_shards` of them (so that a worker that gets more data than planned fails
 /// instead of writing over the next worker's shards).
@@ -49,7 +104,9 @@ struct PartFile {
 /// fill): a counter shared by every worker of the dataset, such as a Ray actor or a
 /// database sequence. Every index it hands out must be unique across the dataset; an
 /// index handed out and never written (a worker that failed) is a gap that
-/// [`assemble`] reports, so a failed partition is never assembled.
+/// [`assemble`] reports. A gap at the end, or a retried worker's extra part, shows only
+/// against the count of indices handed out: the coordinator records it (and a failed
+/// write) with [`write_leases`] before anyone assembles.
 pub trait ShardLease: Send + Sync {
     /// The index of the next shard this part writes.
     fn next_shard(&mut self) -> Result<u32>;
@@ -183,6 +240,14 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, keys: &dyn KeyProvider, generati
             dir.display()
         )));
     }
+    let leases = read_leases(dir)?;
+    if let Some(why) = leases.as_ref().and_then(|l| l.failed.as_deref()) {
+        return Err(Error::InvalidArgument(format!(
+            "the write that packed the parts in {} failed ({why}), as its {LEASES_FILE} records: pack the dataset \
+             again into a new directory",
+            dir.display()
+        )));
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(Error::io("list", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -246,6 +311,20 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, keys: &dyn KeyProvider, generati
             return Err(Error::Format { what: "part file", path: p.clone(), detail });
         }
     }
+    if let Some(l) = &leases {
+        if entries.len() as u64 != l.issued {
+            return Err(Error::Format {
+                what: "leases file",
+                path: dir.join(LEASES_FILE),
+                detail: format!(
+                    "the lease handed out {} shard indices and the parts hold {} shards: a worker failed or was \
+                     retried; pack the dataset again into a new directory",
+                    l.issued,
+                    entries.len()
+                ),
+            });
+        }
+    }
     let mut wrapped = std::collections::HashSet::new();
     for (p, e) in &entries {
         if !wrapped.insert(e.wrapped_dek.as_str()) {
@@ -281,6 +360,10 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, keys: &dyn KeyProvider, generati
     crate::dataset::write_signed_manifest(dir, &m, issuer)?;
     for p in &files {
         std::fs::remove_file(p).map_err(Error::io("remove", p))?;
+    }
+    if leases.is_some() {
+        let p = dir.join(LEASES_FILE);
+        std::fs::remove_file(&p).map_err(Error::io("remove", &p))?;
     }
     Ok(m)
 }

@@ -66,7 +66,7 @@ impl WebDataset {
     /// returns the sample count.
     pub fn write_into(&self, w: &mut DatasetWriter<'_>, progress: &mut dyn FnMut(u64)) -> Result<u64> {
         let mut n = 0u64;
-        let mut ints: Vec<[u8; 8]> = vec![[0; 8]; self.names.len()];
+        let mut ints: Zeroizing<Vec<[u8; 8]>> = Zeroizing::new(vec![[0; 8]; self.names.len()]);
         for_each_sample(&self.tars, &mut |tar, key, s| {
             let where_ = || format!("sample {key:?}");
             if !s.keys().eq(self.names.iter()) {
@@ -141,29 +141,52 @@ pub(super) fn is_tar_name(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".tar") && !n.starts_with('.'))
 }
 
+/// Longest member read (one sample's value of one field).
+const MAX_MEMBER_BYTES: u64 = 4 << 30;
+
 /// Calls `f(tar, key, sample)` for every sample of `tars` in order, until it returns
-/// `false`. Members that are not regular files, hidden ones and names without an
-/// extension are skipped; two members of one sample with the same extension are an
-/// error naming the tar and sample.
+/// `false`. Directories, hidden members and names without an extension are skipped;
+/// links, devices and other special members, names that are not UTF-8, and two members
+/// of one sample with the same extension are errors naming the tar (and sample). No
+/// error quotes the tar's bytes: a corrupt tar's "header" may be sample data.
 fn for_each_sample(tars: &[PathBuf], f: &mut dyn FnMut(&Path, &str, &Sample) -> Result<bool>) -> Result<()> {
     for tar in tars {
         let bad = |detail: String| Error::Input { path: tar.clone(), detail };
+        // The tar crate's own errors can quote header fields (sample bytes, when the
+        // tar is corrupt): only where it failed goes into ours.
+        let unreadable = |after: usize| {
+            bad(format!(
+                "not a readable tar file: a corrupt or truncated member header after {after} member(s) (check the file,                  e.g. with `tar tf`)"
+            ))
+        };
         let file = std::fs::File::open(tar).map_err(Error::io("open", tar))?;
-        // No member is longer than its tar (a header may claim more).
         let tar_len = file.metadata().map_err(Error::io("stat", tar))?.len();
-        let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
-        let entries = archive.entries().map_err(|e| bad(format!("not a readable tar file ({e})")))?;
+        // Unbuffered: member data goes straight into the sample's zeroize-on-drop
+        // buffers, and no read-ahead buffer holds plaintext that is never wiped.
+        let mut archive = tar::Archive::new(file);
+        let entries = archive.entries().map_err(|_| unreadable(0))?;
         let mut key: Option<String> = None;
         let mut sample = Sample::new();
-        for entry in entries {
-            let mut entry = entry.map_err(|e| bad(format!("not a readable tar file ({e})")))?;
-            if !entry.header().entry_type().is_file() {
+        for (count, entry) in entries.enumerate() {
+            let mut entry = entry.map_err(|_| unreadable(count))?;
+            let ty = entry.header().entry_type();
+            if ty.is_dir() {
                 continue;
             }
-            let name = entry.path().map_err(|e| bad(format!("a member name is not a path ({e})")))?.into_owned();
+            let name = entry.path().map_err(|_| bad(format!("member {count}: its name is not a path")))?.into_owned();
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                return Err(bad(format!("member {count}: its name is not UTF-8 (WebDataset keys are text)")));
+            };
+            if !(ty.is_file() || ty.is_contiguous()) {
+                return Err(bad(format!(
+                    "member {name:?} is a {ty:?} entry: WebDataset members are regular files (re-create the tar \
+                     without links or special files)"
+                )));
+            }
+            let name = Path::new(&name);
             let Some(base) = name.file_name().and_then(|b| b.to_str()) else { continue };
             let Some((stem, ext)) = base.split_once('.').filter(|_| !base.starts_with('.')) else { continue };
-            let dir = name.parent().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+            let dir = name.parent().and_then(|d| d.to_str()).unwrap_or_default();
             let k = if dir.is_empty() { stem.to_owned() } else { format!("{dir}/{stem}") };
             let ext = ext.to_owned();
             if key.as_deref() != Some(k.as_str()) {
@@ -178,8 +201,22 @@ fn for_each_sample(tars: &[PathBuf], f: &mut dyn FnMut(&Path, &str, &Sample) -> 
             if sample.contains_key(&ext) {
                 return Err(bad(format!("sample {k:?}: two members with extension {ext:?}")));
             }
-            let mut value = Zeroizing::new(Vec::with_capacity(entry.size().min(tar_len) as usize));
-            entry.read_to_end(&mut value).map_err(|e| bad(format!("sample {k:?}: member {ext:?} unreadable ({e})")))?;
+            // A header may claim more than the tar holds: never more than its remaining bytes.
+            let size = entry.size();
+            if size > tar_len.saturating_sub(entry.raw_file_position()) || size > MAX_MEMBER_BYTES {
+                return Err(bad(format!(
+                    "sample {k:?}: member {ext:?} claims {size} bytes, more than the tar holds after it (or over \
+                     {MAX_MEMBER_BYTES}): a truncated or corrupt tar"
+                )));
+            }
+            let mut value = Zeroizing::new(Vec::new());
+            value
+                .try_reserve_exact(size as usize)
+                .map_err(|_| bad(format!("sample {k:?}: no memory for member {ext:?} of {size} bytes")))?;
+            (&mut entry)
+                .take(size)
+                .read_to_end(&mut value)
+                .map_err(|e| bad(format!("sample {k:?}: member {ext:?} unreadable ({})", e.kind())))?;
             sample.insert(ext, value);
         }
         if let Some(prev) = key {

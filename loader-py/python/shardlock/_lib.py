@@ -28,4 +28,5 @@ from shardlock._native import (  # noqa: F401
     create_keyring,
     issue_token,
     revoke_token,
+    write_leases,
 )

@@ -5,11 +5,12 @@ docs/PACKING.md, "One dataset, many workers"), with the KEK provider and only th
 issuer's *public* key; no task holds the issuer's secret key. A task cannot know in
 advance how many shards its blocks fill, so each shard's index comes from one Ray actor
 that counts for the whole write (``Writer(part=callable)``): the indices of all tasks
-run from 0 with no gap. Once every task has finished, the driver assembles the parts
-(``assemble_key=``, the issuer's secret key) or leaves them for the data owner's
-``shardlock assemble``. A task that failed after taking an index leaves a gap, so a
-dataset with a failed or retried write task is refused by ``assemble`` (pack it again)
-rather than read as complete.
+run from 0 with no gap. Once every task has finished, the driver records how many
+indices were handed out (``leases.json``) and assembles the parts (``assemble_key=``,
+the issuer's secret key) or leaves them for the data owner's ``shardlock assemble``. A
+failed write is recorded as failed, and a write whose tasks returned fewer shards than
+were handed out (a task failed or was retried) too, so ``assemble`` refuses the
+directory (pack it again) rather than signing a partial or duplicated dataset.
 
 Columns map to fields as in :func:`shardlock.pack` (one field per column); Ray's
 fixed-shape tensor columns (what ``ray.data.from_numpy`` and ``map_batches`` returning
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover - exercised only without ray
     raise ImportError("shardlock.ray needs Ray Data: pip install 'ray[data]'") from None
 
 from shardlock import ingest
+from shardlock._lib import write_leases
 from shardlock.writer import Writer, _size_arg
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -136,13 +138,18 @@ class Datasink(_RayDatasink):
 
     def on_write_complete(self, write_result: Any) -> None:
         returns: List[Dict[str, int]] = list(getattr(write_result, "write_returns", write_result) or [])
-        issued = ray.get(self._counter.issued.remote())
+        issued = int(ray.get(self._counter.issued.remote()))
         self._stop_counter()
         self.records = sum(r["records"] for r in returns)
         self.shards = sum(r["shards"] for r in returns)
+        os.makedirs(self.out_dir, exist_ok=True)
         if self.shards != issued:
-            raise RuntimeError(f"the write tasks took {issued} shard indices and packed {self.shards} shards: "
-                               f"a task failed or was retried; pack {self.out_dir} again into a new directory")
+            # A retried task's first attempt may have written a whole part: refuse the directory.
+            why = f"the write tasks took {issued} shard indices and returned {self.shards} shards"
+            write_leases(self.out_dir, issued, why)
+            raise RuntimeError(f"{why}: a task failed or was retried; pack {self.out_dir} again into a new directory")
+        # Recorded for any later assemble: exactly these shards, no more and no fewer.
+        write_leases(self.out_dir, issued)
         if self._assemble_key is not None:
             from shardlock import assemble
 
@@ -150,7 +157,16 @@ class Datasink(_RayDatasink):
                                                  keyring=self._assemble_keyring)
 
     def on_write_failed(self, error: Exception) -> None:
+        # The parts that were written stay, but no assemble accepts them.
+        issued = 0
+        if self._counter is not None:
+            try:
+                issued = int(ray.get(self._counter.issued.remote()))
+            except Exception:  # the actor may be gone with the failure
+                pass
         self._stop_counter()
+        if os.path.isdir(self.out_dir):
+            write_leases(self.out_dir, issued, f"the Ray write failed: {type(error).__name__}")
 
     def _stop_counter(self) -> None:
         if self._counter is not None:

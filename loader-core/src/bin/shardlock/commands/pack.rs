@@ -30,7 +30,12 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
             .collect::<Result<_, Error>>()?,
     };
     for (k, v) in src.metadata() {
-        opts.metadata.entry(k).or_insert(v);
+        if opts.metadata.contains_key(&k) {
+            return Err(Error::InvalidArgument(format!(
+                "--metadata {k}=...: the input sets {k:?} itself (an image folder's class names); leave it out"
+            )));
+        }
+        opts.metadata.insert(k, v);
     }
     let issuer;
     let mut w = match (&a.part, &a.trust, &a.issuer_key) {
