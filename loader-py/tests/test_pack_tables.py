@@ -252,6 +252,9 @@ def test_webdataset_bad_input_names_the_tar_and_sample(env):
     with pytest.raises(shardlock.FormatError, match=r"sample .k1.: .cls \(3 bytes\) is not integer text") as e:
         pack(env, d, "bad-wds-out2", parse={"cls": "i64"})
     assert "one" not in str(e.value)  # plaintext never goes into an error
+    (d / "notes.txt").write_text("not a tar")
+    with pytest.raises(shardlock.FormatError, match=r"1 .tar file\(s\) and 1 other file\(s\)"):
+        pack(env, d, "mixed")  # never silently left out
     (env.root / "broken.tar").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(shardlock.FormatError, match="broken.tar"):
         pack(env, env.root / "broken.tar", "broken")

@@ -58,8 +58,9 @@ impl InputFormat {
                         return Err(Error::Input {
                             path: p.clone(),
                             detail: format!(
-                                "holds {tars} .tar file(s) and {others} other file(s): say which it is with --format \
-                                 wds (the tars only) or --format files (every file a sample)"
+                                "holds {tars} .tar file(s) and {others} other file(s): pack the tars only with \
+                                 --format wds, or every file as a sample with --format files (from Python, move the \
+                                 other files out of the directory)"
                             ),
                         })
                     }

@@ -92,7 +92,7 @@ pub struct DatasetWriter<'a> {
     issuer: Option<Held<'a, IssuerKey>>,
     /// Key id of the issuer key (what custody binds each wrap to).
     issuer_id: String,
-    part: Option<part::PartState<'a>>,
+    part: Option<PartShards<'a>>,
     fixed: Vec<Option<u64>>,
     field_lens: Vec<u64>,
     data: Zeroizing<Vec<u8>>,
@@ -160,7 +160,7 @@ impl<'a> DatasetWriter<'a> {
                 (k, id)
             }
             Signer::Part(anchor, part) => {
-                let part = part::PartState::new(part, dir, &manifest)?;
+                part.check(dir, &manifest)?;
                 let fixed = schema.fields.iter().map(|f| f.fixed_len()).collect();
                 return Ok(Self::new_state(dir, schema, opts, keys, None, anchor.key_id(), Some(part), fixed, 0));
             }
@@ -216,7 +216,7 @@ impl<'a> DatasetWriter<'a> {
         keys: Held<'a, dyn KeyProvider + 'a>,
         issuer: Option<Held<'a, IssuerKey>>,
         issuer_id: String,
-        part: Option<part::PartState<'a>>,
+        part: Option<PartShards<'a>>,
         fixed: Vec<Option<u64>>,
         generation: u64,
     ) -> Self {

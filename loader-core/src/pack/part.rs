@@ -128,31 +128,25 @@ impl From<Part> for PartShards<'_> {
     }
 }
 
-/// A writer's part state: its shard indices and, for a leased part, the first one.
-pub(super) struct PartState<'a> {
-    shards: PartShards<'a>,
-    first_leased: Option<u32>,
-}
-
-impl<'a> PartState<'a> {
+impl PartShards<'_> {
     /// Before writing: the dataset is not assembled yet, and (for a range) no part
     /// starts there already.
-    pub(super) fn new(shards: PartShards<'a>, dir: &Path, manifest: &Path) -> Result<Self> {
+    pub(super) fn check(&self, dir: &Path, manifest: &Path) -> Result<()> {
         if manifest.exists() {
             return Err(Error::InvalidArgument(format!(
                 "{} already holds an assembled dataset (manifest.json): parts go into a directory before assemble",
                 dir.display()
             )));
         }
-        if let PartShards::Range(p) = &shards {
-            p.check(dir)?;
+        match self {
+            PartShards::Range(p) => p.check(dir),
+            PartShards::Leased(_) => Ok(()),
         }
-        Ok(Self { shards, first_leased: None })
     }
 
     /// The index of the next shard, given how many the part has started.
     pub(super) fn next_index(&mut self, started: usize) -> Result<u32> {
-        match &mut self.shards {
+        match self {
             PartShards::Range(p) => {
                 let index = u32::try_from(started)
                     .ok()
@@ -161,20 +155,16 @@ impl<'a> PartState<'a> {
                 p.check_index(index)?;
                 Ok(index)
             }
-            PartShards::Leased(lease) => {
-                let index = lease.next_shard()?;
-                self.first_leased.get_or_insert(index);
-                Ok(index)
-            }
+            PartShards::Leased(lease) => lease.next_shard(),
         }
     }
 
-    /// Writes the part file (never replacing one); a leased part with no shard writes
-    /// none.
+    /// Writes the part file (never replacing one). A leased part is named by its first
+    /// shard, and writes none when it got no data.
     pub(super) fn write(&self, dir: &Path, m: &Manifest) -> Result<()> {
-        match (&self.shards, self.first_leased) {
+        match (self, m.shards.first()) {
             (PartShards::Range(p), _) => p.write(dir, m),
-            (PartShards::Leased(_), Some(first_shard)) => Part { first_shard, max_shards: None }.write(dir, m),
+            (PartShards::Leased(_), Some(e)) => Part { first_shard: e.index, max_shards: None }.write(dir, m),
             (PartShards::Leased(_), None) => Ok(()),
         }
     }

@@ -313,7 +313,8 @@ def pack(
                             dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
                             progress=progress)
     if _is_tar_source(source):
-        return _pack_native(os.fspath(source), "wds", dict(parse or {}), out_dir, keyring=keyring,
+        # "auto": the Rust packer refuses a directory of tars among other files (none left out silently).
+        return _pack_native(os.fspath(source), "auto", dict(parse or {}), out_dir, keyring=keyring,
                             issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
                             generation=generation, progress=progress)
     if parse:
