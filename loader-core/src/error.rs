@@ -470,6 +470,22 @@ pub enum Error {
         kind: IntegrityKind,
     },
 
+    /// An authenticated value of a compressed field (FORMAT.md section 5.1) is not a
+    /// zstd frame the schema allows, or does not decompress to exactly the length its
+    /// frame declares (a decompression bomb stops at the declared length). Nothing of
+    /// the batch it was for is released.
+    #[error("integrity failure in {shard}, record {record}, field {field:?}: {detail}")]
+    Decompress {
+        /// Where.
+        shard: ShardRef,
+        /// The record within the shard.
+        record: u64,
+        /// The field.
+        field: String,
+        /// What is wrong (never the value's bytes).
+        detail: String,
+    },
+
     /// The manifest signature does not verify under the trusted issuer key.
     #[error(
         "manifest {path}: {detail}; the dataset was not signed by the trusted issuer key or was modified after signing"
@@ -668,6 +684,7 @@ impl Error {
             Error::Os { .. } => "os",
             Error::Format { .. } => "format",
             Error::Integrity { kind, .. } => kind.name(),
+            Error::Decompress { .. } => "decompress",
             Error::ManifestSignature { .. } => "manifest_signature",
             Error::Rollback { .. } => "rollback",
             Error::AccessDenied { reason, .. } => reason.name(),

@@ -21,7 +21,7 @@
 //! Features: `pkcs11` (HSM key custody), `transit` (OpenBao/Vault Transit custody),
 //! `aws-kms` (AWS KMS custody),
 //! `key-service` (the client of `shardlock keyd`), `keyd` (the key service), `s3` (object
-//! storage), `cuda` (device stage), `rustcrypto` (pure-Rust AES backend), `cli` (the
+//! storage), `cuda` (device stage), `zstd` (compressed fields), `rustcrypto` (pure-Rust AES backend), `cli` (the
 //! `shardlock` binary; turns on all but `rustcrypto`). The default build has none of them.
 //!
 //! The normative format description is `docs/FORMAT.md`.
@@ -43,6 +43,8 @@ mod tls;
 mod memory;
 // ... and crypto (no I/O), whose plaintext scratch is memory's locked pages.
 mod crypto;
+// Per-value zstd compression, its contexts in memory it wipes.
+mod codec;
 // Documents re-read when they change (the deny list, the key service's trust anchors).
 mod watch;
 // Wire formats: parsers and encoders, no keys.
@@ -85,7 +87,7 @@ pub use crypto::aead::Backend;
 pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};
 pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, RemoteFailure, Result, ShardRef};
 pub use format::manifest::Metadata;
-pub use format::{DType, Field, FieldKind, Manifest, Schema, ShardEntry};
+pub use format::{Compression, DType, Field, FieldKind, Manifest, Schema, ShardEntry};
 pub use fs::{read_secret_file, write_new_file};
 #[cfg(feature = "keyd")]
 pub use keyd::{KeyService, KeydConfig, LogFormat, Source as KeydSource};
@@ -104,9 +106,9 @@ pub use keys::{
 pub use memory::MemoryPolicy;
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 pub use pack::{
-    assemble, default_pack_threads, pack_paths, write_leases, DatasetWriter, ImageFolder, InputFormat, InputSource,
-    NpyArray, PackOptions, Part, PartShards, ShardLease, WebDataset, DEFAULT_SHARD_SIZE, IMAGE_EXTENSIONS, LEASES_FILE,
-    LEASES_FORMAT, PART_FORMAT,
+    apply_compression, assemble, default_pack_threads, pack_paths, write_leases, DatasetWriter, ImageFolder,
+    InputFormat, InputSource, NpyArray, PackOptions, Part, PartShards, ShardLease, WebDataset, DEFAULT_SHARD_SIZE,
+    IMAGE_EXTENSIONS, LEASES_FILE, LEASES_FORMAT, PART_FORMAT,
 };
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,

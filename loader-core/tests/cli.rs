@@ -546,4 +546,35 @@ fn pack_webdataset_tars_and_image_folders() {
     let o = pack("pq", &["--format", "parquet"], "x.parquet");
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("shardlock.pack"));
+
+    // --compress: the schema says which fields are stored compressed; inspect shows it,
+    // verify authenticates them, bad specs are usage errors naming the spec.
+    let o = pack("wdsz", &["--format", "wds", "--compress", "jpg=zstd:5", "--json"], "s.tar");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(d, &["inspect", "wdsz", "--trust", "iss.pub", "--json"])).unwrap();
+    let compress: Vec<serde_json::Value> =
+        j["schema"]["fields"].as_array().unwrap().iter().map(|f| f["compress"].clone()).collect();
+    assert_eq!(compress, [serde_json::Value::Null, serde_json::json!("zstd")], "{j}");
+    assert!(ok(d, &["inspect", "wdsz", "--trust", "iss.pub"]).contains("(zstd per value)"));
+    let size = |dir: &str| -> u64 {
+        std::fs::read_dir(d.join(dir))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "slk"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    assert!(size("wdsz") < size("wds"), "{} vs {}", size("wdsz"), size("wds"));
+    for (spec, want) in [
+        ("nope=zstd", "no field \"nope\""),
+        ("jpg=gzip", "unknown codec"),
+        ("jpg=zstd:0", "out of range"),
+        ("jpg", "FIELD=zstd"),
+    ] {
+        let o = pack("badz", &["--format", "wds", "--compress", spec], "s.tar");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{spec}: {err}");
+        assert!(!d.join("badz/manifest.json").exists());
+    }
 }

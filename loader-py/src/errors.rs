@@ -75,6 +75,16 @@ pub(crate) fn to_py(e: Error) -> PyErr {
                     ("chunk", obj(py, *chunk)),
                 ],
             ),
+            Error::Decompress { shard, record, field, .. } => (
+                IntegrityError::new_err(msg),
+                vec![
+                    ("kind", obj(py, "decompress")),
+                    ("dataset", obj(py, shard.dataset.clone())),
+                    ("shard", obj(py, shard.index)),
+                    ("record", obj(py, *record)),
+                    ("field", obj(py, field.clone())),
+                ],
+            ),
             Error::ManifestSignature { .. } => {
                 (IntegrityError::new_err(msg), vec![("kind", obj(py, "manifest_signature"))])
             }

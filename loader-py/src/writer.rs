@@ -39,10 +39,11 @@ fn parse_schema(fields: Vec<(String, String, Vec<u64>)>) -> shardlock::Result<Sc
 
 #[pymethods]
 impl NativeWriter {
-    /// `fields`: (name, dtype name, "bytes" or "list<dtype>", shape) in record order.
+    /// `fields`: (name, dtype name, "bytes" or "list<dtype>", shape) in record order;
+    /// `compress`: `FIELD=zstd[:LEVEL]` specs, as `shardlock pack --compress`.
     #[new]
     #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None,
-        metadata_json=None, part=None))]
+        metadata_json=None, part=None, compress=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -56,6 +57,7 @@ impl NativeWriter {
         generation: Option<u64>,
         metadata_json: Option<String>,
         part: Option<Bound<'_, PyAny>>,
+        compress: Vec<String>,
     ) -> PyResult<Self> {
         // A part: a (first, count) range, or a callable handing out each shard's index.
         let part: Option<shardlock::PartShards<'static>> = match part {
@@ -78,7 +80,8 @@ impl NativeWriter {
             opts.force = force;
             opts.generation = generation;
             opts.metadata = metadata;
-            let schema = parse_schema(fields)?;
+            let mut schema = parse_schema(fields)?;
+            shardlock::apply_compression(&mut schema, &mut opts, &compress)?;
             match part {
                 // A part: `issuer_key` is the issuer's public key (the trust anchor).
                 Some(part) => {

@@ -2,6 +2,7 @@
 every field read back exactly as pyarrow reads the source, and bad input is a typed
 error naming file, row group, row and column, with no dataset left behind (#17)."""
 
+import json
 import os
 import pathlib
 
@@ -173,6 +174,29 @@ def test_token_lists_become_list_fields_read_back_as_values_and_element_offsets(
     assert isinstance(vals, torch.Tensor) and vals.dtype == torch.uint32 and offs.dtype == torch.int64
     nt = torch.nested.nested_tensor_from_jagged(vals.to(torch.int64), offs)
     assert [x.tolist() for x in nt.unbind()] == [d.tolist() for d in docs[:8]]
+
+
+def test_compressed_fields_read_back_as_the_source_and_take_less_space(env):
+    t = table()
+    columns = ["text", "blob", "img", "label"]
+    assert pack(env, t, "plain-cols", columns=columns) == N
+    assert pack(env, t, "zstd-cols", columns=columns,
+                compress={"text": "zstd", "blob": "zstd:9", "img": "zstd:1"}) == N
+    check_equal(read_all(env, env.root / "zstd-cols", "zstd-cols"), t.select(columns))
+
+    def size(name):
+        return sum(f.stat().st_size for f in (env.root / name).glob("*.slk"))
+
+    # Small values: each frame costs ~10 bytes, so the gain is the 40 KB text value and the rest.
+    assert size("zstd-cols") < 0.8 * size("plain-cols"), (size("zstd-cols"), size("plain-cols"))
+    body = json.loads((env.root / "zstd-cols" / "manifest.json").read_text())["body"]
+    stored = {f["name"]: f.get("compress") for f in body["schema"]["fields"]}
+    assert stored == {"text": "zstd", "blob": "zstd", "img": "zstd", "label": None}
+    for bad, match in [({"nope": "zstd"}, "no field"), ({"text": "lz4"}, "unknown codec"),
+                       ({"text": "zstd:40"}, "out of range")]:
+        with pytest.raises(ValueError, match=match):
+            pack(env, t, "bad-compress", columns=columns, compress=bad)
+        assert not (env.root / "bad-compress" / "manifest.json").exists()
 
 
 def test_writer_list_fields(env):

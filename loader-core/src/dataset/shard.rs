@@ -331,12 +331,24 @@ pub(super) fn run_chunk<'a>(msg: &Message, run: &'a SealedRun, k: u64) -> Option
 pub struct ShardReader {
     shard: std::sync::Arc<OpenShard>,
     scratch: ChunkBuf,
+    /// How each field is stored (for [`ShardReader::read_record`] to decompress).
+    compress: Vec<Option<crate::format::Compression>>,
+    /// Field names and fixed lengths, for decompression checks and errors.
+    fields: Vec<crate::format::Field>,
+    policy: MemoryPolicy,
 }
 
 impl ShardReader {
     pub(super) fn open(ds: &Dataset, shard: u32, dek: &Dek, backend: Backend, policy: MemoryPolicy) -> Result<Self> {
         let scratch = ChunkBuf::with_policy(policy)?;
-        Ok(Self { shard: std::sync::Arc::new(OpenShard::open(ds, shard, dek, backend, policy)?), scratch })
+        let fields = ds.manifest().schema.fields.clone();
+        Ok(Self {
+            shard: std::sync::Arc::new(OpenShard::open(ds, shard, dek, backend, policy)?),
+            scratch,
+            compress: fields.iter().map(|f| f.compress).collect(),
+            fields,
+            policy,
+        })
     }
 
     /// Whether this reader's scratch chunk is locked in RAM.
@@ -369,7 +381,7 @@ impl ShardReader {
         self.shard.shard_ref()
     }
 
-    /// Byte length of field `field` of record `record` (0 when out of range).
+    /// Byte length of the stored field `field` of record `record` (0 when out of range).
     pub fn field_len(&self, record: u64, field: usize) -> u64 {
         let ix = self.shard.index();
         if record >= ix.len() || field >= ix.fields() {
@@ -379,8 +391,9 @@ impl ShardReader {
         b - a
     }
 
-    /// Decrypts field `field` of record `record` into `out` (whose length must be
-    /// [`ShardReader::field_len`]). After an integrity failure the shard keeps failing.
+    /// Decrypts the stored bytes of field `field` of record `record` into `out` (whose
+    /// length must be [`ShardReader::field_len`]): the value itself, or for a compressed
+    /// field its zstd frame ([`ShardReader::read_record`] decompresses). After an integrity failure the shard keeps failing.
     pub fn read_field(&mut self, record: u64, field: usize, out: &mut [u8]) -> Result<()> {
         let ix = self.shard.index();
         if record >= ix.len() || field >= ix.fields() {
@@ -403,13 +416,43 @@ impl ShardReader {
         self.shard.read_at(offset, out, &mut self.scratch)
     }
 
-    /// Decrypts every field of record `record`.
+    /// Decrypts every field of record `record`, compressed fields decompressed.
     pub fn read_record(&mut self, record: u64) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        let mut unzstd = None;
         (0..self.shard.index().fields())
             .map(|f| {
                 let mut v = Zeroizing::new(vec![0u8; self.field_len(record, f) as usize]);
                 self.read_field(record, f, &mut v)?;
-                Ok(v)
+                if self.compress.get(f).copied().flatten().is_none() {
+                    return Ok(v);
+                }
+                let field = &self.fields[f];
+                let bad = |detail: String| Error::Decompress {
+                    shard: self.shard.shard_ref().clone(),
+                    record,
+                    field: field.name.clone(),
+                    detail,
+                };
+                let declared = crate::codec::Decompressor::content_size(&v).map_err(bad)?;
+                let fits = field.fixed_len().is_none_or(|want| want == declared)
+                    && field.var_unit().is_none_or(|u| declared.is_multiple_of(u as u64));
+                if !fits {
+                    return Err(bad(format!(
+                        "the frame declares {declared} bytes, which the schema's field cannot hold"
+                    )));
+                }
+                let len = usize::try_from(declared).map_err(|_| bad(format!("the frame declares {declared} bytes")))?;
+                if unzstd.is_none() {
+                    unzstd = Some(crate::codec::Decompressor::new(self.policy)?);
+                }
+                let mut out = Zeroizing::new(Vec::new());
+                out.try_reserve_exact(len)
+                    .map_err(|_| bad(format!("cannot allocate the {len} bytes the frame declares")))?;
+                out.resize(len, 0);
+                if let Some(d) = unzstd.as_mut() {
+                    d.decompress(&v, &mut out).map_err(bad)?;
+                }
+                Ok(out)
             })
             .collect()
     }

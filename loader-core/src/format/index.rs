@@ -68,9 +68,15 @@ impl RecordIndex {
             b.copy_from_slice(c);
             offsets.push(u64::from_le_bytes(b));
         }
-        let fixed: Vec<Option<u64>> = schema.fields.iter().map(|f| f.fixed_len()).collect();
-        // Element size of list fields (their values are whole elements), 1 otherwise.
-        let unit: Vec<u64> = schema.fields.iter().map(|f| f.var_unit().unwrap_or(1) as u64).collect();
+        // Compressed fields store frames of any length (their content is checked when
+        // a value is decompressed).
+        let fixed: Vec<Option<u64>> = schema.fields.iter().map(|f| f.stored_len()).collect();
+        // Element size of uncompressed list fields (their values are whole elements), 1 otherwise.
+        let unit: Vec<u64> = schema
+            .fields
+            .iter()
+            .map(|f| if f.compress.is_some() { 1 } else { f.var_unit().unwrap_or(1) as u64 })
+            .collect();
         if offsets[0] != 0 {
             return Err(bad("first offset is not 0".into()));
         }

@@ -10,4 +10,4 @@ pub mod schema;
 pub use header::ShardHeader;
 pub use index::RecordIndex;
 pub use manifest::{Manifest, ShardEntry, SignedManifest};
-pub use schema::{DType, Field, FieldKind, Schema};
+pub use schema::{Compression, DType, Field, FieldKind, Schema};

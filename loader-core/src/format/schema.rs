@@ -84,6 +84,24 @@ pub enum FieldKind {
     },
 }
 
+/// How the values of a field are stored (FORMAT.md section 5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Each value is one zstd frame that declares its content size; the content is the
+    /// value as section 5 lays it out.
+    Zstd,
+}
+
+impl Compression {
+    /// The name used in schemas (`"zstd"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
 /// A named field.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Field {
@@ -92,22 +110,41 @@ pub struct Field {
     /// What it holds.
     #[serde(flatten)]
     pub kind: FieldKind,
+    /// How each value is stored: as is (`None`, the member is left out of the schema),
+    /// or compressed one value at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<Compression>,
 }
 
 impl Field {
     /// A fixed-shape tensor field.
     pub fn tensor(name: impl Into<String>, dtype: DType, shape: &[u64]) -> Self {
-        Self { name: name.into(), kind: FieldKind::Tensor { dtype, shape: shape.to_vec() } }
+        Self { name: name.into(), kind: FieldKind::Tensor { dtype, shape: shape.to_vec() }, compress: None }
     }
 
     /// A variable-length bytes field.
     pub fn bytes(name: impl Into<String>) -> Self {
-        Self { name: name.into(), kind: FieldKind::Bytes }
+        Self { name: name.into(), kind: FieldKind::Bytes, compress: None }
     }
 
     /// A variable-length list field of `dtype` elements (token ids: u16, u32, i32, i64).
     pub fn list(name: impl Into<String>, dtype: DType) -> Self {
-        Self { name: name.into(), kind: FieldKind::List { dtype } }
+        Self { name: name.into(), kind: FieldKind::List { dtype }, compress: None }
+    }
+
+    /// This field with its values stored compressed (`Some`) or as they are.
+    pub fn compressed(mut self, compress: Option<Compression>) -> Self {
+        self.compress = compress;
+        self
+    }
+
+    /// Byte length every stored value has: the value length of an uncompressed tensor
+    /// field; `None` for bytes, lists and compressed fields (whose stored values vary).
+    pub fn stored_len(&self) -> Option<u64> {
+        if self.compress.is_some() {
+            return None;
+        }
+        self.fixed_len()
     }
 
     /// Bytes per unit a variable-length value's length and offsets count: the element
@@ -221,6 +258,14 @@ mod tests {
                 Schema::new(vec![Field::list("tokens", DType::U32)]),
                 r#"{"fields":[{"name":"tokens","kind":"list","dtype":"u32"}]}"#,
                 "629012733e7611be516d0cf99cf57337df44aa51429b9763a79a9d466efd5903",
+            ),
+            (
+                Schema::new(vec![
+                    Field::tensor("x", DType::U8, &[2]).compressed(Some(Compression::Zstd)),
+                    Field::bytes("jpg").compressed(Some(Compression::Zstd)),
+                ]),
+                r#"{"fields":[{"name":"x","kind":"tensor","dtype":"u8","shape":[2],"compress":"zstd"},{"name":"jpg","kind":"bytes","compress":"zstd"}]}"#,
+                "88799ed72e451bd66bf57c2010731729beb467e5f32273b7756a168ba17ba97e",
             ),
         ];
         for (schema, bytes, digest) in cases {

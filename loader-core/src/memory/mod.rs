@@ -1,5 +1,5 @@
-//! Memory that holds ciphertext or plaintext. The crate's `unsafe` is confined here
-//! and to `device/` (CUDA), each block with a `// SAFETY:` line saying why it holds.
+//! Memory that holds ciphertext or plaintext. The crate's `unsafe` is confined here,
+//! to `codec` (the zstd calls) and to `device/` (CUDA), each block with a `// SAFETY:` line saying why it holds.
 //!
 //! - [`map_file`]: read-only maps of shard files (ciphertext);
 //! - [`LockedBuf`] / [`BatchPool`]: page-locked, never-dumped, zeroize-on-release
@@ -17,6 +17,19 @@ pub use secret::KeySlot;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+
+/// Grows `buf` for `additional` more bytes without leaving plaintext in a freed
+/// allocation: a larger buffer is allocated, filled, and the old one zeroized on drop.
+pub(crate) fn reserve_zeroizing(buf: &mut zeroize::Zeroizing<Vec<u8>>, additional: usize) {
+    let need = buf.len().saturating_add(additional);
+    if need <= buf.capacity() {
+        return;
+    }
+    let mut bigger =
+        zeroize::Zeroizing::new(Vec::with_capacity(need.max(buf.capacity().saturating_mul(2)).max(1 << 16)));
+    bigger.extend_from_slice(buf);
+    std::mem::swap(buf, &mut bigger);
+}
 
 /// A read-only memory map of a file.
 pub type Mapped = memmap2::Mmap;

@@ -57,6 +57,39 @@ pub struct PackOptions {
     pub threads: usize,
     /// Dataset metadata signed with the manifest (`classes`: label names in label order).
     pub metadata: crate::format::manifest::Metadata,
+    /// zstd level of each compressed field, by name (the schema says which fields are
+    /// compressed; a field not named here gets level 3). Compression runs on the
+    /// sealing threads; [`PackOptions::shard_size`] counts values before compression.
+    pub zstd_levels: std::collections::BTreeMap<String, i32>,
+}
+
+/// Applies compression specs as `shardlock pack --compress` takes them, `FIELD=zstd`
+/// or `FIELD=zstd:LEVEL` (level 1..=19, default 3), to `schema` (the field's values are
+/// stored compressed) and `opts` (the level). A field named twice, or not in the
+/// schema, is an error that lists the fields.
+pub fn apply_compression(schema: &mut Schema, opts: &mut PackOptions, specs: &[String]) -> Result<()> {
+    for spec in specs {
+        let bad = |why: String| Error::InvalidArgument(format!("--compress {spec:?}: {why}"));
+        let (name, codec) = spec.split_once('=').ok_or_else(|| bad("give FIELD=zstd or FIELD=zstd:LEVEL".into()))?;
+        let level = match codec.split_once(':') {
+            None if codec == "zstd" => crate::codec::ZSTD_DEFAULT_LEVEL,
+            Some(("zstd", l)) => l.parse().map_err(|_| bad(format!("{l:?} is not a zstd level (1-19)")))?,
+            _ => return Err(bad(format!("unknown codec {codec:?} (the one there is: zstd)"))),
+        };
+        crate::codec::Compressor::new(level).map_err(|e| bad(e.to_string()))?;
+        let names: Vec<String> = schema.fields.iter().map(|f| f.name.clone()).collect();
+        let field = schema
+            .fields
+            .iter_mut()
+            .find(|f| f.name == name)
+            .ok_or_else(|| bad(format!("no field {name:?} (fields: {})", names.join(", "))))?;
+        if field.compress.is_some() {
+            return Err(bad(format!("field {name:?} is named twice")));
+        }
+        field.compress = Some(crate::format::Compression::Zstd);
+        opts.zstd_levels.insert(name.to_owned(), level);
+    }
+    Ok(())
 }
 
 /// Default [`PackOptions::threads`]: the cores this process may use, at most 8.
@@ -75,6 +108,7 @@ impl PackOptions {
             generation: None,
             threads: default_pack_threads(),
             metadata: Default::default(),
+            zstd_levels: Default::default(),
         }
     }
 }
@@ -152,6 +186,15 @@ impl<'a> DatasetWriter<'a> {
             return Err(Error::InvalidArgument("shard size must be > 0".into()));
         }
         crate::format::manifest::validate_metadata(&opts.metadata).map_err(Error::InvalidArgument)?;
+        for (name, level) in &opts.zstd_levels {
+            let compressed = schema.fields.iter().any(|f| &f.name == name && f.compress.is_some());
+            if !compressed {
+                return Err(Error::InvalidArgument(format!(
+                    "a zstd level is given for field {name:?}, which the schema does not compress"
+                )));
+            }
+            crate::codec::Compressor::new(*level)?;
+        }
         std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
         let manifest = dir.join(FILE_NAME);
         let (issuer, issuer_id) = match signer {
@@ -307,7 +350,7 @@ impl<'a> DatasetWriter<'a> {
         if !self.field_lens.is_empty() && self.data.len() as u64 + size > self.opts.shard_size {
             self.seal_shard().inspect_err(|_| self.failed = true)?;
         }
-        reserve_zeroizing(&mut self.data, size as usize);
+        crate::memory::reserve_zeroizing(&mut self.data, size as usize);
         for v in values {
             self.data.extend_from_slice(v);
             self.field_lens.push(v.len() as u64);
@@ -327,17 +370,17 @@ impl<'a> DatasetWriter<'a> {
         };
         let fields = self.fixed.len();
         let records = (self.field_lens.len() / fields) as u64;
-        let idx = index::encode(records, fields, &self.field_lens);
-        let plaintext_len = idx.len() as u64 + self.data.len() as u64;
         let mut shard_id = [0u8; 16];
         crypto::random_bytes(&mut shard_id)?;
+        // The plaintext length goes into the header once the sealing thread knows it
+        // (after compression).
         let header = ShardHeader {
             dataset_id: self.opts.dataset_id.clone(),
             shard_index,
             shard_id,
             schema_digest: self.schema.digest(),
             record_count: records,
-            plaintext_len,
+            plaintext_len: 0,
         };
         // The DEK and its wrap first: custody that makes data keys (KMS, Transit) draws
         // it, and a custody failure stops before any ciphertext is written.
@@ -355,18 +398,28 @@ impl<'a> DatasetWriter<'a> {
             id: id_hex,
             file,
             records,
-            plaintext_bytes: plaintext_len,
+            plaintext_bytes: 0,
             file_bytes: 0,
             sha256: String::new(),
             kek_id,
             wrapped_dek: hex::encode(wrapped),
         };
-        self.field_lens.clear();
+        let field_lens = std::mem::take(&mut self.field_lens);
         let data = std::mem::replace(&mut self.data, self.spare.pop().unwrap_or_default());
+        let compress = self
+            .schema
+            .fields
+            .iter()
+            .map(|f| {
+                f.compress
+                    .map(|_| self.opts.zstd_levels.get(&f.name).copied().unwrap_or(crate::codec::ZSTD_DEFAULT_LEVEL))
+            })
+            .collect();
         let job = SealJob {
             dir: self.dir.clone(),
-            header: header.encode(),
-            idx,
+            header,
+            field_lens,
+            compress,
             data,
             dek,
             backend: self.opts.backend,
@@ -457,8 +510,13 @@ impl Drop for DatasetWriter<'_> {
 /// One shard to seal: everything the sealing thread needs, owned.
 struct SealJob {
     dir: PathBuf,
-    header: Vec<u8>,
-    idx: Vec<u8>,
+    /// The header, its plaintext length still to fill in.
+    header: ShardHeader,
+    /// Byte length of each value in `data`, record after record.
+    field_lens: Vec<u64>,
+    /// The zstd level of each compressed field, by schema position.
+    compress: Vec<Option<i32>>,
+    /// The values, back to back.
     data: Zeroizing<Vec<u8>>,
     dek: crate::keys::Dek,
     backend: Backend,
@@ -468,6 +526,39 @@ struct SealJob {
     no_replace: bool,
 }
 
+/// The values of `data` (lengths `lens`, record after record) with those of the
+/// fields `compress` names replaced by their zstd frames: the stored bytes and lengths.
+fn compress_values(data: &[u8], lens: &[u64], compress: &[Option<i32>]) -> Result<(Zeroizing<Vec<u8>>, Vec<u64>)> {
+    let mut compressors: Vec<(i32, crate::codec::Compressor)> = Vec::new();
+    let mut out = Zeroizing::new(Vec::new());
+    let mut stored = Vec::with_capacity(lens.len());
+    let mut at = 0usize;
+    for (j, &len) in lens.iter().enumerate() {
+        let value = &data[at..at + len as usize];
+        at += len as usize;
+        // Tests store hand-made frames as they are (level 0, which no caller can set).
+        let level = compress[j % compress.len()].filter(|&l| l != 0 || !cfg!(test));
+        match level {
+            None => {
+                crate::memory::reserve_zeroizing(&mut out, value.len());
+                out.extend_from_slice(value);
+                stored.push(len);
+            }
+            Some(level) => {
+                let c = match compressors.iter().position(|(l, _)| *l == level) {
+                    Some(i) => &mut compressors[i].1,
+                    None => {
+                        compressors.push((level, crate::codec::Compressor::new(level)?));
+                        &mut compressors.last_mut().ok_or_else(|| Error::Internal("no compressor".into()))?.1
+                    }
+                };
+                stored.push(c.compress_into(value, &mut out)? as u64);
+            }
+        }
+    }
+    Ok((out, stored))
+}
+
 /// A sealed shard: its manifest entry, and its plaintext buffer wiped for reuse.
 struct Sealed {
     entry: ShardEntry,
@@ -475,9 +566,28 @@ struct Sealed {
 }
 
 impl SealJob {
-    /// Encrypts the shard into `<file>.partial`, fsyncs it and renames it into place.
+    /// Compresses the values of compressed fields, then encrypts the shard into
+    /// `<file>.partial`, fsyncs it and renames it into place.
     fn run(self) -> Result<Sealed> {
-        let Self { dir, header, idx, mut data, dek, backend, mut entry, no_replace } = self;
+        let Self { dir, mut header, field_lens, compress, mut data, dek, backend, mut entry, no_replace } = self;
+        let fields = compress.len();
+        let records = header.record_count;
+        let packed = if compress.iter().any(Option::is_some) {
+            Some(compress_values(&data, &field_lens, &compress).map_err(|e| match e {
+                Error::Internal(d) => Error::Internal(format!("shard {}: {d}", entry.index)),
+                e => e,
+            })?)
+        } else {
+            None
+        };
+        let (stored, lens) = match &packed {
+            Some((bytes, lens)) => (&bytes[..], &lens[..]),
+            None => (&data[..], &field_lens[..]),
+        };
+        let idx = index::encode(records, fields, lens);
+        header.plaintext_len = idx.len() as u64 + stored.len() as u64;
+        entry.plaintext_bytes = header.plaintext_len;
+        let header = header.encode();
         let final_path = dir.join(&entry.file);
         let tmp = dir.join(format!("{}.partial", entry.file));
         let taken = || {
@@ -507,7 +617,8 @@ impl SealJob {
         out.write_all(&header).map_err(Error::io("write", &tmp))?;
         let mut enc = Encryptor::new(backend, dek.expose(), &header, out)?;
         enc.write(&idx)?;
-        enc.write(&data)?;
+        enc.write(stored)?;
+        drop(packed);
         let (out, ct_len) = enc.finish()?;
         drop(dek);
         let HashingWriter { inner, hash, .. } = out;
@@ -579,18 +690,6 @@ impl<T: ?Sized> std::ops::Deref for Held<'_, T> {
             Held::Shared(a) => a,
         }
     }
-}
-
-/// Grows `buf` for `additional` more bytes without leaving plaintext in a freed
-/// allocation: a larger buffer is allocated, filled, and the old one zeroized on drop.
-fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, additional: usize) {
-    let need = buf.len().saturating_add(additional);
-    if need <= buf.capacity() {
-        return;
-    }
-    let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(buf.capacity().saturating_mul(2)).max(1 << 16)));
-    bigger.extend_from_slice(buf);
-    std::mem::swap(buf, &mut bigger);
 }
 
 struct HashingWriter<'p, W> {
@@ -732,6 +831,160 @@ mod tests {
         }
         assert_eq!(read[0], samples);
         assert_eq!(read[1], samples);
+    }
+
+    /// Compressed fields of every kind read back exactly, through the loader (any
+    /// shuffle, values spanning chunks, empty values) and through random access; the
+    /// stored shard is smaller than the values.
+    #[test]
+    #[cfg(feature = "zstd")]
+    fn compressed_fields_read_back_exactly() {
+        let t = tempfile::tempdir().unwrap();
+        let ring = Arc::new(Keyring::create(&t.path().join("keyring.json")).unwrap());
+        let issuer = IssuerKey::generate().unwrap();
+        let mut schema = Schema::new(vec![
+            Field::tensor("x", DType::U16, &[20_000]),
+            Field::bytes("b"),
+            Field::list("tok", DType::U32),
+            Field::tensor("label", DType::I64, &[]),
+        ])
+        .unwrap();
+        let mut opts = PackOptions::new("zst");
+        opts.shard_size = 300_000;
+        apply_compression(&mut schema, &mut opts, &["x=zstd".into(), "b=zstd:9".into(), "tok=zstd:1".into()]).unwrap();
+        let samples: Vec<[Vec<u8>; 4]> = (0..60u64)
+            .map(|i| {
+                let x: Vec<u8> = (0..20_000u64).flat_map(|k| (((k * (i + 1)) % 300) as u16).to_le_bytes()).collect();
+                let b =
+                    if i % 5 == 0 { Vec::new() } else { format!("caption {i} ").repeat(i as usize * 40).into_bytes() };
+                let tok: Vec<u8> = (0..(i * 37) as u32).flat_map(|k| (k % 1000).to_le_bytes()).collect();
+                [x, b, tok, (i as i64).to_le_bytes().to_vec()]
+            })
+            .collect();
+        let dir = t.path().join("ds");
+        let mut w = DatasetWriter::create(&dir, schema, opts, &*ring, &issuer).unwrap();
+        for s in &samples {
+            w.write_sample(&[&s[0], &s[1], &s[2], &s[3]]).unwrap();
+        }
+        let raw = w.bytes_in();
+        let m = w.finish().unwrap();
+        let stored: u64 = m.shards.iter().map(|e| e.file_bytes).sum();
+        assert!(m.shards.len() > 3 && stored * 4 < raw, "{} shards, {stored} bytes stored for {raw}", m.shards.len());
+        assert_eq!(m.schema.fields[0].compress, Some(crate::format::Compression::Zstd));
+        assert_eq!(m.schema.fields[3].compress, None);
+        for shuffle in [Shuffle::None, Shuffle::Global] {
+            let loader = Loader::builder(&dir)
+                .key_provider(ring.clone())
+                .token_value(token_for(&issuer, "zst"))
+                .trust_anchor(issuer.trust_anchor())
+                .batch_size(7)
+                .drop_last(false)
+                .shuffle(shuffle)
+                .build()
+                .unwrap();
+            let mut seen = 0;
+            for b in loader {
+                let b = b.unwrap();
+                let x = b.tensor::<u16>("x").unwrap();
+                let labels = b.tensor::<i64>("label").unwrap();
+                for (j, &id) in b.sample_ids().iter().enumerate() {
+                    let s = &samples[id as usize];
+                    assert_eq!(labels.data[j], id as i64);
+                    assert_eq!(bytemuck::cast_slice::<u16, u8>(&x.data[j * 20_000..(j + 1) * 20_000]), &s[0][..]);
+                    assert_eq!(b.bytes("b", j).unwrap(), &s[1][..]);
+                    assert_eq!(b.bytes("tok", j).unwrap(), &s[2][..]);
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, samples.len());
+        }
+        let ds = Dataset::open(&dir, &issuer.trust_anchor()).unwrap();
+        let access = Access::new(
+            Authorizer::new(&issuer.trust_anchor(), Some(token_for(&issuer, "zst")), AuthorizerConfig::default())
+                .unwrap(),
+            ring.clone(),
+        );
+        let mut r = access.open_shard(&ds, 1).unwrap();
+        let first = m.shards[0].records as usize;
+        let rec = r.read_record(0).unwrap();
+        assert!(rec.iter().map(|v| v.to_vec()).eq(samples[first].iter().cloned()));
+    }
+
+    /// Stored frames that lie (a declared length above or below their content, a
+    /// tensor frame of the wrong length, trailing bytes, not a frame at all) are typed
+    /// errors naming shard, record and field, from the loader and random access.
+    #[test]
+    #[cfg(feature = "zstd")]
+    fn frames_that_do_not_decompress_as_declared_are_typed_errors() {
+        let t = tempfile::tempdir().unwrap();
+        let ring = Arc::new(Keyring::create(&t.path().join("keyring.json")).unwrap());
+        let issuer = IssuerKey::generate().unwrap();
+        let frame = |v: &[u8]| {
+            let mut out = Zeroizing::new(Vec::new());
+            crate::codec::Compressor::new(3).unwrap().compress_into(v, &mut out).unwrap();
+            out.to_vec()
+        };
+        let good = frame(&[5u8; 1000]);
+        // A single-segment frame of 1000 bytes: magic, descriptor, then the content size
+        // in 2 bytes as size - 256 (RFC 8878 3.1.1.1.4). Patch it to declare one byte
+        // fewer (the content would overrun: a bomb) or one more.
+        let fcs_at = 5;
+        assert_eq!(u16::from_le_bytes([good[5], good[6]]), 1000 - 256, "{:x?}", &good[..8]);
+        let mut fewer = good.clone();
+        fewer[fcs_at] -= 1;
+        let mut more = good.clone();
+        more[fcs_at] += 1;
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("bomb", fewer, "does not decompress"),
+            ("short", more, "does not decompress"),
+            ("trailing", trailing, "follow the zstd frame"),
+            ("plain", b"no frame here".to_vec(), "magic"),
+            ("tensor", frame(&[1u8; 999]), "schema"),
+        ];
+        for (name, bad, want) in cases {
+            let dir = t.path().join(name);
+            let mut schema = Schema::new(vec![Field::tensor("x", DType::U8, &[1000]), Field::bytes("b")]).unwrap();
+            let mut opts = PackOptions::new("bad");
+            apply_compression(&mut schema, &mut opts, &["x=zstd".into(), "b=zstd".into()]).unwrap();
+            let mut w = DatasetWriter::create(&dir, schema, opts, &*ring, &issuer).unwrap();
+            // Level 0: store the values as the frames they already are.
+            w.opts.zstd_levels.insert("x".into(), 0);
+            w.opts.zstd_levels.insert("b".into(), 0);
+            // Hand-made frames are not the tensor's 1000 bytes long.
+            w.fixed[0] = None;
+            for i in 0..3 {
+                let x = if name == "tensor" && i == 1 { &bad } else { &good };
+                let b = if name != "tensor" && i == 1 { &bad } else { &good };
+                w.write_sample(&[x, b]).unwrap();
+            }
+            w.finish().unwrap();
+            let loader = Loader::builder(&dir)
+                .key_provider(ring.clone())
+                .token_value(token_for(&issuer, "bad"))
+                .trust_anchor(issuer.trust_anchor())
+                .batch_size(3)
+                .shuffle(Shuffle::None)
+                .build()
+                .unwrap();
+            let mut loader = loader;
+            let e = loader.find_map(|b| b.err()).unwrap_or_else(|| panic!("{name}: no error"));
+            let text = e.to_string();
+            assert_eq!(e.code(), "decompress", "{name}: {text}");
+            assert!(text.contains(want) && text.contains("record 1"), "{name}: {text}");
+            let field = if name == "tensor" { "\"x\"" } else { "\"b\"" };
+            assert!(text.contains(field) && text.contains("shard 0"), "{name}: {text}");
+            let ds = Dataset::open(&dir, &issuer.trust_anchor()).unwrap();
+            let access = Access::new(
+                Authorizer::new(&issuer.trust_anchor(), Some(token_for(&issuer, "bad")), AuthorizerConfig::default())
+                    .unwrap(),
+                ring.clone(),
+            );
+            let mut r = access.open_shard(&ds, 0).unwrap();
+            assert!(r.read_record(0).is_ok(), "{name}");
+            assert_eq!(r.read_record(1).unwrap_err().code(), "decompress", "{name}");
+        }
     }
 
     /// A shard that fails on its sealing thread is an error from the writer (not a

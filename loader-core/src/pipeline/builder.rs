@@ -311,6 +311,16 @@ impl LoaderBuilder {
         }
         let schema = ds.manifest().schema.clone();
         let selected = select_fields(&schema, self.fields.as_deref())?;
+        if !cfg!(feature = "zstd") {
+            if let Some(f) = selected.iter().map(|&i| &schema.fields[i]).find(|f| f.compress.is_some()) {
+                return Err(Error::InvalidArgument(format!(
+                    "field {:?} is stored compressed ({}), and this build of shardlock has no zstd support: \
+                     turn on the `zstd` feature, or leave the field out with `fields`",
+                    f.name,
+                    f.compress.map_or("", |c| c.name())
+                )));
+            }
+        }
         let m = ds.manifest();
         // Samples are addressed as (shard: u32, record: u32).
         if let Some(s) = m.shards.iter().find(|s| s.records > u64::from(u32::MAX)) {

@@ -6,23 +6,56 @@ use std::sync::Arc;
 use super::batch::{Batch, BatchLayout, FieldSlot};
 use super::epoch::EpochWork;
 use super::plan::SampleRef;
+use crate::codec::Decompressor;
 use crate::crypto::chunked::CHUNK_LEN;
 use crate::dataset::{FetchedChunks, OpenShard};
 use crate::error::{Error, Result};
-use crate::format::FieldKind;
+use crate::format::{Field, FieldKind};
 use crate::memory::{LockedBuf, MemoryPolicy};
 
-/// A worker's scratch chunk, in locked memory, holding the last chunk it decrypted
-/// (shard, chunk) so that neighbouring samples in one chunk decrypt it once.
+/// A worker's scratch, all in locked memory: the last chunk it decrypted (shard, chunk)
+/// so that neighbouring samples in one chunk decrypt it once, and for compressed
+/// fields the batch's stored frames and a zstd context (made on first use).
 pub(super) struct ChunkScratch {
+    chunk: Chunk,
+    frames: Option<LockedBuf>,
+    unzstd: Option<Decompressor>,
+    policy: MemoryPolicy,
+}
+
+struct Chunk {
     key: Option<(u32, u64)>,
     buf: LockedBuf,
 }
 
 impl ChunkScratch {
     pub(super) fn new(policy: MemoryPolicy) -> Result<Self> {
-        Ok(Self { key: None, buf: LockedBuf::new(CHUNK_LEN, policy)? })
+        Ok(Self {
+            chunk: Chunk { key: None, buf: LockedBuf::new(CHUNK_LEN, policy)? },
+            frames: None,
+            unzstd: None,
+            policy,
+        })
     }
+
+    /// The frames buffer, at least `len` bytes (a smaller one is wiped and replaced).
+    fn frames(&mut self, len: usize) -> Result<&mut LockedBuf> {
+        if self.frames.as_ref().is_none_or(|b| b.capacity() < len) {
+            let cap = len.max(self.frames.as_ref().map_or(0, |b| b.capacity().saturating_mul(2)));
+            self.frames = None;
+            self.frames = Some(LockedBuf::new(cap, self.policy)?);
+        }
+        self.frames.as_mut().ok_or_else(|| Error::Internal("no frames buffer".into()))
+    }
+}
+
+/// Where the stored frame of one (compressed field, sample) lies in the worker's
+/// frames buffer, and the value length it declares.
+#[derive(Clone, Copy)]
+struct Frame {
+    at: usize,
+    stored: usize,
+    len: usize,
 }
 
 fn align64(x: usize) -> usize {
@@ -48,9 +81,13 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
         shard_of.push(pos);
     }
     let schema = &session.ds.manifest().schema;
+    let fetched = fetch_ranged(&open, refs, &shard_of, &session.selected)?;
+    // Compressed fields first: their stored frames into the worker's locked scratch,
+    // whose headers say how long each value is (and so where it goes in the batch).
+    let frames = stored_frames(&session.selected, schema, &open, refs, &shard_of, &fetched, cc)?;
     let mut slots = Vec::with_capacity(session.selected.len());
     let mut off = 0usize;
-    for &pf in &session.selected {
+    for (si, &pf) in session.selected.iter().enumerate() {
         let f = &schema.fields[pf];
         let name: Arc<str> = Arc::from(f.name.as_str());
         match f.fixed_len() {
@@ -72,14 +109,17 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
                 let at = off;
                 off += 8 * (n + 1);
                 off = align64(off);
-                let len: u64 = refs
-                    .iter()
-                    .zip(&shard_of)
-                    .map(|(r, &p)| {
-                        let (a, z) = open[p].1.index().field_range(u64::from(r.record()), pf);
-                        z - a
-                    })
-                    .sum();
+                let len: u64 = match &frames[si] {
+                    Some(fr) => fr.iter().map(|f| f.len as u64).sum(),
+                    None => refs
+                        .iter()
+                        .zip(&shard_of)
+                        .map(|(r, &p)| {
+                            let (a, z) = open[p].1.index().field_range(u64::from(r.record()), pf);
+                            z - a
+                        })
+                        .sum(),
+                };
                 slots.push(FieldSlot {
                     name,
                     schema_pos: pf,
@@ -105,12 +145,11 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
     let Some(out) = batch.buf.as_mut().map(|b| b.prefix_mut(total)) else {
         return Err(Error::Internal("batch without a buffer".into()));
     };
-    let fetched = fetch_ranged(&open, refs, &shard_of, &slots)?;
     // Decrypt in storage order (shard, record) so neighbouring samples share the
     // worker's cached chunk, while each sample lands in its shuffled slot.
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_unstable_by_key(|&j| refs[j].0);
-    for slot in slots.iter() {
+    for (si, slot) in slots.iter().enumerate() {
         // Destination of each sample: fixed stride, or prefix sums of byte lengths.
         let mut dest = Vec::with_capacity(n + 1);
         let mut w = slot.offset;
@@ -119,16 +158,25 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
             FieldKind::List { dtype } => dtype.size() as u64,
             _ => 1,
         };
-        for (r, &p) in refs.iter().zip(&shard_of) {
+        for (j, (r, &p)) in refs.iter().zip(&shard_of).enumerate() {
             dest.push(w);
-            let (a, z) = open[p].1.index().field_range(u64::from(r.record()), slot.schema_pos);
-            w += (z - a) as usize;
+            w += match &frames[si] {
+                Some(fr) => fr[j].len,
+                None => {
+                    let (a, z) = open[p].1.index().field_range(u64::from(r.record()), slot.schema_pos);
+                    (z - a) as usize
+                }
+            };
         }
         dest.push(w);
         if let Some(at) = slot.offsets_at {
             for (j, d) in dest.iter().enumerate() {
                 out[at + 8 * j..at + 8 * j + 8].copy_from_slice(&((d - slot.offset) as u64 / unit).to_le_bytes());
             }
+        }
+        if let Some(fr) = &frames[si] {
+            decompress_field(slot, &schema.fields[slot.schema_pos], fr, &dest, refs, &shard_of, &open, out, cc)?;
+            continue;
         }
         // Coalesce samples that are contiguous both in the shard and in the batch
         // (sequential reads of one field): whole chunks then decrypt straight into
@@ -142,12 +190,12 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
                     run = Some((rp, ra, z, rd));
                     continue;
                 }
-                copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
+                copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], &mut cc.chunk)?;
             }
             run = Some((p, a, z, dest[j]));
         }
         if let Some((rp, ra, rz, rd)) = run {
-            copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], cc)?;
+            copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], &mut cc.chunk)?;
         }
     }
     Ok(batch)
@@ -159,15 +207,15 @@ fn fetch_ranged(
     open: &[(u32, Arc<OpenShard>)],
     refs: &[SampleRef],
     shard_of: &[usize],
-    slots: &[FieldSlot],
+    fields: &[usize],
 ) -> Result<FetchedChunks> {
     if !open.iter().any(|(_, s)| s.is_ranged()) {
         return Ok(FetchedChunks::default());
     }
     let mut wanted: Vec<Vec<(u64, u64)>> = vec![Vec::new(); open.len()];
     for (r, &p) in refs.iter().zip(shard_of) {
-        for slot in slots {
-            wanted[p].push(open[p].1.index().field_range(u64::from(r.record()), slot.schema_pos));
+        for &pf in fields {
+            wanted[p].push(open[p].1.index().field_range(u64::from(r.record()), pf));
         }
     }
     let shards: Vec<&OpenShard> = open.iter().map(|(_, s)| &**s).collect();
@@ -185,7 +233,7 @@ fn copy_plain(
     a: u64,
     z: u64,
     dest: &mut [u8],
-    cc: &mut ChunkScratch,
+    cc: &mut Chunk,
 ) -> Result<()> {
     let (sid, shard) = (open.0, &*open.1);
     let decrypt = |k: u64, out: &mut [u8]| fetched.decrypt(p, shard, k, out);
@@ -209,6 +257,108 @@ fn copy_plain(
         }
         w += take;
         pos += take as u64;
+    }
+    Ok(())
+}
+
+/// For each selected field (by selection position) that is compressed: its samples'
+/// stored frames, decrypted in storage order into the worker's frames buffer, with
+/// the value length each declares, checked against the schema. `None` for the others.
+fn stored_frames(
+    selected: &[usize],
+    schema: &crate::format::Schema,
+    open: &[(u32, Arc<OpenShard>)],
+    refs: &[SampleRef],
+    shard_of: &[usize],
+    fetched: &FetchedChunks,
+    cc: &mut ChunkScratch,
+) -> Result<Vec<Option<Vec<Frame>>>> {
+    let range = |j: usize, pf: usize| open[shard_of[j]].1.index().field_range(u64::from(refs[j].record()), pf);
+    let mut total = 0usize;
+    for &pf in selected {
+        if schema.fields[pf].compress.is_some() {
+            total += (0..refs.len()).map(|j| range(j, pf)).map(|(a, z)| (z - a) as usize).sum::<usize>();
+        }
+    }
+    let mut out = vec![None; selected.len()];
+    if !selected.iter().any(|&pf| schema.fields[pf].compress.is_some()) {
+        return Ok(out);
+    }
+    cc.frames(total.max(1))?;
+    let mut order: Vec<usize> = (0..refs.len()).collect();
+    order.sort_unstable_by_key(|&j| refs[j].0);
+    let mut at = 0usize;
+    for (si, &pf) in selected.iter().enumerate() {
+        let field = &schema.fields[pf];
+        if field.compress.is_none() {
+            continue;
+        }
+        let mut fr = vec![Frame { at: 0, stored: 0, len: 0 }; refs.len()];
+        for &j in &order {
+            let p = shard_of[j];
+            let (a, z) = range(j, pf);
+            let stored = (z - a) as usize;
+            let ChunkScratch { chunk, frames, .. } = &mut *cc;
+            let buf = frames.as_mut().ok_or_else(|| Error::Internal("no frames buffer".into()))?;
+            let dst = &mut buf.prefix_mut(total)[at..at + stored];
+            copy_plain(&open[p], fetched, p, a, z, dst, chunk)?;
+            let declared = Decompressor::content_size(dst)
+                .and_then(|n| check_declared(field, n))
+                .map_err(|detail| decompress_error(&open[p].1, refs[j].record(), field, detail))?;
+            fr[j] = Frame { at, stored, len: declared };
+            at += stored;
+        }
+        out[si] = Some(fr);
+    }
+    Ok(out)
+}
+
+/// The value length a frame declares, if the schema allows it for `field`.
+fn check_declared(field: &Field, declared: u64) -> std::result::Result<usize, String> {
+    let ok = match (&field.kind, field.fixed_len()) {
+        (_, Some(want)) => declared == want,
+        (FieldKind::List { dtype }, None) => declared.is_multiple_of(dtype.size() as u64),
+        _ => true,
+    };
+    if !ok {
+        return Err(match field.fixed_len() {
+            Some(want) => format!("the frame declares {declared} bytes; the schema's value is {want}"),
+            None => format!("the frame declares {declared} bytes, not whole elements of the list's dtype"),
+        });
+    }
+    usize::try_from(declared)
+        .map_err(|_| format!("the frame declares {declared} bytes, more than this machine can address"))
+}
+
+fn decompress_error(shard: &OpenShard, record: u32, field: &Field, detail: String) -> Error {
+    Error::Decompress { shard: shard.shard_ref().clone(), record: u64::from(record), field: field.name.clone(), detail }
+}
+
+/// Decompresses a compressed field's frames from the worker's scratch into the batch.
+#[allow(clippy::too_many_arguments)]
+fn decompress_field(
+    slot: &FieldSlot,
+    field: &Field,
+    frames: &[Frame],
+    dest: &[usize],
+    refs: &[SampleRef],
+    shard_of: &[usize],
+    open: &[(u32, Arc<OpenShard>)],
+    out: &mut [u8],
+    cc: &mut ChunkScratch,
+) -> Result<()> {
+    if cc.unzstd.is_none() {
+        cc.unzstd = Some(Decompressor::new(cc.policy)?);
+    }
+    let ChunkScratch { frames: buf, unzstd, .. } = cc;
+    let (Some(buf), Some(unzstd)) = (buf.as_ref(), unzstd.as_mut()) else {
+        return Err(Error::Internal(format!("field {:?}: no frames to decompress", slot.name)));
+    };
+    for (j, f) in frames.iter().enumerate() {
+        let frame = &buf.as_slice()[f.at..f.at + f.stored];
+        unzstd
+            .decompress(frame, &mut out[dest[j]..dest[j + 1]])
+            .map_err(|detail| decompress_error(&open[shard_of[j]].1, refs[j].record(), field, detail))?;
     }
     Ok(())
 }

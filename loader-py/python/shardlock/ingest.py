@@ -295,6 +295,7 @@ def pack(
     generation: Optional[int] = None,
     progress: Optional[bool] = None,
     parse: Optional[Dict[str, str]] = None,
+    compress: Optional[Dict[str, str]] = None,
 ) -> int:
     """Packs a table into an encrypted dataset, one field per column (``columns``
     picks some, in that order); returns the record count. ``source`` is a Parquet
@@ -304,29 +305,31 @@ def pack(
     arrays (as :func:`shardlock.pack_numpy`), or a WebDataset ``.tar`` file or
     directory of them (``parse`` turns extensions holding integer text into i64
     fields, e.g. ``{"cls": "i64"}``), or an image folder (``root/<class>/<file>``:
-    ``image`` bytes and ``label``; see :func:`image_folder_classes`). The other arguments are
+    ``image`` bytes and ``label``; see :func:`image_folder_classes`). ``compress``
+    (``{"field": "zstd[:LEVEL]"}``) stores those fields' values zstd-compressed. The other arguments are
     :class:`shardlock.Writer`'s. Nothing reads as a dataset unless every row packed."""
     if _is_image_folder(source) and not _is_tar_source(source):
         if parse:
             raise ValueError("parse= is for WebDataset tars")
         return _pack_native(os.fspath(source), "imagefolder", {}, out_dir, keyring=keyring, issuer_key=issuer_key,
                             dataset_id=dataset_id, shard_size=shard_size, force=force, generation=generation,
-                            progress=progress)
+                            progress=progress, compress=compress)
     if _is_tar_source(source):
         # "auto": the Rust packer refuses a directory of tars among other files (none left out silently).
         return _pack_native(os.fspath(source), "auto", dict(parse or {}), out_dir, keyring=keyring,
                             issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
-                            generation=generation, progress=progress)
+                            generation=generation, progress=progress, compress=compress)
     if parse:
         raise ValueError("parse= is for WebDataset tars")
     if isinstance(source, dict):
         from shardlock.writer import pack_numpy
 
         return pack_numpy(out_dir, source, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id,
-                          shard_size=shard_size, force=force, generation=generation, progress=progress)
+                          shard_size=shard_size, force=force, generation=generation, progress=progress,
+                          compress=compress)
     w = _write_batches(_batches(source, columns), lambda specs: Writer(
         out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, schema=specs, shard_size=shard_size,
-        force=force, generation=generation, progress=progress))
+        force=force, generation=generation, progress=progress, compress=compress))
     if w is None:
         raise FormatError("the source holds no batches, so there is no schema to pack")
     return w.close()

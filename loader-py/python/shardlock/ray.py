@@ -68,7 +68,7 @@ class Datasink(_RayDatasink):
     ``keyring`` is the KEK provider every write task wraps DEKs with (a keyring file,
     ``pkcs11:``, ``aws-kms:``, ``transit:`` or a key service URL); ``issuer_key`` the
     issuer's public key (``issuer.key.pub``). ``columns`` picks columns, in that order;
-    ``shard_size`` and ``metadata`` are :class:`shardlock.Writer`'s.
+    ``shard_size``, ``metadata`` and ``compress`` are :class:`shardlock.Writer`'s.
 
     ``assemble_key`` (the issuer's secret key) makes the driver assemble and sign the
     dataset once every task has finished, authenticating every shard with
@@ -89,6 +89,7 @@ class Datasink(_RayDatasink):
         metadata: Optional[Mapping[str, Any]] = None,
         assemble_key: Optional[PathLike] = None,
         assemble_keyring: Optional[PathLike] = None,
+        compress: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self._keyring = os.fspath(keyring)
@@ -97,6 +98,7 @@ class Datasink(_RayDatasink):
         self._columns = list(columns) if columns else None
         self._shard_size = _size_arg("shard_size", shard_size)
         self._metadata = dict(metadata) if metadata is not None else None
+        self._compress = dict(compress) if compress is not None else None
         self._assemble_key = None if assemble_key is None else os.fspath(assemble_key)
         self._assemble_keyring = os.fspath(assemble_keyring) if assemble_keyring is not None else self._keyring
         # The counter actor is found by name, so it does not matter when Ray copies the sink.
@@ -130,7 +132,8 @@ class Datasink(_RayDatasink):
 
         w = ingest._write_batches(batches(), lambda specs: Writer(
             self.out_dir, keyring=self._keyring, issuer_key=self._issuer_key, dataset_id=self._dataset_id,
-            schema=specs, shard_size=self._shard_size, metadata=self._metadata, progress=False, part=lease))
+            schema=specs, shard_size=self._shard_size, metadata=self._metadata, progress=False, part=lease,
+            compress=self._compress))
         if w is None:
             return {"records": 0, "shards": 0}
         records = w.close()

@@ -185,6 +185,13 @@ class Writer:
     :class:`shardlock.ray.Datasink` does with a Ray actor); an index it hands out that
     no part writes (a failed worker) is a gap :func:`assemble` refuses.
 
+    ``compress`` stores the values of the fields it names compressed, each value its own
+    zstd frame, e.g. ``{"tokens": "zstd", "json": "zstd:9"}`` (level 1-19, default 3):
+    smaller shards for data that compresses (token ids, text, raw pixels with flat
+    areas; not JPEGs), decompressed on the loader's decrypt workers, with random
+    access, dtypes and shapes as before. Compression runs on the sealing threads;
+    ``shard_size`` counts values before compression.
+
     ``generation`` is the new manifest's generation: by default one past the dataset
     this replaces (``force=True``, same dataset id, signed by the same issuer), else 1;
     a value not above the replaced one is refused, so generations only go up.
@@ -208,8 +215,10 @@ class Writer:
         progress: Optional[bool] = None,
         metadata: Optional[Mapping[str, Any]] = None,
         part: Union[Tuple[int, Optional[int]], Callable[[], int], None] = None,
+        compress: Optional[Mapping[str, str]] = None,
     ) -> None:
         self._progress = _Progress(progress, "packing")
+        self._compress = _compress_specs(compress)
         try:
             self._metadata = None if metadata is None else json.dumps(dict(metadata))
         except (TypeError, ValueError) as e:
@@ -237,7 +246,7 @@ class Writer:
         self._specs = [fields[n] for n in self._names]
         self._native = NativeWriter(
             out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation,
-            self._metadata, self._part,
+            self._metadata, self._part, self._compress,
         )
 
     def _check_names(self, keys: Any) -> None:
@@ -347,6 +356,15 @@ class Writer:
         self.close()
 
 
+def _compress_specs(compress: Optional[Mapping[str, str]]) -> List[str]:
+    """``{"field": "zstd[:LEVEL]"}`` as the ``FIELD=zstd[:LEVEL]`` specs the CLI takes."""
+    if compress is None:
+        return []
+    if not isinstance(compress, Mapping):
+        raise TypeError(f"compress must map field names to 'zstd' or 'zstd:LEVEL'; got {type(compress).__name__}")
+    return [f"{k}={v}" for k, v in compress.items()]
+
+
 def pack_numpy(
     out_dir: PathLike,
     arrays: Dict[str, Any],
@@ -358,13 +376,14 @@ def pack_numpy(
     force: bool = False,
     generation: Optional[int] = None,
     progress: Optional[bool] = None,
+    compress: Optional[Mapping[str, str]] = None,
 ) -> int:
     """Packs a dict of arrays (first axis = samples) into an encrypted dataset;
     returns the record count. ``progress`` shows a progress line on stderr (default:
-    when stderr is a terminal)."""
+    when stderr is a terminal); ``compress`` is :class:`Writer`'s."""
     w = Writer(
         out_dir, keyring=keyring, issuer_key=issuer_key, dataset_id=dataset_id, shard_size=shard_size, force=force,
-        generation=generation, progress=progress,
+        generation=generation, progress=progress, compress=compress,
     )
     try:
         w.write_batch(arrays)

@@ -409,6 +409,12 @@ pub(crate) struct PackArgs {
     /// instead of bytes, EXT=i64 (repeatable): e.g. --parse cls=i64.
     #[arg(long, value_name = "EXT=i64")]
     pub(crate) parse: Vec<String>,
+    /// Store a field's values compressed, each value its own zstd frame (random access
+    /// and the schema's dtypes and shapes stay; readers decompress on their decrypt
+    /// workers), FIELD=zstd or FIELD=zstd:LEVEL with LEVEL 1-19 (default 3), repeatable:
+    /// e.g. --compress tokens=zstd --compress json=zstd:9.
+    #[arg(long, value_name = "FIELD=zstd[:LEVEL]")]
+    pub(crate) compress: Vec<String>,
     /// INPUTS: `.npy` files (field = file stem); one directory of files (one sample per
     /// file, field `data`); a WebDataset `.tar` or a directory of them (one bytes field
     /// per member extension); an image folder root/<class>/<file> (fields `image` and

@@ -53,12 +53,13 @@ pub(crate) fn inspect_cmd(a: InspectArgs) -> Result<ExitCode, Error> {
         );
         println!("fields");
         for f in &m.schema.fields {
+            let stored = f.compress.map(|c| format!(" ({} per value)", c.name())).unwrap_or_default();
             match &f.kind {
                 FieldKind::Tensor { dtype, shape } => {
-                    println!("  {:<16} {} {:?}", f.name, dtype.name(), shape)
+                    println!("  {:<16} {} {:?}{stored}", f.name, dtype.name(), shape)
                 }
-                FieldKind::Bytes => println!("  {:<16} bytes", f.name),
-                FieldKind::List { dtype } => println!("  {:<16} list<{}>", f.name, dtype.name()),
+                FieldKind::Bytes => println!("  {:<16} bytes{stored}", f.name),
+                FieldKind::List { dtype } => println!("  {:<16} list<{}>{stored}", f.name, dtype.name()),
             }
         }
         // Names come from the manifest (shown even when its signature fails): no control

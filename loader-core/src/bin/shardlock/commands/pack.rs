@@ -28,7 +28,10 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
                 Ok((k.to_owned(), value))
             })
             .collect::<Result<_, Error>>()?,
+        zstd_levels: Default::default(),
     };
+    let mut schema = src.schema()?;
+    shardlock::apply_compression(&mut schema, &mut opts, &a.compress)?;
     for (k, v) in src.metadata() {
         if opts.metadata.contains_key(&k) {
             return Err(Error::InvalidArgument(format!(
@@ -42,11 +45,11 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         (Some(part), Some(trust), _) => {
             let part = parse_part(part)?;
             let trust = shardlock::TrustAnchor::load(trust)?;
-            shardlock::DatasetWriter::create_part(&a.out, src.schema()?, opts, &*keys, &trust, part)?
+            shardlock::DatasetWriter::create_part(&a.out, schema, opts, &*keys, &trust, part)?
         }
         (None, _, Some(key)) => {
             issuer = IssuerKey::load(key)?;
-            shardlock::DatasetWriter::create(&a.out, src.schema()?, opts, &*keys, &issuer)?
+            shardlock::DatasetWriter::create(&a.out, schema, opts, &*keys, &issuer)?
         }
         _ => return Err(Error::InvalidArgument("give --issuer-key, or --part with --trust".into())),
     };
