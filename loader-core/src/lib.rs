@@ -111,8 +111,8 @@ pub use pack::{
     IMAGE_EXTENSIONS, LEASES_FILE, LEASES_FORMAT, PART_FORMAT,
 };
 pub use pipeline::{
-    Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Next, Remainder,
-    Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,
+    Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Mix, MixBatch,
+    MixState, Next, Remainder, Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,
 };
 pub use remote::{Location, RangeReads, RemoteOptions};
 pub use time::{max_time, parse_lifetime, parse_time, parse_ttl, time_after};

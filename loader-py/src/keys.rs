@@ -93,7 +93,15 @@ fn revoke_token(token: PathBuf, deny_list: PathBuf) -> PyResult<String> {
     Ok(id)
 }
 
+/// The streams steps `start..start + count` of a mix with `seed` and `weights` read
+/// (`shardlock::Mix::choose`, the one definition both languages use).
+#[pyfunction]
+fn mix_choices(seed: u64, weights: Vec<f64>, start: u64, count: u64) -> PyResult<Vec<usize>> {
+    (start..start.saturating_add(count)).map(|t| shardlock::Mix::choose(seed, t, &weights).py()).collect()
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(mix_choices, m)?)?;
     m.add_function(wrap_pyfunction!(create_keyring, m)?)?;
     m.add_function(wrap_pyfunction!(create_issuer_key, m)?)?;
     m.add_function(wrap_pyfunction!(create_hsm_kek, m)?)?;

@@ -23,11 +23,13 @@ mod builder;
 mod epoch;
 mod gather;
 mod loader;
+mod mix;
 mod plan;
 mod stream;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
 pub use builder::{LoaderBuilder, DEFAULT_MEMORY_BUDGET};
 pub use loader::{Loader, LoaderState, WorkerPosition};
+pub use mix::{Mix, MixBatch, MixState};
 pub use plan::{Consumed, Remainder, Shuffle};
 pub use stream::{BatchStream, Next};

@@ -48,6 +48,7 @@ from shardlock._lib import (
 )
 from shardlock.ingest import image_folder_classes, pack
 from shardlock.loader import Loader
+from shardlock.mix import Mix
 from shardlock.tokens import attenuate_token, issue_token, revoke_token
 from shardlock.writer import Writer, assemble, pack_numpy
 
@@ -72,6 +73,7 @@ __all__ = [
     "KeyUnavailable",
     "Loader",
     "MemoryLockError",
+    "Mix",
     "OutOfScope",
     "RemoteError",
     "ShardlockError",

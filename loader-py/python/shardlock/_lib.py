@@ -27,6 +27,7 @@ from shardlock._native import (  # noqa: F401
     create_issuer_key,
     create_keyring,
     issue_token,
+    mix_choices,
     revoke_token,
     write_leases,
 )
