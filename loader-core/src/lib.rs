@@ -112,7 +112,8 @@ pub use pack::{
 };
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Mix, MixBatch,
-    MixState, Next, Remainder, Shuffle, TensorView, WorkerPosition, DEFAULT_MEMORY_BUDGET,
+    MixState, Next, Remainder, Shuffle, TensorView, TokenPosition, TokenStream, TokenWindows, WorkerPosition,
+    DEFAULT_MEMORY_BUDGET,
 };
 pub use remote::{Location, RangeReads, RemoteOptions};
 pub use time::{max_time, parse_lifetime, parse_time, parse_ttl, time_after};

@@ -134,8 +134,13 @@ fn a_resume_state_with_an_absurd_world_is_refused_at_once() {
     let fx = Fixture::new();
     let (dir, _) = fx.standard("ds", "state", 8);
     let mut loader = fx.loader(&dir, "state").batch_size(2).build().unwrap();
-    let state =
-        LoaderState { epoch: 0, seed: 0, consumed: vec![Consumed { world: u32::MAX, per_rank: 0 }], worker: None };
+    let state = LoaderState {
+        epoch: 0,
+        seed: 0,
+        consumed: vec![Consumed { world: u32::MAX, per_rank: 0 }],
+        worker: None,
+        tokens: None,
+    };
     let e = within("load_state", move || loader.load_state(&state)).unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("world size")), "{e}");
     // Nor may many segments at a large world size add up to the same (review).
@@ -145,6 +150,7 @@ fn a_resume_state_with_an_absurd_world_is_refused_at_once() {
         seed: 0,
         consumed: vec![Consumed { world: 1 << 20, per_rank: 0 }; 100_000],
         worker: None,
+        tokens: None,
     };
     let e = within("load_state", move || loader.load_state(&state)).unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("segments")), "{e}");

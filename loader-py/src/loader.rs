@@ -37,6 +37,8 @@ pub struct NativeLoader {
 enum Inner {
     Host(Loader),
     Device(DeviceLoader),
+    /// Token windows cut from a list field's documents (on the host).
+    Tokens(shardlock::TokenStream),
 }
 
 /// `$body` with `$s` bound to the stream in `$inner` (a `&Inner` or `&mut Inner`),
@@ -46,6 +48,7 @@ macro_rules! with_stream {
         match $inner {
             Inner::Host($s) => $body,
             Inner::Device($s) => $body,
+            Inner::Tokens($s) => $body,
         }
     };
 }
@@ -66,6 +69,10 @@ impl ToPy for DeviceBatch {
         device_batch_to_py(py, self)
     }
 }
+
+/// `(field, seq_len, eos, positions, shuffle_windows, pad, widen, documents per read)`
+/// of `shardlock.TokenWindows`.
+type TokenWindowsArgs = (String, usize, Option<i64>, bool, usize, Option<i64>, bool, usize);
 
 /// The next batch of `stream`, or `None` at the end of the epoch. Waits with the GIL
 /// released, waking every 100 ms to let Ctrl-C through.
@@ -242,7 +249,8 @@ impl NativeLoader {
     #[pyo3(signature = (path, *, keyring, token, trust, batch_size, shuffle, seed, rank, world_size, drop_last,
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
         pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
-        ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1, clock_skew=None))]
+        ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1, clock_skew=None,
+        token_windows=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -274,7 +282,13 @@ impl NativeLoader {
         worker_id: u32,
         num_workers: u32,
         clock_skew: Option<String>,
+        token_windows: Option<TokenWindowsArgs>,
     ) -> PyResult<Self> {
+        if token_windows.is_some() && device.as_deref().is_some_and(|d| d != "cpu") {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "token windows are cut on the host: leave device= out and move each batch with .to(device)",
+            ));
+        }
         let shuffle = Shuffle::parse(shuffle).py()?;
         let tls = shardlock::service::ServiceTls { ca_cert, client_cert, client_key };
         let mut remote = RemoteOptions::default();
@@ -282,15 +296,20 @@ impl NativeLoader {
             remote.set(&k, &v).py()?;
         }
         py.detach(|| {
+            // With token windows, the loader reads documents: `docs` at a time, none left out.
+            let (docs_batch, docs_drop) = match &token_windows {
+                Some(t) => (t.7, false),
+                None => (batch_size, drop_last),
+            };
             let mut b = Loader::builder(&path)
                 .key_provider(open_keys(&keyring, &tls)?)
                 .trust(&trust)
-                .batch_size(batch_size)
+                .batch_size(docs_batch)
                 .shuffle(shuffle)
                 .seed(seed)
                 .rank(rank, world_size)
                 .dataloader_worker(worker_id, num_workers)
-                .drop_last(drop_last)
+                .drop_last(docs_drop)
                 .remainder(if pad { Remainder::Pad } else { Remainder::Drop })
                 .allow_unlocked_memory(allow_unlocked_memory)
                 .remote_options(remote);
@@ -303,8 +322,10 @@ impl NativeLoader {
             if let Some(s) = &clock_skew {
                 b = b.clock_skew(shardlock::parse_ttl(s)?);
             }
-            if let Some(f) = fields {
-                b = b.fields(f);
+            match (&token_windows, fields) {
+                (Some(t), _) => b = b.fields(vec![t.0.clone()]),
+                (None, Some(f)) => b = b.fields(f),
+                (None, None) => {}
             }
             if let Some(w) = workers {
                 b = b.workers(w);
@@ -321,7 +342,24 @@ impl NativeLoader {
             if let Some(w) = window_shards {
                 b = b.window(w, None);
             }
-            with_device(b.build()?, device.as_deref(), pinned)
+            let loader = b.build()?;
+            match token_windows {
+                Some((field, seq_len, eos, positions, shuffle_windows, pad, widen, _)) => {
+                    let opts = shardlock::TokenWindows {
+                        field,
+                        seq_len,
+                        eos,
+                        positions,
+                        shuffle_windows,
+                        pad,
+                        widen,
+                        batch_size,
+                        drop_last,
+                    };
+                    Ok(Inner::Tokens(shardlock::TokenStream::new(loader, opts)?))
+                }
+                None => with_device(loader, device.as_deref(), pinned),
+            }
         })
         .py()
         .map(|inner| Self { inner })

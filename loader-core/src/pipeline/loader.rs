@@ -29,6 +29,10 @@ pub struct LoaderState {
     /// see `consumed`) restores with any worker count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerPosition>,
+    /// For a [`super::TokenStream`]: where it stands in its windows (then `consumed`
+    /// and `worker` are empty, and its document loader's position is in here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Box<super::tokens::TokenPosition>>,
 }
 
 /// Where one DataLoader worker stands in its rank's epoch.
@@ -214,7 +218,7 @@ impl Loader {
                 consumed.push(Consumed { world: self.world, per_rank: r.consumed_samples });
             }
         }
-        LoaderState { epoch: self.epoch(), seed: self.session.spec.seed, consumed, worker }
+        LoaderState { epoch: self.epoch(), seed: self.session.spec.seed, consumed, worker, tokens: None }
     }
 
     /// Like [`Loader::state`], but as if the last `unconsumed` samples this loader
@@ -247,6 +251,12 @@ impl Loader {
 
     /// Restores a state from [`Loader::state`].
     pub fn load_state(&mut self, s: &LoaderState) -> Result<()> {
+        if s.tokens.is_some() {
+            return Err(Error::InvalidArgument(
+                "this state is a token stream's (token windows): restore it into a token stream over this loader"
+                    .into(),
+            ));
+        }
         if s.seed != self.session.spec.seed {
             return Err(Error::InvalidArgument(format!(
                 "state was saved with seed {}, this loader has seed {}",
@@ -280,6 +290,11 @@ impl Loader {
         self.history = s.consumed.clone();
         self.skip = skip;
         Ok(())
+    }
+
+    /// What every epoch shares (for the stages built on a loader in this module).
+    pub(super) fn session(&self) -> &Session {
+        &self.session
     }
 
     /// Batch buffers allocated so far (stays flat in steady state).

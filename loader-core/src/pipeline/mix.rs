@@ -192,7 +192,7 @@ fn pick(cumulative: &[f64], seed: u64, step: u64) -> usize {
     cumulative.iter().position(|&c| u < c).unwrap_or(cumulative.len() - 1)
 }
 
-fn splitmix64(x: u64) -> u64 {
+pub(super) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -26,6 +26,7 @@ mod loader;
 mod mix;
 mod plan;
 mod stream;
+mod tokens;
 
 pub use batch::{Batch, BatchLayout, Element, FieldSlot, TensorView};
 pub use builder::{LoaderBuilder, DEFAULT_MEMORY_BUDGET};
@@ -33,3 +34,4 @@ pub use loader::{Loader, LoaderState, WorkerPosition};
 pub use mix::{Mix, MixBatch, MixState};
 pub use plan::{Consumed, Remainder, Shuffle};
 pub use stream::{BatchStream, Next};
+pub use tokens::{TokenPosition, TokenStream, TokenWindows};

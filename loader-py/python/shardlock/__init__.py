@@ -47,7 +47,7 @@ from shardlock._lib import (
     create_keyring,
 )
 from shardlock.ingest import image_folder_classes, pack
-from shardlock.loader import Loader
+from shardlock.loader import Loader, TokenWindows
 from shardlock.mix import Mix
 from shardlock.tokens import attenuate_token, issue_token, revoke_token
 from shardlock.writer import Writer, assemble, pack_numpy
@@ -79,6 +79,7 @@ __all__ = [
     "ShardlockError",
     "TokenExpired",
     "TokenRevoked",
+    "TokenWindows",
     "Writer",
     "__version__",
     "assemble",

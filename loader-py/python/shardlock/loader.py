@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -252,6 +253,42 @@ def _storage_options(opts: Optional[Mapping[str, Union[str, int, bool, float, "o
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenWindows:
+    """Fixed-length token windows for language-model training, cut from a
+    ``list<u16|u32|i32|i64>`` field of documents (``Loader(token_windows=...)``).
+
+    The documents of each epoch (the loader's shuffle, seed and rank split: documents
+    are dealt to ranks) are concatenated, each followed by ``eos`` when given, and cut
+    into windows of ``seq_len + 1`` tokens (inputs ``w[:-1]``, targets ``w[1:]``) that
+    do not overlap, so each token is in one window per epoch. Windows are shuffled in
+    blocks of ``shuffle_windows`` consecutive windows (1: in document order) by a
+    permutation fixed by (seed, epoch, block), so ``load_state_dict`` resumes exactly,
+    even mid-document. The epoch's last ``< seq_len + 1`` tokens are dropped, or padded
+    into one more window with ``pad``. Batches hold ``batch_size`` windows (``drop_last``
+    drops a short last one): ``batch[field]`` is ``[batch, seq_len + 1]`` int64
+    (``widen=False``: the field's dtype), and with ``positions=True``
+    ``batch["position_ids"]`` is each token's offset in its document. Documents are
+    decrypted ``docs_per_read`` at a time. The windows stay in locked memory until the
+    batch is freed; ``len()`` is unknown before the epoch is read (a ``TypeError``).
+    """
+
+    field: str
+    seq_len: int
+    eos: Optional[int] = None
+    positions: bool = False
+    shuffle_windows: int = 1024
+    pad: Optional[int] = None
+    widen: bool = True
+    docs_per_read: int = 64
+
+    def _native(self) -> Tuple[str, int, Optional[int], bool, int, Optional[int], bool, int]:
+        return (str(self.field), _int_arg("seq_len", self.seq_len, 1), None if self.eos is None else int(self.eos),
+                bool(self.positions), _int_arg("shuffle_windows", self.shuffle_windows, 1),
+                None if self.pad is None else int(self.pad), bool(self.widen),
+                _int_arg("docs_per_read", self.docs_per_read, 1))
+
+
 class Loader:
     """Streams batches of an encrypted dataset.
 
@@ -369,7 +406,10 @@ class Loader:
         dataloader_worker: Optional[Tuple[int, int]] = None,
         clock_skew: Optional[Union[str, int, "datetime.timedelta"]] = None,
         strings: Optional[Sequence[str]] = None,
+        token_windows: Optional[TokenWindows] = None,
     ) -> None:
+        if token_windows is not None and not isinstance(token_windows, TokenWindows):
+            raise TypeError(f"token_windows must be a shardlock.TokenWindows; got {type(token_windows).__name__}")
         if output not in ("torch", "numpy"):
             raise ValueError(f"output must be 'torch' or 'numpy', not {output!r}")
         batch_size, shuffle, seed, field_list = _check_args(batch_size, shuffle, seed, fields)
@@ -410,10 +450,12 @@ class Loader:
             worker_id=worker_id,
             num_workers=num_workers,
             clock_skew=None if clock_skew is None else _skew_arg(clock_skew),
+            token_windows=None if token_windows is None else token_windows._native(),
         )
+        self._windows = token_windows is not None
         self.rank, self.world_size = rank, world_size
         self._strings = _check_strings(strings, self._native.field_names(), device)
-        if num_workers == 1 and len(self._native) == 0:
+        if num_workers == 1 and not self._windows and len(self._native) == 0:
             mine, total = self._native.sample_counts()
             if total > 0:  # an empty dataset is valid and yields no batch
                 where = f"rank {rank} of {world_size}" if world_size > 1 else "this loader"
@@ -509,7 +551,10 @@ class Loader:
     def __len__(self) -> int:
         """Batches the next pass yields for this rank: a whole epoch, or after a
         restore what is left of the restored epoch (a pass in progress does not
-        change it)."""
+        change it). With ``token_windows`` the count is not known in advance: a
+        ``TypeError``, as for any iterable without a length."""
+        if self._windows:
+            raise TypeError("a Loader with token_windows has no length: its windows are counted as the epoch is read")
         return len(self._native)
 
     @property
