@@ -303,3 +303,45 @@ fn a_token_for_some_shards_only_reads_those_then_is_denied() {
     let e = l.next().unwrap().unwrap_err();
     assert!(matches!(e, Error::AccessDenied { reason: DenyReason::ShardOutOfScope, shard: Some(2), .. }), "{e}");
 }
+
+/// Batch buffers are reused without a wipe in between: each batch's buffer must hold
+/// that batch's bytes and zeros only, whatever larger batch used it before.
+#[test]
+fn a_reused_batch_buffer_holds_only_its_batch() {
+    let fx = Fixture::new();
+    // Values of very different lengths, so batches of one buffer differ in layout.
+    let schema = shardlock::Schema::new(vec![shardlock::Field::bytes("v")]).unwrap();
+    let samples: Vec<Vec<Vec<u8>>> =
+        (0..300usize).map(|i| vec![vec![0xa0 | (i % 16) as u8; (i * 97) % 3000 + 1]]).collect();
+    let dir = fx.pack("reuse", "reuse", schema, &samples, 64 << 10);
+    let mut loader =
+        fx.loader(&dir, "reuse").batch_size(7).shuffle(Shuffle::Global).drop_last(false).workers(1).build().unwrap();
+    let mut checked = 0;
+    for _epoch in 0..3 {
+        for b in loader.by_ref() {
+            let b = b.unwrap();
+            let mut used = vec![false; b.buffer_bytes().len()];
+            for s in b.fields() {
+                used[s.offset..s.offset + s.len].iter_mut().for_each(|u| *u = true);
+                if let Some(at) = s.offsets_at {
+                    used[at..at + 8 * (b.len() + 1)].iter_mut().for_each(|u| *u = true);
+                }
+            }
+            let stale = b.buffer_bytes().iter().zip(&used).filter(|(&x, &u)| !u && x != 0).count();
+            assert_eq!(
+                stale,
+                0,
+                "batch {} of epoch {}: {stale} bytes outside its fields are not zero",
+                b.index(),
+                b.epoch()
+            );
+            checked += 1;
+        }
+    }
+    // Fewer buffers than batches: buffers were reused (how many depends on timing).
+    assert!(
+        checked > 100 && loader.buffers_allocated() < checked,
+        "{checked} batches, {} buffers",
+        loader.buffers_allocated()
+    );
+}

@@ -131,6 +131,40 @@ impl LockedBuf {
         self.dirty = 0;
     }
 
+    /// Zeroes every byte that may hold data except those in `written` (ranges of the
+    /// buffer, any order, may overlap), so that the buffer holds exactly what was
+    /// written there and zeros: what a batch filling a reused buffer calls once it has
+    /// written all of its data.
+    pub fn keep_only(&mut self, written: &mut [(usize, usize)]) {
+        written.sort_unstable();
+        let end = self.dirty.min(self.cap);
+        let mut cursor = 0usize;
+        let mut high = 0usize;
+        for &(a, z) in written.iter() {
+            let (a, z) = (a.min(self.cap), z.min(self.cap));
+            if a > cursor && cursor < end {
+                self.zero(cursor, a.min(end));
+            }
+            cursor = cursor.max(z);
+            high = high.max(z);
+        }
+        if cursor < end {
+            self.zero(cursor, end);
+        }
+        self.dirty = high;
+    }
+
+    fn zero(&mut self, a: usize, z: usize) {
+        if z > a {
+            #[allow(unsafe_code)]
+            // SAFETY: a < z <= cap: [ptr+a, ptr+z) lies inside the mapping owned by
+            // `self`, which `&mut self` borrows exclusively.
+            unsafe {
+                libc::explicit_bzero(self.ptr.as_ptr().add(a).cast(), z - a);
+            }
+        }
+    }
+
     /// The first `len` bytes, mutably; they are wiped when the buffer is returned.
     pub fn prefix_mut(&mut self, len: usize) -> &mut [u8] {
         let len = len.min(self.cap);
@@ -186,12 +220,14 @@ pub fn memlock_limit() -> (u64, u64) {
 
 /// A pool of reusable locked buffers. In steady state no allocation happens per batch.
 ///
-/// A returned buffer is zeroized promptly but off the caller's thread: [`BatchPool::give`]
-/// hands it to the pool's janitor thread, which wipes it and puts it back on the free
-/// list. A thread that needs a buffer while only dirty ones exist wipes one itself.
-/// No buffer is handed out before it is wiped, and a buffer freed with the pool is
-/// wiped by [`LockedBuf`]'s drop. (Wiping on the consumer's thread capped the loader
-/// at one core's memset bandwidth.)
+/// A returned buffer goes back on the free list as it is, not wiped: the next batch
+/// that takes it overwrites its own data and zeroes every other byte that may hold the
+/// old one ([`LockedBuf::keep_only`]) before it is yielded, so a batch's buffer holds
+/// that batch and zeros. Until then the old plaintext stays where it was: in the
+/// pool's locked, never-dumped, wipe-on-fork pages. [`BatchPool::wipe_idle`] (the
+/// loader's drop) wipes the free list, and a buffer freed with the pool is wiped by
+/// [`LockedBuf`]'s drop. (Wiping every returned buffer cost 14% of the loader's time
+/// on 8 KiB samples; a full overwrite makes it redundant.)
 #[derive(Clone)]
 pub struct BatchPool {
     inner: Arc<PoolInner>,
@@ -199,8 +235,6 @@ pub struct BatchPool {
 
 /// Work for the janitor thread.
 enum Chore {
-    /// A dirty buffer to wipe and return to the free list.
-    Wipe(LockedBuf),
     /// Something whose drop is slow (a shard mapping: munmap and TLB shootdowns).
     Drop(Box<dyn Send>),
 }
@@ -209,10 +243,8 @@ struct PoolInner {
     free: Mutex<Vec<LockedBuf>>,
     policy: MemoryPolicy,
     allocated: std::sync::atomic::AtomicUsize,
-    /// Buffers given back and not yet on the free list (queued or being wiped).
-    returning: std::sync::atomic::AtomicUsize,
     chores: crossbeam_channel::Sender<Chore>,
-    /// Lets a thread that finds no clean buffer take a dirty one to wipe itself.
+    /// The janitor's end of `chores`.
     dirty: crossbeam_channel::Receiver<Chore>,
     /// Process that created the pool (its janitor does not exist after a fork).
     pid: u32,
@@ -231,7 +263,6 @@ impl BatchPool {
                 free: Mutex::new(Vec::new()),
                 policy,
                 allocated: Default::default(),
-                returning: Default::default(),
                 chores,
                 dirty,
                 pid: std::process::id(),
@@ -269,14 +300,9 @@ impl BatchPool {
         });
     }
 
-    /// Performs a chore: wipe and file a buffer, or drop a retired object.
-    fn done(pool: &PoolInner, chore: Chore) {
+    /// Performs a chore: drop a retired object.
+    fn done(_pool: &PoolInner, chore: Chore) {
         match chore {
-            Chore::Wipe(mut buf) => {
-                buf.wipe();
-                pool.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
-                pool.returning.fetch_sub(1, Ordering::AcqRel);
-            }
             Chore::Drop(obj) => drop(obj),
         }
     }
@@ -295,53 +321,36 @@ impl BatchPool {
         }
     }
 
-    /// A zeroized buffer of at least `len` bytes: a free one if one is large enough,
-    /// else a dirty one wiped here, else a new one.
+    /// A buffer of at least `len` bytes: a free one if one is large enough (it may
+    /// hold an earlier batch: the caller keeps only what it writes, with
+    /// [`LockedBuf::keep_only`]), else a new, zeroed one.
     pub fn take(&self, len: usize) -> Result<LockedBuf> {
-        loop {
-            {
-                let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
-                    return Ok(free.swap_remove(i));
-                }
+        {
+            let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+            // The smallest that fits, so a large buffer stays for a large batch.
+            let best = free.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity());
+            if let Some((i, _)) = best {
+                return Ok(free.swap_remove(i));
             }
-            // Help the janitor rather than allocate: wipe a returned buffer here.
-            match self.inner.dirty.try_recv() {
-                Ok(Chore::Wipe(mut buf)) if buf.capacity() >= len => {
-                    self.inner.returning.fetch_sub(1, Ordering::AcqRel);
-                    buf.wipe();
-                    return Ok(buf);
-                }
-                Ok(other) => {
-                    Self::done(&self.inner, other);
-                    continue;
-                }
-                Err(_) => {}
-            }
-            // The janitor holds one it is wiping: wait for it rather than grow the pool.
-            // (A buffer filed between the checks above and this load is found by the
-            // final look below.)
-            if self.inner.returning.load(Ordering::Acquire) == 0
-                || !self.inner.janitor_alive.load(Ordering::Acquire)
-                || std::process::id() != self.inner.pid
-            {
-                let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
-                    return Ok(free.swap_remove(i));
-                }
-                break;
-            }
-            std::thread::yield_now();
         }
         let b = LockedBuf::new(len, self.inner.policy)?;
         self.inner.allocated.fetch_add(1, Ordering::Relaxed);
         Ok(b)
     }
 
-    /// Returns a buffer; it is wiped (off this thread) before anyone can take it again.
+    /// Returns a buffer to the free list, unwiped: whoever takes it next keeps only
+    /// what it writes ([`LockedBuf::keep_only`]).
     pub fn give(&self, buf: LockedBuf) {
-        self.inner.returning.fetch_add(1, Ordering::AcqRel);
-        self.send(Chore::Wipe(buf));
+        self.inner.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+    }
+
+    /// Wipes the buffers on the free list now (the loader's end: no stale plaintext
+    /// outlives it in idle buffers).
+    pub fn wipe_idle(&self) {
+        let mut free = self.inner.free.lock().unwrap_or_else(|p| p.into_inner());
+        for b in free.iter_mut() {
+            b.wipe();
+        }
     }
 
     /// Drops `obj` on the janitor thread (for drops that are slow, such as unmapping a
@@ -362,18 +371,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buffers_are_zeroed_on_return_and_reused() {
+    fn a_reused_buffer_keeps_only_what_its_new_batch_wrote() {
         let pool = BatchPool::new(MemoryPolicy::AllowUnlocked);
         let mut b = pool.take(10_000).unwrap();
         assert!(b.capacity() >= 10_000);
-        b.as_mut_slice()[..5].copy_from_slice(b"plain");
+        b.prefix_mut(9_000).fill(0xaa);
         let ptr = b.as_slice().as_ptr();
         pool.give(b);
-        // Taken back at once (wiped here) or after the janitor wiped it: zero either way.
-        let b = pool.take(100).unwrap();
+        let mut b = pool.take(100).unwrap();
         assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer is reused");
-        assert!(b.as_slice().iter().all(|&x| x == 0), "returned buffers are zeroized");
         assert_eq!(pool.allocated(), 1);
+        // A smaller batch writes two ranges with a gap: everything else is zeroed.
+        b.prefix_mut(300)[..100].fill(1);
+        b.prefix_mut(300)[200..300].fill(2);
+        b.keep_only(&mut [(200, 300), (0, 100)]);
+        let s = b.as_slice();
+        assert!(s[..100].iter().all(|&x| x == 1) && s[200..300].iter().all(|&x| x == 2));
+        assert!(s[100..200].iter().chain(&s[300..]).all(|&x| x == 0), "old bytes survived outside the new batch");
+        pool.give(b);
+        // The loader's end wipes idle buffers.
+        pool.wipe_idle();
+        let b = pool.take(10).unwrap();
+        assert!(b.as_slice().iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -198,6 +198,18 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
             copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], &mut cc.chunk)?;
         }
     }
+    // The buffer may be a reused one: keep this batch's bytes, zero the rest (the
+    // alignment gaps, and whatever an earlier, larger batch left past the end).
+    let mut written: Vec<(usize, usize)> = Vec::with_capacity(2 * slots.len());
+    for s in slots.iter() {
+        written.push((s.offset, s.offset + s.len));
+        if let Some(at) = s.offsets_at {
+            written.push((at, at + 8 * (n + 1)));
+        }
+    }
+    if let Some(b) = batch.buf.as_mut() {
+        b.keep_only(&mut written);
+    }
     Ok(batch)
 }
 

@@ -66,12 +66,18 @@ pub struct Loader {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        if self.abandon_if_forked() {
-            // The dataset of an s3:// loader owns a tokio runtime whose threads stayed
-            // in the parent, and locks they may have held at the fork: never drop it
-            // in the child.
-            std::mem::forget(self.session.clone());
+        if !self.abandon_if_forked() {
+            // Stop the workers first, then wipe the idle batch buffers: no earlier
+            // batch's plaintext outlives the loader in them (buffers still held by
+            // batches are wiped when the last of those is dropped with the pool).
+            self.run = None;
+            self.session.pool.wipe_idle();
+            return;
         }
+        // The dataset of an s3:// loader owns a tokio runtime whose threads stayed in
+        // the parent, and locks they may have held at the fork: never drop it in the
+        // child.
+        std::mem::forget(self.session.clone());
     }
 }
 

@@ -148,6 +148,26 @@ impl Pending {
         self.len += 1;
     }
 
+    /// Appends `values` (little-endian `dtype` elements) widened to i64, their
+    /// positions counting up from `first_pos`. Room must be reserved.
+    fn extend(&mut self, dtype: DType, values: &[u8], first_pos: i64) {
+        let at = (self.start + self.len) * 8;
+        let n = values.len() / dtype.size();
+        let out = &mut self.ids.as_mut_slice()[at..at + n * 8];
+        match dtype {
+            DType::U16 => widen::<2>(out, values, |e| i64::from(u16::from_le_bytes(*e))),
+            DType::U32 => widen::<4>(out, values, |e| i64::from(u32::from_le_bytes(*e))),
+            DType::I32 => widen::<4>(out, values, |e| i64::from(i32::from_le_bytes(*e))),
+            _ => out.copy_from_slice(&values[..n * 8]),
+        }
+        if let Some(p) = self.pos.as_mut() {
+            for (k, d) in p.as_mut_slice()[at..at + n * 8].chunks_exact_mut(8).enumerate() {
+                d.copy_from_slice(&(first_pos + k as i64).to_le_bytes());
+            }
+        }
+        self.len += n;
+    }
+
     fn ids(&self, from: usize, n: usize) -> &[u8] {
         &self.ids.as_slice()[(self.start + from) * 8..(self.start + from + n) * 8]
     }
@@ -321,16 +341,18 @@ impl TokenStream {
             };
             let (a, z) = (off(j), off(j + 1));
             self.doc_pos = 0;
-            for k in a..z {
-                let e = &values[k * unit..(k + 1) * unit];
-                let id = match self.dtype {
-                    DType::U16 => i64::from(u16::from_le_bytes([e[0], e[1]])),
-                    DType::U32 => i64::from(u32::from_le_bytes([e[0], e[1], e[2], e[3]])),
-                    DType::I32 => i64::from(i32::from_le_bytes([e[0], e[1], e[2], e[3]])),
-                    _ => i64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]),
-                };
-                self.push(id);
+            // After a restore, the first tokens are the ones already yielded.
+            let skip = (self.discard as usize).min(z - a);
+            if skip > 0 {
+                self.discard -= skip as u64;
+                self.first_token += skip as u64;
+                self.stream_tokens += skip as u64;
+                self.doc_pos += skip as i64;
             }
+            let (a, m) = (a + skip, z - a - skip);
+            self.pending.extend(self.dtype, &values[a * unit..(a + m) * unit], self.doc_pos);
+            self.doc_pos += m as i64;
+            self.stream_tokens += m as u64;
             if let Some(eos) = self.opts.eos {
                 self.push(eos);
             }
@@ -486,15 +508,13 @@ impl TokenStream {
                 }
             }
             let Some(dst) = buf.as_mut().map(|x| x.prefix_mut(total.max(1))) else { continue };
-            for (t, e) in self.pending.ids(w, window).chunks_exact(8).enumerate() {
-                let id = i64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-                let at = (n * window + t) * out.size();
-                match out {
-                    DType::U16 => dst[at..at + 2].copy_from_slice(&(id as u16).to_le_bytes()),
-                    DType::U32 => dst[at..at + 4].copy_from_slice(&(id as u32).to_le_bytes()),
-                    DType::I32 => dst[at..at + 4].copy_from_slice(&(id as i32).to_le_bytes()),
-                    _ => dst[at..at + 8].copy_from_slice(&id.to_le_bytes()),
-                }
+            let src = self.pending.ids(w, window);
+            let d = &mut dst[n * window * out.size()..(n + 1) * window * out.size()];
+            match out {
+                DType::U16 => narrow(d, src, |id| (id as u16).to_le_bytes()),
+                DType::U32 => narrow(d, src, |id| (id as u32).to_le_bytes()),
+                DType::I32 => narrow(d, src, |id| (id as i32).to_le_bytes()),
+                _ => d.copy_from_slice(src),
             }
             if let Some(p) = self.pending.pos(w, window) {
                 let at = pos_at + n * window * 8;
@@ -503,12 +523,26 @@ impl TokenStream {
             n += 1;
         }
         let session = self.docs.session();
-        let Some(buf) = buf.filter(|_| n == b || (n > 0 && !self.opts.drop_last)) else {
-            // The end of the epoch (a short last batch with drop_last goes back to the
-            // pool, wiped): the next call starts the next epoch.
-            self.reset_epoch();
-            return Next::End;
+        let keep = n == b || (n > 0 && !self.opts.drop_last);
+        let mut buf = match buf {
+            Some(x) if keep => x,
+            other => {
+                // The end of the epoch (a short last batch with drop_last goes back to
+                // the pool, to be overwritten): the next call starts the next epoch.
+                if let Some(x) = other {
+                    session.pool.give(x);
+                }
+                self.reset_epoch();
+                return Next::End;
+            }
         };
+        // A reused buffer: keep this batch's windows (and positions), zero the rest.
+        let ids_len = n * window * out.size();
+        let mut written = vec![(0, ids_len)];
+        if self.opts.positions {
+            written.push((pos_at, pos_at + n * window * 8));
+        }
+        buf.keep_only(&mut written);
         let mut slots = vec![FieldSlot {
             name: Arc::from(self.opts.field.as_str()),
             schema_pos: 0,
@@ -542,6 +576,24 @@ impl TokenStream {
             self.batches += 1;
         }
         r
+    }
+}
+
+/// `out[k] = f(element k of src)` as i64 LE, elements of `src` `N` bytes each.
+fn widen<const N: usize>(out: &mut [u8], src: &[u8], f: impl Fn(&[u8; N]) -> i64) {
+    for (d, e) in out.chunks_exact_mut(8).zip(src.chunks_exact(N)) {
+        let mut b = [0u8; N];
+        b.copy_from_slice(e);
+        d.copy_from_slice(&f(&b).to_le_bytes());
+    }
+}
+
+/// Narrows i64 LE ids in `src` into `out` as `N`-byte elements (`f` picks the bytes).
+fn narrow<const N: usize>(out: &mut [u8], src: &[u8], f: impl Fn(i64) -> [u8; N]) {
+    for (d, e) in out.chunks_exact_mut(N).zip(src.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(e);
+        d.copy_from_slice(&f(i64::from_le_bytes(b)));
     }
 }
 
