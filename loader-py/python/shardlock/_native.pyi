@@ -32,6 +32,7 @@ __all__ = [
     "create_keyring",
     "assemble",
     "issue_token",
+    "mix_choices",
     "revoke_token",
     "write_leases",
     "__version__",
