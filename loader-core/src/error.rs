@@ -486,6 +486,22 @@ pub enum Error {
         detail: String,
     },
 
+    /// An authenticated value of a field the loader decodes as an image (the `decode`
+    /// option) is not a JPEG, PNG or WebP it can decode: wrong signature, corrupt or
+    /// truncated data, or declared dimensions over the limit (a decompression bomb).
+    /// With `on_decode_error = skip` the sample is left out instead, audited.
+    #[error("cannot decode the image in {shard}, record {record}, field {field:?}: {detail}")]
+    Decode {
+        /// Where.
+        shard: ShardRef,
+        /// The record within the shard.
+        record: u64,
+        /// The field.
+        field: String,
+        /// What is wrong (never the value's bytes or pixels).
+        detail: String,
+    },
+
     /// The manifest signature does not verify under the trusted issuer key.
     #[error(
         "manifest {path}: {detail}; the dataset was not signed by the trusted issuer key or was modified after signing"
@@ -685,6 +701,7 @@ impl Error {
             Error::Format { .. } => "format",
             Error::Integrity { kind, .. } => kind.name(),
             Error::Decompress { .. } => "decompress",
+            Error::Decode { .. } => "decode",
             Error::ManifestSignature { .. } => "manifest_signature",
             Error::Rollback { .. } => "rollback",
             Error::AccessDenied { reason, .. } => reason.name(),

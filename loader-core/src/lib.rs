@@ -21,7 +21,7 @@
 //! Features: `pkcs11` (HSM key custody), `transit` (OpenBao/Vault Transit custody),
 //! `aws-kms` (AWS KMS custody),
 //! `key-service` (the client of `shardlock keyd`), `keyd` (the key service), `s3` (object
-//! storage), `cuda` (device stage), `zstd` (compressed fields), `rustcrypto` (pure-Rust AES backend), `cli` (the
+//! storage), `cuda` (device stage), `zstd` (compressed fields), `image` (JPEG/PNG/WebP decode and transforms on the workers), `rustcrypto` (pure-Rust AES backend), `cli` (the
 //! `shardlock` binary; turns on all but `rustcrypto`). The default build has none of them.
 //!
 //! The normative format description is `docs/FORMAT.md`.
@@ -36,6 +36,8 @@ mod error;
 // Helpers: files that must not be seen half-written, durations and the clock.
 mod fs;
 mod time;
+// Randomness as a pure function of (seed, epoch, sample).
+mod rng;
 // PEM certificate and key files, for the key service and its client.
 #[cfg(any(feature = "keyd", feature = "key-service"))]
 mod tls;
@@ -49,6 +51,8 @@ mod codec;
 mod watch;
 // Wire formats: parsers and encoders, no keys.
 mod format;
+// Image decode and transforms, the decoders' buffers in memory's locked arena.
+mod decode;
 // Key custody: secret types, Grant, providers.
 mod keys;
 // Access policy: tokens, the authorizer, the deny list.
@@ -77,6 +81,11 @@ mod bench;
 // The fuzz targets' harnesses (reached through `fuzz_hooks`).
 mod fuzz;
 
+// The unit tests run on the allocator the decoders need (and so test it everywhere).
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOC: memory::ScratchAlloc = memory::ScratchAlloc;
+
 pub use access::Access;
 pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};
 pub use auth::{
@@ -85,6 +94,7 @@ pub use auth::{
 pub use bench::{run as run_bench, BenchReport, EpochReport, Source as BenchSource};
 pub use crypto::aead::Backend;
 pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};
+pub use decode::{Geometry, ImageDecode, ImageLayout, OnDecodeError};
 pub use error::{DenyReason, Error, IntegrityKind, Operation, ProviderFailure, RemoteFailure, Result, ShardRef};
 pub use format::manifest::Metadata;
 pub use format::{Compression, DType, Field, FieldKind, Manifest, Schema, ShardEntry};
@@ -103,7 +113,7 @@ pub use keys::{
     is_pkcs11_uri, is_service_url, open_provider, open_provider_path, open_providers, Dek, Grant, IssuerKey, Kek,
     KeyProvider, Keyring, ProviderSet, ReleaseContext, Rewrap, TrustAnchor, WrapContext,
 };
-pub use memory::MemoryPolicy;
+pub use memory::{scratch_alloc_installed, MemoryPolicy, ScratchAlloc};
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 pub use pack::{
     apply_compression, assemble, default_pack_threads, pack_paths, write_leases, DatasetWriter, ImageFolder,

@@ -34,6 +34,7 @@ exceptions! {
     AuditError(ShardlockError) => "The audit log could not be written or does not verify.";
     DeviceUnavailable(ShardlockError) => "No usable CUDA device (no driver, no such device, or no CUDA support in this build).";
     DeviceError(ShardlockError) => "A CUDA call failed while batches were copied to or decoded on the device.";
+    DecodeError(ShardlockError) => "An image field's value could not be decoded (not JPEG/PNG/WebP, corrupt, truncated, or over max_pixels); it names shard, record and field.";
     RemoteError(ShardlockError) => "An s3:// dataset could not be read: store unavailable, object missing or modified, access denied, cache full.";
 }
 
@@ -79,6 +80,15 @@ pub(crate) fn to_py(e: Error) -> PyErr {
                 IntegrityError::new_err(msg),
                 vec![
                     ("kind", obj(py, "decompress")),
+                    ("dataset", obj(py, shard.dataset.clone())),
+                    ("shard", obj(py, shard.index)),
+                    ("record", obj(py, *record)),
+                    ("field", obj(py, field.clone())),
+                ],
+            ),
+            Error::Decode { shard, record, field, .. } => (
+                DecodeError::new_err(msg),
+                vec![
                     ("dataset", obj(py, shard.dataset.clone())),
                     ("shard", obj(py, shard.index)),
                     ("record", obj(py, *record)),

@@ -17,6 +17,11 @@ mod writer;
 
 use pyo3::prelude::*;
 
+/// Image decoders allocate through Rust's allocator; inside a decode this one hands
+/// them locked memory that is wiped afterwards (everything else goes to the system).
+#[global_allocator]
+static ALLOC: shardlock::ScratchAlloc = shardlock::ScratchAlloc;
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;

@@ -74,6 +74,34 @@ impl ToPy for DeviceBatch {
 /// of `shardlock.TokenWindows`.
 type TokenWindowsArgs = (String, usize, Option<i64>, bool, usize, Option<i64>, bool, usize);
 
+/// `(field, (height, width), train, resize, scale, ratio, flip, (mean, std), layout,
+/// dtype, max_pixels)` of one `shardlock.Image` in `decode=`.
+type DecodeArgs =
+    (String, (u32, u32), bool, u32, (f64, f64), (f64, f64), f64, Option<([f32; 3], [f32; 3])>, String, String, u64);
+
+/// The core's decode spec of one `shardlock.Image`.
+fn image_spec(a: &DecodeArgs) -> shardlock::Result<(String, shardlock::ImageDecode)> {
+    let (field, size, train, resize, scale, ratio, flip, normalize, layout, dtype, max_pixels) = a;
+    let geometry = if *train {
+        shardlock::Geometry::Train { scale: *scale, ratio: *ratio, flip: *flip }
+    } else {
+        shardlock::Geometry::Eval { resize: *resize }
+    };
+    let layout = match layout.as_str() {
+        "CHW" => shardlock::ImageLayout::Chw,
+        "HWC" => shardlock::ImageLayout::Hwc,
+        other => {
+            return Err(shardlock::Error::InvalidArgument(format!("layout {other:?}: use \"CHW\" or \"HWC\"")));
+        }
+    };
+    let dtype = DType::from_name(dtype).ok_or_else(|| {
+        shardlock::Error::InvalidArgument(format!("dtype {dtype:?}: use uint8, float16, bfloat16 or float32"))
+    })?;
+    let spec =
+        shardlock::ImageDecode { size: *size, geometry, normalize: *normalize, layout, dtype, max_pixels: *max_pixels };
+    Ok((field.clone(), spec))
+}
+
 /// The next batch of `stream`, or `None` at the end of the epoch. Waits with the GIL
 /// released, waking every 100 ms to let Ctrl-C through.
 fn next_from<'py, S>(py: Python<'py>, stream: &mut S) -> PyResult<Option<Bound<'py, PyTuple>>>
@@ -250,7 +278,7 @@ impl NativeLoader {
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
         pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
         ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1, clock_skew=None,
-        token_windows=None))]
+        token_windows=None, decode=None, on_decode_error="raise"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -283,7 +311,18 @@ impl NativeLoader {
         num_workers: u32,
         clock_skew: Option<String>,
         token_windows: Option<TokenWindowsArgs>,
+        decode: Option<Vec<DecodeArgs>>,
+        on_decode_error: &str,
     ) -> PyResult<Self> {
+        let on_decode_error = match on_decode_error {
+            "raise" => shardlock::OnDecodeError::Raise,
+            "skip" => shardlock::OnDecodeError::Skip,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "on_decode_error={other:?}: use \"raise\" or \"skip\""
+                )))
+            }
+        };
         if token_windows.is_some() && device.as_deref().is_some_and(|d| d != "cpu") {
             return Err(pyo3::exceptions::PyValueError::new_err(
                 "token windows are cut on the host: leave device= out and move each batch with .to(device)",
@@ -342,7 +381,11 @@ impl NativeLoader {
             if let Some(w) = window_shards {
                 b = b.window(w, None);
             }
-            let loader = b.build()?;
+            for d in decode.iter().flatten() {
+                let (field, spec) = image_spec(d)?;
+                b = b.decode(field, spec);
+            }
+            let loader = b.on_decode_error(on_decode_error).build()?;
             match token_windows {
                 Some((field, seq_len, eos, positions, shuffle_windows, pad, widen, _)) => {
                     let opts = shardlock::TokenWindows {
@@ -380,6 +423,11 @@ impl NativeLoader {
     fn sample_counts(&self) -> PyResult<(usize, u64)> {
         let loader = with_stream!(&self.inner, s => s.loader());
         Ok((loader.rank_samples().py()?, loader.dataset().manifest().records))
+    }
+
+    /// Samples left out so far because their image did not decode.
+    fn decode_skips(&self) -> u64 {
+        with_stream!(&self.inner, s => s.loader().decode_skips())
     }
 
     /// The epoch the next iteration reads.

@@ -9,9 +9,13 @@
 //!   arena of locked, never-dumped pages, zeroed on drop.
 
 mod pool;
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
+mod scratch;
 mod secret;
 
 pub use pool::{BatchPool, LockedBuf, MemoryPolicy};
+pub(crate) use scratch::Arena;
+pub use scratch::{installed as scratch_alloc_installed, ScratchAlloc};
 pub use secret::KeySlot;
 
 use std::path::Path;

@@ -96,6 +96,17 @@ impl LockedBuf {
         Ok(buf)
     }
 
+    /// The buffer in `slot`, at least `len` bytes: a missing or smaller one is replaced
+    /// (the old one wiped) by one of at least twice the old capacity.
+    pub fn ensure(slot: &mut Option<LockedBuf>, len: usize, policy: MemoryPolicy) -> Result<&mut LockedBuf> {
+        if slot.as_ref().is_none_or(|b| b.capacity() < len) {
+            let cap = len.max(slot.as_ref().map_or(0, |b| b.capacity().saturating_mul(2)));
+            *slot = None;
+            *slot = Some(LockedBuf::new(cap, policy)?);
+        }
+        slot.as_mut().ok_or_else(|| Error::Internal("no buffer".into()))
+    }
+
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {
         self.cap
@@ -154,7 +165,7 @@ impl LockedBuf {
         self.dirty = high;
     }
 
-    fn zero(&mut self, a: usize, z: usize) {
+    pub(super) fn zero(&mut self, a: usize, z: usize) {
         if z > a {
             #[allow(unsafe_code)]
             // SAFETY: a < z <= cap: [ptr+a, ptr+z) lies inside the mapping owned by

@@ -11,6 +11,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Authorizer, AuthorizerConfig, Token};
 use crate::crypto::aead::Backend;
 use crate::dataset::Dataset;
+use crate::decode::{ImageDecode, OnDecodeError};
 use crate::error::{Error, Result};
 use crate::format::Schema;
 use crate::keys::{KeyProvider, TrustAnchor};
@@ -54,6 +55,8 @@ pub struct LoaderBuilder {
     audit_log: Option<PathBuf>,
     min_generation: Option<u64>,
     remote: RemoteOptions,
+    decode: Vec<(String, ImageDecode)>,
+    on_decode_error: OnDecodeError,
 }
 
 impl LoaderBuilder {
@@ -84,7 +87,27 @@ impl LoaderBuilder {
             audit_log: None,
             min_generation: None,
             remote: RemoteOptions::default(),
+            decode: Vec::new(),
+            on_decode_error: OnDecodeError::Raise,
         }
+    }
+
+    /// Decodes bytes field `field` (JPEG, PNG or WebP values) on the decrypt workers
+    /// into a fixed-shape image tensor per `spec` (feature `image`; docs/DECODE.md).
+    /// The binary must install [`crate::ScratchAlloc`] as its global allocator, so the
+    /// decoders' own buffers are locked, unless unlocked memory is allowed.
+    pub fn decode(mut self, field: impl Into<String>, spec: ImageDecode) -> Self {
+        let field = field.into();
+        self.decode.retain(|(f, _)| *f != field);
+        self.decode.push((field, spec));
+        self
+    }
+
+    /// What a sample whose image does not decode does: fail the batch (default) or be
+    /// left out, audited and counted.
+    pub fn on_decode_error(mut self, e: OnDecodeError) -> Self {
+        self.on_decode_error = e;
+        self
     }
 
     /// Settings for an `s3://bucket/prefix` path: endpoint, region, credentials (else
@@ -321,6 +344,18 @@ impl LoaderBuilder {
                 )));
             }
         }
+        let mut decode: Vec<Option<ImageDecode>> = vec![None; selected.len()];
+        for (name, spec) in &self.decode {
+            let Some(si) = selected.iter().position(|&pf| schema.fields[pf].name == *name) else {
+                let all: Vec<&str> = selected.iter().map(|&i| schema.fields[i].name.as_str()).collect();
+                return Err(Error::InvalidArgument(format!(
+                    "decode names field {name:?}, which is not among the loader's fields ({})",
+                    all.join(", ")
+                )));
+            };
+            crate::decode::check_supported(&schema.fields[selected[si]], spec, self.memory_policy)?;
+            decode[si] = Some(spec.clone());
+        }
         let m = ds.manifest();
         // Samples are addressed as (shard: u32, record: u32).
         if let Some(s) = m.shards.iter().find(|s| s.records > u64::from(u32::MAX)) {
@@ -339,7 +374,7 @@ impl LoaderBuilder {
             plain.checked_div(m.records.max(1)).unwrap_or(0).max(1)
         };
         let run = self.run.unwrap_or_else(|| ((256 << 10) / avg_sample).clamp(1, 4096) as usize);
-        let est_batch = estimate_batch_bytes(&schema, &selected, avg_sample, self.batch_size);
+        let est_batch = estimate_batch_bytes(&schema, &selected, &decode, avg_sample, self.batch_size);
         let depth = ((self.memory_budget / est_batch.max(1)).saturating_sub(1)).clamp(1, 256) as usize;
         let workers =
             self.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1);
@@ -380,6 +415,9 @@ impl LoaderBuilder {
             workers,
             depth,
             policy: self.memory_policy,
+            decode,
+            on_decode_error: self.on_decode_error,
+            decode_skips: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Loader::new(session, self.rank, self.world, self.dataloader_worker))
     }
@@ -400,8 +438,21 @@ fn select_fields(schema: &Schema, names: Option<&[String]>) -> Result<Vec<usize>
     }
 }
 
-fn estimate_batch_bytes(schema: &Schema, selected: &[usize], avg_sample: u64, batch: usize) -> u64 {
-    let per: u64 = selected.iter().map(|&i| schema.fields[i].fixed_len().unwrap_or(avg_sample) + 16).sum();
+fn estimate_batch_bytes(
+    schema: &Schema,
+    selected: &[usize],
+    decode: &[Option<ImageDecode>],
+    avg_sample: u64,
+    batch: usize,
+) -> u64 {
+    let per: u64 = selected
+        .iter()
+        .zip(decode)
+        .map(|(&i, d)| match d {
+            Some(d) => d.out_len() as u64,
+            None => schema.fields[i].fixed_len().unwrap_or(avg_sample) + 16,
+        })
+        .sum();
     per * batch as u64 + 4096
 }
 
@@ -419,4 +470,9 @@ pub(super) struct Session {
     pub(super) workers: usize,
     pub(super) depth: usize,
     pub(super) policy: MemoryPolicy,
+    /// For each selected field, the image decode applied to it.
+    pub(super) decode: Vec<Option<ImageDecode>>,
+    pub(super) on_decode_error: OnDecodeError,
+    /// Samples left out because their image did not decode (`on_decode_error = skip`).
+    pub(super) decode_skips: std::sync::atomic::AtomicU64,
 }

@@ -9,17 +9,21 @@ use super::plan::SampleRef;
 use crate::codec::Decompressor;
 use crate::crypto::chunked::CHUNK_LEN;
 use crate::dataset::{FetchedChunks, OpenShard};
+use crate::decode::{DecodeFail, ImageDecode, ImageWorker, OnDecodeError, SampleKey};
 use crate::error::{Error, Result};
 use crate::format::{Field, FieldKind};
 use crate::memory::{LockedBuf, MemoryPolicy};
 
 /// A worker's scratch, all in locked memory: the last chunk it decrypted (shard, chunk)
 /// so that neighbouring samples in one chunk decrypt it once, and for compressed
-/// fields the batch's stored frames and a zstd context (made on first use).
+/// fields the batch's stored frames and a zstd context, for decoded image fields the
+/// encoded value and the decoder's state (each made on first use).
 pub(super) struct ChunkScratch {
     chunk: Chunk,
     frames: Option<LockedBuf>,
     unzstd: Option<Decompressor>,
+    encoded: Option<LockedBuf>,
+    images: Option<ImageWorker>,
     policy: MemoryPolicy,
 }
 
@@ -34,18 +38,15 @@ impl ChunkScratch {
             chunk: Chunk { key: None, buf: LockedBuf::new(CHUNK_LEN, policy)? },
             frames: None,
             unzstd: None,
+            encoded: None,
+            images: None,
             policy,
         })
     }
 
     /// The frames buffer, at least `len` bytes (a smaller one is wiped and replaced).
     fn frames(&mut self, len: usize) -> Result<&mut LockedBuf> {
-        if self.frames.as_ref().is_none_or(|b| b.capacity() < len) {
-            let cap = len.max(self.frames.as_ref().map_or(0, |b| b.capacity().saturating_mul(2)));
-            self.frames = None;
-            self.frames = Some(LockedBuf::new(cap, self.policy)?);
-        }
-        self.frames.as_mut().ok_or_else(|| Error::Internal("no frames buffer".into()))
+        LockedBuf::ensure(&mut self.frames, len, self.policy)
     }
 }
 
@@ -64,9 +65,51 @@ fn align64(x: usize) -> usize {
 
 /// Gathers batch `k` of the epoch into a buffer from the pool.
 pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<Batch> {
+    let b = work.session.batch_size;
+    let mut refs = work.samples[k * b..((k + 1) * b).min(work.samples.len())].to_vec();
+    loop {
+        match gather(work, k, &refs, cc)? {
+            Gathered::Batch(batch) => return Ok(batch),
+            // Samples whose image did not decode (`on_decode_error = skip`): gather the
+            // batch again without them; they are audited and counted.
+            Gathered::Skip(skipped) => {
+                for (j, err) in &skipped {
+                    record_skip(work, err)?;
+                    refs[*j] = SampleRef(u64::MAX);
+                }
+                refs.retain(|r| r.0 != u64::MAX);
+                if refs.is_empty() {
+                    let last = skipped.into_iter().next_back().map(|(_, e)| e);
+                    return Err(last.unwrap_or_else(|| Error::Internal("an empty batch".into())));
+                }
+            }
+        }
+    }
+}
+
+fn record_skip(work: &EpochWork, err: &Error) -> Result<()> {
     let session = &work.session;
-    let b = session.batch_size;
-    let refs = &work.samples[k * b..((k + 1) * b).min(work.samples.len())];
+    let Error::Decode { shard, .. } = err else { return Ok(()) };
+    session.decode_skips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    session.access.record(&crate::audit::AuditEvent {
+        event: "decode_skipped",
+        principal: session.access.authorizer().principal().to_owned(),
+        token_id: session.access.authorizer().token_id().to_owned(),
+        dataset: shard.dataset.clone(),
+        shard: shard.index,
+        detail: Some(err.to_string()),
+        ..Default::default()
+    })
+}
+
+enum Gathered {
+    Batch(Batch),
+    /// (position in the batch, the decode error) of each sample to leave out.
+    Skip(Vec<(usize, Error)>),
+}
+
+fn gather(work: &EpochWork, k: usize, refs: &[SampleRef], cc: &mut ChunkScratch) -> Result<Gathered> {
+    let session = &work.session;
     let n = refs.len();
     let mut open: Vec<(u32, Arc<OpenShard>)> = Vec::new();
     let mut shard_of = Vec::with_capacity(n);
@@ -90,6 +133,14 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
     for (si, &pf) in session.selected.iter().enumerate() {
         let f = &schema.fields[pf];
         let name: Arc<str> = Arc::from(f.name.as_str());
+        if let Some(spec) = &session.decode[si] {
+            off = align64(off);
+            let len = spec.out_len() * n;
+            let kind = FieldKind::Tensor { dtype: spec.dtype, shape: spec.shape() };
+            slots.push(FieldSlot { name, schema_pos: pf, kind, offset: off, len, offsets_at: None });
+            off += len;
+            continue;
+        }
         match f.fixed_len() {
             Some(l) => {
                 off = align64(off);
@@ -149,7 +200,13 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
     // worker's cached chunk, while each sample lands in its shuffled slot.
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_unstable_by_key(|&j| refs[j].0);
+    let mut skipped = Vec::new();
     for (si, slot) in slots.iter().enumerate() {
+        if let Some(spec) = &session.decode[si] {
+            let ctx = DecodeCtx { work, spec, refs, shard_of: &shard_of, open: &open, fetched: &fetched };
+            decode_field(&ctx, slot, &batch.layout.samples, &order, out, cc, &mut skipped)?;
+            continue;
+        }
         // Destination of each sample: fixed stride, or prefix sums of byte lengths.
         let mut dest = Vec::with_capacity(n + 1);
         let mut w = slot.offset;
@@ -198,6 +255,9 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
             copy_plain(&open[rp], &fetched, rp, ra, rz, &mut out[rd..rd + (rz - ra) as usize], &mut cc.chunk)?;
         }
     }
+    if !skipped.is_empty() {
+        return Ok(Gathered::Skip(skipped));
+    }
     // The buffer may be a reused one: keep this batch's bytes, zero the rest (the
     // alignment gaps, and whatever an earlier, larger batch left past the end).
     let mut written: Vec<(usize, usize)> = Vec::with_capacity(2 * slots.len());
@@ -210,7 +270,67 @@ pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<
     if let Some(b) = batch.buf.as_mut() {
         b.keep_only(&mut written);
     }
-    Ok(batch)
+    Ok(Gathered::Batch(batch))
+}
+
+/// What decoding one image field of a batch reads from.
+struct DecodeCtx<'a> {
+    work: &'a EpochWork,
+    spec: &'a ImageDecode,
+    refs: &'a [SampleRef],
+    shard_of: &'a [usize],
+    open: &'a [(u32, Arc<OpenShard>)],
+    fetched: &'a FetchedChunks,
+}
+
+/// Decodes an image field: each sample's encoded value is decrypted into the worker's
+/// locked scratch, then decoded and transformed into its slot of the batch. A sample
+/// that does not decode fails the batch, or (skip) is added to `skipped`.
+#[allow(clippy::too_many_arguments)]
+fn decode_field(
+    ctx: &DecodeCtx<'_>,
+    slot: &FieldSlot,
+    ids: &[u64],
+    order: &[usize],
+    out: &mut [u8],
+    cc: &mut ChunkScratch,
+    skipped: &mut Vec<(usize, Error)>,
+) -> Result<()> {
+    let len = ctx.spec.out_len();
+    if cc.images.is_none() {
+        cc.images = Some(ImageWorker::new(cc.policy));
+    }
+    for &j in order {
+        let p = ctx.shard_of[j];
+        let (a, z) = ctx.open[p].1.index().field_range(u64::from(ctx.refs[j].record()), slot.schema_pos);
+        let stored = (z - a) as usize;
+        LockedBuf::ensure(&mut cc.encoded, stored.max(1), cc.policy)?;
+        let ChunkScratch { chunk, encoded, images, .. } = &mut *cc;
+        let (Some(enc), Some(images)) = (encoded.as_mut(), images.as_mut()) else {
+            return Err(Error::Internal("no decode scratch".into()));
+        };
+        let value = &mut enc.prefix_mut(stored)[..stored];
+        copy_plain(&ctx.open[p], ctx.fetched, p, a, z, value, chunk)?;
+        let key = SampleKey { seed: ctx.work.session.spec.seed, epoch: ctx.work.epoch, sample: ids[j] };
+        let dst = &mut out[slot.offset + j * len..slot.offset + (j + 1) * len];
+        match images.decode(value, ctx.spec, key, dst) {
+            Ok(()) => {}
+            Err(DecodeFail::Memory(e)) => return Err(e),
+            Err(DecodeFail::Msg(detail)) => {
+                let err = Error::Decode {
+                    shard: ctx.open[p].1.shard_ref().clone(),
+                    record: u64::from(ctx.refs[j].record()),
+                    field: slot.name.to_string(),
+                    detail,
+                };
+                match ctx.work.session.on_decode_error {
+                    OnDecodeError::Raise => return Err(err),
+                    OnDecodeError::Skip => skipped.push((j, err)),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// For shards read by ranges (remote, `global` shuffle, not cached): the plaintext

@@ -303,6 +303,12 @@ impl Loader {
         &self.session
     }
 
+    /// Samples left out of their batch so far because their image did not decode
+    /// (`on_decode_error = skip`; each is also an audit record, `decode_skipped`).
+    pub fn decode_skips(&self) -> u64 {
+        self.session.decode_skips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Batch buffers allocated so far (stays flat in steady state).
     pub fn buffers_allocated(&self) -> usize {
         self.session.pool.allocated()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::batch::Batch;
 use super::loader::{Loader, LoaderState};
 use crate::error::{Error, Result};
+use crate::rng::splitmix64;
 
 /// A batch of a [`Mix`], with the stream it came from.
 pub struct MixBatch {
@@ -190,13 +191,6 @@ fn cumulative(weights: &[f64]) -> Result<Vec<f64>> {
 fn pick(cumulative: &[f64], seed: u64, step: u64) -> usize {
     let u = (splitmix64(splitmix64(seed) ^ step) >> 11) as f64 / (1u64 << 53) as f64;
     cumulative.iter().position(|&c| u < c).unwrap_or(cumulative.len() - 1)
-}
-
-pub(super) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -428,9 +428,9 @@ impl TokenStream {
         let index = self.next_block;
         self.next_block += 1;
         let mut order: Vec<usize> = (0..k).collect();
-        let mut r = super::mix::splitmix64(self.seed ^ 0x746f_6b65_6e73 ^ self.epoch.rotate_left(32) ^ index);
+        let mut r = crate::rng::splitmix64(self.seed ^ 0x746f_6b65_6e73 ^ self.epoch.rotate_left(32) ^ index);
         for i in (1..k).rev() {
-            r = super::mix::splitmix64(r);
+            r = crate::rng::splitmix64(r);
             order.swap(i, (r % (i as u64 + 1)) as usize);
         }
         let skip = std::mem::take(&mut self.skip_in_block) as usize;

@@ -29,6 +29,7 @@ sets endpoint, region, credentials, ``cache_dir``, ``cache_bytes``; see docs/S3.
 from shardlock._lib import (
     AccessDenied,
     AuditError,
+    DecodeError,
     DeviceError,
     DeviceUnavailable,
     FormatError,
@@ -46,6 +47,7 @@ from shardlock._lib import (
     create_issuer_key,
     create_keyring,
 )
+from shardlock.image import IMAGENET_MEAN, IMAGENET_STD, Image
 from shardlock.ingest import image_folder_classes, pack
 from shardlock.loader import Loader, TokenWindows
 from shardlock.mix import Mix
@@ -65,9 +67,13 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 __all__ = [
     "AccessDenied",
     "AuditError",
+    "DecodeError",
     "DeviceError",
     "DeviceUnavailable",
     "FormatError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Image",
     "IntegrityError",
     "InvalidToken",
     "KeyUnavailable",

@@ -3,6 +3,7 @@
 from shardlock._native import (  # noqa: F401
     AccessDenied,
     AuditError,
+    DecodeError,
     BatchOwner,
     DeviceError,
     DeviceUnavailable,

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import datetime
 
 from shardlock._lib import NativeLoader, ShardlockError
+from shardlock.image import Image
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -253,6 +254,26 @@ def _storage_options(opts: Optional[Mapping[str, Union[str, int, bool, float, "o
     return out
 
 
+def _decode_arg(decode: Any) -> Optional[List[Tuple[Any, ...]]]:
+    """``decode={field: Image(...)}`` as the native loader takes it."""
+    if decode is None:
+        return None
+    if not isinstance(decode, Mapping):
+        raise TypeError(f"decode must map field names to shardlock.Image, e.g. {{'image': Image(224)}}; got {type(decode).__name__}")
+    out = []
+    for name, spec in decode.items():
+        if not isinstance(spec, Image):
+            raise TypeError(f"decode[{name!r}] must be a shardlock.Image, not {type(spec).__name__}")
+        out.append(spec._native(name))
+    return out
+
+
+def _on_decode_error_arg(v: Any) -> str:
+    if v not in ("raise", "skip"):
+        raise ValueError(f"on_decode_error must be 'raise' or 'skip', not {v!r}")
+    return str(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenWindows:
     """Fixed-length token windows for language-model training, cut from a
@@ -361,6 +382,14 @@ class Loader:
     share. Missing ``keyring``, ``token`` or ``trust`` files (and a missing local
     dataset directory) raise ``FileNotFoundError`` naming the path.
 
+    ``decode={"image": shardlock.Image(224, train=True)}`` decodes a bytes field of
+    JPEG, PNG or WebP images on the decrypt workers, straight into the locked batch, as
+    a ``uint8[batch, 3, 224, 224]`` tensor (or the :class:`shardlock.Image`'s dtype and
+    layout), with torchvision's train or eval transforms (docs/DECODE.md). A sample
+    whose image does not decode raises :class:`shardlock.DecodeError` naming shard,
+    record and field; ``on_decode_error="skip"`` leaves it out of its batch instead
+    (audited as ``decode_skipped``, counted in :attr:`decode_skips`).
+
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
     ``access_key_id``, ``secret_access_key``, ``session_token``, ``allow_http``,
@@ -407,6 +436,8 @@ class Loader:
         clock_skew: Optional[Union[str, int, "datetime.timedelta"]] = None,
         strings: Optional[Sequence[str]] = None,
         token_windows: Optional[TokenWindows] = None,
+        decode: Optional[Mapping[str, "Image"]] = None,
+        on_decode_error: str = "raise",
     ) -> None:
         if token_windows is not None and not isinstance(token_windows, TokenWindows):
             raise TypeError(f"token_windows must be a shardlock.TokenWindows; got {type(token_windows).__name__}")
@@ -451,6 +482,8 @@ class Loader:
             num_workers=num_workers,
             clock_skew=None if clock_skew is None else _skew_arg(clock_skew),
             token_windows=None if token_windows is None else token_windows._native(),
+            decode=_decode_arg(decode),
+            on_decode_error=_on_decode_error_arg(on_decode_error),
         )
         self._windows = token_windows is not None
         self.rank, self.world_size = rank, world_size
@@ -573,6 +606,12 @@ class Loader:
     def metadata(self) -> Dict[str, Any]:
         """The dataset metadata the issuer signed with the manifest (``{}`` if none)."""
         return dict(json.loads(self._native.metadata_json()))
+
+    @property
+    def decode_skips(self) -> int:
+        """Samples left out so far because their image did not decode
+        (``on_decode_error="skip"``)."""
+        return int(self._native.decode_skips())
 
     @property
     def classes(self) -> Optional[List[str]]:

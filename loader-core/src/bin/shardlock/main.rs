@@ -23,6 +23,11 @@ use crate::commands::token::token_cmd;
 use crate::commands::upload::upload_cmd;
 use crate::commands::verify::verify_cmd;
 
+/// Image decoders allocate through Rust's allocator; inside a decode this one hands them
+/// locked memory that is wiped afterwards (everything else goes to the system).
+#[global_allocator]
+static ALLOC: shardlock::ScratchAlloc = shardlock::ScratchAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

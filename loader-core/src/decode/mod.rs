@@ -1,0 +1,321 @@
+//! Image decode and the standard transforms, on the decrypt workers (docs/DECODE.md).
+//!
+//! A bytes field holding JPEG, PNG or WebP is decoded right after its chunks are
+//! authenticated, into the worker's locked scratch, and resampled into the batch as a
+//! fixed-shape tensor: `Resize(shorter side)` + `CenterCrop` (eval) or
+//! `RandomResizedCrop` + horizontal flip (train), with PIL's antialiased bilinear
+//! filter, then `Normalize` and the output layout and dtype. The decoders' own
+//! buffers come from [`crate::memory::Arena`] (locked, wiped after every image).
+//!
+//! Randomness is a pure function of (seed, epoch, global sample id), so a resumed run
+//! or another worker count gives the same pixels.
+
+#[cfg(feature = "image")]
+mod formats;
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
+mod resample;
+
+use crate::error::{Error, Result};
+use crate::format::DType;
+use crate::memory::{Arena, LockedBuf, MemoryPolicy};
+
+/// Output memory layout of a decoded image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageLayout {
+    /// `[3, height, width]`, what torchvision's tensors use (the default).
+    #[default]
+    Chw,
+    /// `[height, width, 3]`, what PIL and NumPy images use.
+    Hwc,
+}
+
+/// The geometric transform of a decoded image.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Geometry {
+    /// torchvision's ImageNet evaluation: `Resize(resize)` on the shorter side, then
+    /// `CenterCrop(size)`.
+    Eval {
+        /// Target of the shorter side before the crop (256 for a 224 crop).
+        resize: u32,
+    },
+    /// torchvision's `RandomResizedCrop(size, scale, ratio)`, then a horizontal flip with
+    /// probability `flip`.
+    Train {
+        /// Range of the crop's area, as a fraction of the image's.
+        scale: (f64, f64),
+        /// Range of the crop's aspect ratio (width / height).
+        ratio: (f64, f64),
+        /// Probability of a horizontal flip.
+        flip: f64,
+    },
+}
+
+/// How a bytes field of encoded images becomes a tensor field: the loader option
+/// `decode` (Rust [`crate::LoaderBuilder::decode`], Python `shardlock.Image`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageDecode {
+    /// Output `(height, width)`.
+    pub size: (u32, u32),
+    /// Eval or train geometry.
+    pub geometry: Geometry,
+    /// `Normalize(mean, std)` on values scaled to [0, 1] (float dtypes only).
+    pub normalize: Option<([f32; 3], [f32; 3])>,
+    /// CHW (default) or HWC.
+    pub layout: ImageLayout,
+    /// `U8` (default), `F16`, `Bf16` or `F32`. Float outputs are scaled to [0, 1] before
+    /// `normalize`, as `ToDtype(float32, scale=True)` does.
+    pub dtype: DType,
+    /// Largest image accepted, in pixels (width x height); a larger declared size is a
+    /// decode error, before anything is allocated for it. Default 64 Mi pixels.
+    pub max_pixels: u64,
+}
+
+/// What the loader does with a sample whose image does not decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnDecodeError {
+    /// The batch fails with [`Error::Decode`] (the default).
+    #[default]
+    Raise,
+    /// The sample is left out of its batch; each skip is audited (`decode_skipped`)
+    /// and counted ([`crate::Loader::decode_skips`]).
+    Skip,
+}
+
+impl ImageDecode {
+    /// Eval transforms for a square `size` crop: `Resize(size * 8 / 7)` (256 for 224),
+    /// `CenterCrop(size)`, u8 CHW, no normalization.
+    pub fn eval(size: u32) -> Self {
+        Self {
+            size: (size, size),
+            geometry: Geometry::Eval { resize: (u64::from(size) * 8 / 7) as u32 },
+            normalize: None,
+            layout: ImageLayout::Chw,
+            dtype: DType::U8,
+            max_pixels: 64 << 20,
+        }
+    }
+
+    /// Train transforms for a square `size`: `RandomResizedCrop(size, scale=(0.08, 1),
+    /// ratio=(3/4, 4/3))` and a horizontal flip with probability 0.5, u8 CHW.
+    pub fn train(size: u32) -> Self {
+        Self {
+            geometry: Geometry::Train { scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0), flip: 0.5 },
+            ..Self::eval(size)
+        }
+    }
+
+    /// The ImageNet mean and std (torchvision's reference recipes).
+    pub const IMAGENET_MEAN_STD: ([f32; 3], [f32; 3]) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+
+    /// Checks the settings; the error names the one that is wrong.
+    pub fn validate(&self, field: &str) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidArgument(format!("decode of field {field:?}: {what}")));
+        let (h, w) = self.size;
+        if h == 0 || w == 0 || h > 1 << 14 || w > 1 << 14 {
+            return bad(format!("size {h}x{w} must be 1..=16384 on each side"));
+        }
+        if !matches!(self.dtype, DType::U8 | DType::F16 | DType::Bf16 | DType::F32) {
+            return bad(format!("dtype {} is not one of uint8, float16, bfloat16, float32", self.dtype.name()));
+        }
+        if let Some((_, std)) = &self.normalize {
+            if self.dtype == DType::U8 {
+                return bad("normalize needs a float dtype (float32, float16 or bfloat16), not uint8".into());
+            }
+            if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+                return bad(format!("normalize std {std:?} must be positive"));
+            }
+        }
+        match self.geometry {
+            Geometry::Eval { resize } => {
+                if resize < h.min(w) {
+                    return bad(format!("resize {resize} is smaller than the crop {h}x{w}"));
+                }
+            }
+            Geometry::Train { scale, ratio, flip } => {
+                if !(scale.0 > 0.0 && scale.0 <= scale.1 && scale.1 <= 1.0) {
+                    return bad(format!("scale {scale:?} must satisfy 0 < min <= max <= 1"));
+                }
+                if !(ratio.0 > 0.0 && ratio.0 <= ratio.1 && ratio.1.is_finite()) {
+                    return bad(format!("ratio {ratio:?} must satisfy 0 < min <= max"));
+                }
+                if !(0.0..=1.0).contains(&flip) {
+                    return bad(format!("flip probability {flip} must be in [0, 1]"));
+                }
+            }
+        }
+        if self.max_pixels == 0 {
+            return bad("max_pixels must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The output tensor's shape.
+    pub fn shape(&self) -> Vec<u64> {
+        let (h, w) = (u64::from(self.size.0), u64::from(self.size.1));
+        match self.layout {
+            ImageLayout::Chw => vec![3, h, w],
+            ImageLayout::Hwc => vec![h, w, 3],
+        }
+    }
+
+    /// Bytes of one output image.
+    pub fn out_len(&self) -> usize {
+        3 * self.size.0 as usize * self.size.1 as usize * self.dtype.size()
+    }
+}
+
+/// Where an image's randomness comes from: a pure function of these.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SampleKey {
+    pub(crate) seed: u64,
+    pub(crate) epoch: u64,
+    pub(crate) sample: u64,
+}
+
+/// A decode worker's state: the locked arena for the decoders' own buffers, the
+/// decoded pixels and the resampler's rows, all locked and wiped when replaced.
+pub(crate) struct ImageWorker {
+    arena: Option<Arena>,
+    pixels: Option<LockedBuf>,
+    turned: Option<LockedBuf>,
+    rows: Option<LockedBuf>,
+    policy: MemoryPolicy,
+}
+
+/// Smallest arena: enough for a baseline JPEG of a few megapixels.
+const MIN_ARENA: usize = 4 << 20;
+
+impl ImageWorker {
+    pub(crate) fn new(policy: MemoryPolicy) -> Self {
+        Self { arena: None, pixels: None, turned: None, rows: None, policy }
+    }
+
+    /// Without the `image` feature no decoder is built in (the loader refuses `decode`
+    /// before this is reached).
+    #[cfg(not(feature = "image"))]
+    pub(crate) fn decode(
+        &mut self,
+        _encoded: &[u8],
+        _spec: &ImageDecode,
+        _key: SampleKey,
+        _out: &mut [u8],
+    ) -> std::result::Result<(), DecodeFail> {
+        Err(DecodeFail::Msg("this build of shardlock has no image decoders (feature `image`)".into()))
+    }
+
+    /// Decodes `encoded` per `spec` into `out` (`spec.out_len()` bytes). The error is a
+    /// sentence that names no pixel or byte of the image.
+    #[cfg(feature = "image")]
+    pub(crate) fn decode(
+        &mut self,
+        encoded: &[u8],
+        spec: &ImageDecode,
+        key: SampleKey,
+        out: &mut [u8],
+    ) -> std::result::Result<(), DecodeFail> {
+        use formats::Format;
+        let format = Format::sniff(encoded).ok_or(DecodeFail::Msg(
+            "no JPEG, PNG or WebP signature at the start of the value (wrong field, or not an image)".into(),
+        ))?;
+        if self.arena.is_none() {
+            self.arena = Some(Arena::new(MIN_ARENA, self.policy).map_err(DecodeFail::Memory)?);
+        }
+        let arena = self.arena.as_mut().ok_or(DecodeFail::Msg("no decode arena".into()))?;
+        let head = formats::header(arena, format, encoded)?;
+        let pixels = u64::from(head.width) * u64::from(head.height);
+        if head.width == 0 || head.height == 0 {
+            return Err(DecodeFail::Msg(format!(
+                "the {} declares an empty image ({}x{})",
+                format.name(),
+                head.width,
+                head.height
+            )));
+        }
+        if pixels > spec.max_pixels {
+            return Err(DecodeFail::Msg(format!(
+                "the {} declares {}x{} = {pixels} pixels, more than max_pixels {} (a decompression bomb, or raise max_pixels)",
+                format.name(),
+                head.width,
+                head.height,
+                spec.max_pixels
+            )));
+        }
+        if head.scratch > arena.capacity() {
+            self.arena = None;
+            self.arena = Some(Arena::new(head.scratch, self.policy).map_err(DecodeFail::Memory)?);
+        }
+        let plen = pixels as usize * head.channels as usize;
+        LockedBuf::ensure(&mut self.pixels, plen, self.policy).map_err(DecodeFail::Memory)?;
+        let (Some(arena), Some(pix)) = (self.arena.as_mut(), self.pixels.as_mut()) else {
+            return Err(DecodeFail::Msg("no decode buffers".into()));
+        };
+        formats::decode(arena, format, encoded, &head, &mut pix.prefix_mut(plen)[..])?;
+        let (mut w, mut h) = (head.width as usize, head.height as usize);
+        let mut src: &[u8] = &pix.as_slice()[..plen];
+        if head.orientation > 1 {
+            LockedBuf::ensure(&mut self.turned, plen, self.policy).map_err(DecodeFail::Memory)?;
+            let Some(t) = self.turned.as_mut() else { return Err(DecodeFail::Msg("no orientation buffer".into())) };
+            let dst = &mut t.prefix_mut(plen)[..];
+            (w, h) = resample::orient(src, w, h, head.channels as usize, head.orientation, dst);
+            src = &t.as_slice()[..plen];
+        }
+        let image = resample::Image { data: src, width: w, channels: head.channels as usize };
+        let plan = resample::Plan::new(spec, w, h, key);
+        LockedBuf::ensure(&mut self.rows, plan.rows_bytes(), self.policy).map_err(DecodeFail::Memory)?;
+        let Some(rows) = self.rows.as_mut() else { return Err(DecodeFail::Msg("no resample buffer".into())) };
+        plan.run(&image, spec, rows, out);
+        Ok(())
+    }
+}
+
+/// Why one image did not decode: a sentence about the image, or the locked memory for
+/// it could not be had (which is not the image's fault and is never skipped).
+#[derive(Debug)]
+pub(crate) enum DecodeFail {
+    Msg(String),
+    Memory(Error),
+}
+
+#[cfg(feature = "image")]
+impl From<formats::Fail> for DecodeFail {
+    fn from(f: formats::Fail) -> Self {
+        DecodeFail::Msg(f.to_string())
+    }
+}
+
+/// Whether `spec` can decode `field` of this dataset in this process.
+pub(crate) fn check_supported(field: &crate::format::Field, spec: &ImageDecode, policy: MemoryPolicy) -> Result<()> {
+    spec.validate(&field.name)?;
+    if !cfg!(feature = "image") {
+        return Err(Error::InvalidArgument(format!(
+            "decode names field {:?}, and this build of shardlock has no image decoders: turn on the `image` feature",
+            field.name
+        )));
+    }
+    if !matches!(field.kind, crate::format::FieldKind::Bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "decode names field {:?}, which holds {} values; images are decoded from a bytes field",
+            field.name,
+            match field.kind {
+                crate::format::FieldKind::Tensor { .. } => "tensor",
+                _ => "list",
+            }
+        )));
+    }
+    if field.compress.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "decode names field {:?}, which is stored zstd-compressed: encoded images do not compress; \
+             pack the field without --compress",
+            field.name
+        )));
+    }
+    if !crate::memory::scratch_alloc_installed() && policy == MemoryPolicy::RequireLocked {
+        return Err(Error::InvalidArgument(format!(
+            "decoding field {:?} needs shardlock's allocator, so that the image decoders' own buffers are locked \
+             and wiped: add `#[global_allocator] static ALLOC: shardlock::ScratchAlloc = shardlock::ScratchAlloc;` \
+             to the binary (docs/DECODE.md), or allow unlocked memory",
+            field.name
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! Crop, resize, flip, normalize: the geometry of torchvision's transforms on PIL
+//! images, computed as PIL computes it.
+//!
+//! The filter is PIL's antialiased bilinear (`Image.BILINEAR`, a triangle whose support
+//! widens with the downscale factor), with PIL's coefficient placement
+//! (`precompute_coeffs` in `Resample.c`): horizontal pass first over the rows the
+//! vertical pass needs, each pass rounded to 8 bits as PIL's are. Crop and flip are
+//! fused into the coefficients, so only output pixels are computed.
+
+use super::{Geometry, ImageDecode, ImageLayout, SampleKey};
+use crate::format::DType;
+use crate::memory::LockedBuf;
+use crate::rng::Stream;
+
+/// Decoded pixels: `channels` interleaved bytes per pixel, rows top to bottom.
+pub(super) struct Image<'a> {
+    pub(super) data: &'a [u8],
+    pub(super) width: usize,
+    pub(super) channels: usize,
+}
+
+/// The filter taps of one axis: for output position `i`, source indices
+/// `start[i]..start[i] + taps[i]` with weights `weights[i * stride..]`.
+struct Axis {
+    start: Vec<usize>,
+    taps: Vec<usize>,
+    weights: Vec<f32>,
+    stride: usize,
+}
+
+impl Axis {
+    /// Output positions `from..from + count` of resizing source `[lo, lo + len)` to
+    /// `out_full` samples (PIL: the source is the crop, so taps stay inside it).
+    fn new(lo: usize, len: usize, out_full: usize, from: usize, count: usize, reverse: bool) -> Self {
+        let scale = len as f64 / out_full as f64;
+        let filterscale = scale.max(1.0);
+        let support = filterscale; // bilinear support 1.0
+        let stride = (support.ceil() as usize) * 2 + 1;
+        let mut a = Axis {
+            start: Vec::with_capacity(count),
+            taps: Vec::with_capacity(count),
+            weights: vec![0.0; count * stride],
+            stride,
+        };
+        for k in 0..count {
+            let xx = if reverse { from + count - 1 - k } else { from + k };
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(len as i64).max(xmin as i64) as usize;
+            let n = (xmax - xmin).min(stride);
+            let mut total = 0.0f64;
+            let mut w = [0.0f64; 64];
+            let mut big = Vec::new();
+            let ws: &mut [f64] = if n <= 64 {
+                &mut w[..n]
+            } else {
+                big.resize(n, 0.0);
+                &mut big[..]
+            };
+            for (x, slot) in ws.iter_mut().enumerate() {
+                let t = ((x + xmin) as f64 - center + 0.5) * ss;
+                let v = (1.0 - t.abs()).max(0.0);
+                *slot = v;
+                total += v;
+            }
+            for (x, v) in ws.iter().enumerate() {
+                a.weights[k * stride + x] = if total != 0.0 { (v / total) as f32 } else { 0.0 };
+            }
+            a.start.push(lo + xmin);
+            a.taps.push(n);
+        }
+        a
+    }
+
+    fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    fn w(&self, i: usize) -> &[f32] {
+        &self.weights[i * self.stride..i * self.stride + self.taps[i]]
+    }
+}
+
+/// Round half up and clamp to 8 bits, as PIL's passes do.
+fn clip8(v: f32) -> f32 {
+    (v + 0.5).floor().clamp(0.0, 255.0)
+}
+
+/// The geometry of one sample: its two axes and where its rows start.
+pub(super) struct Plan {
+    x: Axis,
+    y: Axis,
+    /// First source row any output row reads, and how many rows the vertical pass reads.
+    row0: usize,
+    rows: usize,
+}
+
+/// torchvision's `Resize(short)` output size: `(width, height)`.
+fn resized(w: usize, h: usize, short: usize) -> (usize, usize) {
+    if w <= h {
+        (short, (short as f64 * h as f64 / w as f64) as usize)
+    } else {
+        ((short as f64 * w as f64 / h as f64) as usize, short)
+    }
+}
+
+/// Python's `round`, halves to even (torchvision's CenterCrop uses it).
+fn round_even(x: f64) -> usize {
+    let r = x.round();
+    let r = if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - x.signum() } else { r };
+    r.max(0.0) as usize
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: `(top, left, height, width)`.
+fn random_resized_crop(
+    w: usize,
+    h: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut Stream,
+) -> (usize, usize, usize, usize) {
+    let area = (w * h) as f64;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target = area * rng.uniform(scale.0, scale.1);
+        let aspect = rng.uniform(lr0, lr1).exp();
+        let cw = (target * aspect).sqrt().round() as usize;
+        let ch = (target / aspect).sqrt().round() as usize;
+        if cw > 0 && cw <= w && ch > 0 && ch <= h {
+            let top = rng.upto((h - ch) as u64) as usize;
+            let left = rng.upto((w - cw) as u64) as usize;
+            return (top, left, ch, cw);
+        }
+    }
+    let in_ratio = w as f64 / h as f64;
+    let (cw, ch) = if in_ratio < ratio.0 {
+        (w, ((w as f64 / ratio.0).round() as usize).clamp(1, h))
+    } else if in_ratio > ratio.1 {
+        (((h as f64 * ratio.1).round() as usize).clamp(1, w), h)
+    } else {
+        (w, h)
+    };
+    ((h - ch) / 2, (w - cw) / 2, ch, cw)
+}
+
+/// Domain of the transform stream (so it is unrelated to the plan's and the mix's).
+const DOMAIN: u64 = 0x696d_6167_6573;
+
+impl Plan {
+    pub(super) fn new(spec: &ImageDecode, w: usize, h: usize, key: SampleKey) -> Self {
+        let (oh, ow) = (spec.size.0 as usize, spec.size.1 as usize);
+        let (x, y) = match spec.geometry {
+            Geometry::Eval { resize } => {
+                let (rw, rh) = resized(w, h, resize as usize);
+                let (rw, rh) = (rw.max(ow), rh.max(oh));
+                let top = round_even((rh - oh) as f64 / 2.0);
+                let left = round_even((rw - ow) as f64 / 2.0);
+                (Axis::new(0, w, rw, left, ow, false), Axis::new(0, h, rh, top, oh, false))
+            }
+            Geometry::Train { scale, ratio, flip } => {
+                let mut rng = Stream::new(DOMAIN ^ key.seed, key.epoch, key.sample, 0);
+                let (top, left, ch, cw) = random_resized_crop(w, h, scale, ratio, &mut rng);
+                let flipped = rng.unit() < flip;
+                (Axis::new(left, cw, ow, 0, ow, flipped), Axis::new(top, ch, oh, 0, oh, false))
+            }
+        };
+        let row0 = y.start.iter().copied().min().unwrap_or(0);
+        let row1 = y.start.iter().zip(&y.taps).map(|(s, t)| s + t).max().unwrap_or(row0);
+        Self { x, y, row0, rows: row1 - row0 }
+    }
+
+    /// Bytes of the horizontal pass's output (f32 rows of the output width).
+    pub(super) fn rows_bytes(&self) -> usize {
+        (self.rows * self.x.len() * 3 * 4).max(4)
+    }
+
+    /// Resamples `img` into `out` (the sample's bytes of the output tensor).
+    pub(super) fn run(&self, img: &Image<'_>, spec: &ImageDecode, rows: &mut LockedBuf, out: &mut [u8]) {
+        let ow = self.x.len();
+        let oh = self.y.len();
+        let c = img.channels;
+        // Gray (and gray + alpha) replicate into RGB; alpha is dropped, as PIL's convert("RGB").
+        let map: [usize; 3] = if c >= 3 { [0, 1, 2] } else { [0, 0, 0] };
+        let n = self.rows_bytes();
+        let tmp: &mut [f32] = bytemuck::cast_slice_mut(&mut rows.prefix_mut(n)[..n / 4 * 4]);
+        for r in 0..self.rows {
+            let src = &img.data[(self.row0 + r) * img.width * c..(self.row0 + r + 1) * img.width * c];
+            let dst = &mut tmp[r * ow * 3..(r + 1) * ow * 3];
+            for i in 0..ow {
+                let (s0, wts) = (self.x.start[i], self.x.w(i));
+                let mut acc = [0.0f32; 3];
+                for (t, &wt) in wts.iter().enumerate() {
+                    let p = &src[(s0 + t) * c..(s0 + t) * c + c];
+                    acc[0] += f32::from(p[map[0]]) * wt;
+                    acc[1] += f32::from(p[map[1]]) * wt;
+                    acc[2] += f32::from(p[map[2]]) * wt;
+                }
+                dst[i * 3] = clip8(acc[0]);
+                dst[i * 3 + 1] = clip8(acc[1]);
+                dst[i * 3 + 2] = clip8(acc[2]);
+            }
+        }
+        let (scale, bias) = out_affine(spec);
+        let mut put = Writer::new(spec, out, oh, ow);
+        for yo in 0..oh {
+            let (s0, wts) = (self.y.start[yo] - self.row0, self.y.w(yo));
+            for xo in 0..ow {
+                let mut acc = [0.0f32; 3];
+                for (t, &wt) in wts.iter().enumerate() {
+                    let p = &tmp[((s0 + t) * ow + xo) * 3..((s0 + t) * ow + xo) * 3 + 3];
+                    acc[0] += p[0] * wt;
+                    acc[1] += p[1] * wt;
+                    acc[2] += p[2] * wt;
+                }
+                for ch in 0..3 {
+                    put.set(ch, yo, xo, clip8(acc[ch]) * scale[ch] + bias[ch]);
+                }
+            }
+        }
+    }
+}
+
+/// `value * scale + bias` per channel turns an 8-bit level into the output value:
+/// identity for u8, `/ 255` for floats, and `(x / 255 - mean) / std` when normalizing.
+fn out_affine(spec: &ImageDecode) -> ([f32; 3], [f32; 3]) {
+    if spec.dtype == DType::U8 {
+        return ([1.0; 3], [0.0; 3]);
+    }
+    match &spec.normalize {
+        None => ([1.0 / 255.0; 3], [0.0; 3]),
+        Some((mean, std)) => {
+            let s = [1.0 / (255.0 * std[0]), 1.0 / (255.0 * std[1]), 1.0 / (255.0 * std[2])];
+            (s, [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]])
+        }
+    }
+}
+
+/// Writes output values at (channel, y, x) in the spec's layout and dtype.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    dtype: DType,
+    chw: bool,
+    oh: usize,
+    ow: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(spec: &ImageDecode, out: &'a mut [u8], oh: usize, ow: usize) -> Self {
+        Self { out, dtype: spec.dtype, chw: spec.layout == ImageLayout::Chw, oh, ow }
+    }
+
+    #[inline]
+    fn set(&mut self, c: usize, y: usize, x: usize, v: f32) {
+        let i = if self.chw { (c * self.oh + y) * self.ow + x } else { (y * self.ow + x) * 3 + c };
+        match self.dtype {
+            DType::U8 => self.out[i] = v as u8,
+            DType::F32 => self.out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
+            DType::F16 => self.out[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            _ => self.out[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+}
+
+/// Applies EXIF orientation `o` (2..=8, as PIL's `ImageOps.exif_transpose`) from `src`
+/// into `dst`; returns the new (width, height).
+pub(super) fn orient(src: &[u8], w: usize, h: usize, c: usize, o: u8, dst: &mut [u8]) -> (usize, usize) {
+    let swap = o >= 5;
+    let (nw, nh) = if swap { (h, w) } else { (w, h) };
+    for y in 0..nh {
+        for x in 0..nw {
+            let (sx, sy) = match o {
+                2 => (w - 1 - x, y),
+                3 => (w - 1 - x, h - 1 - y),
+                4 => (x, h - 1 - y),
+                5 => (y, x),
+                6 => (y, h - 1 - x),
+                7 => (w - 1 - y, h - 1 - x),
+                8 => (w - 1 - y, x),
+                _ => (x, y),
+            };
+            let s = (sy * w + sx) * c;
+            let d = (y * nw + x) * c;
+            dst[d..d + c].copy_from_slice(&src[s..s + c]);
+        }
+    }
+    (nw, nh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_sizes_and_center_crop_offsets_match_torchvision() {
+        // torchvision: Resize(256) of 500x375 -> 341x256; CenterCrop(224) left round(58.5) = 58.
+        assert_eq!(resized(500, 375, 256), (341, 256));
+        assert_eq!(resized(375, 500, 256), (256, 341));
+        assert_eq!(round_even(58.5), 58);
+        assert_eq!(round_even(59.5), 60);
+        assert_eq!(round_even(16.0), 16);
+    }
+
+    #[test]
+    fn downscale_taps_are_normalised_and_widen_with_the_factor() {
+        let a = Axis::new(0, 400, 100, 0, 100, false);
+        for i in 0..a.len() {
+            let s: f32 = a.w(i).iter().sum();
+            assert!((s - 1.0).abs() < 1e-5, "{s}");
+            // Support 4 on each side at a 4x downscale (fewer at the clamped edges).
+            if (1..99).contains(&i) {
+                assert!(a.taps[i] >= 7 && a.taps[i] <= 9, "{}", a.taps[i]);
+            }
+        }
+        // Same size: identity.
+        let id = Axis::new(3, 10, 10, 0, 10, false);
+        for i in 0..10 {
+            assert_eq!(id.start[i], 3 + i);
+            assert_eq!(id.w(i)[0], 1.0);
+        }
+        // Reversed: the same taps, mirrored.
+        let r = Axis::new(0, 400, 100, 0, 100, true);
+        assert_eq!(r.start[0], a.start[99]);
+    }
+
+    #[test]
+    fn random_crops_stay_inside_and_follow_the_key() {
+        for s in 0..500u64 {
+            let mut rng = Stream::new(1, 2, s, 0);
+            let (t, l, h, w) = random_resized_crop(500, 375, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+            assert!(t + h <= 375 && l + w <= 500 && h > 0 && w > 0);
+        }
+        let a = random_resized_crop(500, 375, (0.08, 1.0), (0.75, 1.33), &mut Stream::new(1, 2, 3, 0));
+        let b = random_resized_crop(500, 375, (0.08, 1.0), (0.75, 1.33), &mut Stream::new(1, 2, 3, 0));
+        let c = random_resized_crop(500, 375, (0.08, 1.0), (0.75, 1.33), &mut Stream::new(1, 2, 4, 0));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn orientations_move_the_corner_pixel_where_pil_puts_it() {
+        // 3x2 image, one channel, values 0..6 row-major.
+        let src: Vec<u8> = (0..6).collect();
+        let mut dst = vec![0u8; 6];
+        assert_eq!(orient(&src, 3, 2, 1, 6, &mut dst), (2, 3));
+        // Rotated 90 degrees clockwise: the bottom-left (3) is now top-left.
+        assert_eq!(dst, vec![3, 0, 4, 1, 5, 2]);
+        orient(&src, 3, 2, 1, 8, &mut dst);
+        assert_eq!(dst, vec![2, 5, 1, 4, 0, 3]);
+        orient(&src, 3, 2, 1, 3, &mut dst);
+        assert_eq!(dst, vec![5, 4, 3, 2, 1, 0]);
+    }
+}
