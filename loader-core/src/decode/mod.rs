@@ -174,6 +174,7 @@ pub(crate) struct SampleKey {
 
 /// A decode worker's state: the locked arena for the decoders' own buffers, the
 /// decoded pixels and the resampler's rows, all locked and wiped when replaced.
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
 pub(crate) struct ImageWorker {
     arena: Option<Arena>,
     pixels: Option<LockedBuf>,
@@ -183,6 +184,7 @@ pub(crate) struct ImageWorker {
 }
 
 /// Smallest arena: enough for a baseline JPEG of a few megapixels.
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
 const MIN_ARENA: usize = 4 << 20;
 
 impl ImageWorker {
@@ -271,6 +273,7 @@ impl ImageWorker {
 /// Why one image did not decode: a sentence about the image, or the locked memory for
 /// it could not be had (which is not the image's fault and is never skipped).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
 pub(crate) enum DecodeFail {
     Msg(String),
     Memory(Error),

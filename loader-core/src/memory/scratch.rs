@@ -282,6 +282,7 @@ unsafe impl GlobalAlloc for ScratchAlloc {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -317,7 +318,7 @@ mod tests {
         assert!(spill < base || spill >= base + cap, "a 128 KiB allocation cannot fit a 64 KiB arena");
         assert!(a.buf.as_slice().iter().all(|&b| b == 0), "the arena is wiped when the run ends");
         assert!(a.spills.iter().all(|s| s.get().0 == 0), "the spill was unmapped when freed");
-        let outside = vec![1u8; 10];
+        let outside = Box::new([1u8; 10]);
         assert!(!a.made(outside.as_ptr() as usize), "outside a run allocations are the system's");
     }
 }
