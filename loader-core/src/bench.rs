@@ -153,3 +153,70 @@ pub fn run(loader: &mut dyn Source, epochs: u64, progress: &mut dyn FnMut(u64, u
         buffers_allocated: loader.buffers_allocated(),
     })
 }
+
+/// The machine's ceiling for the loader: AES-256-GCM decryption alone (the crate's
+/// aws-lc-rs backend) of `bytes` of 16 KiB chunks from a page-cached file through
+/// mmap, into a reused 4 MiB buffer per thread, on `threads` threads, best of `rounds`.
+/// No pipeline, no batches: what the loader's decryption would reach if nothing else
+/// cost anything. GB/s (10^9 bytes of plaintext per second).
+pub fn aes_gcm_ceiling(threads: usize, bytes: usize, rounds: usize) -> Result<f64> {
+    use crate::crypto::aead::Backend;
+    use crate::crypto::chunked::{CHUNK_LEN, ENC_CHUNK_LEN};
+    let nonce = |i: u64| {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&i.to_be_bytes());
+        n
+    };
+    let key = Backend::AwsLcRs.key(&[1u8; 32]);
+    let chunks = (bytes / CHUNK_LEN).max(1);
+    let mut ct = vec![7u8; chunks * ENC_CHUNK_LEN];
+    for (i, c) in ct.chunks_mut(ENC_CHUNK_LEN).enumerate() {
+        let tag = key
+            .seal_in_place(&nonce(i as u64), &[], &mut c[..CHUNK_LEN])
+            .map_err(|_| crate::error::Error::Internal("AES-256-GCM seal failed".into()))?;
+        c[CHUNK_LEN..].copy_from_slice(&tag);
+    }
+    let dir = std::env::temp_dir().join(format!("shardlock-ceiling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(crate::error::Error::io("create", &dir))?;
+    let path = dir.join("ct.bin");
+    let written = std::fs::write(&path, &ct).map_err(crate::error::Error::io("write", &path));
+    drop(ct);
+    let result = written.and_then(|()| {
+        let map = crate::memory::map_file(&path)?;
+        let map = &map[..];
+        let threads = threads.max(1);
+        let mut best = 0f64;
+        for _ in 0..rounds.max(1) {
+            let t = Instant::now();
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for th in 0..threads {
+                    let (key, failed) = (&key, &failed);
+                    s.spawn(move || {
+                        let mut out = vec![0u8; 4 << 20];
+                        for (i, c) in map.chunks(ENC_CHUNK_LEN).enumerate().filter(|(i, _)| i % threads == th) {
+                            let pos = (i * CHUNK_LEN) % out.len();
+                            let r = key.open_to(
+                                &nonce(i as u64),
+                                &[],
+                                &c[..CHUNK_LEN],
+                                &c[CHUNK_LEN..],
+                                &mut out[pos..pos + CHUNK_LEN],
+                            );
+                            if r.is_err() {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            if failed.into_inner() {
+                return Err(crate::error::Error::Internal("the ceiling's own chunks did not authenticate".into()));
+            }
+            best = best.max((chunks * CHUNK_LEN) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -91,7 +91,7 @@ pub use audit::{verify_log, AuditEvent, AuditLog, AuditSummary};
 pub use auth::{
     inspect_unverified, Attenuation, Authorizer, AuthorizerConfig, Clock, DenyList, ShardSet, Token, TokenSpec,
 };
-pub use bench::{run as run_bench, BenchReport, EpochReport, Source as BenchSource};
+pub use bench::{aes_gcm_ceiling, run as run_bench, BenchReport, EpochReport, Source as BenchSource};
 pub use crypto::aead::Backend;
 pub use dataset::{inspect, inspect_at, Dataset, Inspection, OpenShard, ShardReader};
 pub use decode::{Geometry, ImageDecode, ImageLayout, OnDecodeError};

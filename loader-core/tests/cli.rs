@@ -81,6 +81,36 @@ fn keygen_pack_inspect_verify_rotate() {
     .unwrap();
     assert_eq!(report["ok"], true);
 
+    // bench --ceiling: the loader and AES-256-GCM alone on as many threads, one run.
+    let bench: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &[
+            "bench",
+            "ds",
+            "--keyring",
+            "kr.json",
+            "--token",
+            "tok",
+            "--trust",
+            "iss.pub",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--workers",
+            "2",
+            "--ceiling",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let c = &bench["ceiling"];
+    assert_eq!(c["threads"], 2);
+    let (loader, mmap) = (c["loader_gb_per_s"].as_f64().unwrap(), c["aes_gcm_mmap_gb_per_s"].as_f64().unwrap());
+    assert!(loader > 0.0 && mmap > 0.0, "{c}");
+    assert!((c["share_of_mmap"].as_f64().unwrap() - loader / mmap).abs() < 1e-9, "{c}");
+    assert!(c["openssl_gb_per_s"].is_null() || c["openssl_gb_per_s"].as_f64().unwrap() > 0.0, "{c}");
+
     // Rotation: payload bytes unchanged, new keyring opens it, old keyring no longer does.
     let before: Vec<Vec<u8>> =
         (0..shards).map(|i| std::fs::read(d.join(format!("ds/shard-{i:05}.slk"))).unwrap()).collect();

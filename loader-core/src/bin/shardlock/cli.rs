@@ -518,6 +518,12 @@ pub(crate) struct BenchArgs {
     /// batch buffers (for confidential-computing GPUs).
     #[arg(long, requires = "device")]
     pub(crate) pageable: bool,
+    /// Also measure the ceiling in the same run and print the loader's share of it:
+    /// AES-256-GCM alone on the same number of threads (page-cached mmap, 16 KiB
+    /// chunks), and `openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi N`
+    /// when `openssl` is on PATH.
+    #[arg(long)]
+    pub(crate) ceiling: bool,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,

@@ -26,6 +26,42 @@ fn h2d_report(a: &BenchArgs, r: &BenchReport) -> Result<Option<serde_json::Value
     Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
 }
 
+/// `openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi N` in GB/s, if
+/// openssl runs here (its last line is `AES-256-GCM <thousands of bytes/s>k`).
+fn openssl_ceiling(threads: usize) -> Option<f64> {
+    let out = std::process::Command::new("openssl")
+        .args(["speed", "-evp", "aes-256-gcm", "-decrypt", "-bytes", "16384", "-seconds", "3", "-multi"])
+        .arg(threads.to_string())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().rev().find(|l| l.to_ascii_lowercase().contains("aes-256-gcm") || l.starts_with("evp"))?;
+    let k: f64 = last.split_whitespace().last()?.strip_suffix('k')?.parse().ok()?;
+    Some(k * 1000.0 / 1e9)
+}
+
+/// With `--ceiling`: the ceilings measured right after the loader, and its share of each
+/// (the loader's median GB/s over the epochs after the first, or the only one).
+fn ceiling_report(a: &BenchArgs, r: &BenchReport, threads: usize) -> Result<Option<serde_json::Value>, Error> {
+    if !a.ceiling {
+        return Ok(None);
+    }
+    let mut rates: Vec<f64> = r.epochs.iter().skip(usize::from(r.epochs.len() > 1)).map(|e| e.gb_per_s).collect();
+    rates.sort_by(f64::total_cmp);
+    let loader = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    let mmap = shardlock::aes_gcm_ceiling(threads, 512 << 20, 3)?;
+    let openssl = openssl_ceiling(threads);
+    Ok(Some(serde_json::json!({
+        "threads": threads,
+        "loader_gb_per_s": loader,
+        "aes_gcm_mmap_gb_per_s": mmap,
+        "openssl_gb_per_s": openssl,
+        "share_of_mmap": loader / mmap,
+        "share_of_openssl": openssl.map(|o| loader / o),
+    })))
+}
+
 pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     let r = &a.reader;
     let mut b = Loader::builder(&a.dir)
@@ -65,10 +101,15 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     pb.finish_and_clear();
     drop(source);
     let h2d = h2d_report(&a, &report)?;
+    let threads = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let ceiling = ceiling_report(&a, &report, threads)?;
     if a.json {
         let mut v = serde_json::to_value(&report).unwrap_or_default();
         if let (Some(h), Some(obj)) = (&h2d, v.as_object_mut()) {
             obj.insert("h2d".into(), h.clone());
+        }
+        if let (Some(c), Some(obj)) = (&ceiling, v.as_object_mut()) {
+            obj.insert("ceiling".into(), c.clone());
         }
         print_json(&v);
         return Ok(());
@@ -103,5 +144,23 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         report.baseline_rss_anon as f64 / 1048576.0,
         report.buffers_allocated
     );
+    if let Some(c) = &ceiling {
+        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        println!("ceiling, {} threads, measured after the loader in this run:", c["threads"]);
+        println!(
+            "  AES-256-GCM alone, page-cached mmap, 16 KiB chunks: {:.2} GB/s; loader {:.2} GB/s = {:.2} of it",
+            f("aes_gcm_mmap_gb_per_s"),
+            f("loader_gb_per_s"),
+            f("share_of_mmap")
+        );
+        match c["openssl_gb_per_s"].as_f64() {
+            Some(o) => println!(
+                "  openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi {}: {o:.2} GB/s; loader = {:.2} of it",
+                c["threads"],
+                f("share_of_openssl")
+            ),
+            None => println!("  openssl speed: not run (no `openssl` on PATH, or its output did not parse)"),
+        }
+    }
     Ok(())
 }
