@@ -26,7 +26,7 @@ PY_DEPS := numpy pytest torch torchvision torchdata mypy maturin 'moto[server]' 
 APT_DEPS := strace softhsm2
 FUZZ_TARGETS := shard_header manifest record_index payload read_path token
 
-.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke compress-bench decode-bench decoder-choice clean
+.PHONY: all demo test setup system-deps lint rust-test examples py-build py-build-release cli-release py-test fuzz-build bench compare compare-smoke compress-bench decode-bench decoder-choice ceiling clean
 
 all: test
 
@@ -130,6 +130,11 @@ compare-smoke:
 decode-bench: setup py-build-release
 	$(PIP) install -q --disable-pip-version-check nvidia-dali-cuda130 || echo "nvidia-dali-cuda130 did not install: DALI is skipped"
 	$(PY) benches/decode.py target/decode-data $(if $(SMALL),--small) --json target/decode.json
+
+# The loader's share of the crypto ceiling (AES-256-GCM alone, and openssl speed), per
+# shape and shuffle, each from one `shardlock bench --ceiling` (benches/ceiling.py).
+ceiling: setup py-build-release cli-release
+	$(PY) benches/ceiling.py target/ceiling-data --bin $(CURDIR)/target/release/shardlock $(if $(SMALL),--small)
 
 # Why zune-jpeg: it and libjpeg-turbo (built from source: cmake, nasm) on one JPEG.
 decoder-choice: system-deps
