@@ -204,3 +204,32 @@ def test_skip_leaves_bad_images_out_audited_and_counted(env):
     assert len(skipped) == 3 and all("field \"image\"" in e["detail"] for e in skipped)
     with pytest.raises(ValueError, match="on_decode_error"):
         env.loader(path, batch_size=4, decode={"image": shardlock.Image(64)}, on_decode_error="ignore")
+
+
+def test_sixteen_bit_png_keeps_its_high_byte(env):
+    rng = np.random.default_rng(9)
+    # A smooth 16-bit gray ramp with noise in the low byte.
+    y, x = np.mgrid[0:150, 0:200]
+    deep = ((x * 300 + y * 37) % 65536).astype(np.uint16) | rng.integers(0, 256, (150, 200)).astype(np.uint16)
+    data = encode(PILImage.fromarray(deep), "PNG")  # uint16 -> mode I;16, a 16-bit gray PNG
+    assert data[24] == 16, "IHDR bit depth"
+    path = pack_images(env, "deep", [data])
+    got = read_all(env.loader(path, batch_size=1, decode={"image": shardlock.Image(96, resize=128)}))[0][0]
+    eight = PILImage.fromarray((deep >> 8).astype(np.uint8), mode="L").convert("RGB")
+    want = v2.Compose([v2.Resize(128), v2.CenterCrop(96), v2.PILToTensor()])(eight).numpy()
+    mae = np.abs(got.astype(np.int32) - want.astype(np.int32)).mean()
+    assert mae <= 1.0, mae
+
+
+def test_decode_through_a_dataloader_with_workers(env):
+    torch_mod = pytest.importorskip("shardlock.torch")
+    values = [encode(PILImage.fromarray(photo(200, 150, i)), "JPEG", quality=90) for i in range(16)]
+    path = pack_images(env, "dl", values)
+    ds = torch_mod.IterableDataset(path, keyring=env.keyring, token=env.token("dl"), trust=env.trust, batch_size=4,
+                                   shuffle="none", decode={"image": shardlock.Image(32, dtype="float32")})
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    labels = []
+    for b in dl:
+        assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.float32
+        labels += b["label"].tolist()
+    assert sorted(labels) == list(range(16))
