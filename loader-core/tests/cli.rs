@@ -608,3 +608,39 @@ fn pack_webdataset_tars_and_image_folders() {
         assert!(!d.join("badz/manifest.json").exists());
     }
 }
+
+#[test]
+fn bench_decodes_an_image_folder_on_the_workers() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(d, &["keygen", "kek", "--out", "kr.json"]);
+    ok(d, &["keygen", "issuer", "--out", "iss"]);
+    for (c, n) in [("cat", 3), ("dog", 4)] {
+        std::fs::create_dir_all(d.join("imgs").join(c)).unwrap();
+        for k in 0..n {
+            let px: Vec<u8> = (0..40 * 30 * 3).map(|i| ((i + k * 17) % 256) as u8).collect();
+            std::fs::write(d.join(format!("imgs/{c}/{k}.png")), common::png(40, 30, 3, &px)).unwrap();
+        }
+    }
+    ok(d, &["pack", "--keyring", "kr.json", "--issuer-key", "iss", "--dataset-id", "imgs", "--out", "ds", "imgs"]);
+    ok(d, &["token", "issue", "--issuer-key", "iss", "--dataset", "imgs", "--principal", "ci", "--out", "tok"]);
+    let args = |decode: &str| -> Vec<String> {
+        ["bench", "ds", "--keyring", "kr.json", "--token", "tok", "--trust", "iss.pub", "--batch-size", "7"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--epochs", "1", "--json", "--decode", decode].iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let run = |decode: &str| shardlock(d, &args(decode).iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run("image=train:16:f32");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["epochs"][0]["samples"], 7);
+    // 7 images of 3x16x16 f32 plus 7 i64 labels.
+    assert_eq!(j["epochs"][0]["bytes"], 7 * 3 * 16 * 16 * 4 + 7 * 8, "{j}");
+    for (spec, want) in [("image=crop:16", "expected FIELD=train:SIZE"), ("label=eval:16", "holds tensor values")] {
+        let o = run(spec);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{spec}: {err}");
+    }
+}

@@ -176,7 +176,7 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
                 height: h as u32,
                 channels,
                 orientation,
-                scratch: (1 << 20) + rows + coeffs + coeffs / 8,
+                scratch: (256 << 10) + rows + coeffs + coeffs / 8,
             })
         }
         Format::Png => {
@@ -193,7 +193,7 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
             let deep = matches!(d.depth(), Some(zune_core::bit_depth::BitDepth::Sixteen));
             // zune-png inflates the whole image (filter bytes included) before it unfilters.
             let raw = h.saturating_mul(w.saturating_mul(4 * if deep { 2 } else { 1 }) + 1);
-            Ok(Header { width: w as u32, height: h as u32, channels, orientation: 1, scratch: (1 << 20) + 2 * raw })
+            Ok(Header { width: w as u32, height: h as u32, channels, orientation: 1, scratch: (256 << 10) + 2 * raw })
         }
         Format::WebP => {
             let d = image_webp::WebPDecoder::new(std::io::Cursor::new(data)).map_err(|e| webp_fail(&e))?;
@@ -205,7 +205,7 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
                 height: h as u32,
                 channels,
                 orientation: 1,
-                scratch: (1 << 20) + w.saturating_mul(h).saturating_mul(6),
+                scratch: (256 << 10) + w.saturating_mul(h).saturating_mul(6),
             })
         }
     })

@@ -183,9 +183,9 @@ pub(crate) struct ImageWorker {
     policy: MemoryPolicy,
 }
 
-/// Smallest arena: enough for a baseline JPEG of a few megapixels.
+/// Smallest arena (the headers are read in it; an image that needs more gets a larger one).
 #[cfg_attr(not(feature = "image"), allow(dead_code))]
-const MIN_ARENA: usize = 4 << 20;
+const MIN_ARENA: usize = 1 << 20;
 
 impl ImageWorker {
     pub(crate) fn new(policy: MemoryPolicy) -> Self {

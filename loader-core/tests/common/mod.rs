@@ -217,3 +217,34 @@ pub fn flip(path: &Path, offset: usize) {
     b[offset] ^= 0x01;
     std::fs::write(path, b).unwrap();
 }
+
+/// A PNG (8-bit, colour type 2 RGB or 0 gray) of `pixels`, rows top to bottom.
+pub fn png(w: u32, h: u32, channels: usize, pixels: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut raw = Vec::new();
+    for row in pixels.chunks(w as usize * channels) {
+        raw.push(0u8); // filter: none
+        raw.extend_from_slice(row);
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&raw).unwrap();
+    let idat = z.finish().unwrap();
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, if channels == 3 { 2 } else { 0 }, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &idat);
+    chunk(b"IEND", &[]);
+    out
+}

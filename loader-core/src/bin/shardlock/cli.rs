@@ -518,6 +518,16 @@ pub(crate) struct BenchArgs {
     /// batch buffers (for confidential-computing GPUs).
     #[arg(long, requires = "device")]
     pub(crate) pageable: bool,
+    /// Decode a bytes field of JPEG/PNG/WebP images on the workers:
+    /// `FIELD=train:SIZE` (RandomResizedCrop + flip) or `FIELD=eval:SIZE` (Resize +
+    /// CenterCrop), optionally `:f32` / `:f16` / `:bf16` (scaled to [0, 1]; default u8),
+    /// e.g. `--decode image=train:224:f32` (docs/DECODE.md). Samples/s are images/s.
+    #[arg(long, value_name = "FIELD=MODE:SIZE[:DTYPE]")]
+    pub(crate) decode: Vec<String>,
+    /// With --decode: leave samples whose image does not decode out (audited) instead
+    /// of failing.
+    #[arg(long, requires = "decode")]
+    pub(crate) skip_bad_images: bool,
     /// Also measure the ceiling in the same run and print the loader's share of it:
     /// AES-256-GCM alone on the same number of threads (page-cached mmap, 16 KiB
     /// chunks), and `openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi N`

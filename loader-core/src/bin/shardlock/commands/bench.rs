@@ -26,6 +26,36 @@ fn h2d_report(a: &BenchArgs, r: &BenchReport) -> Result<Option<serde_json::Value
     Ok(Some(serde_json::json!({"bytes": bytes, "gb_per_s": gbps, "pinned": !a.pageable})))
 }
 
+/// `--decode FIELD=MODE:SIZE[:DTYPE]` as the loader's decode setting.
+fn decode_arg(s: &str) -> Result<(String, shardlock::ImageDecode), Error> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "--decode {s:?}: expected FIELD=train:SIZE or FIELD=eval:SIZE, optionally :f32, :f16 or :bf16 \
+             (e.g. image=train:224:f32)"
+        ))
+    };
+    let (field, spec) = s.split_once('=').ok_or_else(bad)?;
+    let mut parts = spec.split(':');
+    let mode = parts.next().ok_or_else(bad)?;
+    let size: u32 = parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
+    let mut d = match mode {
+        "train" => shardlock::ImageDecode::train(size),
+        "eval" => shardlock::ImageDecode::eval(size),
+        _ => return Err(bad()),
+    };
+    if let Some(t) = parts.next() {
+        d.dtype = match t {
+            "u8" => shardlock::DType::U8,
+            "f32" | "f16" | "bf16" => shardlock::DType::from_name(t).ok_or_else(bad)?,
+            _ => return Err(bad()),
+        };
+    }
+    if parts.next().is_some() || field.is_empty() {
+        return Err(bad());
+    }
+    Ok((field.to_owned(), d))
+}
+
 /// `openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi N` in GB/s, if
 /// openssl runs here (its last line is `AES-256-GCM <thousands of bytes/s>k`).
 fn openssl_ceiling(threads: usize) -> Option<f64> {
@@ -92,6 +122,13 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     }
     if let Some(f) = &a.fields {
         b = b.fields(f.split(',').map(str::trim).filter(|s| !s.is_empty()));
+    }
+    for d in &a.decode {
+        let (field, spec) = decode_arg(d)?;
+        b = b.decode(field, spec);
+    }
+    if a.skip_bad_images {
+        b = b.on_decode_error(shardlock::OnDecodeError::Skip);
     }
     let loader = b.build()?;
     let per_epoch = loader.len()? as u64;
