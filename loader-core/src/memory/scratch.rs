@@ -202,6 +202,18 @@ fn unmap_wiped(p: usize, len: usize) {
     }
 }
 
+/// The arena that new allocations on this thread come from: none outside a run, and
+/// none while the thread is panicking, so that whatever the panic machinery keeps (a
+/// hook's lazily built backtrace cache) is the system's, not memory the run wipes.
+fn serving() -> Option<&'static Arena> {
+    if std::thread::panicking() {
+        return None;
+    }
+    active()
+}
+
+/// The arena of this thread's current run, which frees and reallocations of its
+/// pointers must go back to (panicking or not).
 fn active() -> Option<&'static Arena> {
     let p = ACTIVE.try_with(Cell::get).unwrap_or(null());
     #[allow(unsafe_code)]
@@ -220,7 +232,7 @@ fn active() -> Option<&'static Arena> {
 unsafe impl GlobalAlloc for ScratchAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         INSTALLED.store(true, Ordering::Relaxed);
-        match active() {
+        match serving() {
             Some(a) => a.alloc(l),
             // SAFETY: forwarded with the caller's layout.
             None => unsafe { System.alloc(l) },
@@ -229,7 +241,7 @@ unsafe impl GlobalAlloc for ScratchAlloc {
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         INSTALLED.store(true, Ordering::Relaxed);
-        match active() {
+        match serving() {
             Some(a) => {
                 let p = a.alloc(l);
                 if !p.is_null() {
@@ -254,20 +266,35 @@ unsafe impl GlobalAlloc for ScratchAlloc {
     }
 
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        let Some(a) = active() else {
-            // SAFETY: outside a run every live pointer is System's (runs free theirs).
-            return unsafe { System.realloc(p, l, new_size) };
+        let a = active();
+        let ours = a.is_some_and(|a| a.made(p as usize));
+        let Some(to) = serving() else {
+            if !ours {
+                // SAFETY: not the arena's, so p came from System with layout l.
+                return unsafe { System.realloc(p, l, new_size) };
+            }
+            // Panicking: an arena allocation grows into System memory.
+            let Ok(nl) = Layout::from_size_align(new_size, l.align()) else { return null_mut() };
+            // SAFETY: a valid layout, forwarded.
+            let n = unsafe { System.alloc(nl) };
+            if !n.is_null() {
+                // SAFETY: both regions are live and distinct; the copy is the smaller size.
+                unsafe { std::ptr::copy_nonoverlapping(p, n, l.size().min(new_size)) };
+                if let Some(a) = a {
+                    a.dealloc(p as usize);
+                }
+            }
+            return n;
         };
         let Ok(nl) = Layout::from_size_align(new_size, l.align()) else { return null_mut() };
-        let ours = a.made(p as usize);
-        let n = a.alloc(nl);
+        let n = to.alloc(nl);
         if n.is_null() {
             return n;
         }
         // SAFETY: both regions are live and distinct; the copy is the smaller size.
         unsafe { std::ptr::copy_nonoverlapping(p, n, l.size().min(new_size)) };
         if ours {
-            a.dealloc(p as usize);
+            to.dealloc(p as usize);
         } else {
             // A System allocation made before the run, grown inside it: wipe the old
             // bytes (they may be plaintext now) before System takes it back.
@@ -285,6 +312,11 @@ unsafe impl GlobalAlloc for ScratchAlloc {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Whether `p` lies in the arena this thread is running in.
+    fn a_owns_ptr(p: usize) -> bool {
+        active().is_some_and(|a| a.owns(p))
+    }
 
     #[test]
     fn allocations_inside_a_run_live_in_the_locked_arena_and_are_wiped_after_it() {
@@ -318,6 +350,28 @@ mod tests {
         assert!(spill < base || spill >= base + cap, "a 128 KiB allocation cannot fit a 64 KiB arena");
         assert!(a.buf.as_slice().iter().all(|&b| b == 0), "the arena is wiped when the run ends");
         assert!(a.spills.iter().all(|s| s.get().0 == 0), "the spill was unmapped when freed");
+        // A panic caught inside a run: what the panic machinery allocates is the
+        // system's (it may keep some, such as a backtrace cache), the run still wipes.
+        #[allow(unsafe_code)]
+        // SAFETY: the payload and everything else is dropped inside; the panic is caught.
+        let caught = unsafe {
+            a.run(|| {
+                let v = vec![0x5Au8; 100];
+                let r = std::panic::catch_unwind(|| -> usize {
+                    let inner = vec![1u8; 10];
+                    if inner.len() == 10 {
+                        panic!("decoder bug");
+                    }
+                    inner.len()
+                });
+                let was_arena = a_owns_ptr(v.as_ptr() as usize);
+                drop(v);
+                (r.is_err(), was_arena)
+            })
+        }
+        .unwrap();
+        assert_eq!(caught, (true, true));
+        assert!(a.buf.as_slice().iter().all(|&b| b == 0));
         let outside = Box::new([1u8; 10]);
         assert!(!a.made(outside.as_ptr() as usize), "outside a run allocations are the system's");
     }
