@@ -358,7 +358,7 @@ mod tests {
             a.run(|| {
                 let v = vec![0x5Au8; 100];
                 let r = std::panic::catch_unwind(|| -> usize {
-                    let inner = vec![1u8; 10];
+                    let inner = std::hint::black_box(Box::new([1u8; 10]));
                     if inner.len() == 10 {
                         panic!("decoder bug");
                     }
