@@ -29,6 +29,15 @@ pub struct ScratchAlloc;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
+/// Records that an allocation came through [`ScratchAlloc`] (a load first, so threads do
+/// not contend on a store per allocation).
+#[inline]
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Whether [`ScratchAlloc`] is this process's global allocator.
 pub fn installed() -> bool {
     // Any allocation through it sets the flag; make one to be sure.
@@ -231,7 +240,7 @@ fn active() -> Option<&'static Arena> {
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for ScratchAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         match serving() {
             Some(a) => a.alloc(l),
             // SAFETY: forwarded with the caller's layout.
@@ -240,7 +249,7 @@ unsafe impl GlobalAlloc for ScratchAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         match serving() {
             Some(a) => {
                 let p = a.alloc(l);
