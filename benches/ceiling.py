@@ -1,7 +1,8 @@
-"""The loader against the crypto ceiling, one command per shape and shuffle, each
-measured with `shardlock bench --ceiling` (the ceilings right after the loader, in the
-same process): 8 KiB samples (batch 256) and 147 KiB samples (batch 64), shuffle none,
-window and global, 4 epochs (median of epochs 2-4).
+"""The loader against the crypto ceiling, per shape and shuffle: `shardlock bench
+--ceiling` (the Rust loader, then both ceilings, in one process), then the Python
+`shardlock.Loader` yielding torch CPU tensors on the same dataset, right after; 8 KiB
+samples (batch 256) and 147 KiB samples (batch 64), shuffle none, window and global,
+4 epochs each (median of epochs 2-4). Shares are of the ceilings of the same case.
 
     python benches/ceiling.py DATA_DIR [--small]      (make ceiling)
 
@@ -12,13 +13,28 @@ about 300 MB each; --small: an eighth of that).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 import shardlock
+
+
+def python_loader(path, kr, token, trust, batch, shuffle) -> float:
+    """Median GB/s of epochs 2-4 of `shardlock.Loader` yielding torch CPU tensors."""
+    loader = shardlock.Loader(path, keyring=kr, token=token, trust=trust, batch_size=batch, shuffle=shuffle)
+    rates = []
+    for _ in range(4):
+        t0, nbytes = time.perf_counter(), 0
+        for b in loader:
+            nbytes += sum(v.numel() * v.element_size() for v in b.values())
+        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates[1:])
 
 
 def main() -> int:
@@ -44,11 +60,16 @@ def main() -> int:
         token = os.path.join(d, f"{name}.tok")
         shardlock.issue_token(iss, token, dataset=name, principal="bench")
         for shuffle in ("none", "window", "global"):
-            print(f"== {n} x {size // 1024} KiB, batch {batch}, shuffle {shuffle}", flush=True)
             out = subprocess.run([args.bin, "bench", path, "--keyring", kr, "--token", token, "--trust", iss + ".pub",
-                                  "--batch-size", str(batch), "--epochs", "4", "--shuffle", shuffle, "--ceiling"],
-                                 check=True, capture_output=True, text=True).stdout
-            print("\n".join(out.splitlines()[-3:]), flush=True)
+                                  "--batch-size", str(batch), "--epochs", "4", "--shuffle", shuffle, "--ceiling",
+                                  "--json"], check=True, capture_output=True, text=True).stdout
+            c = json.loads(out)["ceiling"]
+            py = python_loader(path, kr, token, iss + ".pub", batch, shuffle)
+            mm, ossl = c["aes_gcm_mmap_gb_per_s"], c["openssl_gb_per_s"]
+            share = lambda x: f"{x / mm:.2f} / {x / ossl:.2f}" if ossl else f"{x / mm:.2f} / -"  # noqa: E731
+            print(f"{size // 1024:>4} KiB  {shuffle:6s}  ceilings {mm:5.2f} (AES-GCM, mmap) / "
+                  f"{(ossl or float('nan')):5.2f} (openssl) GB/s;  shardlock bench {c['loader_gb_per_s']:5.2f} GB/s = "
+                  f"{share(c['loader_gb_per_s'])};  Python Loader {py:5.2f} GB/s = {share(py)}", flush=True)
     return 0
 
 
