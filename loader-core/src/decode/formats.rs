@@ -110,7 +110,7 @@ pub(crate) struct Header {
     pub(crate) channels: u8,
     /// EXIF orientation, 1 (as stored) to 8.
     pub(crate) orientation: u8,
-    /// Arena bytes the decoder will want (bounded; more spills to mappings of its own).
+    /// Arena bytes the decoder will want (an estimate; more goes to overflow chunks).
     pub(crate) scratch: usize,
 }
 
@@ -137,9 +137,11 @@ fn png_options() -> DecoderOptions {
 fn in_arena<R: Copy>(arena: &mut Arena, what: Format, f: impl FnOnce() -> Result<R, Fail>) -> Result<R, Fail> {
     let caught = || match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        // The payload was allocated in the arena: drop it here, inside the run.
+        // Dropped here, inside the run, and caught again should its drop panic.
         Err(payload) => {
-            drop(payload);
+            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(again);
+            }
             Err(Fail::new(format_args!("the {} decoder stopped on malformed data", what.name())))
         }
     };

@@ -4,9 +4,9 @@
 //!
 //! [`ScratchAlloc`] is a global allocator that forwards to the system allocator,
 //! except on a thread inside [`Arena::run`]: there every allocation is carved from the
-//! arena's page-locked, never-dumped mapping (bump allocation), or, when the arena is
-//! full, from a mapping of its own that is wiped and unmapped when it is freed. When
-//! the run ends the arena's used bytes are zeroed. So a decoder's buffers are locked
+//! arena's page-locked, never-dumped mapping (bump allocation), or, when that is full,
+//! from overflow chunks (locked mappings, each at least twice the last). When the run
+//! ends the arena's used bytes are zeroed and the chunks wiped and unmapped. So a decoder's buffers are locked
 //! while they live and hold nothing once it is done, without any change to the decoder.
 //!
 //! A binary opts in with
@@ -51,25 +51,24 @@ thread_local! {
     static ACTIVE: Cell<*const Arena> = const { Cell::new(null()) };
 }
 
-/// Most spill mappings (allocations that did not fit the arena) alive at once.
-const SPILLS: usize = 64;
+/// Most overflow chunks one run may map. They grow geometrically (each at least twice
+/// the last), so this bounds nothing a real decoder reaches.
+const CHUNKS: usize = 48;
 
-/// One thread's locked scratch: a bump region and the spill mappings of one run.
+/// One thread's locked scratch: a bump region reused across runs, and the overflow
+/// chunks (bump regions too, locked mappings of their own) of one run.
 pub(crate) struct Arena {
     buf: LockedBuf,
     base: usize,
     top: Cell<usize>,
     high: Cell<usize>,
-    spills: [Cell<(usize, usize)>; SPILLS],
-    /// A spill could not be locked, or there was no room to record one.
+    /// Overflow chunks of this run: (start, length, bump offset); length 0 = unused.
+    chunks: [Cell<(usize, usize, usize)>; CHUNKS],
+    /// Memory this run used could not be locked (a chunk's mlock failed, or a chunk
+    /// could not be mapped and the system allocator served instead).
     unlocked: Cell<bool>,
     policy: MemoryPolicy,
 }
-
-// SAFETY: an Arena is used by one thread at a time: `run` takes `&mut self`, and the
-// thread-local pointer to it is cleared before `run` returns.
-#[allow(unsafe_code)]
-unsafe impl Send for Arena {}
 
 impl Arena {
     /// An arena of `bytes` (rounded up to pages), locked per `policy`.
@@ -81,7 +80,7 @@ impl Arena {
             base,
             top: Cell::new(0),
             high: Cell::new(0),
-            spills: [const { Cell::new((0, 0)) }; SPILLS],
+            chunks: [const { Cell::new((0, 0, 0)) }; CHUNKS],
             unlocked: Cell::new(false),
             policy,
         })
@@ -93,8 +92,10 @@ impl Arena {
     }
 
     /// Runs `f` with this thread's allocations served from the arena, then zeroes
-    /// what they used. Returns `None` when a spill could not be locked and the policy
-    /// requires locked memory (the run's data is wiped all the same).
+    /// what they used and unmaps the overflow chunks (also if `f` unwinds). Returns
+    /// `None` when memory of the run could not be locked and the policy requires
+    /// locked memory (the run's data is wiped all the same), and when called inside
+    /// another run or while the thread panics (nothing is run then).
     ///
     /// # Safety
     /// Nothing allocated inside `f` may outlive it: `f` must drop everything it
@@ -102,55 +103,115 @@ impl Arena {
     /// and must not unwind (catch panics inside it).
     #[allow(unsafe_code)]
     pub(crate) unsafe fn run<R: Copy>(&mut self, f: impl FnOnce() -> R) -> Option<R> {
-        struct Restore(*const Arena);
-        impl Drop for Restore {
+        /// Ends the run however `f` ends: the thread stops allocating from the arena,
+        /// then the arena is wiped.
+        struct Finish<'a>(&'a Arena);
+        impl Drop for Finish<'_> {
             fn drop(&mut self) {
-                ACTIVE.with(|a| a.set(self.0));
+                ACTIVE.with(|a| a.set(null()));
+                self.0.finish();
             }
         }
+        if std::thread::panicking() || !ACTIVE.with(Cell::get).is_null() {
+            return None;
+        }
+        // Only `Cell` fields are written, and plain fields read, through this shared
+        // reference and the pointer in ACTIVE; `&mut self` keeps runs from nesting.
+        let shared: &Arena = self;
         let r = {
-            let _restore = Restore(ACTIVE.with(|a| a.replace(self as *const Arena)));
+            let _finish = Finish(shared);
+            ACTIVE.with(|a| a.set(std::ptr::from_ref(shared)));
             f()
         };
-        let dirty = self.high.replace(0);
-        self.top.set(0);
-        // Leaked spills (nothing should leak; a leak must not keep plaintext).
-        for s in &self.spills {
-            let (p, len) = s.replace((0, 0));
-            if p != 0 {
-                unmap_wiped(p, len);
-            }
-        }
-        self.buf.zero(0, dirty.min(self.buf.capacity()));
         let unlocked = self.unlocked.replace(false);
         (!unlocked || self.policy == MemoryPolicy::AllowUnlocked).then_some(r)
     }
 
+    /// Zeroes what the run used and unmaps its chunks.
+    fn finish(&self) {
+        let dirty = self.high.replace(0).min(self.buf.capacity());
+        self.top.set(0);
+        for c in &self.chunks {
+            let (p, len, _) = c.replace((0, 0, 0));
+            if len != 0 {
+                unmap_wiped(p, len);
+            }
+        }
+        if dirty > 0 {
+            #[allow(unsafe_code)]
+            // SAFETY: [base, base + dirty) lies in the mapping `buf` owns; no allocation
+            // of the run is alive any more (the run's contract), so nothing else uses it.
+            unsafe {
+                libc::explicit_bzero(self.base as *mut libc::c_void, dirty);
+            }
+        }
+    }
+
     fn owns(&self, p: usize) -> bool {
-        p >= self.base && p < self.base + self.buf.capacity()
+        (p >= self.base && p < self.base + self.buf.capacity())
+            || self.chunks.iter().any(|c| {
+                let (s, len, _) = c.get();
+                len != 0 && p >= s && p < s + len
+            })
+    }
+
+    /// Bump allocation of `l` in the region `[start, start + cap)` at offset `top`: the
+    /// new offset and the pointer, if it fits.
+    fn bump(start: usize, cap: usize, top: usize, l: Layout) -> Option<(usize, usize)> {
+        let at = start.checked_add(top)?.checked_next_multiple_of(l.align())?;
+        let end = at.checked_add(l.size().max(1))?;
+        (end <= start + cap).then_some((end - start, at))
     }
 
     fn alloc(&self, l: Layout) -> *mut u8 {
-        let start = (self.base + self.top.get()).next_multiple_of(l.align());
-        let end = start.saturating_add(l.size());
-        if end <= self.base + self.buf.capacity() {
-            self.top.set(end - self.base);
-            self.high.set(self.high.get().max(end - self.base));
-            return start as *mut u8;
+        if let Some((top, at)) = Self::bump(self.base, self.buf.capacity(), self.top.get(), l) {
+            self.top.set(top);
+            self.high.set(self.high.get().max(top));
+            return at as *mut u8;
         }
-        self.spill(l)
+        // The newest chunk, then a new one at least twice its size.
+        let mut last = 0usize;
+        for c in &self.chunks {
+            let (s, len, top) = c.get();
+            if len == 0 {
+                let want = l.size().max(1).saturating_add(l.align());
+                let len = want.max(last.saturating_mul(2)).max(self.buf.capacity().saturating_mul(2)).max(1 << 20);
+                let Some((start, len)) = self.map_chunk(len) else { return self.fallback(l) };
+                c.set((start, len, 0));
+                let Some((top, at)) = Self::bump(start, len, 0, l) else { return self.fallback(l) };
+                c.set((start, len, top));
+                return at as *mut u8;
+            }
+            last = len;
+            if let Some((top, at)) = Self::bump(s, len, top, l) {
+                c.set((s, len, top));
+                return at as *mut u8;
+            }
+        }
+        self.fallback(l)
     }
 
-    /// A mapping of its own for an allocation the arena cannot hold.
-    fn spill(&self, l: Layout) -> *mut u8 {
-        let Some(slot) = self.spills.iter().find(|s| s.get().0 == 0) else {
-            return null_mut();
-        };
-        let page = page_size();
-        if l.align() > page {
-            return null_mut();
+    /// Grows the allocation at `p` in place when it is the last one of its region and
+    /// the region has room.
+    fn grow_in_place(&self, p: usize, old: usize, new: usize) -> bool {
+        if p + old == self.base + self.top.get() && p + new <= self.base + self.buf.capacity() {
+            self.top.set(p + new - self.base);
+            self.high.set(self.high.get().max(self.top.get()));
+            return true;
         }
-        let len = l.size().max(1).div_ceil(page) * page;
+        for c in &self.chunks {
+            let (s, len, top) = c.get();
+            if len != 0 && p + old == s + top && p + new <= s + len {
+                c.set((s, len, p + new - s));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A locked, never-dumped mapping of at least `len` bytes for a chunk: (start, length).
+    fn map_chunk(&self, len: usize) -> Option<(usize, usize)> {
+        let len = len.div_ceil(page_size()).checked_mul(page_size())?;
         #[allow(unsafe_code)]
         // SAFETY: a private anonymous mapping with no address hint; checked below.
         let raw = unsafe {
@@ -164,10 +225,10 @@ impl Arena {
             )
         };
         if raw == libc::MAP_FAILED {
-            return null_mut();
+            return None;
         }
         #[allow(unsafe_code)]
-        // SAFETY: [raw, raw+len) is the mapping just made, owned by this spill slot.
+        // SAFETY: [raw, raw+len) is the mapping just made, owned by the chunk slot.
         unsafe {
             libc::madvise(raw, len, libc::MADV_DONTDUMP);
             libc::madvise(raw, len, libc::MADV_WIPEONFORK);
@@ -175,36 +236,25 @@ impl Arena {
                 self.unlocked.set(true);
             }
         }
-        slot.set((raw as usize, len));
-        raw.cast()
+        Some((raw as usize, len))
     }
 
-    /// Frees `p` if it is this arena's (bump memory is reclaimed when the run ends;
-    /// a spill is wiped and unmapped now). False if `p` is not the arena's.
-    fn dealloc(&self, p: usize) -> bool {
-        if self.owns(p) {
-            return true;
+    /// The system allocator, when no chunk could be had: never a null (which would
+    /// abort the process); the run then fails closed as unlocked.
+    fn fallback(&self, l: Layout) -> *mut u8 {
+        self.unlocked.set(true);
+        #[allow(unsafe_code)]
+        // SAFETY: the caller's layout, forwarded; freed through System (not `owns`).
+        unsafe {
+            System.alloc(l)
         }
-        match self.spills.iter().find(|s| s.get().0 == p) {
-            Some(s) => {
-                let (p, len) = s.replace((0, 0));
-                unmap_wiped(p, len);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether `p` was allocated from this arena (bump region or spill).
-    fn made(&self, p: usize) -> bool {
-        self.owns(p) || self.spills.iter().any(|s| s.get().0 == p)
     }
 }
 
 fn unmap_wiped(p: usize, len: usize) {
     #[allow(unsafe_code)]
-    // SAFETY: (p, len) is a live spill mapping, removed from its slot by the caller, so
-    // nothing else frees it; zeroing then unmapping it is the end of its life.
+    // SAFETY: (p, len) is a chunk mapping removed from its slot by the caller, so
+    // nothing else unmaps it, and no allocation in it is alive (the run is over).
     unsafe {
         libc::explicit_bzero(p as *mut libc::c_void, len);
         libc::munmap(p as *mut libc::c_void, len);
@@ -222,21 +272,24 @@ fn serving() -> Option<&'static Arena> {
 }
 
 /// The arena of this thread's current run, which frees and reallocations of its
-/// pointers must go back to (panicking or not).
+/// pointers must go back to (panicking or not). The reference is used only within one
+/// allocator call.
 fn active() -> Option<&'static Arena> {
     let p = ACTIVE.try_with(Cell::get).unwrap_or(null());
     #[allow(unsafe_code)]
-    // SAFETY: a non-null ACTIVE points at the Arena whose `run` (holding `&mut` to it)
-    // is on this thread's stack; it is reset before `run` returns.
+    // SAFETY: a non-null ACTIVE points at the Arena whose `run` is on this thread's
+    // stack (it is reset before `run` returns or unwinds); through it only `Cell`s are
+    // written.
     unsafe {
         p.as_ref()
     }
 }
 
 // SAFETY: every pointer handed out is either from `System` with the caller's layout,
-// or from the active arena, aligned to the layout and not overlapping any live
-// allocation (bump pointer, or a fresh mapping). Frees are routed back to whichever
-// made the pointer: arena range and spill slots are checked before `System`.
+// or from the active arena's bump regions, aligned to the layout and not overlapping
+// any live allocation (the bump offset only grows within a run; in-place growth only
+// extends the region's last allocation). Frees are routed to whichever made the
+// pointer: the arena's regions are checked before `System`.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for ScratchAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
@@ -266,47 +319,46 @@ unsafe impl GlobalAlloc for ScratchAlloc {
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         if let Some(a) = active() {
-            if a.dealloc(p as usize) {
+            if a.owns(p as usize) {
+                // Reclaimed (and wiped) when the run ends.
                 return;
             }
+            // A System block freed during a run (made while panicking, or before the
+            // run) may hold the run's plaintext: wipe it first.
+            // SAFETY: p is live with l.size() bytes.
+            unsafe { libc::explicit_bzero(p.cast(), l.size()) };
         }
         // SAFETY: not the arena's, so it came from System with this layout.
         unsafe { System.dealloc(p, l) }
     }
 
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        let a = active();
-        let ours = a.is_some_and(|a| a.made(p as usize));
-        let Some(to) = serving() else {
-            if !ours {
-                // SAFETY: not the arena's, so p came from System with layout l.
-                return unsafe { System.realloc(p, l, new_size) };
-            }
-            // Panicking: an arena allocation grows into System memory.
-            let Ok(nl) = Layout::from_size_align(new_size, l.align()) else { return null_mut() };
-            // SAFETY: a valid layout, forwarded.
-            let n = unsafe { System.alloc(nl) };
-            if !n.is_null() {
-                // SAFETY: both regions are live and distinct; the copy is the smaller size.
-                unsafe { std::ptr::copy_nonoverlapping(p, n, l.size().min(new_size)) };
-                if let Some(a) = a {
-                    a.dealloc(p as usize);
-                }
-            }
-            return n;
+        let Some(a) = active() else {
+            // SAFETY: outside a run every live pointer is System's (runs free theirs).
+            return unsafe { System.realloc(p, l, new_size) };
         };
         let Ok(nl) = Layout::from_size_align(new_size, l.align()) else { return null_mut() };
-        let n = to.alloc(nl);
+        let ours = a.owns(p as usize);
+        if ours && new_size <= l.size() {
+            return p;
+        }
+        if ours && a.grow_in_place(p as usize, l.size(), new_size) {
+            return p;
+        }
+        // The arena's blocks stay in the arena (panicking or not); a System block made
+        // before the run stays with System, its old bytes wiped.
+        let n = if ours {
+            a.alloc(nl)
+        } else {
+            // SAFETY: a valid layout, forwarded.
+            unsafe { System.alloc(nl) }
+        };
         if n.is_null() {
             return n;
         }
         // SAFETY: both regions are live and distinct; the copy is the smaller size.
         unsafe { std::ptr::copy_nonoverlapping(p, n, l.size().min(new_size)) };
-        if ours {
-            to.dealloc(p as usize);
-        } else {
-            // A System allocation made before the run, grown inside it: wipe the old
-            // bytes (they may be plaintext now) before System takes it back.
+        if !ours {
             // SAFETY: p is live with l.size() bytes, from System with layout l.
             unsafe {
                 libc::explicit_bzero(p.cast(), l.size());
@@ -323,7 +375,7 @@ mod tests {
     use super::*;
 
     /// Whether `p` lies in the arena this thread is running in.
-    fn a_owns_ptr(p: usize) -> bool {
+    fn in_arena(p: usize) -> bool {
         active().is_some_and(|a| a.owns(p))
     }
 
@@ -335,30 +387,35 @@ mod tests {
         let (base, cap) = (a.base, a.capacity());
         let mut before = vec![0x11u8; 64];
         #[allow(unsafe_code)]
-        // SAFETY: everything allocated inside is dropped inside; `before` grows inside
-        // (a System allocation moved into the arena) and is read back before the run ends.
-        let (small, grown, spill) = unsafe {
+        // SAFETY: everything allocated inside is dropped inside; `before` (a System
+        // allocation) grows inside and must stay with System.
+        let got = unsafe {
             a.run(|| {
                 let mut v = vec![0xABu8; 1000];
+                let first = v.as_ptr() as usize;
                 v.extend_from_slice(&[0xCD; 3000]);
+                let grown_in_place = v.as_ptr() as usize == first;
                 let big = vec![0xEFu8; 1 << 17];
-                let r = (v.as_ptr() as usize, 0usize, big.as_ptr() as usize);
                 assert!(v[..1000].iter().all(|&b| b == 0xAB) && v[1000..].iter().all(|&b| b == 0xCD));
                 assert!(big.iter().all(|&b| b == 0xEF));
+                // Many small allocations past the arena's size: chunks, never an abort.
+                let many: Vec<Box<[u8; 100]>> = (0..5000).map(|_| Box::new([7u8; 100])).collect();
+                let all_ours = many.iter().all(|b| in_arena(&**b as *const _ as usize));
                 before.extend_from_slice(&[0x22; 4096]);
-                let grown = before.as_ptr() as usize;
-                assert!(before[..64].iter().all(|&b| b == 0x11));
-                drop(std::mem::take(&mut before));
-                (r.0, grown, r.2)
+                let before_ours = in_arena(before.as_ptr() as usize);
+                (v.as_ptr() as usize, grown_in_place, in_arena(big.as_ptr() as usize), all_ours, before_ours)
             })
         }
         .unwrap();
-        for p in [small, grown] {
-            assert!(p >= base && p < base + cap, "{p:#x} is not in the arena [{base:#x}, +{cap})");
-        }
-        assert!(spill < base || spill >= base + cap, "a 128 KiB allocation cannot fit a 64 KiB arena");
-        assert!(a.buf.as_slice().iter().all(|&b| b == 0), "the arena is wiped when the run ends");
-        assert!(a.spills.iter().all(|s| s.get().0 == 0), "the spill was unmapped when freed");
+        let (small, grown_in_place, big_ours, all_ours, before_ours) = got;
+        assert!(small >= base && small < base + cap, "{small:#x} is not in the bump region");
+        assert!(grown_in_place, "the last allocation grows in place");
+        assert!(big_ours && all_ours, "what does not fit the bump region goes to chunks of the arena");
+        assert!(!before_ours, "a System allocation grown in a run stays with System");
+        assert!(before[..64].iter().all(|&b| b == 0x11) && before[64..].iter().all(|&b| b == 0x22));
+        assert!(a.buf.as_slice().iter().all(|&b| b == 0), "the bump region is wiped when the run ends");
+        assert!(a.chunks.iter().all(|c| c.get().1 == 0), "the chunks are unmapped when the run ends");
+
         // A panic caught inside a run: what the panic machinery allocates is the
         // system's (it may keep some, such as a backtrace cache), the run still wipes.
         #[allow(unsafe_code)]
@@ -373,7 +430,7 @@ mod tests {
                     }
                     inner.len()
                 });
-                let was_arena = a_owns_ptr(v.as_ptr() as usize);
+                let was_arena = in_arena(v.as_ptr() as usize);
                 drop(v);
                 (r.is_err(), was_arena)
             })
@@ -382,6 +439,16 @@ mod tests {
         assert_eq!(caught, (true, true));
         assert!(a.buf.as_slice().iter().all(|&b| b == 0));
         let outside = Box::new([1u8; 10]);
-        assert!(!a.made(outside.as_ptr() as usize), "outside a run allocations are the system's");
+        assert!(!a.owns(&*outside as *const _ as usize), "outside a run allocations are the system's");
+    }
+
+    #[test]
+    fn runs_do_not_nest() {
+        let mut a = Arena::new(1 << 16, MemoryPolicy::AllowUnlocked).unwrap();
+        let mut b = Arena::new(1 << 16, MemoryPolicy::AllowUnlocked).unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: nothing allocated inside either closure outlives it.
+        let inner = unsafe { a.run(|| b.run(|| 1u8).is_none()) };
+        assert_eq!(inner, Some(true));
     }
 }
