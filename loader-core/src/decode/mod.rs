@@ -219,52 +219,46 @@ impl ImageWorker {
         let format = Format::sniff(encoded).ok_or(DecodeFail::Msg(
             "no JPEG, PNG or WebP signature at the start of the value (wrong field, or not an image)".into(),
         ))?;
-        if self.arena.is_none() {
-            self.arena = Some(Arena::new(MIN_ARENA, self.policy).map_err(DecodeFail::Memory)?);
-        }
-        let arena = self.arena.as_mut().ok_or(DecodeFail::Msg("no decode arena".into()))?;
+        let arena = match &mut self.arena {
+            Some(a) => a,
+            slot => slot.insert(Arena::new(MIN_ARENA, self.policy).map_err(DecodeFail::Memory)?),
+        };
         let head = formats::header(arena, format, encoded)?;
+        let outgrown = head.scratch > arena.capacity();
         let pixels = u64::from(head.width) * u64::from(head.height);
+        // The messages name the limit, not the declared size: that is the image's content.
         if head.width == 0 || head.height == 0 {
-            return Err(DecodeFail::Msg(format!(
-                "the {} declares an empty image ({}x{})",
-                format.name(),
-                head.width,
-                head.height
-            )));
+            return Err(DecodeFail::Msg(format!("the {} declares an empty image", format.name())));
         }
         if pixels > spec.max_pixels {
             return Err(DecodeFail::Msg(format!(
-                "the {} declares {}x{} = {pixels} pixels, more than max_pixels {} (a decompression bomb, or raise max_pixels)",
+                "the {} declares more pixels than max_pixels ({}): a decompression bomb, or raise max_pixels",
                 format.name(),
-                head.width,
-                head.height,
                 spec.max_pixels
             )));
         }
-        if head.scratch > arena.capacity() {
-            self.arena = None;
-            self.arena = Some(Arena::new(head.scratch, self.policy).map_err(DecodeFail::Memory)?);
-        }
-        let plen = pixels as usize * head.channels as usize;
-        LockedBuf::ensure(&mut self.pixels, plen, self.policy).map_err(DecodeFail::Memory)?;
-        let (Some(arena), Some(pix)) = (self.arena.as_mut(), self.pixels.as_mut()) else {
-            return Err(DecodeFail::Msg("no decode buffers".into()));
+        let arena = match &mut self.arena {
+            Some(a) if !outgrown => a,
+            // The old arena is wiped and unmapped before the larger one is locked.
+            slot => {
+                *slot = None;
+                slot.insert(Arena::new(head.scratch, self.policy).map_err(DecodeFail::Memory)?)
+            }
         };
+        let plen = pixels as usize * head.channels as usize;
+        let pix = LockedBuf::ensure(&mut self.pixels, plen, self.policy).map_err(DecodeFail::Memory)?;
         formats::decode(arena, format, encoded, &head, &mut pix.prefix_mut(plen)[..])?;
         let (mut w, mut h) = (head.width as usize, head.height as usize);
         let mut src: &[u8] = &pix.as_slice()[..plen];
         if head.orientation > 1 {
-            LockedBuf::ensure(&mut self.turned, plen, self.policy).map_err(DecodeFail::Memory)?;
-            let Some(t) = self.turned.as_mut() else { return Err(DecodeFail::Msg("no orientation buffer".into())) };
+            let t = LockedBuf::ensure(&mut self.turned, plen, self.policy).map_err(DecodeFail::Memory)?;
             let dst = &mut t.prefix_mut(plen)[..];
             (w, h) = resample::orient(src, w, h, head.channels as usize, head.orientation, dst);
             src = &t.as_slice()[..plen];
         }
         let image = resample::Image { data: src, width: w, channels: head.channels as usize };
         let plan = resample::Plan::new(spec, w, h, key);
-        LockedBuf::ensure(&mut self.rows, plan.rows_bytes(), self.policy).map_err(DecodeFail::Memory)?;
-        let Some(rows) = self.rows.as_mut() else { return Err(DecodeFail::Msg("no resample buffer".into())) };
+        let rows = LockedBuf::ensure(&mut self.rows, plan.rows_bytes(), self.policy).map_err(DecodeFail::Memory)?;
         plan.run(&image, spec, rows, out);
         Ok(())
     }

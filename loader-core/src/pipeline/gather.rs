@@ -66,22 +66,30 @@ fn align64(x: usize) -> usize {
 /// Gathers batch `k` of the epoch into a buffer from the pool.
 pub(super) fn fill(work: &EpochWork, k: usize, cc: &mut ChunkScratch) -> Result<Batch> {
     let b = work.session.batch_size;
-    let mut refs = work.samples[k * b..((k + 1) * b).min(work.samples.len())].to_vec();
+    let planned = &work.samples[k * b..((k + 1) * b).min(work.samples.len())];
+    // The batch's samples less those skipped so far (copied only once one is skipped).
+    let mut kept: Option<Vec<SampleRef>> = None;
     loop {
-        match gather(work, k, &refs, cc)? {
+        let refs = kept.as_deref().unwrap_or(planned);
+        match gather(work, k, refs, cc)? {
             Gathered::Batch(batch) => return Ok(batch),
             // Samples whose image did not decode (`on_decode_error = skip`): gather the
             // batch again without them; they are audited and counted.
             Gathered::Skip(skipped) => {
-                for (j, err) in &skipped {
+                for (_, err) in &skipped {
                     record_skip(work, err)?;
-                    refs[*j] = SampleRef(u64::MAX);
                 }
-                refs.retain(|r| r.0 != u64::MAX);
-                if refs.is_empty() {
+                let rest: Vec<SampleRef> = refs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| !skipped.iter().any(|(s, _)| s == j))
+                    .map(|(_, r)| *r)
+                    .collect();
+                if rest.is_empty() {
                     let last = skipped.into_iter().next_back().map(|(_, e)| e);
                     return Err(last.unwrap_or_else(|| Error::Internal("an empty batch".into())));
                 }
+                kept = Some(rest);
             }
         }
     }
@@ -297,18 +305,13 @@ fn decode_field(
     skipped: &mut Vec<(usize, Error)>,
 ) -> Result<()> {
     let len = ctx.spec.out_len();
-    if cc.images.is_none() {
-        cc.images = Some(ImageWorker::new(cc.policy));
-    }
+    let ChunkScratch { chunk, encoded, images, policy, .. } = cc;
+    let images = images.get_or_insert_with(|| ImageWorker::new(*policy));
     for &j in order {
         let p = ctx.shard_of[j];
         let (a, z) = ctx.open[p].1.index().field_range(u64::from(ctx.refs[j].record()), slot.schema_pos);
         let stored = (z - a) as usize;
-        LockedBuf::ensure(&mut cc.encoded, stored.max(1), cc.policy)?;
-        let ChunkScratch { chunk, encoded, images, .. } = &mut *cc;
-        let (Some(enc), Some(images)) = (encoded.as_mut(), images.as_mut()) else {
-            return Err(Error::Internal("no decode scratch".into()));
-        };
+        let enc = LockedBuf::ensure(encoded, stored.max(1), *policy)?;
         let value = &mut enc.prefix_mut(stored)[..stored];
         copy_plain(&ctx.open[p], ctx.fetched, p, a, z, value, chunk)?;
         let key = SampleKey { seed: ctx.work.session.spec.seed, epoch: ctx.work.epoch, sample: ids[j] };
