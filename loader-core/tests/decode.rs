@@ -105,3 +105,72 @@ fn a_value_that_is_not_an_image_fails_its_batch_or_is_skipped_and_counted() {
     let err = fx.loader(&dir, "imgs").decode("label", ImageDecode::eval(8)).build().err().unwrap();
     assert!(err.to_string().contains("holds tensor values"), "{err}");
 }
+
+/// Every batch of `loader` as `(sample ids, image bytes)` through the host loader.
+#[cfg(feature = "cuda")]
+fn host_images(loader: shardlock::Loader) -> Vec<(Vec<u64>, Vec<u8>)> {
+    loader.map(|b| b.unwrap()).map(|b| (b.sample_ids().to_vec(), b.field_bytes("image").unwrap().to_vec())).collect()
+}
+
+/// `decode_on = "device"`: what does not fit the loader is refused before any device
+/// is touched (so here too); on a GPU machine a PNG dataset then gives the workers'
+/// pixels bit for bit (PNGs decode on the host, the kernels resample them), for train
+/// and eval transforms, u8 and normalized f16. Without a GPU the valid case is
+/// `DeviceUnavailable`.
+#[test]
+#[cfg(feature = "cuda")]
+fn decode_on_the_device_is_checked_first_and_matches_the_workers_bit_for_bit() {
+    use shardlock::device::{DeviceLoader, DeviceOptions};
+    let fx = Fixture::new();
+    let dir = images(&fx, (0..7).map(|i| png(W, H, 3, &pixels(i))).collect());
+    let opts =
+        |field: &str, spec: ImageDecode| DeviceOptions { decode: vec![(field.into(), spec)], ..Default::default() };
+    let base = || fx.loader(&dir, "imgs").batch_size(3).shuffle(Shuffle::Global).seed(5);
+    {
+        let refused = [
+            (base().build().unwrap(), opts("label", ImageDecode::eval(16)), "tensor values"),
+            (base().build().unwrap(), opts("nope", ImageDecode::eval(16)), "not among the loader's fields"),
+            (
+                base().decode("image", ImageDecode::eval(16)).build().unwrap(),
+                opts("image", ImageDecode::eval(16)),
+                "decoded on the decrypt workers already",
+            ),
+            (
+                base().on_decode_error(OnDecodeError::Skip).build().unwrap(),
+                opts("image", ImageDecode::eval(16)),
+                "on_decode_error=\"skip\"",
+            ),
+            (base().build().unwrap(), opts("image", ImageDecode { size: (0, 4), ..ImageDecode::eval(16) }), "size 0x4"),
+        ];
+        for (loader, o, want) in refused {
+            let e = DeviceLoader::new(loader, o).err().unwrap();
+            assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains(want), "{want}: {e}");
+        }
+    }
+    let mut half = ImageDecode::train(16);
+    half.dtype = DType::F16;
+    half.normalize = Some(ImageDecode::IMAGENET_MEAN_STD);
+    for spec in [ImageDecode::eval(16), half] {
+        let dev = match DeviceLoader::new(base().build().unwrap(), opts("image", spec.clone())) {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(matches!(e, Error::DeviceUnavailable { .. }), "{e}");
+                eprintln!("decode on the device not run here: {e}");
+                return;
+            }
+        };
+        let want = host_images(base().decode("image", spec.clone()).build().unwrap());
+        let stream = dev.context().default_stream();
+        let mut got = Vec::new();
+        for b in dev {
+            let b = b.unwrap();
+            let bytes = stream.clone_dtoh(&b.bytes("image").unwrap()).unwrap();
+            got.push((b.sample_ids().to_vec(), bytes));
+        }
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.0, w.0, "same samples in the same order");
+            assert!(g.1 == w.1, "device pixels differ from the workers' for {spec:?}");
+        }
+    }
+}

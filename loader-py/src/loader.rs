@@ -121,10 +121,16 @@ where
 }
 
 /// Puts the device stage in front of `loader` for `device` ("cuda:N"), or keeps it.
-fn with_device(loader: Loader, device: Option<&str>, pinned: bool) -> shardlock::Result<Inner> {
+fn with_device(
+    loader: Loader,
+    device: Option<&str>,
+    pinned: bool,
+    decode: Vec<(String, shardlock::ImageDecode)>,
+    nvjpeg: Option<PathBuf>,
+) -> shardlock::Result<Inner> {
     let Some(spec) = device.filter(|d| *d != "cpu") else { return Ok(Inner::Host(loader)) };
     let ordinal = shardlock::device::parse_device(spec)?;
-    let mut d = DeviceLoader::new(loader, DeviceOptions { ordinal, pinned, ..Default::default() })?;
+    let mut d = DeviceLoader::new(loader, DeviceOptions { ordinal, pinned, decode, nvjpeg, ..Default::default() })?;
     // Consumers synchronize through DLPack (`__dlpack__(stream=...)`).
     d.set_consumer_stream(None);
     Ok(Inner::Device(d))
@@ -278,7 +284,7 @@ impl NativeLoader {
         fields=None, workers=None, deny_list=None, audit_log=None, memory_budget=None, allow_unlocked_memory=false,
         pad=false, window_shards=None, device=None, pinned=true, storage_options=None, min_generation=None,
         ca_cert=None, client_cert=None, client_key=None, worker_id=0, num_workers=1, clock_skew=None,
-        token_windows=None, decode=None, on_decode_error="raise"))]
+        token_windows=None, decode=None, on_decode_error="raise", decode_on="workers", nvjpeg=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -313,7 +319,24 @@ impl NativeLoader {
         token_windows: Option<TokenWindowsArgs>,
         decode: Option<Vec<DecodeArgs>>,
         on_decode_error: &str,
+        decode_on: &str,
+        nvjpeg: Option<PathBuf>,
     ) -> PyResult<Self> {
+        let on_device = match decode_on {
+            "workers" => false,
+            "device" => true,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "decode_on={other:?}: use \"workers\" (the decrypt workers, CPU) or \"device\" (nvJPEG and a \
+                     kernel on device=\"cuda:N\")"
+                )))
+            }
+        };
+        if on_device && device.as_deref().is_none_or(|d| d == "cpu") {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "decode_on=\"device\" decodes on the GPU: give device=\"cuda:N\" too, or decode on the workers",
+            ));
+        }
         let on_decode_error = match on_decode_error {
             "raise" => shardlock::OnDecodeError::Raise,
             "skip" => shardlock::OnDecodeError::Skip,
@@ -381,9 +404,14 @@ impl NativeLoader {
             if let Some(w) = window_shards {
                 b = b.window(w, None);
             }
+            let mut on_gpu = Vec::new();
             for d in decode.iter().flatten() {
                 let (field, spec) = image_spec(d)?;
-                b = b.decode(field, spec);
+                if on_device {
+                    on_gpu.push((field, spec));
+                } else {
+                    b = b.decode(field, spec);
+                }
             }
             let loader = b.on_decode_error(on_decode_error).build()?;
             match token_windows {
@@ -401,7 +429,7 @@ impl NativeLoader {
                     };
                     Ok(Inner::Tokens(shardlock::TokenStream::new(loader, opts)?))
                 }
-                None => with_device(loader, device.as_deref(), pinned),
+                None => with_device(loader, device.as_deref(), pinned, on_gpu, nvjpeg),
             }
         })
         .py()

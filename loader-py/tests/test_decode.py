@@ -256,3 +256,62 @@ def test_images_with_many_metadata_chunks_decode_without_exhausting_the_arena(en
     for data, img in zip((png, jpeg), images):
         want = reference_eval(data, size=64, resize=73)
         assert np.abs(img.astype(np.int32) - want.astype(np.int32)).mean() <= 2.0
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine (run scripts/gpu-check on one)")
+
+
+def test_decode_on_the_device_is_checked_before_any_device(env):
+    path = pack_images(env, "dev-args", [encode(PILImage.fromarray(photo(64, 48, 1)), "PNG")] * 3)
+    image = {"image": shardlock.Image(32)}
+    with pytest.raises(ValueError, match="decode_on='gpu'|decode_on=\"gpu\""):
+        env.loader(path, batch_size=2, decode=image, decode_on="gpu", device="cuda:0")
+    with pytest.raises(ValueError, match="device=\"cuda:N\""):
+        env.loader(path, batch_size=2, decode=image, decode_on="device")
+    with pytest.raises(ValueError, match="on_decode_error=\"skip\""):
+        env.loader(path, batch_size=2, decode=image, decode_on="device", device="cuda:0", on_decode_error="skip")
+    with pytest.raises(ValueError, match="tensor values"):
+        env.loader(path, batch_size=2, decode={"label": shardlock.Image(32)}, decode_on="device", device="cuda:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(shardlock.DeviceUnavailable, match="cuda:0"):
+            env.loader(path, batch_size=2, decode=image, decode_on="device", device="cuda:0")
+
+
+def _device_and_workers(env, path, image, **kw):
+    """Every batch's images decoded on the workers and on the device (same order)."""
+    args = dict(batch_size=4, shuffle="global", seed=9, drop_last=False, decode={"image": image}, **kw)
+    host, _ = read_all(env.loader(path, **args))
+    dev = [b["image"].cpu().numpy() for b in env.loader(path, device="cuda:0", decode_on="device", **args)]
+    return host, np.concatenate(dev)
+
+
+@needs_gpu
+def test_decode_on_the_device_matches_the_workers(env):
+    """Images nvJPEG does not take (PNG, WebP, gray, CMYK, EXIF-rotated) decode on the
+    host and come out bit for bit as on the workers; three-component JPEGs decoded by
+    nvJPEG differ only by the decoders' IDCT and upsampling: within 2 levels (MAE) of
+    the workers and of torchvision."""
+    items = corpus()
+    path = pack_images(env, "dev-corpus", [b for _, b in items])
+    host, dev = _device_and_workers(env, path, shardlock.Image(224), shuffle="none")
+    assert dev.shape == host.shape == (len(items), 3, 224, 224) and dev.dtype == np.uint8
+    for (name, data), h, d in zip(items, host, dev):
+        mae = np.abs(h.astype(np.int32) - d.astype(np.int32)).mean(axis=(1, 2))
+        nvjpeg = name.startswith("jpeg") and name not in ("jpeg-gray", "jpeg-cmyk", "jpeg-exif-rotated")
+        if nvjpeg:
+            assert (mae <= 2.0).all(), f"{name}: device vs workers MAE {mae}"
+            ref = np.abs(d.astype(np.int32) - reference_eval(data).astype(np.int32)).mean(axis=(1, 2))
+            assert (ref <= 2.0).all(), f"{name}: device vs torchvision MAE {ref}"
+        else:
+            assert np.array_equal(h, d), f"{name}: host-decoded pixels differ (MAE {mae})"
+
+
+@needs_gpu
+def test_train_transforms_on_the_device_are_the_workers_transforms(env):
+    """Same crops and flips as on the workers (a pure function of seed, epoch and
+    sample): PNGs give identical normalized float16 tensors."""
+    values = [encode(PILImage.fromarray(photo(200 + 8 * i, 150, i)), "PNG") for i in range(10)]
+    path = pack_images(env, "dev-train", values)
+    image = shardlock.Image(64, train=True, dtype="float16", mean=shardlock.IMAGENET_MEAN, std=shardlock.IMAGENET_STD)
+    host, dev = _device_and_workers(env, path, image)
+    assert dev.dtype == np.float16 and np.array_equal(host, dev)

@@ -110,6 +110,9 @@ pub(crate) struct Header {
     pub(crate) channels: u8,
     /// EXIF orientation, 1 (as stored) to 8.
     pub(crate) orientation: u8,
+    /// Colour components in a JPEG's frame header (1 gray, 3 YCbCr or RGB, 4 CMYK or
+    /// YCCK); 0 for PNG and WebP.
+    pub(crate) components: u8,
     /// Arena bytes the decoder will want (an estimate; more goes to overflow chunks).
     pub(crate) scratch: usize,
 }
@@ -178,6 +181,7 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
                 height: h as u32,
                 channels,
                 orientation,
+                components: info.components,
                 scratch: (256 << 10) + rows + coeffs + coeffs / 8,
             })
         }
@@ -195,7 +199,14 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
             let deep = matches!(d.depth(), Some(zune_core::bit_depth::BitDepth::Sixteen));
             // zune-png inflates the whole image (filter bytes included) before it unfilters.
             let raw = h.saturating_mul(w.saturating_mul(4 * if deep { 2 } else { 1 }) + 1);
-            Ok(Header { width: w as u32, height: h as u32, channels, orientation: 1, scratch: (256 << 10) + 2 * raw })
+            Ok(Header {
+                width: w as u32,
+                height: h as u32,
+                channels,
+                orientation: 1,
+                components: 0,
+                scratch: (256 << 10) + 2 * raw,
+            })
         }
         Format::WebP => {
             let d = image_webp::WebPDecoder::new(std::io::Cursor::new(data)).map_err(|e| webp_fail(&e))?;
@@ -207,6 +218,7 @@ pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<H
                 height: h as u32,
                 channels,
                 orientation: 1,
+                components: 0,
                 scratch: (256 << 10) + w.saturating_mul(h).saturating_mul(6),
             })
         }

@@ -15,6 +15,14 @@ mod formats;
 #[cfg_attr(not(feature = "image"), allow(dead_code))]
 mod resample;
 
+pub(crate) use resample::{out_affine, Plan};
+
+/// Decoded pixels as the resampler reads them (`channels` bytes a pixel, `width` a row).
+#[cfg(test)]
+pub(crate) fn resample_image(data: &[u8], width: usize, channels: usize) -> resample::Image<'_> {
+    resample::Image { data, width, channels }
+}
+
 use crate::error::{Error, Result};
 use crate::format::DType;
 use crate::memory::{Arena, LockedBuf, MemoryPolicy};
@@ -195,6 +203,96 @@ impl ImageWorker {
     /// Without the `image` feature no decoder is built in (the loader refuses `decode`
     /// before this is reached).
     #[cfg(not(feature = "image"))]
+    pub(crate) fn probe(&mut self, _encoded: &[u8], _spec: &ImageDecode) -> std::result::Result<Probe, DecodeFail> {
+        Err(DecodeFail::Msg("this build of shardlock has no image decoders (feature `image`)".into()))
+    }
+
+    /// Reads the headers of `encoded` and checks them against `spec` (an empty image, or
+    /// more pixels than `max_pixels`, is refused before anything is allocated for it).
+    /// The error is a sentence that names no pixel or byte of the image.
+    #[cfg(feature = "image")]
+    pub(crate) fn probe(&mut self, encoded: &[u8], spec: &ImageDecode) -> std::result::Result<Probe, DecodeFail> {
+        use formats::Format;
+        let format = Format::sniff(encoded).ok_or(DecodeFail::Msg(
+            "no JPEG, PNG or WebP signature at the start of the value (wrong field, or not an image)".into(),
+        ))?;
+        let arena = match &mut self.arena {
+            Some(a) => a,
+            slot => slot.insert(Arena::new(MIN_ARENA, self.policy).map_err(DecodeFail::Memory)?),
+        };
+        let head = formats::header(arena, format, encoded)?;
+        let pixels = u64::from(head.width) * u64::from(head.height);
+        // The messages name the limit, not the declared size: that is the image's content.
+        if head.width == 0 || head.height == 0 {
+            return Err(DecodeFail::Msg(format!("the {} declares an empty image", format.name())));
+        }
+        if pixels > spec.max_pixels {
+            return Err(DecodeFail::Msg(format!(
+                "the {} declares more pixels than max_pixels ({}): a decompression bomb, or raise max_pixels",
+                format.name(),
+                spec.max_pixels
+            )));
+        }
+        Ok(Probe {
+            width: head.width as usize,
+            height: head.height as usize,
+            channels: usize::from(head.channels),
+            orientation: head.orientation,
+            plain_jpeg: format == Format::Jpeg && head.components == 3,
+            head,
+            format,
+        })
+    }
+
+    /// Decodes `encoded` to pixels in this worker's locked scratch, EXIF orientation
+    /// applied: what [`ImageWorker::decoded`] then returns.
+    #[cfg(feature = "image")]
+    pub(crate) fn pixels(&mut self, encoded: &[u8], spec: &ImageDecode) -> std::result::Result<Decoded, DecodeFail> {
+        let p = self.probe(encoded, spec)?;
+        let outgrown = self.arena.as_ref().is_none_or(|a| p.head.scratch > a.capacity());
+        let arena = match &mut self.arena {
+            Some(a) if !outgrown => a,
+            // The old arena is wiped and unmapped before the larger one is locked.
+            slot => {
+                *slot = None;
+                slot.insert(Arena::new(p.head.scratch, self.policy).map_err(DecodeFail::Memory)?)
+            }
+        };
+        let len = p.width * p.height * p.channels;
+        let pix = LockedBuf::ensure(&mut self.pixels, len, self.policy).map_err(DecodeFail::Memory)?;
+        formats::decode(arena, p.format, encoded, &p.head, &mut pix.prefix_mut(len)[..])?;
+        let (mut width, mut height) = (p.width, p.height);
+        let turned = p.orientation > 1;
+        if turned {
+            let t = LockedBuf::ensure(&mut self.turned, len, self.policy).map_err(DecodeFail::Memory)?;
+            let dst = &mut t.prefix_mut(len)[..];
+            (width, height) = resample::orient(&pix.as_slice()[..len], width, height, p.channels, p.orientation, dst);
+        }
+        Ok(Decoded { width, height, channels: p.channels, turned })
+    }
+
+    /// Without the `image` feature there are no decoders (the checks refuse first).
+    #[cfg(not(feature = "image"))]
+    pub(crate) fn pixels(&mut self, _encoded: &[u8], _spec: &ImageDecode) -> std::result::Result<Decoded, DecodeFail> {
+        Err(DecodeFail::Msg("this build of shardlock has no image decoders (feature `image`)".into()))
+    }
+
+    /// Without the `image` feature nothing is ever decoded.
+    #[cfg(not(feature = "image"))]
+    pub(crate) fn decoded(&self, _d: &Decoded) -> &[u8] {
+        &[]
+    }
+
+    /// The pixels of the last [`ImageWorker::pixels`] call.
+    #[cfg(feature = "image")]
+    pub(crate) fn decoded(&self, d: &Decoded) -> &[u8] {
+        let buf = if d.turned { &self.turned } else { &self.pixels };
+        buf.as_ref().map_or(&[], |b| &b.as_slice()[..d.len()])
+    }
+
+    /// Without the `image` feature no decoder is built in (the loader refuses `decode`
+    /// before this is reached).
+    #[cfg(not(feature = "image"))]
     pub(crate) fn decode(
         &mut self,
         _encoded: &[u8],
@@ -215,52 +313,55 @@ impl ImageWorker {
         key: SampleKey,
         out: &mut [u8],
     ) -> std::result::Result<(), DecodeFail> {
-        use formats::Format;
-        let format = Format::sniff(encoded).ok_or(DecodeFail::Msg(
-            "no JPEG, PNG or WebP signature at the start of the value (wrong field, or not an image)".into(),
-        ))?;
-        let arena = match &mut self.arena {
-            Some(a) => a,
-            slot => slot.insert(Arena::new(MIN_ARENA, self.policy).map_err(DecodeFail::Memory)?),
-        };
-        let head = formats::header(arena, format, encoded)?;
-        let outgrown = head.scratch > arena.capacity();
-        let pixels = u64::from(head.width) * u64::from(head.height);
-        // The messages name the limit, not the declared size: that is the image's content.
-        if head.width == 0 || head.height == 0 {
-            return Err(DecodeFail::Msg(format!("the {} declares an empty image", format.name())));
-        }
-        if pixels > spec.max_pixels {
-            return Err(DecodeFail::Msg(format!(
-                "the {} declares more pixels than max_pixels ({}): a decompression bomb, or raise max_pixels",
-                format.name(),
-                spec.max_pixels
-            )));
-        }
-        let arena = match &mut self.arena {
-            Some(a) if !outgrown => a,
-            // The old arena is wiped and unmapped before the larger one is locked.
-            slot => {
-                *slot = None;
-                slot.insert(Arena::new(head.scratch, self.policy).map_err(DecodeFail::Memory)?)
+        let d = self.pixels(encoded, spec)?;
+        let plan = resample::Plan::new(spec, d.width, d.height, key);
+        let mut rows = self.rows.take();
+        let r = match LockedBuf::ensure(&mut rows, plan.rows_bytes(), self.policy) {
+            Ok(buf) => {
+                let image = resample::Image { data: self.decoded(&d), width: d.width, channels: d.channels };
+                plan.run(&image, spec, buf, out);
+                Ok(())
             }
+            Err(e) => Err(DecodeFail::Memory(e)),
         };
-        let plen = pixels as usize * head.channels as usize;
-        let pix = LockedBuf::ensure(&mut self.pixels, plen, self.policy).map_err(DecodeFail::Memory)?;
-        formats::decode(arena, format, encoded, &head, &mut pix.prefix_mut(plen)[..])?;
-        let (mut w, mut h) = (head.width as usize, head.height as usize);
-        let mut src: &[u8] = &pix.as_slice()[..plen];
-        if head.orientation > 1 {
-            let t = LockedBuf::ensure(&mut self.turned, plen, self.policy).map_err(DecodeFail::Memory)?;
-            let dst = &mut t.prefix_mut(plen)[..];
-            (w, h) = resample::orient(src, w, h, head.channels as usize, head.orientation, dst);
-            src = &t.as_slice()[..plen];
-        }
-        let image = resample::Image { data: src, width: w, channels: head.channels as usize };
-        let plan = resample::Plan::new(spec, w, h, key);
-        let rows = LockedBuf::ensure(&mut self.rows, plan.rows_bytes(), self.policy).map_err(DecodeFail::Memory)?;
-        plan.run(&image, spec, rows, out);
-        Ok(())
+        self.rows = rows;
+        r
+    }
+}
+
+/// What an image's headers say, checked against its [`ImageDecode`].
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
+pub(crate) struct Probe {
+    /// Width and height as stored (before EXIF orientation).
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    /// Bytes per decoded pixel: 1 (gray), 2 (gray + alpha), 3 (RGB), 4 (RGBA).
+    pub(crate) channels: usize,
+    /// EXIF orientation, 1 (as stored) to 8.
+    pub(crate) orientation: u8,
+    /// A three-component JPEG (YCbCr or RGB): what nvJPEG decodes to RGB on the device.
+    pub(crate) plain_jpeg: bool,
+    #[cfg(feature = "image")]
+    head: formats::Header,
+    #[cfg(feature = "image")]
+    format: formats::Format,
+}
+
+/// Decoded pixels in an [`ImageWorker`]'s scratch: `channels` interleaved bytes per
+/// pixel, rows top to bottom, EXIF orientation applied.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "image"), allow(dead_code))]
+pub(crate) struct Decoded {
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) channels: usize,
+    turned: bool,
+}
+
+impl Decoded {
+    /// Bytes of the pixels.
+    pub(crate) fn len(&self) -> usize {
+        self.width * self.height * self.channels
     }
 }
 

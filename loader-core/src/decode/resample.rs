@@ -13,7 +13,7 @@ use crate::memory::LockedBuf;
 use crate::rng::Stream;
 
 /// Decoded pixels: `channels` interleaved bytes per pixel, rows top to bottom.
-pub(super) struct Image<'a> {
+pub(crate) struct Image<'a> {
     pub(super) data: &'a [u8],
     pub(super) width: usize,
     pub(super) channels: usize,
@@ -102,7 +102,7 @@ fn widen_row<const C: usize>(src: &[u8], line: &mut [f32]) {
 }
 
 /// The geometry of one sample: its two axes and where its rows start.
-pub(super) struct Plan {
+pub(crate) struct Plan {
     x: Axis,
     y: Axis,
     /// First source row any output row reads, and how many rows the vertical pass reads.
@@ -164,7 +164,7 @@ fn random_resized_crop(
 const DOMAIN: u64 = 0x696d_6167_6573;
 
 impl Plan {
-    pub(super) fn new(spec: &ImageDecode, w: usize, h: usize, key: SampleKey) -> Self {
+    pub(crate) fn new(spec: &ImageDecode, w: usize, h: usize, key: SampleKey) -> Self {
         let (oh, ow) = (spec.size.0 as usize, spec.size.1 as usize);
         let (x, y) = match spec.geometry {
             Geometry::Eval { resize } => {
@@ -186,14 +186,36 @@ impl Plan {
         Self { x, y, row0, rows: row1 - row0, src_w: w }
     }
 
+    /// First source row any output row reads, and how many rows the vertical pass reads.
+    pub(crate) fn source_rows(&self) -> (usize, usize) {
+        (self.row0, self.rows)
+    }
+
+    /// Appends this sample's taps for the device kernels (`resample_h` / `resample_v`
+    /// in `kernels/decode.cu`, which compute exactly what [`Plan::run`] does): to `ints`
+    /// the x starts, x tap counts, y starts and y tap counts (absolute source columns
+    /// and rows); to `weights` the x then the y weights, `stride` slots per position.
+    pub(crate) fn push_tables(&self, ints: &mut Vec<i32>, weights: &mut Vec<f32>) -> TableAt {
+        let mut axis = |a: &Axis| {
+            let at = (ints.len(), weights.len(), a.stride);
+            ints.extend(a.start.iter().map(|&v| v as i32));
+            ints.extend(a.taps.iter().map(|&v| v as i32));
+            weights.extend_from_slice(&a.weights);
+            at
+        };
+        let (xs, xw, xstride) = axis(&self.x);
+        let (ys, yw, ystride) = axis(&self.y);
+        TableAt { xs, xw, xstride, ys, yw, ystride }
+    }
+
     /// Bytes of the horizontal pass's output (f32 rows of the output width), of the
     /// vertical pass's accumulator row and of one source row as f32 RGB.
-    pub(super) fn rows_bytes(&self) -> usize {
+    pub(crate) fn rows_bytes(&self) -> usize {
         ((self.rows + 1) * self.x.len() + self.src_w) * 4 * 4
     }
 
     /// Resamples `img` into `out` (the sample's bytes of the output tensor).
-    pub(super) fn run(&self, img: &Image<'_>, spec: &ImageDecode, rows: &mut LockedBuf, out: &mut [u8]) {
+    pub(crate) fn run(&self, img: &Image<'_>, spec: &ImageDecode, rows: &mut LockedBuf, out: &mut [u8]) {
         let ow = self.x.len();
         let oh = self.y.len();
         // Gray (and gray + alpha) replicate into RGB; alpha is dropped, as PIL's convert("RGB").
@@ -244,7 +266,7 @@ impl Plan {
 
 /// `value * scale + bias` per channel turns an 8-bit level into the output value:
 /// identity for u8, `/ 255` for floats, and `(x / 255 - mean) / std` when normalizing.
-fn out_affine(spec: &ImageDecode) -> ([f32; 3], [f32; 3]) {
+pub(crate) fn out_affine(spec: &ImageDecode) -> ([f32; 3], [f32; 3]) {
     if spec.dtype == DType::U8 {
         return ([1.0; 3], [0.0; 3]);
     }
@@ -255,6 +277,17 @@ fn out_affine(spec: &ImageDecode) -> ([f32; 3], [f32; 3]) {
             (s, [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]])
         }
     }
+}
+
+/// Where [`Plan::push_tables`] put one sample's taps (indices into its two vectors).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TableAt {
+    pub(crate) xs: usize,
+    pub(crate) xw: usize,
+    pub(crate) xstride: usize,
+    pub(crate) ys: usize,
+    pub(crate) yw: usize,
+    pub(crate) ystride: usize,
 }
 
 /// Writes output values at (channel, y, x) in the spec's layout and dtype.

@@ -34,6 +34,8 @@
 //! Files, one concern each: `stage.rs` ([`DeviceLoader`]: read-ahead and the ordering
 //! above), `buffers.rs` (device buffer lists, host registration), `batch.rs`
 //! ([`DeviceBatch`], consumer-stream synchronization), `h2d.rs` ([`measure_h2d`]),
+//! `decode.rs` (`decode_on = "device"`: nvJPEG and the resample kernels), `nvjpeg.rs`
+//! (nvJPEG loaded at run time, its allocators locked and wiped),
 //! `probe.rs` (driver probe, [`open`]), `placeholder.rs` (the build without `cuda`),
 //! `kernels/` (NVRTC decode kernels and their CPU references).
 
@@ -71,11 +73,19 @@ pub struct DeviceOptions {
     pub pinned: bool,
     /// Copies in flight ahead of the consumer (at least 2: double buffering).
     pub depth: usize,
+    /// Image fields decoded on the device (`decode_on = "device"`, docs/DECODE.md):
+    /// the loader delivers them encoded (a bytes field it does not decode itself), and
+    /// the stage decodes JPEGs with nvJPEG, the rest on its own thread, then crops,
+    /// resizes, flips and normalizes them in a kernel into a tensor field.
+    pub decode: Vec<(String, crate::decode::ImageDecode)>,
+    /// Where nvJPEG is (`libnvjpeg.so.12`); default: `SHARDLOCK_NVJPEG`, then the
+    /// library path.
+    pub nvjpeg: Option<std::path::PathBuf>,
 }
 
 impl Default for DeviceOptions {
     fn default() -> Self {
-        Self { ordinal: 0, pinned: true, depth: 3 }
+        Self { ordinal: 0, pinned: true, depth: 3, decode: Vec::new(), nvjpeg: None }
     }
 }
 
@@ -86,7 +96,11 @@ mod batch;
 #[cfg(feature = "cuda")]
 mod buffers;
 #[cfg(feature = "cuda")]
+mod decode;
+#[cfg(feature = "cuda")]
 mod h2d;
+#[cfg(feature = "cuda")]
+mod nvjpeg;
 #[cfg(not(feature = "cuda"))]
 mod placeholder;
 #[cfg(feature = "cuda")]

@@ -9,15 +9,18 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::batch::DeviceBatch;
 use super::buffers::{DevBuf, DeviceBuffers, HostRegistrations};
+use super::decode::{device_layout, DeviceDecode};
 use super::probe::{clear_stale, device_error, open};
 use super::{device_name, DeviceOptions};
 use crate::error::{Error, Result};
-use crate::pipeline::{Batch, BatchStream, Loader, LoaderState, Next};
+use crate::pipeline::{Batch, BatchLayout, BatchStream, Loader, LoaderState, Next};
 
 /// A copy issued but not yet handed out.
 struct InFlight {
     host: Batch,
     dev: DevBuf,
+    /// The device batch's slots (the host's, unless fields are decoded on the device).
+    layout: BatchLayout,
     done: Arc<CudaEvent>,
 }
 
@@ -38,6 +41,9 @@ pub struct DeviceLoader {
     draining: VecDeque<(Batch, Arc<CudaEvent>)>,
     buffers: DeviceBuffers,
     pending_err: Option<Error>,
+    /// Image fields decoded on the device (dropped before the loader and its pool). In a
+    /// mutex only so that the stage stays `Sync`; it is reached through `&mut self`.
+    decoder: Option<std::sync::Mutex<DeviceDecode>>,
     loader: Loader,
 }
 
@@ -53,10 +59,19 @@ impl std::fmt::Debug for DeviceLoader {
 
 impl DeviceLoader {
     /// Puts a device stage behind `loader`. Fails with [`Error::DeviceUnavailable`]
-    /// when the device cannot be used.
+    /// when the device (or, for `opts.decode`, nvJPEG or NVRTC) cannot be used, and
+    /// with [`Error::InvalidArgument`] when `opts.decode` does not fit the loader
+    /// (checked first, without a device).
     pub fn new(loader: Loader, opts: DeviceOptions) -> Result<Self> {
+        super::decode::check(&loader, &opts.decode)?;
         let ctx = open(opts.ordinal)?;
         let device = device_name(opts.ordinal);
+        let decoder = match opts.decode.is_empty() {
+            true => None,
+            false => {
+                Some(std::sync::Mutex::new(DeviceDecode::new(&ctx, &loader, opts.decode, opts.nvjpeg.as_deref())?))
+            }
+        };
         let copy = ctx.new_stream().map_err(device_error(&device, "cuStreamCreate"))?;
         let consumer = Some(ctx.default_stream());
         Ok(Self {
@@ -71,6 +86,7 @@ impl DeviceLoader {
             draining: VecDeque::new(),
             buffers: DeviceBuffers::default(),
             pending_err: None,
+            decoder,
             loader,
         })
     }
@@ -155,7 +171,11 @@ impl DeviceLoader {
             unsafe { self.registered.register(&self.ctx, &self.device, host.buffer_bytes()) }?;
         }
         clear_stale(&self.ctx);
-        let mut dev = self.buffers.take(&self.copy, &self.device, used)?;
+        let (layout, total) = match &mut self.decoder {
+            Some(d) => device_layout(host.layout(), used, d.get_mut().unwrap_or_else(|p| p.into_inner()).fields()),
+            None => (host.layout().clone(), used),
+        };
+        let mut dev = self.buffers.take(&self.copy, &self.device, total)?;
         let err = |op| device_error(&self.device, op);
         // Consumers' events stay with the buffer until every wait is queued.
         for e in &dev.after {
@@ -169,10 +189,21 @@ impl DeviceLoader {
             let mut dst = slice.slice_mut(..used);
             self.copy.memcpy_htod(&host.buffer_bytes()[..used], &mut dst).map_err(err("H2D copy"))?;
         }
+        if let Some(d) = &mut self.decoder {
+            let d = d.get_mut().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = d.run(&self.copy, &host, &layout, dev.addr, &self.loader) {
+                // Queued work may still read the host buffer: it waits for it (or is leaked).
+                self.buffers.put(dev);
+                if !self.sync_copies() {
+                    std::mem::forget(host);
+                }
+                return Err(e);
+            }
+        }
         let done = self.ctx.new_event(None).and_then(|e| e.record(&self.copy).map(|_| e));
         match done {
             Ok(done) => {
-                self.inflight.push_back(InFlight { host, dev, done: Arc::new(done) });
+                self.inflight.push_back(InFlight { host, dev, layout, done: Arc::new(done) });
                 Ok(())
             }
             Err(e) => {
@@ -200,7 +231,7 @@ impl DeviceLoader {
             self.device.clone(),
             f.done.clone(),
             self.consumer.as_ref(),
-            f.host.layout().clone(),
+            f.layout,
         );
         self.draining.push_back((f.host, f.done));
         Ok(b)

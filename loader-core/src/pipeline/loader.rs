@@ -309,6 +309,33 @@ impl Loader {
         self.session.decode_skips.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The shard and record of global sample id `sample` (as in
+    /// [`super::BatchLayout::sample_ids`]), for errors about one sample.
+    pub(crate) fn locate(&self, sample: u64) -> (crate::error::ShardRef, u64) {
+        let p = &self.session.prefix;
+        let i = p.partition_point(|&start| start <= sample).saturating_sub(1);
+        (self.session.ds.shard_ref(i as u32), sample - p.get(i).copied().unwrap_or(0))
+    }
+
+    /// The seed of the plan and of the image transforms.
+    pub(crate) fn seed(&self) -> u64 {
+        self.session.spec.seed
+    }
+
+    /// The memory policy the loader was built with.
+    pub(crate) fn memory_policy(&self) -> crate::memory::MemoryPolicy {
+        self.session.policy
+    }
+
+    /// Whether the decrypt workers decode field `name`, and what they do with a
+    /// sample whose image does not decode.
+    pub(crate) fn worker_decode(&self, name: &str) -> (bool, crate::decode::OnDecodeError) {
+        let s = &self.session;
+        let schema = &s.ds.manifest().schema;
+        let on = s.selected.iter().zip(&s.decode).any(|(&f, d)| d.is_some() && schema.fields[f].name == name);
+        (on, s.on_decode_error)
+    }
+
     /// Batch buffers allocated so far (stays flat in steady state).
     pub fn buffers_allocated(&self) -> usize {
         self.session.pool.allocated()

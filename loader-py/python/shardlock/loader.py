@@ -268,6 +268,22 @@ def _decode_arg(decode: Any) -> Optional[List[Tuple[Any, ...]]]:
     return out
 
 
+def _nvjpeg_wheel() -> Optional[str]:
+    """libnvjpeg from pip's ``nvidia-nvjpeg-cu12`` / ``-cu13`` wheel, if installed
+    (``SHARDLOCK_NVJPEG`` wins; otherwise the library path is searched)."""
+    if os.environ.get("SHARDLOCK_NVJPEG"):
+        return None
+    import glob
+    import sys
+
+    for base in sys.path:
+        for hit in sorted(glob.glob(os.path.join(base, "nvidia", "nvjpeg", "lib", "libnvjpeg.so.*"))) + sorted(
+            glob.glob(os.path.join(base, "nvidia", "cu13", "lib", "libnvjpeg.so.*"))
+        ):
+            return hit
+    return None
+
+
 def _on_decode_error_arg(v: Any) -> str:
     if v not in ("raise", "skip"):
         raise ValueError(f"on_decode_error must be 'raise' or 'skip', not {v!r}")
@@ -389,6 +405,12 @@ class Loader:
     whose image does not decode raises :class:`shardlock.DecodeError` naming shard,
     record and field; ``on_decode_error="skip"`` leaves it out of its batch instead
     (audited as ``decode_skipped``, counted in :attr:`decode_skips`).
+    With ``device="cuda:N"``, ``decode_on="device"`` decodes on the GPU instead: the
+    workers deliver the encoded bytes, nvJPEG decodes JPEGs from the locked batch into
+    device memory (other images decode on the host), and a kernel applies the same
+    transforms, with the same randomness, straight into the CUDA batch. It needs nvJPEG
+    (``pip install nvidia-nvjpeg-cu12``, found automatically) and NVRTC, and
+    ``on_decode_error="raise"``.
 
     ``path`` is a dataset directory, a ``file://`` URL, or ``s3://bucket/prefix``. For
     object storage, ``storage_options`` may set ``endpoint``, ``region``,
@@ -438,6 +460,7 @@ class Loader:
         token_windows: Optional[TokenWindows] = None,
         decode: Optional[Mapping[str, "Image"]] = None,
         on_decode_error: str = "raise",
+        decode_on: str = "workers",
     ) -> None:
         if token_windows is not None and not isinstance(token_windows, TokenWindows):
             raise TypeError(f"token_windows must be a shardlock.TokenWindows; got {type(token_windows).__name__}")
@@ -484,6 +507,8 @@ class Loader:
             token_windows=None if token_windows is None else token_windows._native(),
             decode=_decode_arg(decode),
             on_decode_error=_on_decode_error_arg(on_decode_error),
+            decode_on=decode_on,
+            nvjpeg=_nvjpeg_wheel() if decode_on == "device" else None,
         )
         self._windows = token_windows is not None
         self.rank, self.world_size = rank, world_size

@@ -528,6 +528,10 @@ pub(crate) struct BenchArgs {
     /// of failing.
     #[arg(long, requires = "decode")]
     pub(crate) skip_bad_images: bool,
+    /// Where --decode runs: `workers` (the decrypt workers, CPU; the default) or
+    /// `device` (with --device: nvJPEG and the resample kernel on the GPU).
+    #[arg(long, value_name = "workers|device", default_value = "workers", requires = "decode")]
+    pub(crate) decode_on: String,
     /// Also measure the ceiling in the same run and print the loader's share of it:
     /// AES-256-GCM alone on the same number of threads (page-cached mmap, 16 KiB
     /// chunks), and `openssl speed -evp aes-256-gcm -decrypt -bytes 16384 -multi N`

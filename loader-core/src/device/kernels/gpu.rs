@@ -11,6 +11,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use super::{NormOut, Normalize, SOURCE};
 use crate::device::{device_error, device_name, open};
 use crate::error::{Error, Result};
+use crate::format::DType;
 
 /// The decode kernels, compiled for one device.
 pub struct Kernels {
@@ -122,4 +123,68 @@ impl Kernels {
         unsafe { launch.launch(launch_config(total)) }.map_err(err("kernel launch"))?;
         Ok(out)
     }
+
+    /// Launches `resample_h` then `resample_v_<dtype>` (kernels/decode.cu) on `stream`
+    /// for a batch of images decoded on the device (`decode_on = "device"`).
+    ///
+    /// # Safety
+    /// Every address in `l` must point into device allocations of this context that
+    /// stay alive until `stream` passes this point: `desc` holds `samples` descriptors
+    /// whose offsets lie inside `pixels`, `ints`, `weights` and `tmp`, and `out` has room
+    /// for `samples` images of `3 * oh * ow` values of `l.dtype`.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn resample(&self, stream: &Arc<CudaStream>, l: &ResampleLaunch) -> Result<()> {
+        let err = |op| device_error(&self.device, op);
+        let samples = u32::try_from(l.samples).ok().filter(|&n| (1..=65_535).contains(&n)).ok_or_else(|| {
+            Error::InvalidArgument(format!("decode on the device takes 1 to 65,535 images a batch, not {}", l.samples))
+        })?;
+        let grid = |work: usize| ((work.div_ceil(256)).clamp(1, 4096) as u32, samples, 1);
+        let (oh, ow, chw) = (l.oh as i32, l.ow as i32, i32::from(l.chw));
+        let h = self.module.load_function("resample_h").map_err(err("cuModuleGetFunction"))?;
+        let mut launch = stream.launch_builder(&h);
+        launch.arg(&l.pixels).arg(&l.desc).arg(&l.ints).arg(&l.weights).arg(&l.tmp).arg(&ow);
+        let cfg = LaunchConfig { grid_dim: grid(l.max_rows * l.ow), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `resample_h(const u8*, const ResampleDesc*, const
+        // int*, const float*, float*, int)`; the caller guarantees the addresses.
+        unsafe { launch.launch(cfg) }.map_err(err("kernel launch"))?;
+        let name = match l.dtype {
+            DType::U8 => "resample_v_u8",
+            DType::F32 => "resample_v_f32",
+            DType::F16 => "resample_v_f16",
+            DType::Bf16 => "resample_v_bf16",
+            other => return Err(Error::InvalidArgument(format!("no image output in {}", other.name()))),
+        };
+        let v = self.module.load_function(name).map_err(err("cuModuleGetFunction"))?;
+        let mut launch = stream.launch_builder(&v);
+        launch.arg(&l.desc).arg(&l.ints).arg(&l.weights).arg(&l.tmp).arg(&l.out).arg(&oh).arg(&ow).arg(&chw);
+        for x in l.scale.iter().chain(&l.bias) {
+            launch.arg(x);
+        }
+        let cfg = LaunchConfig { grid_dim: grid(l.oh * l.ow), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `resample_v_*(const ResampleDesc*, const int*,
+        // const float*, const float*, T*, int, int, int, 6 x float)`; the caller
+        // guarantees the addresses.
+        unsafe { launch.launch(cfg) }.map_err(err("kernel launch"))?;
+        Ok(())
+    }
+}
+
+/// Device addresses and shape of one [`Kernels::resample`] launch.
+#[derive(Clone, Debug)]
+pub(crate) struct ResampleLaunch {
+    pub(crate) pixels: u64,
+    pub(crate) desc: u64,
+    pub(crate) ints: u64,
+    pub(crate) weights: u64,
+    pub(crate) tmp: u64,
+    pub(crate) out: u64,
+    pub(crate) samples: usize,
+    /// Most source rows any sample's vertical pass reads.
+    pub(crate) max_rows: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) chw: bool,
+    pub(crate) dtype: DType,
+    pub(crate) scale: [f32; 3],
+    pub(crate) bias: [f32; 3],
 }

@@ -98,6 +98,71 @@ impl Normalize {
     }
 }
 
+/// One sample's descriptor for `resample_h` / `resample_v_*` (`ResampleDesc` in
+/// decode.cu): 16 little-endian i64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct SampleDesc {
+    /// Byte offset of the sample's decoded pixels in the pixel buffer.
+    pub(crate) src: i64,
+    /// Bytes per source row.
+    pub(crate) pitch: i64,
+    /// Bytes per source pixel (1 to 4).
+    pub(crate) channels: i64,
+    /// First source row the vertical pass reads, and how many.
+    pub(crate) row0: i64,
+    pub(crate) rows: i64,
+    /// Offset (floats) of the sample's horizontal-pass output in the scratch.
+    pub(crate) tmp: i64,
+    /// Offsets of the x taps (ints: starts then counts; floats: weights) and slots per column.
+    pub(crate) xs: i64,
+    pub(crate) xw: i64,
+    pub(crate) xstride: i64,
+    /// The same for y.
+    pub(crate) ys: i64,
+    pub(crate) yw: i64,
+    pub(crate) ystride: i64,
+    pad: [i64; 4],
+}
+
+/// The host half of a resample launch: every sample's descriptor and taps.
+#[derive(Debug, Default)]
+pub(crate) struct ResampleTables {
+    pub(crate) descs: Vec<SampleDesc>,
+    pub(crate) ints: Vec<i32>,
+    pub(crate) weights: Vec<f32>,
+    /// Floats of horizontal-pass scratch the batch needs.
+    pub(crate) tmp_floats: usize,
+    /// Most source rows one sample's vertical pass reads.
+    pub(crate) max_rows: usize,
+}
+
+impl ResampleTables {
+    /// Adds a sample whose decoded pixels (`channels` bytes each, `pitch` bytes a row)
+    /// start at byte `src` of the pixel buffer, resampled by `plan` to width `ow`.
+    pub(crate) fn push(&mut self, plan: &crate::decode::Plan, src: usize, pitch: usize, channels: usize, ow: usize) {
+        let at = plan.push_tables(&mut self.ints, &mut self.weights);
+        let (row0, rows) = plan.source_rows();
+        self.descs.push(SampleDesc {
+            src: src as i64,
+            pitch: pitch as i64,
+            channels: channels as i64,
+            row0: row0 as i64,
+            rows: rows as i64,
+            tmp: self.tmp_floats as i64,
+            xs: at.xs as i64,
+            xw: at.xw as i64,
+            xstride: at.xstride as i64,
+            ys: at.ys as i64,
+            yw: at.yw as i64,
+            ystride: at.ystride as i64,
+            pad: [0; 4],
+        });
+        self.tmp_floats += rows * ow * 4;
+        self.max_rows = self.max_rows.max(rows);
+    }
+}
+
 /// CPU references of the kernels.
 pub mod cpu {
     use super::{NormOut, Normalize};
@@ -124,6 +189,75 @@ pub mod cpu {
         Ok(out)
     }
 
+    /// `resample_h` then `resample_v_*` on the CPU, from the same tables and in the
+    /// same order of operations: `n` images of `3 * oh * ow` values of `dtype`
+    /// (little-endian bytes), CHW or HWC, each value `round8(sum) * scale + bias`.
+    #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn resample(
+        pixels: &[u8],
+        t: &super::ResampleTables,
+        oh: usize,
+        ow: usize,
+        chw: bool,
+        dtype: crate::format::DType,
+        scale: [f32; 3],
+        bias: [f32; 3],
+    ) -> Vec<u8> {
+        use crate::format::DType;
+        let clip8 = |v: f32| (v.clamp(0.0, 255.0) + 12_582_912.0) - 12_582_912.0;
+        let es = dtype.size();
+        let per = 3 * oh * ow;
+        let mut out = vec![0u8; t.descs.len() * per * es];
+        let mut tmp = vec![0f32; t.tmp_floats];
+        for (s, d) in t.descs.iter().enumerate() {
+            let (xs, xw, ys, yw) = (d.xs as usize, d.xw as usize, d.ys as usize, d.yw as usize);
+            let c = d.channels as usize;
+            for r in 0..d.rows as usize {
+                let row = &pixels[d.src as usize + (d.row0 as usize + r) * d.pitch as usize..];
+                for x in 0..ow {
+                    let (s0, n) = (t.ints[xs + x] as usize, t.ints[xs + ow + x] as usize);
+                    let w = &t.weights[xw + x * d.xstride as usize..];
+                    let mut a = [0f32; 3];
+                    for k in 0..n {
+                        let p = &row[(s0 + k) * c..];
+                        let px = if c >= 3 { [p[0], p[1], p[2]] } else { [p[0]; 3] };
+                        for ch in 0..3 {
+                            a[ch] += f32::from(px[ch]) * w[k];
+                        }
+                    }
+                    let o = d.tmp as usize + (r * ow + x) * 4;
+                    tmp[o..o + 3].copy_from_slice(&a.map(clip8));
+                }
+            }
+            for y in 0..oh {
+                let (s0, n) = (t.ints[ys + y] as usize - d.row0 as usize, t.ints[ys + oh + y] as usize);
+                let w = &t.weights[yw + y * d.ystride as usize..];
+                for x in 0..ow {
+                    let mut a = [0f32; 3];
+                    for k in 0..n {
+                        let v = &tmp[d.tmp as usize + ((s0 + k) * ow + x) * 4..];
+                        for ch in 0..3 {
+                            a[ch] += v[ch] * w[k];
+                        }
+                    }
+                    for ch in 0..3 {
+                        let q = clip8(a[ch]) * scale[ch] + bias[ch];
+                        let at = s * per + if chw { (ch * oh + y) * ow + x } else { (y * ow + x) * 3 + ch };
+                        let b = &mut out[at * es..(at + 1) * es];
+                        match dtype {
+                            DType::U8 => b[0] = q as u8,
+                            DType::F16 => b.copy_from_slice(&half::f16::from_f32(q).to_le_bytes()),
+                            DType::Bf16 => b.copy_from_slice(&half::bf16::from_f32(q).to_le_bytes()),
+                            _ => b.copy_from_slice(&q.to_le_bytes()),
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// `widen_u16_i64` on the CPU.
     pub fn widen_u16_i64(src: &[u16]) -> Vec<i64> {
         src.iter().map(|&v| i64::from(v)).collect()
@@ -138,6 +272,8 @@ mod gpu;
 pub use super::placeholder::Kernels;
 #[cfg(feature = "cuda")]
 pub use gpu::Kernels;
+#[cfg(feature = "cuda")]
+pub(crate) use gpu::ResampleLaunch;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -206,12 +342,69 @@ mod tests {
         assert!(cpu::normalize_u8::<f32>(&[0; 18], &p).is_err());
     }
 
+    /// The device kernels' arithmetic, run on the CPU from the tables the device stage
+    /// uploads, gives exactly the decrypt workers' pixels (decode::Plan::run) for every
+    /// geometry, channel count, layout and dtype: the tables and descriptors say what
+    /// the workers compute, and the GPU test then holds the kernels to this function.
+    #[test]
+    fn the_resample_tables_reproduce_the_worker_resampler_bit_for_bit() {
+        use crate::decode::{out_affine, ImageDecode, ImageLayout, Plan, SampleKey};
+        use crate::format::DType;
+        use crate::memory::{LockedBuf, MemoryPolicy};
+        let mut rng = 0x1234_5678_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 24) as u8
+        };
+        let sizes = [(97usize, 61usize, 3usize), (40, 75, 1), (64, 64, 4), (33, 200, 2)];
+        let images: Vec<Vec<u8>> = sizes.iter().map(|&(w, h, c)| (0..w * h * c).map(|_| next()).collect()).collect();
+        for train in [false, true] {
+            for (dtype, layout, norm) in [
+                (DType::U8, ImageLayout::Chw, false),
+                (DType::F32, ImageLayout::Hwc, true),
+                (DType::F16, ImageLayout::Chw, true),
+                (DType::Bf16, ImageLayout::Hwc, false),
+            ] {
+                let mut spec = if train { ImageDecode::train(24) } else { ImageDecode::eval(24) };
+                spec.size = (24, 20);
+                spec.dtype = dtype;
+                spec.layout = layout;
+                spec.normalize = norm.then_some(ImageDecode::IMAGENET_MEAN_STD);
+                let (oh, ow) = (spec.size.0 as usize, spec.size.1 as usize);
+                let mut pixels = Vec::new();
+                let mut t = ResampleTables::default();
+                let mut want = Vec::new();
+                for (i, (&(w, h, c), img)) in sizes.iter().zip(&images).enumerate() {
+                    let key = SampleKey { seed: 7, epoch: 2, sample: i as u64 * 11 };
+                    let plan = Plan::new(&spec, w, h, key);
+                    let mut out = vec![0u8; spec.out_len()];
+                    let mut rows = LockedBuf::new(plan.rows_bytes(), MemoryPolicy::AllowUnlocked).unwrap();
+                    let image = crate::decode::resample_image(img, w, c);
+                    plan.run(&image, &spec, &mut rows, &mut out);
+                    want.extend_from_slice(&out);
+                    let src = pixels.len().next_multiple_of(256);
+                    pixels.resize(src, 0);
+                    pixels.extend_from_slice(img);
+                    t.push(&plan, src, w * c, c, ow);
+                }
+                let (scale, bias) = out_affine(&spec);
+                let got = cpu::resample(&pixels, &t, oh, ow, layout == ImageLayout::Chw, dtype, scale, bias);
+                assert!(got == want, "train={train} {dtype:?} {layout:?} normalize={norm}");
+            }
+        }
+    }
+
     #[test]
     fn the_source_defines_every_kernel_the_host_launches() {
         for k in
             [<f32 as NormOut>::KERNEL, <half::f16 as NormOut>::KERNEL, <half::bf16 as NormOut>::KERNEL, "widen_u16_i64"]
         {
             assert!(SOURCE.contains(k), "{k} missing from loader-core/kernels/decode.cu");
+        }
+        for k in ["resample_h", "resample_v_u8", "resample_v_f32", "resample_v_f16", "resample_v_bf16"] {
+            assert!(SOURCE.contains(&format!("void {k}(")) || SOURCE.contains(&format!("({k},")), "{k} missing");
         }
     }
 }

@@ -9,10 +9,14 @@ use crate::cli::BenchArgs;
 use crate::output::{bar, print_json};
 
 /// The loader itself, or the device stage in front of it for `--device`.
-fn bench_source(loader: Loader, a: &BenchArgs) -> Result<Box<dyn Source>, Error> {
+fn bench_source(
+    loader: Loader,
+    a: &BenchArgs,
+    decode: Vec<(String, shardlock::ImageDecode)>,
+) -> Result<Box<dyn Source>, Error> {
     let Some(spec) = &a.device else { return Ok(Box::new(loader)) };
     let ordinal = device::parse_device(spec)?;
-    let opts = device::DeviceOptions { ordinal, pinned: !a.pageable, ..Default::default() };
+    let opts = device::DeviceOptions { ordinal, pinned: !a.pageable, decode, ..Default::default() };
     Ok(Box::new(device::DeviceLoader::new(loader, opts)?))
 }
 
@@ -123,16 +127,29 @@ pub(crate) fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
     if let Some(f) = &a.fields {
         b = b.fields(f.split(',').map(str::trim).filter(|s| !s.is_empty()));
     }
+    let on_device = match a.decode_on.as_str() {
+        "workers" => false,
+        "device" if a.device.is_some() => true,
+        "device" => {
+            return Err(Error::InvalidArgument("--decode-on device decodes on the GPU: give --device cuda:N".into()))
+        }
+        other => return Err(Error::InvalidArgument(format!("--decode-on {other:?}: use workers or device"))),
+    };
+    let mut on_gpu = Vec::new();
     for d in &a.decode {
         let (field, spec) = decode_arg(d)?;
-        b = b.decode(field, spec);
+        if on_device {
+            on_gpu.push((field, spec));
+        } else {
+            b = b.decode(field, spec);
+        }
     }
     if a.skip_bad_images {
         b = b.on_decode_error(shardlock::OnDecodeError::Skip);
     }
     let loader = b.build()?;
     let per_epoch = loader.len()? as u64;
-    let mut source = bench_source(loader, &a)?;
+    let mut source = bench_source(loader, &a, on_gpu)?;
     let pb = bar(per_epoch * a.epochs, a.json, "streaming {bar:40} {pos}/{len} batches [{elapsed_precise}]");
     let report = run_bench(&mut *source, a.epochs, &mut |_, _| pb.inc(1))?;
     pb.finish_and_clear();
