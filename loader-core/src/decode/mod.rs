@@ -15,6 +15,7 @@ mod formats;
 #[cfg_attr(not(feature = "image"), allow(dead_code))]
 mod resample;
 
+#[cfg_attr(not(feature = "cuda"), allow(unused_imports))]
 pub(crate) use resample::{out_affine, Plan};
 
 /// Decoded pixels as the resampler reads them (`channels` bytes a pixel, `width` a row).
@@ -203,6 +204,7 @@ impl ImageWorker {
     /// Without the `image` feature no decoder is built in (the loader refuses `decode`
     /// before this is reached).
     #[cfg(not(feature = "image"))]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn probe(&mut self, _encoded: &[u8], _spec: &ImageDecode) -> std::result::Result<Probe, DecodeFail> {
         Err(DecodeFail::Msg("this build of shardlock has no image decoders (feature `image`)".into()))
     }
@@ -273,12 +275,14 @@ impl ImageWorker {
 
     /// Without the `image` feature there are no decoders (the checks refuse first).
     #[cfg(not(feature = "image"))]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn pixels(&mut self, _encoded: &[u8], _spec: &ImageDecode) -> std::result::Result<Decoded, DecodeFail> {
         Err(DecodeFail::Msg("this build of shardlock has no image decoders (feature `image`)".into()))
     }
 
     /// Without the `image` feature nothing is ever decoded.
     #[cfg(not(feature = "image"))]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn decoded(&self, _d: &Decoded) -> &[u8] {
         &[]
     }
@@ -330,7 +334,7 @@ impl ImageWorker {
 }
 
 /// What an image's headers say, checked against its [`ImageDecode`].
-#[cfg_attr(not(feature = "image"), allow(dead_code))]
+#[cfg_attr(any(not(feature = "image"), not(feature = "cuda")), allow(dead_code))]
 pub(crate) struct Probe {
     /// Width and height as stored (before EXIF orientation).
     pub(crate) width: usize,
@@ -360,6 +364,7 @@ pub(crate) struct Decoded {
 
 impl Decoded {
     /// Bytes of the pixels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn len(&self) -> usize {
         self.width * self.height * self.channels
     }

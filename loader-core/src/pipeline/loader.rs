@@ -311,6 +311,7 @@ impl Loader {
 
     /// The shard and record of global sample id `sample` (as in
     /// [`super::BatchLayout::sample_ids`]), for errors about one sample.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn locate(&self, sample: u64) -> (crate::error::ShardRef, u64) {
         let p = &self.session.prefix;
         let i = p.partition_point(|&start| start <= sample).saturating_sub(1);
@@ -318,17 +319,20 @@ impl Loader {
     }
 
     /// The seed of the plan and of the image transforms.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn seed(&self) -> u64 {
         self.session.spec.seed
     }
 
     /// The memory policy the loader was built with.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn memory_policy(&self) -> crate::memory::MemoryPolicy {
         self.session.policy
     }
 
     /// Whether the decrypt workers decode field `name`, and what they do with a
     /// sample whose image does not decode.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn worker_decode(&self, name: &str) -> (bool, crate::decode::OnDecodeError) {
         let s = &self.session;
         let schema = &s.ds.manifest().schema;

@@ -127,6 +127,7 @@ pub(crate) struct SampleDesc {
 
 /// The host half of a resample launch: every sample's descriptor and taps.
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct ResampleTables {
     pub(crate) descs: Vec<SampleDesc>,
     pub(crate) ints: Vec<i32>,
@@ -137,6 +138,7 @@ pub(crate) struct ResampleTables {
     pub(crate) max_rows: usize,
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl ResampleTables {
     /// Adds a sample whose decoded pixels (`channels` bytes each, `pitch` bytes a row)
     /// start at byte `src` of the pixel buffer, resampled by `plan` to width `ow`.
