@@ -269,18 +269,20 @@ def _decode_arg(decode: Any) -> Optional[List[Tuple[Any, ...]]]:
 
 
 def _nvjpeg_wheel() -> Optional[str]:
-    """libnvjpeg from pip's ``nvidia-nvjpeg-cu12`` / ``-cu13`` wheel, if installed
-    (``SHARDLOCK_NVJPEG`` wins; otherwise the library path is searched)."""
+    """libnvjpeg from pip's ``nvidia-nvjpeg-cu12`` / ``-cu13`` wheel or the copy
+    torchvision's CUDA wheels ship, if installed (``SHARDLOCK_NVJPEG`` wins; otherwise
+    the library path is searched)."""
     if os.environ.get("SHARDLOCK_NVJPEG"):
         return None
     import glob
     import sys
 
+    patterns = ("nvidia/nvjpeg/lib/libnvjpeg.so.*", "nvidia/cu13/lib/libnvjpeg.so.*", "torchvision.libs/libnvjpeg*.so*")
     for base in sys.path:
-        for hit in sorted(glob.glob(os.path.join(base, "nvidia", "nvjpeg", "lib", "libnvjpeg.so.*"))) + sorted(
-            glob.glob(os.path.join(base, "nvidia", "cu13", "lib", "libnvjpeg.so.*"))
-        ):
-            return hit
+        for pattern in patterns:
+            hits = sorted(glob.glob(os.path.join(base, pattern)))
+            if hits:
+                return hits[0]
     return None
 
 
