@@ -73,7 +73,7 @@ extern "C" __global__ void widen_u16_i64(const unsigned short* __restrict__ src,
 // what Plan::run does on the CPU: the same taps, the same order of f32 operations
 // (__fmul_rn / __fadd_rn, never contracted), the same rounding.
 
-// One sample's descriptor: 16 x i64 (device/decode.rs `SampleDesc`).
+// One sample's descriptor: 16 x i64 (`SampleDesc` in device/kernels/mod.rs).
 struct ResampleDesc {
     long long src;       // byte offset of the sample's decoded pixels in `pixels`
     long long pitch;     // bytes per source row

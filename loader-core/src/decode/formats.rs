@@ -161,6 +161,30 @@ fn in_arena<R: Copy>(arena: &mut Arena, what: Format, f: impl FnOnce() -> Result
     })
 }
 
+/// Whether a JPEG declares Adobe's colour transform 0 (its three components are RGB,
+/// not YCbCr) in an APP14 segment before its first scan: such a JPEG is decoded on the
+/// host, whose decoder honours the marker.
+pub(crate) fn adobe_rgb(data: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= data.len() && data[i] == 0xFF {
+        let marker = data[i + 1];
+        if marker == 0xDA || marker == 0xD9 {
+            break;
+        }
+        if marker == 0xFF || (0xD0..=0xD7).contains(&marker) || marker == 0x01 {
+            i += if marker == 0xFF { 1 } else { 2 };
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([data[i + 2], data[i + 3]]));
+        let seg = &data[i + 4..(i + 2 + len).min(data.len()).max(i + 4)];
+        if marker == 0xEE && seg.len() >= 12 && &seg[..5] == b"Adobe" {
+            return seg[11] == 0;
+        }
+        i += 2 + len.max(2);
+    }
+    false
+}
+
 /// Reads the headers of `data`.
 pub(crate) fn header(arena: &mut Arena, format: Format, data: &[u8]) -> Result<Header, Fail> {
     in_arena(arena, format, || match format {
@@ -343,6 +367,25 @@ mod tests {
         assert_eq!(exif_orientation(&be), 3);
         assert_eq!(exif_orientation(b"II*\0\xff\xff\xff\xff"), 1);
         assert_eq!(exif_orientation(b""), 1);
+    }
+
+    #[test]
+    fn an_adobe_marker_with_transform_zero_marks_an_rgb_jpeg() {
+        let jfif = b"\xFF\xD8\xFF\xE0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00";
+        let adobe = |t: u8| [&b"\xFF\xEE\x00\x0EAdobe\x00\x64\x00\x00\x00\x00"[..], &[t]].concat();
+        let jpeg = |segs: &[&[u8]]| [&jfif[..], &segs.concat(), b"\xFF\xDA\x00\x02"].concat();
+        assert!(adobe_rgb(&jpeg(&[&adobe(0)])));
+        assert!(!adobe_rgb(&jpeg(&[&adobe(1)])), "transform 1 is YCbCr");
+        assert!(!adobe_rgb(&jpeg(&[])));
+        // A marker after the first scan does not count; bad lengths and truncation stop the walk.
+        assert!(!adobe_rgb(&[&jpeg(&[])[..], &adobe(0)].concat()));
+        for bad in
+            [&b"\xFF\xD8\xFF\xEE\x00\x00"[..], b"\xFF\xD8\xFF\xEE\x00\x01Adob", b"\xFF\xD8", b"", b"\xFF\xD8\xFF"]
+        {
+            assert!(!adobe_rgb(bad));
+        }
+        let cut = adobe(0);
+        assert!(!adobe_rgb(&[&jfif[..], &cut[..cut.len() - 3]].concat()));
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl ImageWorker {
             height: head.height as usize,
             channels: usize::from(head.channels),
             orientation: head.orientation,
-            plain_jpeg: format == Format::Jpeg && head.components == 3,
+            plain_jpeg: format == Format::Jpeg && head.components == 3 && !formats::adobe_rgb(encoded),
             head,
             format,
         })
@@ -343,7 +343,8 @@ pub(crate) struct Probe {
     pub(crate) channels: usize,
     /// EXIF orientation, 1 (as stored) to 8.
     pub(crate) orientation: u8,
-    /// A three-component JPEG (YCbCr or RGB): what nvJPEG decodes to RGB on the device.
+    /// A three-component YCbCr JPEG (no Adobe RGB marker): what nvJPEG decodes to RGB
+    /// on the device.
     pub(crate) plain_jpeg: bool,
     #[cfg(feature = "image")]
     head: formats::Header,

@@ -171,6 +171,9 @@ pub(super) struct DeviceDecode {
     registered: HostRegistrations,
     /// Recorded after the last copy from `staging`; it is not rewritten before.
     staged: Option<CudaEvent>,
+    /// Register the staging with the driver (`pinned`; else copies are from pageable
+    /// memory, synchronous, for platforms that cannot pin).
+    pinned: bool,
 }
 
 impl DeviceDecode {
@@ -180,6 +183,7 @@ impl DeviceDecode {
         loader: &Loader,
         fields: Vec<(String, ImageDecode)>,
         nvjpeg_path: Option<&std::path::Path>,
+        pinned: bool,
     ) -> Result<Self> {
         let device = super::device_name(ctx.ordinal());
         ctx.bind_to_thread().map_err(device_error(&device, "cuCtxSetCurrent"))?;
@@ -201,6 +205,7 @@ impl DeviceDecode {
             staging: None,
             registered: HostRegistrations::default(),
             staged: None,
+            pinned,
         })
     }
 
@@ -282,10 +287,8 @@ impl DeviceDecode {
             // the pixel scratch (sized above from the dimensions nvJPEG itself reported
             // for these bytes); only work queued on `stream` after this reads it.
             let done = unsafe { self.nvjpeg.decode(bytes, pixels + it.src as u64, it.width, stream.cu_stream()) }?;
-            match done {
-                Outcome::Done => {}
-                Outcome::Unsupported => it.route = Route::Host,
-                Outcome::Corrupt(detail) => return Err(fail(i, detail)),
+            if let Outcome::Refused = done {
+                it.route = Route::Host;
             }
         }
         // 3. Taps (after EXIF orientation, which the host route applies), then staging.
@@ -341,6 +344,9 @@ impl DeviceDecode {
             let mut dst = t.slice_mut(..table_len);
             stream.memcpy_htod(&staging.as_slice()[..table_len], &mut dst).map_err(err("H2D copy"))?;
         }
+        // The staging may be rewritten once these copies are done (not the kernels).
+        let copied = self.ctx.new_event(None).and_then(|e| e.record(stream).map(|_| e));
+        self.staged = Some(copied.map_err(device_error(&self.device, "cuEventRecord"))?);
         let tmp = self.tmp.ensure(stream, &self.device, tables.tmp_floats)?;
         // 5. The kernels, into the batch's device buffer.
         let (scale, bias) = out_affine(spec);
@@ -367,10 +373,9 @@ impl DeviceDecode {
         // `n * spec.out_len()` bytes (`device_layout`). All of them live until the stream
         // passes this point (the scratch is only replaced after a synchronize; the batch
         // buffer is reused only after its events).
-        unsafe { self.kernels.resample(stream, &launch) }?;
-        let done = self.ctx.new_event(None).and_then(|e| e.record(stream).map(|_| e));
-        self.staged = Some(done.map_err(device_error(&self.device, "cuEventRecord"))?);
-        Ok(())
+        unsafe {
+            self.kernels.resample(stream, &launch)
+        }
     }
 
     /// Staging of at least `len` bytes that no pending copy reads; registered with the
@@ -394,6 +399,9 @@ impl DeviceDecode {
             self.staging = Some(LockedBuf::new(cap, self.policy)?);
         }
         let buf = self.staging.as_mut().ok_or_else(|| Error::Internal("staging missing".into()))?;
+        if !self.pinned {
+            return Ok(());
+        }
         #[allow(unsafe_code)]
         // SAFETY: `buf` is a page-aligned mapping owned by `self.staging`; it stays
         // mapped until it is unregistered above or in `Drop` (before it is unmapped).

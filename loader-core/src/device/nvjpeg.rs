@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys;
@@ -47,7 +47,8 @@ struct PinnedAllocator {
     free: extern "C" fn(*mut c_void) -> c_int,
 }
 
-type CreateEx = unsafe extern "C" fn(c_int, *mut DevAllocator, *mut PinnedAllocator, c_uint, *mut *mut c_void) -> c_int;
+type CreateEx =
+    unsafe extern "C" fn(c_int, *const DevAllocator, *const PinnedAllocator, c_uint, *mut *mut c_void) -> c_int;
 type Destroy = unsafe extern "C" fn(*mut c_void) -> c_int;
 type StateCreate = unsafe extern "C" fn(*mut c_void, *mut *mut c_void) -> c_int;
 type ImageInfo =
@@ -148,14 +149,28 @@ impl Library {
 }
 
 /// The process's nvJPEG: loaded on first use; the first library that loads serves the
-/// process (a failure is retried on the next call).
+/// process (a failure is retried on the next call). Asking for another explicit path
+/// afterwards is an error, not silently the first library.
 fn library(explicit: Option<&Path>, device: &str) -> Result<&'static Library> {
     static LIB: OnceLock<Library> = OnceLock::new();
-    if let Some(l) = LIB.get() {
-        return Ok(l);
+    let l = match LIB.get() {
+        Some(l) => l,
+        None => {
+            let l = Library::load(explicit, device)?;
+            LIB.get_or_init(|| l)
+        }
+    };
+    if let Some(p) = explicit.filter(|p| p.display().to_string() != l.path) {
+        return Err(unavailable(
+            device,
+            format!(
+                "this process loaded nvJPEG from {} already and cannot load {} too: use one nvJPEG per process",
+                l.path,
+                p.display()
+            ),
+        ));
     }
-    let l = Library::load(explicit, device)?;
-    Ok(LIB.get_or_init(|| l))
+    Ok(l)
 }
 
 /// Checks that nvJPEG loads from `explicit` (or the default places) and has every entry
@@ -186,14 +201,14 @@ fn status(code: c_int) -> Option<&'static str> {
 /// How one image's decode ended.
 pub(crate) enum Outcome {
     Done,
-    /// A JPEG nvJPEG does not decode (a coding it lacks): decode it on the CPU instead.
-    Unsupported,
-    /// The data is not a valid JPEG: a sentence for [`Error::Decode`].
-    Corrupt(String),
+    /// nvJPEG refused this image (corrupt, truncated, or a coding it lacks): decode it
+    /// on the host, whose decoder accepts or refuses it as the workers would.
+    Refused,
 }
 
-/// Whether nvJPEG's host staging must be locked (the loader's memory policy).
-static PINNED_REQUIRE_LOCKED: AtomicBool = AtomicBool::new(true);
+/// Live decoders whose loader requires locked memory: while there is one, nvJPEG's host
+/// staging (shared by every decoder of the process) must be locked.
+static REQUIRE_LOCKED: AtomicUsize = AtomicUsize::new(0);
 
 /// Live allocations made for nvJPEG: device pointer -> bytes, host pointer -> buffer.
 fn device_allocations() -> &'static Mutex<HashMap<usize, usize>> {
@@ -209,13 +224,31 @@ fn host_allocations() -> &'static Mutex<HashMap<usize, LockedBuf>> {
 /// `cudaErrorMemoryAllocation`: what nvJPEG expects from a failed allocator.
 const ALLOC_FAILED: c_int = 2;
 
+/// Runs an allocator callback with panics caught (none may cross into nvJPEG); a
+/// payload whose drop panics is caught again and forgotten.
+fn guarded(fail: c_int, f: impl FnOnce() -> c_int) -> c_int {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(again);
+            }
+            fail
+        }
+    }
+}
+
 extern "C" fn dev_malloc(out: *mut *mut c_void, size: usize) -> c_int {
-    std::panic::catch_unwind(|| {
+    guarded(ALLOC_FAILED, || {
+        if out.is_null() {
+            return ALLOC_FAILED;
+        }
         let mut ptr: sys::CUdeviceptr = 0;
         #[allow(unsafe_code)]
         // SAFETY: `ptr` is written by the driver; nvJPEG calls this with its context current.
         let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, size.max(1)) };
-        if r != sys::CUresult::CUDA_SUCCESS || out.is_null() {
+        if r != sys::CUresult::CUDA_SUCCESS {
             return ALLOC_FAILED;
         }
         device_allocations().lock().unwrap_or_else(|p| p.into_inner()).insert(ptr as usize, size.max(1));
@@ -226,36 +259,38 @@ extern "C" fn dev_malloc(out: *mut *mut c_void, size: usize) -> c_int {
         };
         0
     })
-    .unwrap_or(ALLOC_FAILED)
 }
 
 extern "C" fn dev_free(ptr: *mut c_void) -> c_int {
-    std::panic::catch_unwind(|| {
+    guarded(1, || {
         if ptr.is_null() {
             return 0;
         }
         let size = device_allocations().lock().unwrap_or_else(|p| p.into_inner()).remove(&(ptr as usize));
         let Some(size) = size else { return 1 };
+        let ok = sys::CUresult::CUDA_SUCCESS;
         #[allow(unsafe_code)]
         // SAFETY: `ptr` came from `dev_malloc` (it was in the table) with `size` bytes.
-        // The context finishes the work that may still use it before it is zeroed (its
-        // plaintext) and freed.
+        // The work that may still use it finishes before it is zeroed (its plaintext) and
+        // freed; if that cannot be confirmed it is leaked, never freed unzeroed.
         unsafe {
-            let _ = sys::cuCtxSynchronize();
-            let _ = sys::cuMemsetD8_v2(ptr as sys::CUdeviceptr, 0, size);
-            let _ = sys::cuCtxSynchronize();
-            if sys::cuMemFree_v2(ptr as sys::CUdeviceptr) != sys::CUresult::CUDA_SUCCESS {
-                return 1;
+            let zeroed = sys::cuCtxSynchronize() == ok
+                && sys::cuMemsetD8_v2(ptr as sys::CUdeviceptr, 0, size) == ok
+                && sys::cuCtxSynchronize() == ok;
+            if zeroed {
+                let _ = sys::cuMemFree_v2(ptr as sys::CUdeviceptr);
             }
         }
         0
     })
-    .unwrap_or(1)
 }
 
 extern "C" fn pinned_malloc(out: *mut *mut c_void, size: usize, _flags: c_uint) -> c_int {
-    std::panic::catch_unwind(|| {
-        let policy = if PINNED_REQUIRE_LOCKED.load(Ordering::Relaxed) {
+    guarded(ALLOC_FAILED, || {
+        if out.is_null() {
+            return ALLOC_FAILED;
+        }
+        let policy = if REQUIRE_LOCKED.load(Ordering::SeqCst) > 0 {
             MemoryPolicy::RequireLocked
         } else {
             MemoryPolicy::AllowUnlocked
@@ -267,7 +302,7 @@ extern "C" fn pinned_malloc(out: *mut *mut c_void, size: usize, _flags: c_uint) 
         // below keeps until `pinned_free` unregisters it; registration pins the pages and
         // does not change them.
         let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast(), buf.capacity(), sys::CU_MEMHOSTREGISTER_PORTABLE) };
-        if r != sys::CUresult::CUDA_SUCCESS || out.is_null() {
+        if r != sys::CUresult::CUDA_SUCCESS {
             return ALLOC_FAILED;
         }
         host_allocations().lock().unwrap_or_else(|p| p.into_inner()).insert(ptr as usize, buf);
@@ -278,29 +313,34 @@ extern "C" fn pinned_malloc(out: *mut *mut c_void, size: usize, _flags: c_uint) 
         };
         0
     })
-    .unwrap_or(ALLOC_FAILED)
 }
 
 extern "C" fn pinned_free(ptr: *mut c_void) -> c_int {
-    std::panic::catch_unwind(|| {
+    guarded(1, || {
         if ptr.is_null() {
             return 0;
         }
         let buf = host_allocations().lock().unwrap_or_else(|p| p.into_inner()).remove(&(ptr as usize));
         let Some(buf) = buf else { return 1 };
+        let ok = sys::CUresult::CUDA_SUCCESS;
         #[allow(unsafe_code)]
         // SAFETY: `ptr` was registered by `pinned_malloc`; every copy from it finishes
-        // (context synchronized) before it is unregistered and `buf` is dropped (wiped,
-        // unlocked, unmapped).
-        unsafe {
-            let _ = sys::cuCtxSynchronize();
-            let _ = sys::cuMemHostUnregister(ptr);
+        // (context synchronized) before it is unregistered.
+        let idle = unsafe { sys::cuCtxSynchronize() == ok && sys::cuMemHostUnregister(ptr) == ok };
+        if idle {
+            // Wiped, unlocked and unmapped.
+            drop(buf);
+        } else {
+            // A DMA may still read it: leak it (still locked) rather than unmap it.
+            std::mem::forget(buf);
         }
-        drop(buf);
         0
     })
-    .unwrap_or(1)
 }
+
+/// The allocators nvJPEG is created with (static: nvJPEG may keep the pointers).
+static DEV_ALLOCATOR: DevAllocator = DevAllocator { malloc: dev_malloc, free: dev_free };
+static PINNED_ALLOCATOR: PinnedAllocator = PinnedAllocator { malloc: pinned_malloc, free: pinned_free };
 
 /// One nvJPEG handle and decode state, used from one thread at a time (the device
 /// stage's), with its CUDA context current.
@@ -309,6 +349,8 @@ pub(crate) struct Decoder {
     handle: *mut c_void,
     state: *mut c_void,
     device: String,
+    /// Counted in [`REQUIRE_LOCKED`].
+    locked: bool,
 }
 
 // SAFETY: the handle and state are used only through `&mut self` (one thread at a
@@ -327,20 +369,27 @@ impl Decoder {
     /// device's context must be current on the calling thread.
     pub(crate) fn new(explicit: Option<&Path>, device: &str, policy: MemoryPolicy) -> Result<Self> {
         let lib = library(explicit, device)?;
-        PINNED_REQUIRE_LOCKED.store(policy == MemoryPolicy::RequireLocked, Ordering::Relaxed);
+        let locked = policy == MemoryPolicy::RequireLocked;
         let fail = |op: &'static str, code: c_int| Error::Device {
             device: device.to_owned(),
             op,
             detail: format!("{} ({})", status(code).unwrap_or("success"), lib.path),
         };
-        let mut dev = DevAllocator { malloc: dev_malloc, free: dev_free };
-        let mut pinned = PinnedAllocator { malloc: pinned_malloc, free: pinned_free };
+        if locked {
+            REQUIRE_LOCKED.fetch_add(1, Ordering::SeqCst);
+        }
+        let release = || {
+            if locked {
+                REQUIRE_LOCKED.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
         let mut handle: *mut c_void = std::ptr::null_mut();
         #[allow(unsafe_code)]
-        // SAFETY: the allocator structs match nvjpeg.h and nvJPEG copies them; `handle`
-        // is written on success.
-        let r = unsafe { (lib.create_ex)(BACKEND_DEFAULT, &mut dev, &mut pinned, 0, &mut handle) };
+        // SAFETY: the allocator structs match nvjpeg.h and live for the process
+        // (statics); nvJPEG only reads them; `handle` is written on success.
+        let r = unsafe { (lib.create_ex)(BACKEND_DEFAULT, &DEV_ALLOCATOR, &PINNED_ALLOCATOR, 0, &mut handle) };
         if r != 0 {
+            release();
             return Err(fail("nvjpegCreateEx", r));
         }
         let mut state: *mut c_void = std::ptr::null_mut();
@@ -353,9 +402,10 @@ impl Decoder {
             unsafe {
                 (lib.destroy)(handle)
             };
+            release();
             return Err(fail("nvjpegJpegStateCreate", r));
         }
-        Ok(Self { lib, handle, state, device: device.to_owned() })
+        Ok(Self { lib, handle, state, device: device.to_owned(), locked })
     }
 
     /// `(width, height)` of the JPEG as nvJPEG reads its headers, or why not.
@@ -409,15 +459,18 @@ impl Decoder {
         };
         Ok(match r {
             0 => Outcome::Done,
-            4 | 9 => Outcome::Unsupported,
-            3 | 10 => Outcome::Corrupt(format!("nvJPEG refused the JPEG data ({})", status(r).unwrap_or(""))),
-            other => {
+            // The device or nvJPEG itself failed: not the image's doing.
+            1 | 5 | 6 | 7 => {
                 return Err(Error::Device {
                     device: self.device.clone(),
                     op: "nvjpegDecode",
-                    detail: status(other).unwrap_or("").to_owned(),
+                    detail: status(r).unwrap_or("").to_owned(),
                 })
             }
+            // Anything about this image (bad or truncated data, a coding nvJPEG lacks,
+            // an invalid parameter or internal error it provoked): the workers' decoder
+            // gives the verdict, so both routes accept and refuse the same images.
+            _ => Outcome::Refused,
         })
     }
 }
@@ -430,6 +483,9 @@ impl Drop for Decoder {
         unsafe {
             (self.lib.state_destroy)(self.state);
             (self.lib.destroy)(self.handle);
+        }
+        if self.locked {
+            REQUIRE_LOCKED.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

@@ -68,9 +68,13 @@ impl DeviceLoader {
         let device = device_name(opts.ordinal);
         let decoder = match opts.decode.is_empty() {
             true => None,
-            false => {
-                Some(std::sync::Mutex::new(DeviceDecode::new(&ctx, &loader, opts.decode, opts.nvjpeg.as_deref())?))
-            }
+            false => Some(std::sync::Mutex::new(DeviceDecode::new(
+                &ctx,
+                &loader,
+                opts.decode,
+                opts.nvjpeg.as_deref(),
+                opts.pinned,
+            )?)),
         };
         let copy = ctx.new_stream().map_err(device_error(&device, "cuStreamCreate"))?;
         let consumer = Some(ctx.default_stream());

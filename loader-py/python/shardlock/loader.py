@@ -271,14 +271,19 @@ def _decode_arg(decode: Any) -> Optional[List[Tuple[Any, ...]]]:
 def _nvjpeg_wheel() -> Optional[str]:
     """libnvjpeg from pip's ``nvidia-nvjpeg-cu12`` / ``-cu13`` wheel or the copy
     torchvision's CUDA wheels ship, if installed (``SHARDLOCK_NVJPEG`` wins; otherwise
-    the library path is searched)."""
+    the library path is searched). Only the interpreter's absolute site-packages
+    directories are searched: never the working directory or a script's folder, where
+    a planted library would be loaded and run."""
     if os.environ.get("SHARDLOCK_NVJPEG"):
         return None
     import glob
-    import sys
+    import site
 
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()]
     patterns = ("nvidia/nvjpeg/lib/libnvjpeg.so.*", "nvidia/cu13/lib/libnvjpeg.so.*", "torchvision.libs/libnvjpeg*.so*")
-    for base in sys.path:
+    for base in dirs:
+        if not base or not os.path.isabs(base):
+            continue
         for pattern in patterns:
             hits = sorted(glob.glob(os.path.join(base, pattern)))
             if hits:

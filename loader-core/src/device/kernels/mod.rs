@@ -125,6 +125,9 @@ pub(crate) struct SampleDesc {
     pad: [i64; 4],
 }
 
+// The kernel reads `ResampleDesc` as 16 consecutive i64.
+const _: () = assert!(std::mem::size_of::<SampleDesc>() == 128);
+
 /// The host half of a resample launch: every sample's descriptor and taps.
 #[derive(Debug, Default)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
