@@ -643,4 +643,15 @@ fn bench_decodes_an_image_folder_on_the_workers() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{spec}: {err}");
     }
+    // --decode-on device needs --device; with one, this machine's answer is either a
+    // run or DeviceUnavailable naming the device (never a crash).
+    let mut on = args("image=eval:16");
+    on.extend(["--decode-on", "device"].map(String::from));
+    let o = shardlock(d, &on.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("give --device cuda:N"), "{err}");
+    on.extend(["--device", "cuda:0"].map(String::from));
+    let o = shardlock(d, &on.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() || err.contains("cuda:0"), "{err}");
 }

@@ -37,6 +37,12 @@ const ALIGN: usize = 256;
 /// this process can decode images, and bad images raise.
 pub(crate) fn check(loader: &Loader, decode: &[(String, ImageDecode)]) -> Result<()> {
     let schema = &loader.dataset().manifest().schema;
+    if !decode.is_empty() && loader.batch_size() > 65_535 {
+        return Err(Error::InvalidArgument(format!(
+            "decode on the device takes batches of at most 65,535 images, not {}",
+            loader.batch_size()
+        )));
+    }
     for (name, spec) in decode {
         let names = loader.field_names();
         if !names.contains(&name.as_str()) {
@@ -97,6 +103,33 @@ pub(super) fn device_layout(host: &BatchLayout, used: usize, decode: &[(String, 
     let layout =
         BatchLayout { slots: slots.into(), samples: host.samples.clone(), index: host.index, epoch: host.epoch };
     (layout, off.max(used))
+}
+
+/// The byte ranges of a host batch to copy to the device when `decode` fields are
+/// decoded there: everything in `[0, used)` except those fields' encoded values and
+/// offsets (the device only needs their decoded tensors), merged and in order.
+pub(super) fn host_ranges(host: &BatchLayout, used: usize, decode: &[(String, ImageDecode)]) -> Vec<(usize, usize)> {
+    let mut skip: Vec<(usize, usize)> = Vec::new();
+    for s in host.fields().iter().filter(|s| decode.iter().any(|(f, _)| **f == *s.name)) {
+        skip.push((s.offset, s.offset + s.len));
+        if let Some(at) = s.offsets_at {
+            skip.push((at, at + 8 * (host.len() + 1)));
+        }
+    }
+    skip.sort_unstable();
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    for (a, z) in skip {
+        if a > cursor {
+            out.push((cursor, a.min(used)));
+        }
+        cursor = cursor.max(z);
+    }
+    if cursor < used {
+        out.push((cursor, used));
+    }
+    out.retain(|(a, z)| z > a);
+    out
 }
 
 /// Device scratch that only grows; zeroed on `stream` before it is replaced or dropped.
@@ -468,5 +501,9 @@ mod tests {
         assert_eq!(dev.slot("label").unwrap().offset, 0);
         assert_eq!(len, (1280 + 3 * spec.out_len()).next_multiple_of(256));
         assert_eq!((dev.sample_ids(), dev.index(), dev.epoch()), (&[5u64, 9, 2][..], 4, 1));
+        // The encoded image (offsets at 64..96, values at 128..1128) stays on the host.
+        let decode = [("image".to_owned(), spec)];
+        assert_eq!(host_ranges(&host, 1128, &decode), vec![(0, 64), (96, 128)]);
+        assert_eq!(host_ranges(&host, 1128, &[]), vec![(0, 1128)]);
     }
 }

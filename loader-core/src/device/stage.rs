@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::batch::DeviceBatch;
 use super::buffers::{DevBuf, DeviceBuffers, HostRegistrations};
-use super::decode::{device_layout, DeviceDecode};
+use super::decode::{device_layout, host_ranges, DeviceDecode};
 use super::probe::{clear_stale, device_error, open};
 use super::{device_name, DeviceOptions};
 use crate::error::{Error, Result};
@@ -175,9 +175,13 @@ impl DeviceLoader {
             unsafe { self.registered.register(&self.ctx, &self.device, host.buffer_bytes()) }?;
         }
         clear_stale(&self.ctx);
-        let (layout, total) = match &mut self.decoder {
-            Some(d) => device_layout(host.layout(), used, d.get_mut().unwrap_or_else(|p| p.into_inner()).fields()),
-            None => (host.layout().clone(), used),
+        let (layout, total, ranges) = match &mut self.decoder {
+            Some(d) => {
+                let fields = d.get_mut().unwrap_or_else(|p| p.into_inner()).fields();
+                let (layout, total) = device_layout(host.layout(), used, fields);
+                (layout, total, host_ranges(host.layout(), used, fields))
+            }
+            None => (host.layout().clone(), used, vec![(0, used)]),
         };
         let mut dev = self.buffers.take(&self.copy, &self.device, total)?;
         let err = |op| device_error(&self.device, op);
@@ -189,9 +193,9 @@ impl DeviceLoader {
         let Some(slice) = dev.slice.as_mut() else {
             return Err(Error::Internal("device buffer without memory".into()));
         };
-        if used > 0 {
-            let mut dst = slice.slice_mut(..used);
-            self.copy.memcpy_htod(&host.buffer_bytes()[..used], &mut dst).map_err(err("H2D copy"))?;
+        for (a, z) in ranges.into_iter().filter(|(a, z)| z > a) {
+            let mut dst = slice.slice_mut(a..z);
+            self.copy.memcpy_htod(&host.buffer_bytes()[a..z], &mut dst).map_err(err("H2D copy"))?;
         }
         if let Some(d) = &mut self.decoder {
             let d = d.get_mut().unwrap_or_else(|p| p.into_inner());

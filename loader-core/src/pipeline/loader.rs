@@ -318,6 +318,12 @@ impl Loader {
         (self.session.ds.shard_ref(i as u32), sample - p.get(i).copied().unwrap_or(0))
     }
 
+    /// Samples per batch.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn batch_size(&self) -> usize {
+        self.session.batch_size
+    }
+
     /// The seed of the plan and of the image transforms.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn seed(&self) -> u64 {
