@@ -116,9 +116,9 @@ pub use keys::{
 pub use memory::{scratch_alloc_installed, MemoryPolicy, ScratchAlloc};
 pub use ops::{rotate, upload_dir, verify, verify_at, ShardReport, VerifyOptions, VerifyReport};
 pub use pack::{
-    apply_compression, assemble, default_pack_threads, pack_paths, write_leases, DatasetWriter, ImageFolder,
-    InputFormat, InputSource, NpyArray, PackOptions, Part, PartShards, ShardLease, WebDataset, DEFAULT_SHARD_SIZE,
-    IMAGE_EXTENSIONS, LEASES_FILE, LEASES_FORMAT, PART_FORMAT,
+    apply_compression, assemble, assemble_at, default_pack_threads, pack_paths, write_leases, DatasetWriter,
+    ImageFolder, InputFormat, InputSource, NpyArray, PackOptions, Part, PartShards, ShardLease, WebDataset,
+    DEFAULT_SHARD_SIZE, IMAGE_EXTENSIONS, LEASES_FILE, LEASES_FORMAT, PART_FORMAT,
 };
 pub use pipeline::{
     Batch, BatchLayout, BatchStream, Consumed, Element, FieldSlot, Loader, LoaderBuilder, LoaderState, Mix, MixBatch,

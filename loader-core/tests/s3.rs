@@ -466,6 +466,58 @@ fn cli_inspects_verifies_and_benches_s3_without_leaking_credentials() {
     let (ok, text) = run(&args, &dead);
     assert!(!ok && text.contains("unavailable"), "{text}");
     assert_cache_clean(&fx.path("cli-cache"));
+
+    // Parts packed straight to s3:// by two workers, assembled there, then verified.
+    let parts = format!("s3://{BUCKET}/cli-parts");
+    let kr = fx.path("keyring.json");
+    for (k, (first, range)) in [("0:1", 0..30), ("1", 30..64)].iter().enumerate() {
+        let input = fx.path(&format!("in-{k}"));
+        std::fs::create_dir_all(&input).unwrap();
+        for i in range.clone() {
+            std::fs::write(input.join(format!("{i:03}.txt")), format!("record {i} ").repeat(50)).unwrap();
+        }
+        let pack = [
+            "pack",
+            "--keyring",
+            kr.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+            "--part",
+            first,
+            "--dataset-id",
+            "s3test",
+            "--shard-size",
+            "1048576",
+            "--out",
+            &parts,
+            input.to_str().unwrap(),
+        ];
+        let (ok, text) = run(&pack, &srv.endpoint);
+        assert!(ok, "{text}");
+    }
+    let issuer = fx.path("issuer");
+    let assemble = ["assemble", &parts, "--issuer-key", issuer.to_str().unwrap(), "--keyring", kr.to_str().unwrap()];
+    let (ok, text) = run(&assemble, &srv.endpoint);
+    assert!(ok && text.contains("assembled 64 records in 2 shard(s)"), "{text}");
+    let mut args = vec!["verify", &parts];
+    args.extend(&common);
+    let (ok, text) = run(&args, &srv.endpoint);
+    assert!(ok && text.contains("OK"), "{text}");
+    let in0 = fx.path("in-0");
+    let whole = [
+        "pack",
+        "--keyring",
+        kr.to_str().unwrap(),
+        "--issuer-key",
+        issuer.to_str().unwrap(),
+        "--dataset-id",
+        "x",
+        "--out",
+        &parts,
+        in0.to_str().unwrap(),
+    ];
+    let (ok, text) = run(&whole, &srv.endpoint);
+    assert!(!ok && text.contains("only a part (--part)"), "{text}");
 }
 
 /// Every sample of one epoch of the local dataset at `dir`, with `f` applied to the
@@ -687,4 +739,66 @@ fn planted_cache_files_are_neither_followed_nor_adopted() {
         assert!(!std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink(), "{}", p.display());
         assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(dir.join(&e.file)).unwrap(), "{}", p.display());
     }
+}
+
+/// Partitioned packing straight to object storage: two workers send their parts to
+/// `s3://` (no issuer secret, nothing left on local disk), `assemble_at` verifies them
+/// there and uploads the signed manifest last; the dataset then streams exactly as the
+/// samples were packed. Before that it does not read as a dataset; a second assemble, a
+/// gap (a part never written) and a shard object replaced after its part was written
+/// are refused, and nothing is signed.
+#[test]
+fn parts_packed_straight_to_s3_assemble_there() {
+    use shardlock::{assemble_at, DatasetWriter, PackOptions, Part};
+    let Some(srv) = S3Server::start("parts_packed_straight_to_s3_assemble_there") else { return };
+    srv.create_bucket(BUCKET);
+    let fx = Fixture::new();
+    let schema = Schema::new(vec![Field::bytes("text")]).unwrap();
+    let samples: Vec<Vec<u8>> = (0..96).map(|i| format!("sample-{i:04}-").repeat(200).into_bytes()).collect();
+    let opts = options(&srv.endpoint, None);
+    let pack = |url: &str, range: std::ops::Range<usize>, part: Part| {
+        let mut po = PackOptions::new("s3test");
+        po.shard_size = 24 * 2800;
+        let mut w = DatasetWriter::create_part_at(url, schema.clone(), po, &*fx.keyring, &fx.trust, part, &opts)?;
+        for s in &samples[range] {
+            w.write_sample(&[s.as_slice()])?;
+        }
+        w.finish()
+    };
+    let url = format!("s3://{BUCKET}/parts/ok");
+    let a = pack(&url, 0..48, Part { first_shard: 0, max_shards: Some(2) }).unwrap();
+    let b = pack(&url, 48..96, Part { first_shard: 2, max_shards: None }).unwrap();
+    assert_eq!((a.shards.len(), b.shards.len()), (2, 2));
+    assert!(loader(&fx, &url, options(&srv.endpoint, Some(&fx.path("c0")))).is_err(), "no manifest before assemble");
+    let m = assemble_at(&url, &fx.issuer, &*fx.keyring, None, &opts).unwrap();
+    assert_eq!((m.records, m.shards.len()), (96, 4));
+    let mut l =
+        loader_with(&fx, &url, options(&srv.endpoint, Some(&fx.path("c1"))), |b| b.shuffle(Shuffle::None)).unwrap();
+    assert_eq!(epoch(&mut l).unwrap(), samples, "every sample once, in packing order");
+    let e = assemble_at(&url, &fx.issuer, &*fx.keyring, None, &opts).unwrap_err();
+    assert!(e.to_string().contains("assembled"), "{e}");
+
+    // A gap: the second worker never ran.
+    let gap = format!("s3://{BUCKET}/parts/gap");
+    pack(&gap, 48..96, Part { first_shard: 2, max_shards: None }).unwrap();
+    let e = assemble_at(&gap, &fx.issuer, &*fx.keyring, None, &opts).unwrap_err().to_string();
+    assert!(e.contains("no part has shard 0"), "{e}");
+    // A shard object replaced after its part file was written (a retried worker).
+    let swapped = format!("s3://{BUCKET}/parts/swapped");
+    pack(&swapped, 0..48, Part { first_shard: 0, max_shards: Some(2) }).unwrap();
+    pack(&swapped, 48..96, Part { first_shard: 2, max_shards: None }).unwrap();
+    srv.put(BUCKET, "parts/swapped/shard-00001.slk", b"not the shard the part lists");
+    let e = assemble_at(&swapped, &fx.issuer, &*fx.keyring, None, &opts).unwrap_err().to_string();
+    assert!(e.contains("shard 1"), "{e}");
+    for u in [&gap, &swapped] {
+        assert!(loader(&fx, u, options(&srv.endpoint, Some(&fx.path("c2")))).is_err(), "{u} was signed");
+    }
+    // The staging directories of the parts and of assemble are gone.
+    let mine = format!("-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| (n.starts_with("shardlock-part-") || n.starts_with("shardlock-assemble-")) && n.contains(&mine))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
 }

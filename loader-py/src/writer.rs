@@ -43,11 +43,11 @@ impl NativeWriter {
     /// `compress`: `FIELD=zstd[:LEVEL]` specs, as `shardlock pack --compress`.
     #[new]
     #[pyo3(signature = (out_dir, keyring, issuer_key, dataset_id, fields, shard_size, force=false, generation=None,
-        metadata_json=None, part=None, compress=Vec::new()))]
+        metadata_json=None, part=None, compress=Vec::new(), storage_options=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        out_dir: PathBuf,
+        out_dir: String,
         keyring: PathBuf,
         issuer_key: PathBuf,
         dataset_id: String,
@@ -58,7 +58,9 @@ impl NativeWriter {
         metadata_json: Option<String>,
         part: Option<Bound<'_, PyAny>>,
         compress: Vec<String>,
+        storage_options: Option<Vec<(String, String)>>,
     ) -> PyResult<Self> {
+        let remote = remote_options(storage_options)?;
         // A part: a (first, count) range, or a callable handing out each shard's index.
         let part: Option<shardlock::PartShards<'static>> = match part {
             None => None,
@@ -86,11 +88,19 @@ impl NativeWriter {
                 // A part: `issuer_key` is the issuer's public key (the trust anchor).
                 Some(part) => {
                     let trust = shardlock::TrustAnchor::load(&issuer_key)?;
-                    DatasetWriter::create_part_owned(&out_dir, schema, opts, keys, &trust, part)
+                    DatasetWriter::create_part_at_owned(&out_dir, schema, opts, keys, &trust, part, &remote)
                 }
-                None => {
-                    DatasetWriter::create_owned(&out_dir, schema, opts, keys, Arc::new(IssuerKey::load(&issuer_key)?))
-                }
+                None if out_dir.contains("://") => Err(shardlock::Error::InvalidArgument(format!(
+                    "{out_dir}: only a part (part=) is packed straight to object storage; pack the dataset into a \
+                     directory, then upload it (`shardlock upload`)"
+                ))),
+                None => DatasetWriter::create_owned(
+                    std::path::Path::new(&out_dir),
+                    schema,
+                    opts,
+                    keys,
+                    Arc::new(IssuerKey::load(&issuer_key)?),
+                ),
             }
         })
         .py()
@@ -268,21 +278,32 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeWriter>()
 }
 
+/// `storage_options` as the core's remote options.
+fn remote_options(storage_options: Option<Vec<(String, String)>>) -> PyResult<shardlock::RemoteOptions> {
+    let mut remote = shardlock::RemoteOptions::default();
+    for (k, v) in storage_options.unwrap_or_default() {
+        remote.set(&k, &v).py()?;
+    }
+    Ok(remote)
+}
+
 /// Verifies the parts of a partitioned pack in `dir` and signs its manifest; returns
 /// (records, shards).
 #[pyfunction]
-#[pyo3(signature = (dir, issuer_key, keyring, generation=None))]
+#[pyo3(signature = (dir, issuer_key, keyring, generation=None, storage_options=None))]
 pub(crate) fn assemble(
     py: Python<'_>,
-    dir: PathBuf,
+    dir: String,
     issuer_key: PathBuf,
     keyring: Vec<String>,
     generation: Option<u64>,
+    storage_options: Option<Vec<(String, String)>>,
 ) -> PyResult<(u64, usize)> {
+    let remote = remote_options(storage_options)?;
     py.detach(|| {
         let issuer = IssuerKey::load(&issuer_key)?;
         let keys = shardlock::open_providers(&keyring)?;
-        let m = shardlock::assemble(&dir, &issuer, &*keys, generation)?;
+        let m = shardlock::assemble_at(&dir, &issuer, &*keys, generation, &remote)?;
         Ok((m.records, m.shards.len()))
     })
     .py()

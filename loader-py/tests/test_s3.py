@@ -317,3 +317,46 @@ def test_a_process_without_the_keyring_streams_s3_through_the_key_service(env, s
     released = [r for r in released if r["event"] == "key_release" and r["decision"] == "allow"]
     shards = len(json.loads((local / "manifest.json").read_text())["body"]["shards"])
     assert len(released) == 2 * shards, "each shard's key released by the service once per epoch"
+
+
+def test_parts_written_straight_to_s3_assemble_there(env, server):
+    """Two workers write their parts to s3:// (issuer public key only), assemble
+    verifies them in the bucket and uploads the signed manifest last; a missing part is
+    a gap assemble refuses. No staging is left behind."""
+    import boto3
+    import tempfile
+
+    bucket = f"parts-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    s3 = boto3.client("s3", endpoint_url=server, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                      aws_secret_access_key=SECRET_KEY)
+    s3.create_bucket(Bucket=bucket)
+    store = {k: v for k, v in _opts(server, env.root / "unused").items() if k != "cache_dir"}
+    x = np.arange(64 * 300, dtype=np.float32).reshape(64, 300)
+
+    def part(url, rows, first, count):
+        with shardlock.Writer(url, keyring=env.keyring, issuer_key=env.trust, dataset_id="parts",
+                              schema={"x": ("f32", (300,))}, shard_size=16 * 1200, part=(first, count),
+                              storage_options=store) as w:
+            for r in rows:
+                w.write({"x": x[r]})
+
+    url = f"s3://{bucket}/ds"
+    part(url, range(0, 32), 0, 2)
+    part(url, range(32, 64), 2, None)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    assert "ds/manifest.json" not in keys and "ds/part-00000.json" in keys and "ds/shard-00003.slk" in keys
+    assert shardlock.assemble(url, issuer_key=env.issuer, keyring=env.keyring, storage_options=store) == (64, 4)
+    env.token("parts")
+    loader = env.loader(url, dataset="parts", batch_size=8, shuffle="none", storage_options=_opts(server, env.root / "pc"))
+    got = np.concatenate([b["x"].numpy() for b in loader])
+    assert np.array_equal(got, x)
+    gap = f"s3://{bucket}/gap"
+    part(gap, range(32, 64), 2, None)
+    with pytest.raises(shardlock.FormatError, match="no part has shard 0"):
+        shardlock.assemble(gap, issuer_key=env.issuer, keyring=env.keyring, storage_options=store)
+    left = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("shardlock-part-", "shardlock-assemble-"))
+            and f"-{os.getpid()}-" in n]
+    assert left == []
+    with pytest.raises(ValueError, match="only a part"):
+        shardlock.Writer(url + "2", keyring=env.keyring, issuer_key=env.issuer, dataset_id="parts",
+                         schema={"x": ("f32", (300,))}, storage_options=store)

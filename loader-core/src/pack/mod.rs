@@ -10,7 +10,9 @@ mod wds;
 pub use imagefolder::{ImageFolder, IMAGE_EXTENSIONS};
 pub use inputs::{pack_paths, InputFormat, InputSource};
 pub use npy::NpyArray;
-pub use part::{assemble, write_leases, Part, PartShards, ShardLease, LEASES_FILE, LEASES_FORMAT, PART_FORMAT};
+pub use part::{
+    assemble, assemble_at, write_leases, Part, PartShards, ShardLease, LEASES_FILE, LEASES_FORMAT, PART_FORMAT,
+};
 pub use wds::WebDataset;
 
 use std::fs::File;
@@ -141,6 +143,9 @@ pub struct DatasetWriter<'a> {
     samples: u64,
     bytes_in: u64,
     generation: u64,
+    /// For a part written straight to object storage: each shard file is uploaded (and
+    /// its local copy removed) as soon as it is sealed, the part file last.
+    upload: Option<(crate::remote::Uploader, crate::fs::TempDir)>,
 }
 
 impl<'a> DatasetWriter<'a> {
@@ -281,7 +286,58 @@ impl<'a> DatasetWriter<'a> {
             samples: 0,
             bytes_in: 0,
             generation,
+            upload: None,
         }
+    }
+
+    /// [`DatasetWriter::create_part`] at `location`: a directory, or `s3://bucket/prefix`
+    /// (feature `s3`), where the part goes straight to object storage. There each shard
+    /// file (ciphertext) is uploaded as soon as it is sealed, from a private staging
+    /// directory that holds only the shards being sealed, and [`DatasetWriter::finish`]
+    /// uploads the part file last. `shardlock assemble s3://...` ([`assemble_at`]) then
+    /// verifies the parts there and uploads the signed manifest. (A whole dataset is
+    /// packed locally, then `upload`ed, so that its manifest goes up last.)
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_part_at(
+        location: &str,
+        schema: Schema,
+        opts: PackOptions,
+        keys: &'a dyn KeyProvider,
+        issuer: &crate::keys::TrustAnchor,
+        part: impl Into<PartShards<'a>>,
+        remote: &crate::remote::RemoteOptions,
+    ) -> Result<Self> {
+        Self::create_part_at_held(location, schema, opts, Held::Borrowed(keys), issuer, part.into(), remote)
+    }
+
+    fn create_part_at_held(
+        location: &str,
+        schema: Schema,
+        opts: PackOptions,
+        keys: Held<'a, dyn KeyProvider + 'a>,
+        issuer: &crate::keys::TrustAnchor,
+        part: PartShards<'a>,
+        remote: &crate::remote::RemoteOptions,
+    ) -> Result<Self> {
+        let signer = Signer::Part(*issuer, part);
+        let dir = match crate::remote::Location::parse(location)? {
+            crate::remote::Location::Local(dir) => return Self::create_held(&dir, schema, opts, keys, signer),
+            _ => location,
+        };
+        let up = crate::remote::Uploader::new(dir, remote)?;
+        let staging = crate::fs::TempDir::new("part")?;
+        let mut w = Self::create_held(&staging.0, schema, opts, keys, signer)?;
+        w.upload = Some((up, staging));
+        Ok(w)
+    }
+
+    /// Uploads `name` from the local directory and removes the local copy.
+    fn send(&self, name: &str) -> Result<()> {
+        let Some((up, _)) = &self.upload else { return Ok(()) };
+        let path = self.dir.join(name);
+        let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
+        up.put(name, bytes)?;
+        std::fs::remove_file(&path).map_err(Error::io("remove", &path))
     }
 
     /// The dataset schema.
@@ -458,6 +514,10 @@ impl<'a> DatasetWriter<'a> {
     }
 
     fn collected(&mut self, sealed: Sealed) -> Result<()> {
+        if let Err(e) = self.send(&sealed.entry.file) {
+            self.failed = true;
+            return Err(e);
+        }
         self.shards.push(sealed.entry);
         if self.spare.len() < self.opts.threads {
             self.spare.push(sealed.buffer);
@@ -490,7 +550,12 @@ impl<'a> DatasetWriter<'a> {
         };
         match (&self.issuer, &self.part) {
             (Some(issuer), _) => crate::dataset::write_signed_manifest(&self.dir, &m, issuer)?,
-            (None, Some(part)) => part.write(&self.dir, &m)?,
+            (None, Some(part)) => {
+                part.write(&self.dir, &m)?;
+                if let Some(name) = part.written_name(&m) {
+                    self.send(&name)?;
+                }
+            }
             (None, None) => return Err(Error::Internal("a writer with neither issuer key nor part".into())),
         }
         Ok(m)
@@ -667,6 +732,19 @@ impl DatasetWriter<'static> {
         part: impl Into<PartShards<'static>>,
     ) -> Result<Self> {
         Self::create_held(dir, schema, opts, Held::Shared(keys), Signer::Part(*issuer, part.into()))
+    }
+
+    /// [`DatasetWriter::create_part_at`] with the key provider shared (for bindings).
+    pub fn create_part_at_owned(
+        location: &str,
+        schema: Schema,
+        opts: PackOptions,
+        keys: std::sync::Arc<dyn KeyProvider>,
+        issuer: &crate::keys::TrustAnchor,
+        part: impl Into<PartShards<'static>>,
+        remote: &crate::remote::RemoteOptions,
+    ) -> Result<Self> {
+        Self::create_part_at_held(location, schema, opts, Held::Shared(keys), issuer, part.into(), remote)
     }
 }
 

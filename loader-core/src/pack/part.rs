@@ -170,6 +170,17 @@ impl PartShards<'_> {
     }
 }
 
+impl PartShards<'_> {
+    /// The name of the part file [`PartShards::write`] writes for `m`, if any.
+    pub(super) fn written_name(&self, m: &Manifest) -> Option<String> {
+        match (self, m.shards.first()) {
+            (PartShards::Range(p), _) => Some(p.file_name()),
+            (PartShards::Leased(_), Some(e)) => Some(Part { first_shard: e.index, max_shards: None }.file_name()),
+            (PartShards::Leased(_), None) => None,
+        }
+    }
+}
+
 impl Part {
     /// The part file's name.
     pub fn file_name(&self) -> String {
@@ -355,6 +366,72 @@ pub fn assemble(dir: &Path, issuer: &IssuerKey, keys: &dyn KeyProvider, generati
         let p = dir.join(LEASES_FILE);
         std::fs::remove_file(&p).map_err(Error::io("remove", &p))?;
     }
+    Ok(m)
+}
+
+/// [`assemble`] for a dataset directory or for parts written straight to object storage
+/// (`s3://bucket/prefix`, [`crate::DatasetWriter::upload_part_to`]; feature `s3`).
+///
+/// For object storage, the part files, `leases.json` and every shard file the parts
+/// list are downloaded (ciphertext; bounded by the sizes the parts declare) into a
+/// private staging directory, verified there exactly as [`assemble`] verifies a local
+/// directory, and the signed manifest is uploaded last, so the dataset reads as complete
+/// only once everything it lists was verified. The staging directory is removed after;
+/// it needs room for the whole dataset. The unsigned part files stay in the bucket
+/// (readers ignore them). A location that holds a manifest already is refused.
+pub fn assemble_at(
+    location: &str,
+    issuer: &IssuerKey,
+    keys: &dyn KeyProvider,
+    generation: Option<u64>,
+    opts: &crate::remote::RemoteOptions,
+) -> Result<Manifest> {
+    use crate::remote::{Location, Uploader};
+    let dir = match Location::parse(location)? {
+        Location::Local(dir) => return assemble(&dir, issuer, keys, generation),
+        _ => location,
+    };
+    let up = Uploader::new(dir, opts)?;
+    if up.exists(FILE_NAME)? {
+        return Err(Error::InvalidArgument(format!(
+            "{dir} already holds a signed manifest: it was assembled (or uploaded) already"
+        )));
+    }
+    let names = up.list()?;
+    let parts: Vec<&String> = names.iter().filter(|n| n.starts_with("part-") && n.ends_with(".json")).collect();
+    if parts.is_empty() {
+        return Err(Error::Input { path: PathBuf::from(dir), detail: "no part-*.json objects to assemble".into() });
+    }
+    let staging = crate::fs::TempDir::new("assemble")?;
+    let put = |name: &str, bytes: &[u8]| crate::fs::write_new_file(&staging.0.join(name), bytes, 0o600);
+    for name in &parts {
+        let bytes = up.get(name, MAX_PART_BYTES)?;
+        put(name, &bytes)?;
+        let f: PartFile = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+            what: "part file",
+            path: PathBuf::from(format!("{dir}/{name}")),
+            detail: format!("not a part file: {e}"),
+        })?;
+        for e in &f.part.shards {
+            // The names `check_shard` accepts, so nothing is written outside the staging.
+            if e.file != format!("shard-{:05}.slk", e.index) {
+                return Err(Error::Format {
+                    what: "part file",
+                    path: PathBuf::from(format!("{dir}/{name}")),
+                    detail: format!("shard {}: file name {:?} is not the shard's", e.index, e.file),
+                });
+            }
+            if !staging.0.join(&e.file).exists() {
+                put(&e.file, &up.get(&e.file, e.file_bytes)?)?;
+            }
+        }
+    }
+    if names.iter().any(|n| n == LEASES_FILE) {
+        put(LEASES_FILE, &up.get(LEASES_FILE, MAX_PART_BYTES)?)?;
+    }
+    let m = assemble(&staging.0, issuer, keys, generation)?;
+    let path = staging.0.join(FILE_NAME);
+    up.put(FILE_NAME, std::fs::read(&path).map_err(Error::io("read", &path))?)?;
     Ok(m)
 }
 

@@ -339,6 +339,18 @@ impl Uploader {
     pub(crate) fn put(&self, _name: &str, _bytes: Vec<u8>) -> Result<()> {
         match *self {}
     }
+
+    pub(crate) fn list(&self) -> Result<Vec<String>> {
+        match *self {}
+    }
+
+    pub(crate) fn get(&self, _name: &str, _limit: u64) -> Result<Vec<u8>> {
+        match *self {}
+    }
+
+    pub(crate) fn exists(&self, _name: &str) -> Result<bool> {
+        match *self {}
+    }
 }
 
 /// Fails for an `s3://` location in a build without the `s3` feature.

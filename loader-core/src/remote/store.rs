@@ -257,6 +257,48 @@ impl Uploader {
             }
         }))
     }
+
+    /// The names of the objects directly under the prefix (not in sub-"directories").
+    pub(crate) fn list(&self) -> Result<Vec<String>> {
+        let b = &self.bucket;
+        let url = b.url("");
+        let prefix = (!b.prefix.is_empty()).then(|| ObjPath::from(b.prefix.as_str()));
+        self.rt.block_on(b.with_retries(&url, None, || {
+            let prefix = prefix.clone();
+            async move {
+                let listed = tokio::time::timeout(b.timeout, b.store.list_with_delimiter(prefix.as_ref())).await;
+                match listed {
+                    Ok(Ok(r)) => {
+                        Ok(r.objects.iter().filter_map(|o| o.location.filename().map(str::to_owned)).collect())
+                    }
+                    Ok(Err(e)) => Err(b.classify(e)),
+                    Err(_) => Err(Failure::Transient(format!("no answer to the listing within {:?}", b.timeout))),
+                }
+            }
+        }))
+    }
+
+    /// Object `prefix/name` whole, refused past `limit` bytes.
+    pub(crate) fn get(&self, name: &str, limit: u64) -> Result<Vec<u8>> {
+        self.rt.block_on(self.bucket.get_small(name, limit))
+    }
+
+    /// Whether object `prefix/name` exists.
+    pub(crate) fn exists(&self, name: &str) -> Result<bool> {
+        let b = &self.bucket;
+        let (url, key) = (b.url(name), b.key(name));
+        self.rt.block_on(b.with_retries(&url, None, || {
+            let key = &key;
+            async move {
+                match tokio::time::timeout(b.timeout, b.store.head(key)).await {
+                    Ok(Ok(_)) => Ok(true),
+                    Ok(Err(object_store::Error::NotFound { .. })) => Ok(false),
+                    Ok(Err(e)) => Err(b.classify(e)),
+                    Err(_) => Err(Failure::Transient(format!("no answer within {:?}", b.timeout))),
+                }
+            }
+        }))
+    }
 }
 
 fn scrub(secrets: &[Zeroizing<String>], mut s: String) -> String {

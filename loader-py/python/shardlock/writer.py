@@ -12,7 +12,7 @@ import numpy as np
 
 from shardlock._lib import FormatError, NativeWriter
 from shardlock._lib import assemble as _assemble
-from shardlock.loader import _size_arg
+from shardlock.loader import _size_arg, _storage_options
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -183,7 +183,11 @@ class Writer:
     its range in advance, ``part`` is a callable returning the index of each shard the
     worker starts, from a counter every worker shares (what
     :class:`shardlock.ray.Datasink` does with a Ray actor); an index it hands out that
-    no part writes (a failed worker) is a gap :func:`assemble` refuses.
+    no part writes (a failed worker) is a gap :func:`assemble` refuses. A part may go
+    straight to object storage: ``out_dir="s3://bucket/prefix"`` (with
+    ``storage_options`` as for :class:`shardlock.Loader`) uploads each shard as soon as
+    it is sealed, from a private staging directory, and the part file last; then
+    ``assemble("s3://bucket/prefix", ...)``.
 
     ``compress`` stores the values of the fields it names compressed, each value its own
     zstd frame, e.g. ``{"tokens": "zstd", "json": "zstd:9"}`` (level 1-19, default 3):
@@ -216,8 +220,10 @@ class Writer:
         metadata: Optional[Mapping[str, Any]] = None,
         part: Union[Tuple[int, Optional[int]], Callable[[], int], None] = None,
         compress: Optional[Mapping[str, str]] = None,
+        storage_options: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]] = None,
     ) -> None:
         self._progress = _Progress(progress, "packing")
+        self._storage = _storage_options(storage_options)
         self._compress = _compress_specs(compress)
         try:
             self._metadata = None if metadata is None else json.dumps(dict(metadata))
@@ -246,7 +252,7 @@ class Writer:
         self._specs = [fields[n] for n in self._names]
         self._native = NativeWriter(
             out, kr, ik, ds, [(n, d, list(s)) for n, (d, s) in zip(self._names, self._specs)], size, force, self._generation,
-            self._metadata, self._part, self._compress,
+            self._metadata, self._part, self._compress, self._storage,
         )
 
     def _check_names(self, keys: Any) -> None:
@@ -394,13 +400,18 @@ def pack_numpy(
 
 
 def assemble(dir: PathLike, *, issuer_key: PathLike, keyring: Union[PathLike, Sequence[PathLike]],
-             generation: Optional[int] = None) -> Tuple[int, int]:
+             generation: Optional[int] = None,
+             storage_options: Optional[Mapping[str, Union[str, int, bool, float, "os.PathLike[str]"]]] = None) -> Tuple[int, int]:
     """Verifies the parts a partitioned pack wrote into ``dir`` (``Writer(part=...)``,
     ``shardlock pack --part``) and signs the dataset's manifest with ``issuer_key``;
     returns ``(records, shards)``. Part files are unsigned, so every shard is
     authenticated under its own DEK, unwrapped with ``keyring`` (the custody the parts
     were packed with; a list for several), before anything is signed. A gap, an overlap,
     a changed or foreign shard, or parts of different datasets raise
-    :class:`shardlock.FormatError` naming the part and shard."""
+    :class:`shardlock.FormatError` naming the part and shard. ``dir`` may be the
+    ``s3://bucket/prefix`` the parts were written to: they and their shards are
+    downloaded (ciphertext) into a private staging directory, verified there, and the
+    signed manifest is uploaded last."""
     specs = list(keyring) if isinstance(keyring, (list, tuple)) else [keyring]
-    return tuple(_assemble(os.fspath(dir), os.fspath(issuer_key), [os.fspath(k) for k in specs], generation))  # type: ignore[return-value]
+    return tuple(_assemble(os.fspath(dir), os.fspath(issuer_key), [os.fspath(k) for k in specs], generation,  # type: ignore[return-value]
+                           _storage_options(storage_options)))

@@ -46,8 +46,12 @@ pub(crate) enum Command {
 
 #[derive(Args)]
 pub(crate) struct AssembleArgs {
-    /// Dataset directory holding the shard files and part-*.json files.
+    /// Dataset directory holding the shard files and part-*.json files, or the
+    /// `s3://bucket/prefix` the parts were packed to (the manifest is uploaded last).
     pub(crate) dir: PathBuf,
+    /// Object storage settings for an `s3://` location.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// The data owner's issuer secret key; signs the manifest.
     #[arg(long)]
     pub(crate) issuer_key: PathBuf,
@@ -374,9 +378,13 @@ pub(crate) struct PackArgs {
     /// Dataset id bound into every shard ([A-Za-z0-9_.:/-], 1-255 characters).
     #[arg(long)]
     pub(crate) dataset_id: String,
-    /// Output directory.
+    /// Output directory; with --part also `s3://bucket/prefix`, where each shard goes
+    /// straight to object storage as it is sealed (then `shardlock assemble s3://...`).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// Object storage settings for an `s3://` --out.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// Target plaintext bytes per shard (e.g. 268435456, 64MiB, 512k).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub(crate) shard_size: u64,

@@ -40,12 +40,21 @@ pub(crate) fn pack_cmd(a: PackArgs) -> Result<(), Error> {
         }
         opts.metadata.insert(k, v);
     }
+    if a.part.is_none() && a.out.to_str().is_some_and(|o| o.contains("://")) {
+        return Err(Error::InvalidArgument(format!(
+            "--out {}: only a part (--part) is packed straight to object storage; pack the dataset into a directory, \
+             then `shardlock upload` it",
+            a.out.display()
+        )));
+    }
     let issuer;
     let mut w = match (&a.part, &a.trust, &a.issuer_key) {
         (Some(part), Some(trust), _) => {
             let part = parse_part(part)?;
             let trust = shardlock::TrustAnchor::load(trust)?;
-            shardlock::DatasetWriter::create_part(&a.out, schema, opts, &*keys, &trust, part)?
+            let out = a.out.to_str().ok_or_else(|| Error::InvalidArgument("--out is not UTF-8".into()))?;
+            let remote = a.store.options()?;
+            shardlock::DatasetWriter::create_part_at(out, schema, opts, &*keys, &trust, part, &remote)?
         }
         (None, _, Some(key)) => {
             issuer = IssuerKey::load(key)?;
@@ -137,7 +146,8 @@ fn parse_part(s: &str) -> Result<shardlock::Part, Error> {
 pub(crate) fn assemble_cmd(a: crate::cli::AssembleArgs) -> Result<(), Error> {
     let issuer = IssuerKey::load(&a.issuer_key)?;
     let keys = shardlock::open_providers(&a.keyring)?;
-    let m = shardlock::assemble(&a.dir, &issuer, &*keys, a.generation)?;
+    let at = a.dir.to_str().ok_or_else(|| Error::InvalidArgument("the location is not UTF-8".into()))?;
+    let m = shardlock::assemble_at(at, &issuer, &*keys, a.generation, &a.store.options()?)?;
     if a.json {
         print_json(&serde_json::json!({
             "dataset": m.dataset_id, "generation": m.generation, "dir": a.dir, "records": m.records, "shards": m.shards.len(),
